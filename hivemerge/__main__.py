@@ -1,0 +1,3 @@
+from hivemerge.node.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""The streaming merge engine: a validated recipe in, a Hugging Face model directory out.
+
+Tensors are processed one at a time in the reference model's (natural) order: read
+from each input's memory map, converted to the recipe's ``dtype`` on the merge
+device, merged by the method, cast to ``out_dtype`` and written to its planned place
+in the output shards. Peak memory is a few tensors per input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hivemerge.merge.atomic import atomic_directory
+from hivemerge.merge.layers import natural_key
+from hivemerge.merge.methods import TensorJob
+from hivemerge.merge.model_card import copy_tokenizer, write_config, write_model_card
+from hivemerge.merge.recipe import Recipe
+from hivemerge.merge.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from hivemerge.protocol.errors import UserInputError
+
+# progress(done_tensors, total_tensors, tensor_name)
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    files: list[str]
+    tensors: int
+    seconds: float
+    device: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available (use auto or cpu)")
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def output_layout(recipe: Recipe) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every output tensor, in writing order."""
+    tensors = recipe.reference.source.tensors
+    layout = []
+    for name in sorted(tensors, key=natural_key):
+        info = tensors[name]
+        dtype = recipe.out_dtype if info.dtype.is_floating_point else info.dtype
+        layout.append((name, dtype, info.shape))
+    return layout
+
+
+def merge_tensor(recipe: Recipe, name: str, device: torch.device) -> torch.Tensor:
+    """The merged value of one tensor, on the CPU in the output dtype."""
+    reference = recipe.reference.source
+    if not reference.tensors[name].dtype.is_floating_point:
+        return reference.get(name)  # integer buffers (position ids, masks) pass through
+
+    def load(model) -> torch.Tensor:
+        return model.source.get(name).to(device).to(recipe.dtype)
+
+    method = recipe.method
+    job = TensorJob(
+        name=name,
+        base=load(recipe.base) if recipe.base is not None and method.requires_base else None,
+        models=[load(m) for m in recipe.inputs],
+        model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
+        params=recipe.global_params_for(name),
+        model_ids=[m.recipe_index for m in recipe.inputs],
+        seed=recipe.seed,
+    )
+    return method.merge(job).to(recipe.out_dtype).cpu()
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    device: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    layout = output_layout(recipe)
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, layout, max_shard_bytes)
+        try:
+            for i, (name, _, _) in enumerate(layout):
+                writer.write(name, merge_tensor(recipe, name, dev))
+                if progress:
+                    progress(i + 1, len(layout), name)
+            files = writer.finish()
+        finally:
+            writer.abort()
+        write_config(recipe, staging)
+        files += copy_tokenizer(recipe, staging)
+        write_model_card(recipe, staging)
+    return MergeResult(Path(out_dir), files, len(layout), time.perf_counter() - started, str(dev))

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import torch
+
+from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register, weighted_sum
+from hivemerge.merge.params import ParamSpec
+
+WEIGHT = ParamSpec("weight", float, doc="the model's weight")
+NORMALIZE_TRUE = ParamSpec("normalize", bool, True, doc="divide by the sum of the weights")
+
+
+@register
+class Linear(MergeMethod):
+    name = "linear"
+    summary = "Weighted average of the models' weights (model soup)."
+    global_params = (NORMALIZE_TRUE,)
+    model_params = (WEIGHT,)
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        weights = [p["weight"] for p in job.model_params]
+        total = weighted_sum(job.models, weights)
+        divisor = sum(weights)
+        if job.params["normalize"] and abs(divisor) > 1e-8:
+            total = total / divisor
+        return total

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import torch
+
+from hivemerge.merge import exact
+from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.params import ParamSpec
+
+EPS = 1e-8
+
+
+@register
+class ModelStock(MergeMethod):
+    name = "model_stock"
+    summary = "Model Stock: interpolate between the base and the models' average by their task vectors' angle."
+    global_params = (ParamSpec("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),)
+    requires_base = True
+    drops_base_from_models = True
+    min_models = 2
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        base, models = job.base, job.models
+        row_wise = job.params["filter_wise"] and base.dim() > 1
+        shape = base.shape if row_wise else (-1,)
+        offsets = [(m - base).reshape(shape) for m in models]
+        norms = [exact.dot(o, o, dim=-1).sqrt() for o in offsets]
+        cos_sum, pairs = None, 0
+        for i in range(len(offsets)):
+            for j in range(i + 1, len(offsets)):
+                cos = exact.dot(offsets[i], offsets[j], dim=-1) / (norms[i] * norms[j]).clamp(min=EPS)
+                cos = cos.clamp(-1.0, 1.0)
+                cos_sum = cos if cos_sum is None else cos_sum + cos
+                pairs += 1
+        cos = cos_sum / pairs
+        n = len(models)
+        ratio = (n * cos) / (1 + (n - 1) * cos)  # float64
+        ratio = ratio.to(base.dtype)
+        if row_wise:
+            ratio = ratio.unsqueeze(-1)
+        average = models[0]
+        for m in models[1:]:
+            average = average + m
+        average = average / n
+        return average * ratio + base * (1 - ratio)

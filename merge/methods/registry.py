@@ -1,0 +1,94 @@
+"""The registry of merge methods.
+
+A method is a block that declares its parameters (:class:`ParamSpec`) and how many
+inputs it takes, and implements :meth:`MergeMethod.merge` for one tensor. Recipe
+validation, the ``hivemerge methods`` listing and ``--help`` read the declarations, so
+a new method needs nothing but its class and a ``@register``.
+
+Implementations must keep the output a pure function of the inputs on any device and
+thread count: elementwise torch operations, one kernel per operation (no fused
+multiply-add across a weighted sum), models combined in recipe order, and reductions
+only through :mod:`hivemerge.merge.exact`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from hivemerge.merge.params import ParamSpec
+
+
+@dataclass
+class TensorJob:
+    """Everything a method sees for one tensor."""
+
+    name: str
+    base: torch.Tensor | None  # compute dtype, on the merge device
+    models: list[torch.Tensor]
+    model_params: list[dict[str, Any]]  # resolved for this tensor, one dict per model
+    params: dict[str, Any]  # resolved global parameters
+    model_ids: list[int] = field(default_factory=list)  # stable indices, key the random streams
+    seed: int = 0
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    global_params: ClassVar[tuple[ParamSpec, ...]] = ()
+    model_params: ClassVar[tuple[ParamSpec, ...]] = ()
+    requires_base: ClassVar[bool] = False
+    # Task-vector methods merge (model - base): a model equal to the base adds nothing
+    # and is dropped from their inputs, as mergekit does.
+    drops_base_from_models: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def param_spec(cls, name: str) -> ParamSpec | None:
+        for spec in cls.global_params + cls.model_params:
+            if spec.name == name:
+                return spec
+        return None
+
+    @classmethod
+    def describe(cls) -> dict:
+        def spec_dict(s: ParamSpec) -> dict:
+            return {
+                "name": s.name,
+                "type": s.kind.__name__,
+                "default": None if s.required else s.default,
+                "required": s.required,
+                "range": s.describe_range(),
+                "doc": s.doc,
+            }
+
+        return {
+            "name": cls.name,
+            "summary": cls.summary,
+            "requires_base": cls.requires_base,
+            "models": f"{cls.min_models}..{cls.max_models if cls.max_models is not None else 'n'}",
+            "global_parameters": [spec_dict(s) for s in cls.global_params],
+            "model_parameters": [spec_dict(s) for s in cls.model_params],
+        }
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i * x_i, one rounding per product and per addition, in list order."""
+    total = tensors[0] * weights[0]
+    for x, w in zip(tensors[1:], weights[1:]):
+        total = total + x * w
+    return total

@@ -1,0 +1,85 @@
+"""Files of the output directory besides the weights: config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from hivemerge.merge.dtypes import dtype_name
+from hivemerge.protocol.fingerprint import architecture_fingerprint
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def write_config(recipe, out: Path) -> None:
+    source = recipe.reference.source.directory
+    config = recipe.reference.source.config()
+    if config:
+        # transformers 5 reads `dtype`; older releases `torch_dtype`.
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = dtype_name(recipe.out_dtype)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = source / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, out / "generation_config.json")
+
+
+def copy_tokenizer(recipe, out: Path) -> list[str]:
+    source = recipe.tokenizer_source.source.directory
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_card(recipe, out: Path) -> None:
+    inputs = ([recipe.base] if recipe.base else []) + [m for m in recipe.inputs if m is not recipe.base]
+    rows = []
+    for m in inputs:
+        role = "base" if m is recipe.base else m.key
+        fingerprint = architecture_fingerprint(m.source.shapes())[:16]
+        rows.append(f"| {role} | `{m.ref}` | `{fingerprint}` |")
+    front = {"library_name": "transformers", "tags": ["merge", "hivemerge", recipe.method.name]}
+    if recipe.base is not None:
+        front["base_model"] = recipe.base.ref
+    title = recipe.name or "Merged model"
+    card = "\n".join(
+        [
+            "---",
+            yaml.safe_dump(front, sort_keys=False).strip(),
+            "---",
+            f"# {title}",
+            "",
+            f"Merged with [hivemerge](https://pypi.org/project/hivemerge/) using the **{recipe.method.name}** method: "
+            f"{recipe.method.summary}",
+            "",
+            "## Input models",
+            "",
+            "| role | model | architecture fingerprint |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+            "## Recipe",
+            "",
+            "```yaml",
+            yaml.safe_dump(recipe.document, sort_keys=False).strip(),
+            "```",
+            "",
+        ]
+    )
+    (out / "README.md").write_text(card)

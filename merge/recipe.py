@@ -1,0 +1,300 @@
+"""Merge recipes: parsing and whole-recipe validation before any weight is read.
+
+The dialect is mergekit's (``merge_method``, ``base_model``, ``models[].parameters``,
+global ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``) plus hivemerge
+extensions: per-layer tables as parameter values (see :mod:`hivemerge.merge.params`)
+and ``seed`` for the random masks of DARE. Every problem is reported with its key path,
+all of them at once, as one :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hivemerge.merge.dtypes import parse_dtype
+from hivemerge.merge.layers import count_layers
+from hivemerge.merge.methods import METHODS, MergeMethod
+from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
+from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.fingerprint import architecture_fingerprint, describe_mismatch
+
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed", "name"}
+UNSUPPORTED_KEYS = {
+    "slices": "slice-based (frankenmerge) recipes are not supported; list whole models under `models`",
+    "modules": "per-module recipes are not supported",
+    "tokenizer": "tokenizer merging is not supported; use tokenizer_source",
+    "chat_template": "chat_template is not supported; it is copied from tokenizer_source",
+}
+MODEL_KEYS = {"model", "parameters"}
+
+
+class RecipeError(UserInputError):
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+@dataclass
+class ModelInput:
+    ref: str  # as written in the recipe
+    key: str  # its key path, for messages
+    source: SafetensorsModel
+    params: dict[str, Any] = field(default_factory=dict)
+    recipe_index: int = -1  # position in `models` (-1: the base); keys DARE's random streams
+
+
+@dataclass
+class Recipe:
+    method: MergeMethod
+    base: ModelInput | None
+    inputs: list[ModelInput]  # what the method merges, in recipe order
+    params: dict[str, Any]
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    tokenizer_source: ModelInput
+    seed: int
+    num_layers: int
+    document: dict  # the recipe as written, for the model card
+    name: str | None = None
+
+    @property
+    def reference(self) -> ModelInput:
+        """The model whose tensor names, shapes and config the output follows."""
+        return self.base or self.inputs[0]
+
+    def global_params_for(self, tensor_name: str) -> dict[str, Any]:
+        return {s.name: self._resolve(s, [self.params], tensor_name) for s in self.method.global_params}
+
+    def model_params_for(self, model: ModelInput, tensor_name: str) -> dict[str, Any]:
+        return {s.name: self._resolve(s, [model.params, self.params], tensor_name) for s in self.method.model_params}
+
+    def _resolve(self, spec: ParamSpec, scopes: list[dict], tensor_name: str) -> Any:
+        for scope in scopes:
+            if spec.name in scope:
+                value = resolve_value(scope[spec.name], tensor_name, self.num_layers)
+                if value is not None:
+                    return spec.kind(value)
+        if spec.required:  # a filter list matched nothing for this tensor
+            raise RecipeError([f"parameter {spec.name}: no value applies to tensor {tensor_name}"])
+        return spec.default
+
+
+def read_recipe_document(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserInputError(f"{path}: not valid YAML/JSON{where}: {problem}") from None
+    if not isinstance(document, dict):
+        raise UserInputError(f"{path}: a recipe must be a mapping of keys (merge_method, models, ...)")
+    return document
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return validate_recipe(read_recipe_document(path), recipe_dir=path.parent)
+
+
+def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
+    """A recipe's model reference as a local directory: as given (relative to the
+    working directory, like mergekit), else relative to the recipe's own folder."""
+    if ref.startswith("hm://"):
+        raise UserInputError(f"{ref}: content ids are resolved by a node's content store (not available offline)")
+    candidate = Path(ref).expanduser()
+    if candidate.is_dir() or candidate.is_absolute() or recipe_dir is None:
+        return candidate
+    beside = recipe_dir / candidate
+    return beside if beside.is_dir() else candidate
+
+
+def validate_recipe(document: dict, recipe_dir: Path | None = None) -> Recipe:
+    errors: list[str] = []
+    opened: dict[str, SafetensorsModel] = {}
+
+    def open_model(ref: Any, key: str) -> SafetensorsModel | None:
+        if not isinstance(ref, str) or not ref:
+            errors.append(f"{key}: must be a path to a model directory, got {ref!r}")
+            return None
+        if ref not in opened:
+            try:
+                opened[ref] = SafetensorsModel(resolve_model_path(ref, recipe_dir))
+            except UserInputError as exc:
+                errors.append(f"{key}: {exc}")
+                return None
+        return opened[ref]
+
+    for key in document:
+        if key in UNSUPPORTED_KEYS:
+            errors.append(f"{key}: {UNSUPPORTED_KEYS[key]}")
+        elif key not in TOP_LEVEL_KEYS:
+            errors.append(f"{key}: unknown key; expected one of {sorted(TOP_LEVEL_KEYS)}")
+
+    method_name = document.get("merge_method")
+    method = METHODS.get(method_name) if isinstance(method_name, str) else None
+    if method_name is None:
+        errors.append(f"merge_method: required; one of {sorted(METHODS)}")
+    elif method is None:
+        errors.append(f"merge_method: unknown method {method_name!r}; expected one of {sorted(METHODS)}")
+
+    base = None
+    if document.get("base_model") is not None:
+        source = open_model(document["base_model"], "base_model")
+        if source is not None:
+            base = ModelInput(document["base_model"], "base_model", source)
+    elif method is not None and method.requires_base:
+        errors.append(f"base_model: required by {method.name}")
+
+    models: list[ModelInput] = []
+    raw_models = document.get("models")
+    if raw_models is None:
+        errors.append("models: required; a list of {model: PATH, parameters: {...}}")
+        raw_models = []
+    elif not isinstance(raw_models, list) or not raw_models:
+        errors.append("models: must be a non-empty list of {model: PATH, parameters: {...}}")
+        raw_models = []
+    for i, entry in enumerate(raw_models):
+        key = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            errors.append(f"{key}: must be a mapping {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            continue
+        for unknown in sorted(set(entry) - MODEL_KEYS):
+            errors.append(f"{key}.{unknown}: unknown key; expected model and parameters")
+        if "model" not in entry:
+            errors.append(f"{key}.model: required")
+            continue
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            errors.append(f"{key}.parameters: must be a mapping, got {params!r}")
+            params = {}
+        source = open_model(entry["model"], f"{key}.model")
+        if source is not None:
+            models.append(ModelInput(entry["model"], key, source, params, i))
+
+    # Homogeneity: every input must have the reference's tensor names and shapes.
+    reference = base or (models[0] if models else None)
+    num_layers = -1
+    if reference is not None:
+        ref_shapes = reference.source.shapes()
+        ref_print = architecture_fingerprint(ref_shapes)
+        for m in models:
+            if m.source is not reference.source and architecture_fingerprint(m.source.shapes()) != ref_print:
+                errors.append(
+                    f"{m.key}.model: architecture differs from {reference.key} "
+                    f"({describe_mismatch(ref_shapes, m.source.shapes())}); heterogeneous experts go through `hivemerge fuse`"
+                )
+        if not errors:
+            num_layers = count_layers(ref_shapes, reference.source.config())
+
+    inputs = models
+    if method is not None:
+        if method.drops_base_from_models and base is not None:
+            inputs = [m for m in models if m.source is not base.source]
+        count = len(inputs)
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            want = (
+                f"exactly {method.min_models}" if method.min_models == method.max_models
+                else f"at least {method.min_models}" if method.max_models is None
+                else f"{method.min_models} to {method.max_models}"
+            )
+            extra = " besides base_model" if method.drops_base_from_models else ""
+            errors.append(f"models: {method.name} merges {want} model(s){extra}, got {count}")
+        _validate_params(method, document.get("parameters"), models, base, num_layers, errors)
+
+    dtype = _dtype_field(document, "dtype", "float32", errors)
+    out_dtype = _dtype_field(document, "out_dtype", document.get("dtype") or "float32", errors)
+
+    tokenizer_source = reference
+    tok = document.get("tokenizer_source", "base")
+    if isinstance(tok, str) and tok.startswith("model:"):
+        tok = tok.removeprefix("model:")
+    if tok == "base":
+        if base is not None:
+            tokenizer_source = base
+    elif isinstance(tok, str) and any(m.ref == tok for m in models):
+        tokenizer_source = next(m for m in models if m.ref == tok)
+    else:
+        errors.append(f"tokenizer_source: must be 'base' or one of the recipe's models, got {tok!r}")
+
+    seed = document.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        errors.append(f"seed: must be a non-negative integer, got {seed!r}")
+
+    name = document.get("name")
+    if name is not None and not isinstance(name, str):
+        errors.append(f"name: must be a string, got {name!r}")
+
+    if errors:
+        raise RecipeError(errors)
+    return Recipe(
+        method=method,
+        base=base,
+        inputs=inputs,
+        params=dict(document.get("parameters") or {}),
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source=tokenizer_source,
+        seed=seed,
+        num_layers=num_layers,
+        document=document,
+        name=name,
+    )
+
+
+def _validate_params(
+    method: MergeMethod, global_params: Any, models: list[ModelInput], base: ModelInput | None, num_layers: int, errors: list[str]
+) -> None:
+    if global_params is None:
+        global_params = {}
+    if not isinstance(global_params, dict):
+        errors.append(f"parameters: must be a mapping, got {global_params!r}")
+        global_params = {}
+    # Per-model parameters may also be given globally, as defaults for every model.
+    global_allowed = {s.name: s for s in method.global_params + method.model_params}
+    for name, value in global_params.items():
+        spec = global_allowed.get(name)
+        if spec is None:
+            errors.append(f"parameters.{name}: unknown parameter for {method.name}; expected one of {sorted(global_allowed) or 'none'}")
+        else:
+            validate_value(spec, value, f"parameters.{name}", num_layers, errors)
+    for spec in method.global_params:
+        if spec.required and spec.name not in global_params:
+            errors.append(f"parameters.{spec.name}: required by {method.name}")
+    model_allowed = {s.name: s for s in method.model_params}
+    for m in models:
+        for name, value in m.params.items():
+            spec = model_allowed.get(name)
+            if spec is None:
+                errors.append(
+                    f"{m.key}.parameters.{name}: unknown parameter for {method.name}; "
+                    f"expected one of {sorted(model_allowed) or 'none'}"
+                )
+            else:
+                validate_value(spec, value, f"{m.key}.parameters.{name}", num_layers, errors)
+        for spec in method.model_params:
+            if spec.required and spec.name not in m.params and spec.name not in global_params:
+                if method.drops_base_from_models and base is not None and m.source is base.source:
+                    continue  # the base listed among the models contributes no task vector
+                errors.append(f"{m.key}.parameters.{spec.name}: required by {method.name}")
+
+
+def _dtype_field(document: dict, key: str, default: str, errors: list[str]) -> torch.dtype:
+    try:
+        return parse_dtype(document.get(key) or default, key)
+    except UserInputError as exc:
+        errors.append(str(exc))
+        return torch.float32

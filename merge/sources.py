@@ -1,0 +1,117 @@
+"""Read-only access to the tensors of a model directory, one tensor at a time.
+
+Inputs are memory-mapped safetensors (a single ``model.safetensors`` or shards listed
+by ``model.safetensors.index.json``). Only headers are parsed up front; a tensor's
+bytes are read when :meth:`SafetensorsModel.get` asks for it, so a merge never holds
+whole models. Pickled checkpoints are refused: they can execute code on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hivemerge.merge.dtypes import DTYPE_OF_CODE
+from hivemerge.protocol.errors import UserInputError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+
+def _read_header(path: Path) -> dict:
+    """Parse a safetensors header without touching tensor data."""
+    try:
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than its header length")
+            n = int.from_bytes(raw_len, "little")
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{path}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class SafetensorsModel:
+    """A model directory of safetensors shards, read lazily."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UserInputError(f"{self.directory}: no such model directory")
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._shard_files():
+            for name, entry in _read_header(file).items():
+                code = entry.get("dtype")
+                if code not in DTYPE_OF_CODE:
+                    raise UserInputError(f"{file}: tensor {name} has unsupported dtype {code}")
+                self.tensors[name] = TensorInfo(DTYPE_OF_CODE[code], tuple(entry["shape"]), file)
+        self._handles: dict[Path, object] = {}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise UserInputError(f"{index}: malformed index ({exc})") from None
+            files = sorted({self.directory / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise UserInputError(f"{index}: shard files missing: {missing}")
+            return files
+        single = self.directory / SINGLE_FILE
+        if single.is_file():
+            return [single]
+        shards = sorted(self.directory.glob("*.safetensors"))
+        if shards:
+            return shards
+        if any((self.directory / p).exists() for p in PICKLE_FILES):
+            raise UserInputError(
+                f"{self.directory}: only pickle checkpoints found; hivemerge reads safetensors only "
+                "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise UserInputError(f"{self.directory}: no safetensors weights found")
+
+    # -- metadata -------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: info.shape for n, info in self.tensors.items()}
+
+    def config(self) -> dict:
+        path = self.directory / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserInputError(f"{path}: malformed JSON ({exc})") from None
+
+    # -- data -----------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor's values, read from the memory map into their own memory."""
+        file = self.tensors[name].file
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()

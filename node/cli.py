@@ -1,0 +1,122 @@
+"""The ``hivemerge`` command line.
+
+Every command turns a :class:`UserInputError` into one ``error:`` line on stderr and
+exit status 2; other failures exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hivemerge.protocol.errors import UserInputError
+
+app = typer.Typer(
+    name="hivemerge",
+    help="Merge domain-expert language models, offline or over a peer-to-peer network.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _methods_epilog() -> str:
+    from hivemerge.merge.methods import METHODS
+
+    lines = ["Methods (see `hivemerge methods` for their parameters):\n\n"]
+    for name, method in sorted(METHODS.items()):
+        lines.append(f"  {name}: {method.summary}\n\n")
+    return "".join(lines)
+
+
+@app.command(epilog=_methods_epilog())
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML or JSON, mergekit dialect).")],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads for the merge math (0: torch's default).", min=0)] = 0,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+) -> None:
+    """Merge models that share a base, as a recipe says, into a Hugging Face model directory."""
+    import torch
+
+    from hivemerge.merge.engine import run_merge
+    from hivemerge.merge.recipe import load_recipe
+    from hivemerge.merge.writer import parse_size
+
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise UserInputError(f"--max-shard-size: {exc}") from None
+    if threads:
+        torch.set_num_threads(threads)
+    plan = load_recipe(recipe)  # validated whole before any weight is read
+    with Progress(
+        TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        result = run_merge(plan, out, device=device, max_shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
+    err.print(
+        f"merged {result.tensors} tensors with {plan.method.name} on {result.device} "
+        f"in {result.seconds:.1f}s -> {result.out_dir}"
+    )
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List the merge methods and their declared parameters."""
+    from hivemerge.merge.methods import METHODS
+
+    described = [m.describe() for _, m in sorted(METHODS.items())]
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    table = Table(title="merge methods", show_lines=True)
+    for column in ("method", "inputs", "global parameters", "per-model parameters", "summary"):
+        table.add_column(column)
+
+    def fmt(params: list[dict]) -> str:
+        return "\n".join(
+            f"{p['name']}: {p['type']} {p['range']}" + (" (required)" if p["required"] else f" = {p['default']}")
+            for p in params
+        ) or "-"
+
+    for d in described:
+        inputs = d["models"] + (" + base" if d["requires_base"] else "")
+        table.add_row(d["name"], inputs, fmt(d["global_parameters"]), fmt(d["model_parameters"]), d["summary"])
+    Console().print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors and friends
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
