@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import yaml
@@ -11,38 +10,29 @@ import yaml
 from hivemerge.merge.dtypes import dtype_name
 from hivemerge.protocol.fingerprint import architecture_fingerprint
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-)
+from hivemerge.merge.manifest import TOKENIZER_FILES
 
 
 def write_config(recipe, out: Path) -> None:
-    source = recipe.reference.source.directory
-    config = recipe.reference.source.config()
+    source = recipe.reference.source
+    config = source.config()
     if config:
         # transformers 5 reads `dtype`; older releases `torch_dtype`.
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = dtype_name(recipe.out_dtype)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation = source / "generation_config.json"
-    if generation.is_file():
-        shutil.copyfile(generation, out / "generation_config.json")
+    generation = source.read_file("generation_config.json")
+    if generation is not None:
+        (out / "generation_config.json").write_bytes(generation)
 
 
 def copy_tokenizer(recipe, out: Path) -> list[str]:
-    source = recipe.tokenizer_source.source.directory
+    source = recipe.tokenizer_source.source
     copied = []
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+        data = source.read_file(name)
+        if data is not None:
+            (out / name).write_bytes(data)
             copied.append(name)
     return copied
 

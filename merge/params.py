@@ -28,12 +28,13 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: type  # float, int or bool
+    kind: type  # float, int, bool or str
     default: Any = REQUIRED
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # (low, ...] instead of [low, ...]
     doc: str = ""
+    choices: tuple[str, ...] = ()  # for kind str
 
     @property
     def required(self) -> bool:
@@ -42,11 +43,17 @@ class ParamSpec:
     def describe_range(self) -> str:
         if self.kind is bool:
             return "true|false"
+        if self.kind is str:
+            return "|".join(self.choices)
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high is None else ']'}"
 
     def check_scalar(self, value: Any, path: str, errors: list[str]) -> None:
+        if self.kind is str:
+            if value not in self.choices:
+                errors.append(f"{path}: must be one of {list(self.choices)}, got {value!r}")
+            return
         if self.kind is bool:
             if not isinstance(value, bool):
                 errors.append(f"{path}: must be true or false, got {value!r}")

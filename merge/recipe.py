@@ -9,18 +9,22 @@ all of them at once, as one :class:`RecipeError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 import yaml
 
+from hivemerge.merge.delta import DeltaFile, DeltaSource
 from hivemerge.merge.dtypes import parse_dtype
-from hivemerge.merge.layers import count_layers
+from hivemerge.merge.manifest import model_id
+from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
 from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.protocol.content import ID_PREFIX, parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import architecture_fingerprint, describe_mismatch
 
@@ -34,6 +38,10 @@ UNSUPPORTED_KEYS = {
 MODEL_KEYS = {"model", "parameters"}
 
 
+# What a recipe input reads like: a model directory, or a base plus a delta.
+ModelSource = Union[SafetensorsModel, DeltaSource]
+
+
 class RecipeError(UserInputError):
     def __init__(self, errors: list[str]):
         self.errors = errors
@@ -44,7 +52,7 @@ class RecipeError(UserInputError):
 class ModelInput:
     ref: str  # as written in the recipe
     key: str  # its key path, for messages
-    source: SafetensorsModel
+    source: ModelSource
     params: dict[str, Any] = field(default_factory=dict)
     recipe_index: int = -1  # position in `models` (-1: the base); keys DARE's random streams
 
@@ -103,34 +111,63 @@ def read_recipe_document(path: str | Path) -> dict:
     return document
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, resolver: Resolver | None = None) -> Recipe:
     path = Path(path)
-    return validate_recipe(read_recipe_document(path), recipe_dir=path.parent)
+    return validate_recipe(read_recipe_document(path), recipe_dir=path.parent, resolver=resolver)
+
+
+# Maps a content id to the local file or directory that holds it (a node's content store).
+Resolver = Callable[[str], Path]
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
-    """A recipe's model reference as a local directory: as given (relative to the
-    working directory, like mergekit), else relative to the recipe's own folder."""
-    if ref.startswith("hm://"):
-        raise UserInputError(f"{ref}: content ids are resolved by a node's content store (not available offline)")
+    """A recipe's model reference as a local path: as given (relative to the working
+    directory, like mergekit), else relative to the recipe's own folder."""
     candidate = Path(ref).expanduser()
-    if candidate.is_dir() or candidate.is_absolute() or recipe_dir is None:
+    if candidate.exists() or candidate.is_absolute() or recipe_dir is None:
         return candidate
     beside = recipe_dir / candidate
-    return beside if beside.is_dir() else candidate
+    return beside if beside.exists() else candidate
 
 
-def validate_recipe(document: dict, recipe_dir: Path | None = None) -> Recipe:
+def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", resolver: Resolver | None) -> "ModelSource":
+    """A model directory, a delta file (applied to ``base``), or ``hm://<id>`` of either."""
+    wanted_id = None
+    if ref.startswith(ID_PREFIX):
+        wanted_id = parse_content_ref(ref)
+        if wanted_id is None:
+            raise UserInputError(f"{ref}: not a content id (hm:// followed by 64 hex characters)")
+        if resolver is None:
+            raise UserInputError(f"{ref}: content ids are looked up in a node's store; pass --home")
+        path = resolver(wanted_id)
+    else:
+        path = resolve_model_path(ref, recipe_dir)
+    if path.is_file():
+        delta = DeltaFile(path)
+        if base is None:
+            raise UserInputError(f"{ref}: a delta is applied to base_model, which this recipe lacks or is itself a delta")
+        if wanted_id and delta.id != wanted_id:
+            raise UserInputError(f"{ref}: the stored delta's id is {delta.id}")
+        return DeltaSource(delta, base)
+    model = SafetensorsModel(path)
+    if wanted_id and model_id(model) != wanted_id:
+        raise UserInputError(f"{ref}: the stored model's id is {model_id(model)}")
+    return model
+
+
+def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Resolver | None = None) -> Recipe:
     errors: list[str] = []
-    opened: dict[str, SafetensorsModel] = {}
+    opened: dict[str, ModelSource] = {}
+    base: ModelInput | None = None
 
-    def open_model(ref: Any, key: str) -> SafetensorsModel | None:
+    def open_model(ref: Any, key: str) -> ModelSource | None:
         if not isinstance(ref, str) or not ref:
-            errors.append(f"{key}: must be a path to a model directory, got {ref!r}")
+            errors.append(f"{key}: must be a model directory, a delta file or hm://<id>, got {ref!r}")
             return None
         if ref not in opened:
             try:
-                opened[ref] = SafetensorsModel(resolve_model_path(ref, recipe_dir))
+                base_source = base.source if base is not None and isinstance(base.source, SafetensorsModel) else None
+                opened[ref] = open_input(ref, recipe_dir, base_source, resolver)
             except UserInputError as exc:
                 errors.append(f"{key}: {exc}")
                 return None
@@ -149,7 +186,6 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None) -> Recipe:
     elif method is None:
         errors.append(f"merge_method: unknown method {method_name!r}; expected one of {sorted(METHODS)}")
 
-    base = None
     if document.get("base_model") is not None:
         source = open_model(document["base_model"], "base_model")
         if source is not None:
@@ -214,6 +250,8 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None) -> Recipe:
             extra = " besides base_model" if method.drops_base_from_models else ""
             errors.append(f"models: {method.name} merges {want} model(s){extra}, got {count}")
         _validate_params(method, document.get("parameters"), models, base, num_layers, errors)
+        if not errors and reference is not None:
+            _check_coverage(method, document.get("parameters") or {}, models, base, reference, num_layers, errors)
 
     dtype = _dtype_field(document, "dtype", "float32", errors)
     out_dtype = _dtype_field(document, "out_dtype", document.get("dtype") or "float32", errors)
@@ -290,6 +328,46 @@ def _validate_params(
                 if method.drops_base_from_models and base is not None and m.source is base.source:
                     continue  # the base listed among the models contributes no task vector
                 errors.append(f"{m.key}.parameters.{spec.name}: required by {method.name}")
+
+
+def _check_coverage(
+    method: MergeMethod, global_params: dict, models: list[ModelInput], base: ModelInput | None,
+    reference: ModelInput, num_layers: int, errors: list[str],
+) -> None:
+    """A required parameter given as filter lists must have a value for every merged tensor.
+
+    Checked here, from the tensor names in the headers, so that the problem is reported
+    with its key path before any weight is read rather than in the middle of the merge.
+    """
+    names = sorted(
+        (n for n, info in reference.source.tensors.items() if info.dtype.is_floating_point), key=natural_key
+    )
+
+    def first_uncovered(values: list) -> str | None:
+        for tensor in names:
+            if all(resolve_value(v, tensor, num_layers) is None for v in values):
+                return tensor
+        return None
+
+    def report(path: str, tensor: str) -> None:
+        errors.append(f"{path}: no value applies to tensor {tensor}; add an entry without filter")
+
+    for spec in method.global_params:
+        if spec.required and spec.name in global_params:
+            tensor = first_uncovered([global_params[spec.name]])
+            if tensor is not None:
+                report(f"parameters.{spec.name}", tensor)
+    for spec in method.model_params:
+        if not spec.required:
+            continue
+        for m in models:
+            if method.drops_base_from_models and base is not None and m.source is base.source:
+                continue
+            scopes = [scope[spec.name] for scope in (m.params, global_params) if spec.name in scope]
+            tensor = first_uncovered(scopes) if scopes else None
+            if tensor is not None:
+                where = f"{m.key}.parameters.{spec.name}" if spec.name in m.params else f"parameters.{spec.name}"
+                report(where, tensor)
 
 
 def _dtype_field(document: dict, key: str, default: str, errors: list[str]) -> torch.dtype:

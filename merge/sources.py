@@ -27,11 +27,19 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Location:
     file: Path
+    begin: int  # absolute byte range of the raw data in ``file``
+    end: int
 
 
-def _read_header(path: Path) -> dict:
-    """Parse a safetensors header without touching tensor data."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header without touching tensor data.
+
+    Returns the header (``__metadata__`` included) and where the data section starts."""
     try:
         with path.open("rb") as f:
             raw_len = f.read(8)
@@ -43,8 +51,21 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
         raise UserInputError(f"{path}: not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    return header
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path}: not a readable safetensors file (header is not a mapping)")
+    return header, 8 + n
+
+
+def parse_config(raw: bytes | None, where: Path | str) -> dict:
+    if raw is None:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise UserInputError(f"{where}: malformed JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"{where}: config is not a JSON object")
+    return config
 
 
 class SafetensorsModel:
@@ -55,12 +76,17 @@ class SafetensorsModel:
         if not self.directory.is_dir():
             raise UserInputError(f"{self.directory}: no such model directory")
         self.tensors: dict[str, TensorInfo] = {}
+        self._locations: dict[str, _Location] = {}
         for file in self._shard_files():
-            for name, entry in _read_header(file).items():
+            header, data_start = read_header(file)
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
                 code = entry.get("dtype")
                 if code not in DTYPE_OF_CODE:
                     raise UserInputError(f"{file}: tensor {name} has unsupported dtype {code}")
-                self.tensors[name] = TensorInfo(DTYPE_OF_CODE[code], tuple(entry["shape"]), file)
+                begin, end = entry["data_offsets"]
+                self.tensors[name] = TensorInfo(DTYPE_OF_CODE[code], tuple(entry["shape"]))
+                self._locations[name] = _Location(file, data_start + begin, data_start + end)
         self._handles: dict[Path, object] = {}
 
     def _shard_files(self) -> list[Path]:
@@ -95,23 +121,32 @@ class SafetensorsModel:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: info.shape for n, info in self.tensors.items()}
 
+    def read_file(self, name: str) -> bytes | None:
+        """A side file (config, tokenizer) of the model, or None."""
+        path = self.directory / name
+        return path.read_bytes() if path.is_file() else None
+
     def config(self) -> dict:
-        path = self.directory / "config.json"
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise UserInputError(f"{path}: malformed JSON ({exc})") from None
+        return parse_config(self.read_file("config.json"), self.directory / "config.json")
 
     # -- data -----------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """The tensor's values, read from the memory map into their own memory."""
-        file = self.tensors[name].file
+        file = self._locations[name].file
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
         return handle.get_tensor(name)
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The tensor's bytes exactly as stored (what manifests hash)."""
+        info = self._locations[name]
+        with info.file.open("rb") as f:
+            f.seek(info.begin)
+            data = f.read(info.end - info.begin)
+        if len(data) != info.end - info.begin:
+            raise UserInputError(f"{info.file}: truncated (tensor {name})")
+        return data
 
     def close(self) -> None:
         self._handles.clear()

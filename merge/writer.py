@@ -9,7 +9,10 @@ not a shard (mergekit buffers whole shards). Files follow the Hugging Face namin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +125,47 @@ class ShardedWriter:
 
     def abort(self) -> None:
         self._close()
+
+
+class AppendingWriter:
+    """One safetensors file whose layout is only known at the end (delta parts).
+
+    Parts are appended to a temporary data file as they are produced (their sizes
+    depend on the data), with their SHA-256 computed on the way; :meth:`finish`
+    writes the header (with the metadata, which may contain those hashes) and then
+    the data, and moves the result into place atomically.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._data_path = self.path.with_name(f".{self.path.name}.data-{os.getpid()}")
+        self._data = open(self._data_path, "wb")
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Append a tensor; returns the SHA-256 of its raw bytes."""
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._data.write(memoryview(data))
+        end = self._offset + data.nbytes
+        self._entries[name] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self._offset, end]}
+        self._offset = end
+        return hashlib.sha256(memoryview(data)).hexdigest()
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt", **metadata}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        staging = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        try:
+            with open(staging, "wb") as out, open(self._data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(header)) + header)
+                shutil.copyfileobj(data, out, 1 << 22)
+            os.replace(staging, self.path)
+        finally:
+            self.abort()
+            staging.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)

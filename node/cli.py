@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hivemerge.protocol.errors import UserInputError
@@ -25,7 +23,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+from hivemerge.node import cmd_delta, cmd_identity  # noqa: E402
+from hivemerge.node.ui import err, tensor_progress  # noqa: E402
+
+app.add_typer(cmd_identity.app, name="identity")
+app.add_typer(cmd_delta.app, name="delta")
 
 
 def _methods_epilog() -> str:
@@ -45,8 +47,13 @@ def merge(
     threads: Annotated[int, typer.Option(help="CPU threads for the merge math (0: torch's default).", min=0)] = 0,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+    home: cmd_identity.HomeOption = None,
 ) -> None:
-    """Merge models that share a base, as a recipe says, into a Hugging Face model directory."""
+    """Merge models that share a base, as a recipe says, into a Hugging Face model directory.
+
+    Inputs are model directories, delta files (applied to base_model) or hm://<id>
+    content ids from the node's store in --home.
+    """
     import torch
 
     from hivemerge.merge.engine import run_merge
@@ -62,7 +69,9 @@ def merge(
     plan = load_recipe(recipe)  # validated whole before any weight is read
     with Progress(
         TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-        console=err, transient=True,
+        # Off when stderr is not a terminal: rich would still write a stray empty line
+        # there, and the error contract is exactly one `error:` line.
+        console=err, transient=True, disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task("", total=None)
 
@@ -98,7 +107,9 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     for d in described:
         inputs = d["models"] + (" + base" if d["requires_base"] else "")
         table.add_row(d["name"], inputs, fmt(d["global_parameters"]), fmt(d["model_parameters"]), d["summary"])
-    Console().print(table)
+    from hivemerge.node.ui import out as stdout
+
+    stdout.print(table)
 
 
 def main() -> None:

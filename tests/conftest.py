@@ -62,3 +62,54 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
     for i, name in enumerate(["math", "code", "logic"]):
         family[name] = make_llama(root / name, seed=100 + i, base=base)
     return family
+
+
+# -- helpers shared by the merge-engine tests ------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merge_doc(document: dict, out: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """Validate ``document``, merge it in this process on the CPU, return the output tensors."""
+    from safetensors.torch import load_file
+
+    from hivemerge.merge.engine import run_merge
+    from hivemerge.merge.recipe import validate_recipe
+
+    run_merge(validate_recipe(document), out, device="cpu", **kwargs)
+    return load_file(str(out / "model.safetensors"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120):
+    """``python -m hivemerge ARGS`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "hivemerge", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_cli_many(argvs: dict, cwd: Path | None = None, workers: int = 2) -> dict:
+    """Several CLI runs, a few at a time (each spends most of its time importing torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {key: pool.submit(run_cli, *argv, cwd=cwd) for key, argv in argvs.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def write_recipe(path: Path, document: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama4(tmp_path_factory) -> dict[str, Path]:
+    """A 4-layer tiny Llama base and one expert, for gradients, filters and per-layer tables."""
+    root = tmp_path_factory.mktemp("llama4")
+    base = make_llama(root / "base", seed=7, layers=4)
+    return {"base": base, "expert": make_llama(root / "expert", seed=8, base=base, scale=0.05, layers=4)}

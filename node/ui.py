@@ -1,0 +1,27 @@
+"""Terminal output shared by the commands: progress on stderr, tables and JSON on stdout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+err = Console(stderr=True)
+out = Console()
+
+
+@contextmanager
+def tensor_progress(verb: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A transient progress bar fed by ``callback(done, total, item_name)``."""
+    with Progress(
+        TextColumn(f"[bold]{verb}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def callback(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        yield callback

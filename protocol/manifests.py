@@ -1,0 +1,89 @@
+"""Manifests: what a model or a delta is, hash by hash.
+
+A model manifest lists every tensor (name, safetensors dtype code, shape, SHA-256 of
+its raw bytes) and the hashes of its config and tokenizer files, plus the
+architecture fingerprint. A delta manifest names the base and expert manifests it
+connects, the codec of every tensor and the hash of every stored part. Manifests come
+from the network, so :func:`check_delta_manifest` validates their structure before
+any field is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hivemerge.protocol.content import is_content_id
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.fingerprint import architecture_fingerprint
+
+VERSION = 1
+FILE_PART_PREFIX = "__files__/"  # embedded config/tokenizer files in a delta container
+
+
+class ManifestError(UserInputError):
+    """A manifest is malformed or does not match the data it describes."""
+
+
+def model_manifest(tensors: dict[str, dict], files: dict[str, str]) -> dict:
+    """``tensors``: name -> {dtype, shape, sha256}; ``files``: file name -> sha256."""
+    return {
+        "kind": "model",
+        "version": VERSION,
+        "architecture": architecture_fingerprint({n: t["shape"] for n, t in tensors.items()}),
+        "tensors": {n: {"dtype": t["dtype"], "shape": list(t["shape"]), "sha256": t["sha256"]} for n, t in sorted(tensors.items())},
+        "files": dict(sorted(files.items())),
+    }
+
+
+def delta_manifest(base_id: str, expert_id: str, architecture: str, tensors: dict[str, dict], files: dict[str, str]) -> dict:
+    """``tensors``: name -> {codec, dtype, shape, params, parts: {part: {dtype, shape, sha256}}}."""
+    return {
+        "kind": "delta",
+        "version": VERSION,
+        "base": base_id,
+        "expert": expert_id,
+        "architecture": architecture,
+        "tensors": dict(sorted(tensors.items())),
+        "files": dict(sorted(files.items())),
+    }
+
+
+def part_name(tensor: str, part: str) -> str:
+    return f"{tensor}::{part}"
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ManifestError(f"malformed delta manifest: {message}")
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def check_delta_manifest(manifest: Any) -> dict:
+    """Structural validation of an untrusted delta manifest; returns it unchanged."""
+    _require(isinstance(manifest, dict), "not a mapping")
+    _require(manifest.get("kind") == "delta", "kind is not 'delta'")
+    _require(manifest.get("version") == VERSION, f"unsupported version {manifest.get('version')!r}")
+    for key in ("base", "expert", "architecture"):
+        _require(isinstance(manifest.get(key), str) and is_content_id(manifest[key]), f"{key} is not a content id")
+    tensors = manifest.get("tensors")
+    _require(isinstance(tensors, dict) and tensors, "no tensors")
+    for name, entry in tensors.items():
+        _require(isinstance(entry, dict), f"tensor {name} is not a mapping")
+        _require(isinstance(entry.get("codec"), str), f"tensor {name} has no codec")
+        _require(isinstance(entry.get("dtype"), str), f"tensor {name} has no dtype")
+        _require(_is_shape(entry.get("shape")), f"tensor {name} has a bad shape")
+        _require(isinstance(entry.get("params", {}), dict), f"tensor {name} has bad params")
+        parts = entry.get("parts")
+        _require(isinstance(parts, dict), f"tensor {name} has no parts")
+        for part, info in parts.items():
+            _require(
+                isinstance(info, dict) and isinstance(info.get("dtype"), str) and _is_shape(info.get("shape"))
+                and isinstance(info.get("sha256"), str) and is_content_id(info["sha256"]),
+                f"part {part} of {name} is malformed",
+            )
+    files = manifest.get("files", {})
+    _require(isinstance(files, dict) and all(isinstance(v, str) and is_content_id(v) for v in files.values()), "bad files")
+    return manifest

@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""Benchmark `hivemerge merge` against the I/O floor and mergekit, side by side in one run.
+
+What it does, in order:
+
+1. Builds (once; cached under --workdir/models) a synthetic ~220M-parameter Llama in fp16
+   safetensors -- hidden 1024, intermediate 2816, 12 layers, vocab 32000, 16 heads,
+   untied LM head -- plus three "experts", each the base plus seeded N(0, 0.002) noise,
+   so every task vector is nonzero. Each directory has config.json and a small
+   word-level tokenizer (mergekit copies the base's tokenizer; hivemerge does too).
+2. Writes a TIES recipe (density 0.5, weights 1.0, 1.0 and a mild gradient [0.9, 1.1],
+   dtype float32, out_dtype float16), which both tools read as written.
+3. Reads every input file once (a warm-up: the OS page cache cannot be dropped without
+   root tricks, so all runs read from a warm cache instead, equally), then times each
+   run in its own process under /usr/bin/time, which gives the peak RSS of that
+   process alone:
+     io_floor   read every tensor of the 4 models (safetensors get_tensor) and write an
+                fp16 output of the same layout with hivemerge's ShardedWriter; no math
+     hivemerge  `hivemerge merge recipe.yaml --out ... --device cpu`
+     mergekit   `mergekit-yaml recipe.yaml OUT --lazy-unpickle` (0.1.5, own venv, CPU,
+                default --out-shard-size 5B parameters, i.e. one shard here)
+     startup    (for reference) a process that only imports torch and hivemerge
+4. Prints wall seconds and peak RSS per run, the ratios against the goals (hivemerge
+   wall <= 4x the I/O floor and <= 0.25x mergekit; peak RSS <= 0.5x mergekit), and
+   how far hivemerge's output is from mergekit's (per-tensor max |diff| in fp32 and the
+   fraction of elements that differ).
+
+mergekit is only run with --with-mergekit; the first such run creates the venv
+(--workdir/../mergekit-venv by default) with `pip install torch==2.13.0` first (so pip
+takes the CPU wheel, not a CUDA build), then `pip install mergekit==0.1.5`.
+
+Usage:
+    python scripts/bench_merge.py                   # I/O floor and hivemerge only
+    python scripts/bench_merge.py --with-mergekit   # all three, plus the output diff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
+MODEL_NAMES = ("base", "expert1", "expert2", "expert3")
+MERGEKIT_VERSION = "0.1.5"
+TORCH_VERSION = "2.13.0"
+
+# The synthetic model: ~220M parameters.
+LLAMA = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=12,
+    vocab_size=32000,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+NOISE = 0.002  # std of each expert's perturbation
+MODEL_VERSION = 2  # bump when the generator changes, to rebuild cached models
+
+RECIPE = """\
+merge_method: ties
+base_model: {base}
+models:
+  - model: {expert1}
+    parameters:
+      weight: 1.0
+      density: 0.5
+  - model: {expert2}
+    parameters:
+      weight: 1.0
+      density: 0.5
+  - model: {expert3}
+    parameters:
+      weight: [0.9, 1.1]    # a mild gradient over the layers
+      density: 0.5
+parameters:
+  normalize: true
+dtype: float32
+out_dtype: float16
+"""
+
+# Environment for every child: no hub access, same thread count for every tool.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------
+# Child modes (run in fresh processes: the parent never imports torch, so it stays
+# small and nothing it allocates can leak into a child's measurement).
+# ---------------------------------------------------------------------------------
+
+
+def child_generate(models_dir: Path) -> None:
+    """Write base + 3 experts as fp16 safetensors with config.json and a tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA)
+    config.dtype = torch.float16  # written to config.json
+    config.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture table from this
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    n_params = sum(_numel(s) for s in shapes.values())
+    log(f"generating {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters per model")
+
+    gen = torch.Generator().manual_seed(1234)
+    base: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            base[name] = torch.ones(shape, dtype=torch.float16)
+        else:
+            base[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
+    staging = models_dir.parent / (models_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _save_model(staging / "base", base, config, save_file)
+    for i, name in enumerate(MODEL_NAMES[1:], start=1):
+        gen = torch.Generator().manual_seed(1000 + i)
+        expert = {k: (v.float() + torch.randn(v.shape, generator=gen) * NOISE).to(torch.float16) for k, v in base.items()}
+        _save_model(staging / name, expert, config, save_file)
+        del expert
+    (staging / "VERSION").write_text(f"{MODEL_VERSION}\n")
+    shutil.rmtree(models_dir, ignore_errors=True)
+    os.replace(staging, models_dir)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _save_model(directory: Path, tensors: dict, config, save_file) -> None:
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    _save_tokenizer(directory)
+    log(f"  wrote {directory.name}")
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(LLAMA["vocab_size"] - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+
+
+def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
+    """Read every tensor of every input, write an fp16 output of the same layout; no math."""
+    import torch
+    from safetensors import safe_open
+
+    from hivemerge.merge.layers import natural_key
+    from hivemerge.merge.writer import ShardedWriter
+
+    if threads:
+        torch.set_num_threads(threads)
+    handles = [safe_open(str(models_dir / m / "model.safetensors"), framework="pt", device="cpu") for m in MODEL_NAMES]
+    names = sorted(handles[0].keys(), key=natural_key)
+    layout = []
+    for name in names:
+        sl = handles[0].get_slice(name)
+        layout.append((name, torch.float16, tuple(sl.get_shape())))
+    out_dir.mkdir(parents=True)
+    writer = ShardedWriter(out_dir, layout)
+    for name in names:
+        tensors = [h.get_tensor(name) for h in handles]
+        writer.write(name, tensors[0].to(torch.float16))
+        del tensors
+    writer.finish()
+
+
+def child_compare(a_dir: Path, b_dir: Path, result_file: Path) -> None:
+    """Per-tensor max |a - b| (fp32) and count of differing elements; JSON to result_file."""
+    import torch
+    from safetensors import safe_open
+
+    def open_all(d: Path) -> dict:
+        where = {}
+        for f in sorted(d.glob("*.safetensors")):
+            h = safe_open(str(f), framework="pt", device="cpu")
+            for k in h.keys():
+                where[k] = h
+        return where
+
+    a, b = open_all(a_dir), open_all(b_dir)
+    out = {"only_a": sorted(set(a) - set(b)), "only_b": sorted(set(b) - set(a)), "tensors": {}}
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name].get_tensor(name), b[name].get_tensor(name)
+        entry = {"dtype_a": str(x.dtype), "dtype_b": str(y.dtype), "shape_a": list(x.shape), "shape_b": list(y.shape)}
+        if x.shape == y.shape:
+            d = (x.float() - y.float()).abs()
+            entry.update(
+                numel=x.numel(),
+                max_abs=float(d.max()) if x.numel() else 0.0,
+                differ=int((d > 0).sum()),
+                bit_equal=bool(torch.equal(x, y)),
+            )
+        out["tensors"][name] = entry
+    result_file.write_text(json.dumps(out))
+
+
+def child_startup() -> None:
+    import torch  # noqa: F401
+
+    import hivemerge.merge.engine  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------
+# The orchestrator.
+# ---------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, label: str, seconds: float, peak_mib: float, rc: int, tail: str):
+        self.label, self.seconds, self.peak_mib, self.rc, self.tail = label, seconds, peak_mib, rc, tail
+
+
+def measure(label: str, cmd: list[str], env: dict | None = None, log_file: Path | None = None) -> Run:
+    """Run cmd in a fresh process; wall seconds and that process's peak RSS."""
+    full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    os.sync()  # flush earlier runs' dirty pages so no run pays for another's writeback
+    with tempfile.NamedTemporaryFile("r", suffix=".time", delete=False) as tf:
+        time_file = Path(tf.name)
+    timer = shutil.which("time") or "/usr/bin/time"
+    use_time = Path(timer).is_file() and os.access(timer, os.X_OK)
+    started = time.perf_counter()
+    if use_time:
+        proc = subprocess.run([timer, "-f", "%M", "-o", str(time_file), *cmd], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seconds = time.perf_counter() - started
+        rc, output = proc.returncode, proc.stdout
+        lines = [l for l in time_file.read_text().splitlines() if l.strip()]
+        try:
+            peak_kib = int(lines[-1])
+        except (IndexError, ValueError):
+            peak_kib = -1
+    else:  # no /usr/bin/time: wait4 on the child directly
+        p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - started
+        p.returncode = rc = os.waitstatus_to_exitcode(status)
+        peak_kib = usage.ru_maxrss
+    time_file.unlink(missing_ok=True)
+    if log_file is not None:
+        log_file.write_text(output)
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    if rc != 0:
+        log(f"{label}: FAILED (exit {rc}); last output:\n{tail}")
+    else:
+        log(f"{label}: {seconds:.2f} s, peak RSS {peak_kib / 1024:.0f} MiB")
+    return Run(label, seconds, peak_kib / 1024, rc, tail)
+
+
+def ensure_models(models_dir: Path) -> None:
+    version = models_dir / "VERSION"
+    if version.is_file() and version.read_text().strip() == str(MODEL_VERSION) and all(
+        (models_dir / m / "model.safetensors").is_file() for m in MODEL_NAMES
+    ):
+        log(f"reusing cached models in {models_dir}")
+        return
+    log(f"building synthetic models in {models_dir} (one-off)")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(SCRIPT), "_generate", str(models_dir)], check=True, env=dict(os.environ, **OFFLINE_ENV))
+    log(f"models built in {time.perf_counter() - started:.1f} s")
+
+
+def ensure_mergekit(venv: Path) -> Path:
+    """A venv with mergekit==0.1.5 (torch installed first so pip takes the CPU wheel)."""
+    py = venv / "bin" / "python"
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.is_file():
+        got = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"], capture_output=True, text=True)
+        if got.stdout.strip() == MERGEKIT_VERSION:
+            log(f"reusing mergekit {MERGEKIT_VERSION} in {venv}")
+            return exe
+    log(f"installing mergekit {MERGEKIT_VERSION} into {venv} (one-off)")
+    if not py.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    if subprocess.run([*pip, f"mergekit=={MERGEKIT_VERSION}"]).returncode != 0:
+        # Its pins conflict with this environment: install it bare, then the
+        # dependencies it needs at run time, unpinned.
+        log("mergekit's pinned dependencies did not resolve; retrying with --no-deps plus its runtime deps")
+        subprocess.run([*pip, "--no-deps", f"mergekit=={MERGEKIT_VERSION}"], check=True)
+        deps = ["tqdm", "click", "safetensors", "accelerate", "pydantic", "immutables", "transformers", "tokenizers",
+                "huggingface_hub", "peft", "typing-extensions", "sentencepiece", "protobuf", "scipy", "datasets"]
+        subprocess.run([*pip, *deps], check=True)
+    return exe
+
+
+def warm_cache(models_dir: Path) -> None:
+    total = 0
+    started = time.perf_counter()
+    for f in sorted(models_dir.rglob("*")):
+        if f.is_file():
+            with f.open("rb", buffering=0) as fh:
+                while chunk := fh.read(16 << 20):
+                    total += len(chunk)
+    log(f"warm-up: read {total / 2**30:.2f} GiB of inputs in {time.perf_counter() - started:.1f} s; "
+        "all runs below read from the page cache (dropping it needs root), equally")
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*.safetensors"))
+
+
+def summarize_diff(result: dict) -> list[str]:
+    tensors = result["tensors"]
+    lines = []
+    if result["only_a"] or result["only_b"]:
+        lines.append(f"  tensor names differ: only hivemerge {result['only_a'][:5]}, only mergekit {result['only_b'][:5]}")
+    mismatched = [n for n, e in tensors.items() if "max_abs" not in e]
+    if mismatched:
+        lines.append(f"  shapes differ for {len(mismatched)} tensors, e.g. {mismatched[:3]}")
+    dtypes = {(e["dtype_a"], e["dtype_b"]) for e in tensors.values()}
+    lines.append(f"  dtypes (hivemerge, mergekit): {sorted(dtypes)}")
+    compared = {n: e for n, e in tensors.items() if "max_abs" in e}
+    numel = sum(e["numel"] for e in compared.values())
+    differ = sum(e["differ"] for e in compared.values())
+    equal = sum(e["bit_equal"] for e in compared.values())
+    worst = max(compared.items(), key=lambda kv: kv[1]["max_abs"]) if compared else None
+    lines.append(f"  tensors compared: {len(compared)}, bit-identical: {equal}")
+    lines.append(f"  elements that differ: {differ} of {numel} ({100 * differ / max(numel, 1):.4f}%)")
+    if worst:
+        lines.append(f"  max |diff| overall: {worst[1]['max_abs']:.3e} (in {worst[0]})")
+
+    def group(name: str) -> str:
+        if "layers." in name:
+            return "layers.*." + name.split("layers.", 1)[1].split(".", 1)[1]
+        return name
+
+    groups: dict[str, list] = {}
+    for n, e in compared.items():
+        groups.setdefault(group(n), []).append(e)
+    lines.append(f"  {'tensor (group)':44} {'max |diff|':>11} {'differ %':>10}")
+    for g, es in sorted(groups.items()):
+        m = max(e["max_abs"] for e in es)
+        frac = sum(e["differ"] for e in es) / max(sum(e["numel"] for e in es), 1)
+        lines.append(f"  {g:44} {m:11.3e} {100 * frac:10.4f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("_"):  # a child mode
+        mode, rest = argv[0], argv[1:]
+        if mode == "_generate":
+            child_generate(Path(rest[0]))
+        elif mode == "_io_floor":
+            child_io_floor(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        elif mode == "_compare":
+            child_compare(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+        elif mode == "_startup":
+            child_startup()
+        else:
+            raise SystemExit(f"unknown child mode {mode}")
+        return 0
+
+    parser = argparse.ArgumentParser(
+        prog="bench_merge.py",
+        description=(
+            "Time `hivemerge merge` (TIES, 3 experts, ~220M-parameter synthetic Llama, fp32 math, fp16 files) "
+            "against the I/O floor (read all inputs, write the output, no math) and, with --with-mergekit, "
+            "against mergekit 0.1.5 on the same recipe. Each run is its own process; wall time and peak RSS "
+            "are per process. Prints a table, the ratios against the goals (wall <= 4x I/O floor and "
+            "<= 0.25x mergekit, peak RSS <= 0.5x mergekit) and how far hivemerge's output is from mergekit's."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "merge",
+                        help="Work directory: cached models in WORKDIR/models, outputs in WORKDIR/out (git-ignored by default).")
+    parser.add_argument("--with-mergekit", action="store_true",
+                        help=f"Also run mergekit {MERGEKIT_VERSION} (installed on first use into --mergekit-venv: "
+                             f"torch=={TORCH_VERSION} first, for the CPU wheel, then mergekit) and compare outputs.")
+    parser.add_argument("--mergekit-venv", type=Path, default=None,
+                        help="Virtual environment for mergekit (default: WORKDIR/../mergekit-venv).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for every run (hivemerge --threads, mergekit --num-threads, torch in the I/O floor); "
+                             "0 leaves each tool's default (all cores).")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Runs of each tool, interleaved; the table shows the median wall time and the max peak RSS.")
+    parser.add_argument("--keep", action="store_true",
+                        help="Keep the merged outputs under WORKDIR/out (by default they are deleted; the cached models stay).")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+
+    workdir = args.workdir.resolve()
+    models_dir = workdir / "models"
+    out_root = workdir / "out"
+    venv = (args.mergekit_venv or workdir.parent / "mergekit-venv").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    ensure_models(models_dir)
+    mergekit_exe = ensure_mergekit(venv) if args.with_mergekit else None
+
+    recipe = workdir / "recipe.yaml"
+    recipe.write_text(RECIPE.format(**{m: str(models_dir / m) for m in MODEL_NAMES}))
+    shutil.rmtree(out_root, ignore_errors=True)
+    out_root.mkdir(parents=True)
+    logs = out_root / "logs"
+    logs.mkdir()
+
+    warm_cache(models_dir)
+    threads = args.threads
+    hivemerge_cmd = [sys.executable, "-m", "hivemerge", "merge", str(recipe), "--device", "cpu", "--threads", str(threads)]
+    runs: dict[str, list[Run]] = {"startup": [], "io_floor": [], "hivemerge": [], "mergekit": []}
+    for r in range(args.repeat):
+        tag = f" (run {r + 1}/{args.repeat})" if args.repeat > 1 else ""
+        suffix = f"-{r}" if args.repeat > 1 else ""
+        log(f"startup{tag}: a process that imports torch and hivemerge, for reference")
+        runs["startup"].append(measure("startup", [sys.executable, str(SCRIPT), "_startup"]))
+        log(f"io_floor{tag}: read all 4 inputs, write fp16 output with ShardedWriter")
+        out = out_root / f"io_floor{suffix}"
+        runs["io_floor"].append(measure("io_floor", [sys.executable, str(SCRIPT), "_io_floor", str(models_dir), str(out), str(threads)],
+                                        log_file=logs / f"io_floor{suffix}.log"))
+        log(f"hivemerge{tag}: hivemerge merge --device cpu")
+        out = out_root / f"hivemerge{suffix}"
+        runs["hivemerge"].append(measure("hivemerge", [*hivemerge_cmd, "--out", str(out)], log_file=logs / f"hivemerge{suffix}.log"))
+        if mergekit_exe:
+            log(f"mergekit{tag}: mergekit-yaml --lazy-unpickle (CPU)")
+            out = out_root / f"mergekit{suffix}"
+            cmd = [str(mergekit_exe), str(recipe), str(out), "--lazy-unpickle", "--device", "cpu"]
+            if threads:
+                cmd += ["--num-threads", str(threads)]
+            runs["mergekit"].append(measure("mergekit", cmd, log_file=logs / f"mergekit{suffix}.log"))
+        if r + 1 < args.repeat:
+            for name in ("io_floor", "hivemerge", "mergekit"):
+                shutil.rmtree(out_root / f"{name}{suffix}", ignore_errors=True)
+
+    last = f"-{args.repeat - 1}" if args.repeat > 1 else ""
+    diff_lines: list[str] = []
+    if mergekit_exe and runs["mergekit"] and runs["mergekit"][-1].rc == 0 and runs["hivemerge"][-1].rc == 0:
+        log("comparing hivemerge's output with mergekit's, tensor by tensor")
+        result_file = out_root / "diff.json"
+        subprocess.run([sys.executable, str(SCRIPT), "_compare", str(out_root / f"hivemerge{last}"), str(out_root / f"mergekit{last}"),
+                        str(result_file)], check=True)
+        diff_lines = summarize_diff(json.loads(result_file.read_text()))
+
+    # ------------------------------------------------------------------ report
+    def summary(label: str):
+        rs = [r for r in runs[label] if r.rc == 0]
+        if not rs:
+            return None
+        return statistics.median(r.seconds for r in rs), max(r.peak_mib for r in rs)
+
+    n_params = sum(_numel(s) for s in _shapes_from_header(models_dir / "base" / "model.safetensors").values())
+    in_gib = sum(dir_bytes(models_dir / m) for m in MODEL_NAMES) / 2**30
+    print()
+    print("=" * 78)
+    print(f"hivemerge merge benchmark: TIES (density 0.5), base + 3 experts, {n_params / 1e6:.1f}M params each, "
+          f"fp16 files, fp32 math")
+    print(f"inputs {in_gib:.2f} GiB read, output {dir_bytes(out_root / f'hivemerge{last}') / 2**30 if (out_root / f'hivemerge{last}').exists() else 0:.2f} GiB written; "
+          f"CPU, {os.cpu_count()} cores, threads={threads or 'default'}; python {sys.version.split()[0]}")
+    print("page cache: not dropped (needs root); one warm-up read of all inputs before the runs, so every run reads from cache")
+    print(f"wall = whole process incl. interpreter start and imports; peak RSS = max resident set of that process; "
+          f"{args.repeat} run(s) each{' (median wall, max RSS)' if args.repeat > 1 else ''}")
+    print("-" * 78)
+    print(f"{'run':12} {'wall s':>9} {'peak RSS MiB':>13}  note")
+    notes = {
+        "startup": "python + import torch, hivemerge; nothing else",
+        "io_floor": "get_tensor x4 models + ShardedWriter, no math",
+        "hivemerge": "hivemerge merge --device cpu",
+        "mergekit": f"mergekit-yaml {MERGEKIT_VERSION} --lazy-unpickle, cpu",
+    }
+    for label in ("startup", "io_floor", "hivemerge", "mergekit"):
+        if label == "mergekit" and not mergekit_exe:
+            print(f"{label:12} {'-':>9} {'-':>13}  not run (pass --with-mergekit)")
+            continue
+        s = summary(label)
+        if s is None:
+            print(f"{label:12} {'FAILED':>9} {'-':>13}  see {logs}")
+        else:
+            print(f"{label:12} {s[0]:9.2f} {s[1]:13.0f}  {notes[label]}")
+    print("-" * 78)
+    hm, io, mk = summary("hivemerge"), summary("io_floor"), summary("mergekit")
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "MISSED"
+
+    if hm and io:
+        r = hm[0] / io[0]
+        print(f"hivemerge / io_floor   wall: {r:6.2f}x   (goal <= 4x)     {verdict(r <= 4)}")
+    if hm and mk:
+        r = hm[0] / mk[0]
+        print(f"hivemerge / mergekit   wall: {r:6.2f}x   (goal <= 0.25x)  {verdict(r <= 0.25)}")
+        r = hm[1] / mk[1]
+        print(f"hivemerge / mergekit   peak: {r:6.2f}x   (goal <= 0.5x)   {verdict(r <= 0.5)}")
+    elif mergekit_exe:
+        print("mergekit ratios: unavailable (a run failed)")
+    if diff_lines:
+        print("-" * 78)
+        print("hivemerge output vs mergekit output (fp32 |hivemerge - mergekit|):")
+        for line in diff_lines:
+            print(line)
+    print("=" * 78)
+
+    failed = [r for rs in runs.values() for r in rs if r.rc != 0]
+    if args.keep:
+        log(f"outputs kept under {out_root}")
+    else:
+        shutil.rmtree(out_root, ignore_errors=True)
+        log(f"removed outputs under {out_root} (cached models kept in {models_dir}; --keep to keep outputs)")
+    return 1 if failed else 0
+
+
+def _shapes_from_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["shape"] for k, v in header.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
