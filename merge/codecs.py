@@ -109,7 +109,9 @@ def _blocks(delta: torch.Tensor, block: int) -> torch.Tensor:
 
 def _int8_quantize(values: torch.Tensor, block: int) -> Parts:
     blocks = _blocks(values, block)
-    scale = (blocks.abs().amax(1) / 127).to(torch.float16)  # amax is exact: order-free
+    # float32, not fp16: typical fine-tune deltas (|delta| ~ 1e-4) put absmax/127 in fp16's
+    # subnormal range, where the rounded scale clamps q and errors grow far beyond scale/2.
+    scale = blocks.abs().amax(1) / 127  # amax is exact: order-free
     safe = torch.where(scale == 0, 1.0, scale.to(torch.float32)).unsqueeze(1)
     q = torch.round(blocks / safe).clamp(-127, 127).to(torch.int8)
     return {"q": q.reshape(-1), "scale": scale}
@@ -183,9 +185,14 @@ class Sign1(Codec):
 
     def encode(self, name, base, expert, opts):
         delta = _delta(base, expert)
-        blocks = _blocks(delta, opts["block"])
-        # mean |delta| is the L2-optimal scale for a sign code; summed by a fixed tree.
-        scale = (exact.pairwise_sum(blocks.abs(), dim=1) / opts["block"]).to(torch.float16)
+        block = opts["block"]
+        blocks = _blocks(delta, block)
+        # mean |delta| is the L2-optimal scale for a sign code; summed by a fixed tree. The
+        # last block may be partial: its mean is over its real entries, not the padding.
+        counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64, device=delta.device)
+        if counts.numel():
+            counts[-1] = delta.numel() - block * (blocks.shape[0] - 1)
+        scale = (exact.pairwise_sum(blocks.abs(), dim=1) / counts).to(torch.float16)
         return {"signs": pack_bits(delta >= 0), "scale": scale}
 
     def decode(self, base, parts, dtype, shape, opts):

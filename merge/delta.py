@@ -107,7 +107,8 @@ def extract_delta(
 def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, expert: SafetensorsModel, codec, opts) -> dict:
     expert_t = expert.get(name)
     _check_finite(expert_t, f"expert tensor {name}")
-    if expert.raw_bytes(name) == base.raw_bytes(name):
+    # Equal bytes are the same tensor only in the same dtype (0x3C00 is 1.0 in fp16, 1/128 in bf16).
+    if expert.tensors[name].dtype == base.tensors[name].dtype and expert.raw_bytes(name) == base.raw_bytes(name):
         codec, opts = CODECS["same"], {}
     elif codec.lossy and expert_t.is_floating_point() and expert_t.dim() < 2:
         # Norms and biases stay fp16 under a lossy codec: they cost little and matter much.
@@ -140,8 +141,11 @@ class DeltaFile:
         header, self._data_start = read_header(self.path)
         self._check_canonical_header(header)
         meta = header.pop("__metadata__", None) or {}
-        if METADATA_KEY not in meta:
+        if not isinstance(meta, dict) or METADATA_KEY not in meta:
             raise DeltaError(f"{self.path}: not a hivemerge delta (no signed manifest in its metadata)")
+        # The metadata is exactly what extract writes: nothing unsigned can ride along or change.
+        if meta != {"format": "pt", METADATA_KEY: meta[METADATA_KEY]}:
+            raise DeltaError(f"{self.path}: metadata is not what hivemerge writes (corrupted or altered)")
         try:
             signed = json.loads(meta[METADATA_KEY])
         except ValueError:
@@ -190,6 +194,11 @@ class DeltaFile:
             try:
                 begin, end = entry["data_offsets"]
                 dtype = DTYPE_OF_CODE[entry["dtype"]]
+                # Exactly these keys, well typed: a damaged key name must not pass unnoticed
+                # (nor surface later as a KeyError).
+                if set(entry) != {"dtype", "shape", "data_offsets"} or not _is_count_list(entry["shape"]) \
+                        or not _is_count_list([begin, end]) or begin > end:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise DeltaError(f"{self.path}: malformed header entry {key}") from None
             if entry["dtype"] != want["dtype"] or (want["shape"] is not None and entry["shape"] != want["shape"]):
@@ -264,6 +273,10 @@ class DeltaFile:
             "file_bytes": self.path.stat().st_size,
             "data_bytes": parts_bytes,
         }
+
+
+def _is_count_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def _numel(shape: list[int]) -> int:

@@ -68,6 +68,8 @@ def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` largest non-negative values; ties broken by lower flat index.
 
+    Any float dtype: half types are widened to float32 (exactly), float64 is sorted.
+
     The tie rule makes the selection a pure function of the values, and the masks
     nested: ``top_k_mask(v, j) <= top_k_mask(v, k)`` for ``j <= k``.
     """
@@ -77,6 +79,14 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # exact and order-preserving: the same selection
+    elif flat.dtype != torch.float32:
+        # No radix select for other dtypes (float64 recipes): a stable sort has only one
+        # possible answer, the same tie rule, so it is just as reproducible.
+        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+        return mask.view(values.shape)
     threshold = kth_largest(flat, k)
     mask = flat > threshold
     need = k - int(mask.sum())

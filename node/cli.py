@@ -59,6 +59,8 @@ def merge(
     from hivemerge.merge.engine import run_merge
     from hivemerge.merge.recipe import load_recipe
     from hivemerge.merge.writer import parse_size
+    from hivemerge.node.store import ContentStore
+    from hivemerge.protocol.identity import default_home
 
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -66,18 +68,9 @@ def merge(
         raise UserInputError(f"--max-shard-size: {exc}") from None
     if threads:
         torch.set_num_threads(threads)
-    plan = load_recipe(recipe)  # validated whole before any weight is read
-    with Progress(
-        TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-        # Off when stderr is not a terminal: rich would still write a stray empty line
-        # there, and the error contract is exactly one `error:` line.
-        console=err, transient=True, disable=not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-
+    store = ContentStore(default_home(home))
+    plan = load_recipe(recipe, resolver=store.resolve)  # validated whole before any weight is read
+    with tensor_progress("merging") as progress:
         result = run_merge(plan, out, device=device, max_shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
     err.print(
         f"merged {result.tensors} tensors with {plan.method.name} on {result.device} "

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # paths in messages must not be wrapped
 out = Console()
 
 
@@ -18,6 +18,9 @@ def tensor_progress(verb: str) -> Iterator[Callable[[int, int, str], None]]:
     with Progress(
         TextColumn(f"[bold]{verb}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=err, transient=True,
+        # Off when stderr is not a terminal: rich would still write a stray empty line
+        # there, and the error contract is exactly one `error:` line.
+        disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task("", total=None)
 

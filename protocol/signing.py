@@ -35,6 +35,10 @@ def verify_signed(signed: dict, kind: str, expected_signer: str | None = None) -
         manifest = signed["manifest"]
         public_key = bytes.fromhex(signed["signer"])
         signature = bytes.fromhex(signed["signature"])
+        # Only the canonical (lowercase) hex: fromhex also takes upper case, which would let
+        # a changed file or record carry the same signature.
+        if public_key.hex() != signed["signer"] or signature.hex() != signed["signature"]:
+            raise ValueError("non-canonical hex")
     except (KeyError, TypeError, ValueError, AttributeError):
         raise SignatureError(f"malformed signed {kind}") from None
     if len(public_key) != 32 or not verify_signature(public_key, signing_message(kind, manifest), signature):

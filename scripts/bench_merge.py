@@ -16,7 +16,8 @@ What it does, in order:
    process alone:
      io_floor   read every tensor of the 4 models (safetensors get_tensor) and write an
                 fp16 output of the same layout with hivemerge's ShardedWriter; no math
-     hivemerge  `hivemerge merge recipe.yaml --out ... --device cpu`
+     hivemerge  load_recipe + run_merge(device="cpu") in a fresh process, as `hivemerge
+                merge recipe.yaml --out ... --device cpu` does (--cli: run that command)
      mergekit   `mergekit-yaml recipe.yaml OUT --lazy-unpickle` (0.1.5, own venv, CPU,
                 default --out-shard-size 5B parameters, i.e. one shard here)
      startup    (for reference) a process that only imports torch and hivemerge
@@ -44,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -168,7 +170,11 @@ def _save_tokenizer(directory: Path) -> None:
 
 
 def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
-    """Read every tensor of every input, write an fp16 output of the same layout; no math."""
+    """Read every tensor of every input, write an fp16 output of the same layout; no math.
+
+    Reads the way hivemerge does (safe_open per file, get_tensor per tensor), so like
+    hivemerge this process ends up with the inputs' touched pages mapped (its RSS counts
+    them as file-backed pages)."""
     import torch
     from safetensors import safe_open
 
@@ -186,7 +192,9 @@ def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
     out_dir.mkdir(parents=True)
     writer = ShardedWriter(out_dir, layout)
     for name in names:
-        tensors = [h.get_tensor(name) for h in handles]
+        # safetensors >= 0.6 returns tensors that are views of a private memory map:
+        # nothing is read until touched. clone() reads every byte into the process.
+        tensors = [h.get_tensor(name).clone() for h in handles]
         writer.write(name, tensors[0].to(torch.float16))
         del tensors
     writer.finish()
@@ -222,6 +230,19 @@ def child_compare(a_dir: Path, b_dir: Path, result_file: Path) -> None:
     result_file.write_text(json.dumps(out))
 
 
+def child_hivemerge(recipe: Path, out_dir: Path, threads: int) -> None:
+    """What `hivemerge merge RECIPE --out OUT --device cpu --threads N` does, minus the progress bar."""
+    import torch
+
+    from hivemerge.merge.engine import run_merge
+    from hivemerge.merge.recipe import load_recipe
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_merge(load_recipe(recipe), out_dir, device="cpu")
+    print(f"merged {result.tensors} tensors on {result.device} in {result.seconds:.2f}s (in-process)")
+
+
 def child_startup() -> None:
     import torch  # noqa: F401
 
@@ -234,8 +255,64 @@ def child_startup() -> None:
 
 
 class Run:
-    def __init__(self, label: str, seconds: float, peak_mib: float, rc: int, tail: str):
-        self.label, self.seconds, self.peak_mib, self.rc, self.tail = label, seconds, peak_mib, rc, tail
+    def __init__(self, label: str, seconds: float, cpu: float, peak_mib: float, rc: int, tail: str, load: float):
+        self.label, self.seconds, self.cpu, self.peak_mib, self.rc, self.tail = label, seconds, cpu, peak_mib, rc, tail
+        self.load = load  # 1-minute load average just before the run
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _rss_parts(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident KiB of pid and its descendants, now."""
+    anon = file = 0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        anon += int(line.split()[1])
+                    elif line.startswith("RssFile:"):
+                        file += int(line.split()[1])
+        except OSError:
+            pass
+    return anon, file
+
+
+class Sampler(threading.Thread):
+    """Polls the anonymous and file-backed RSS of a process tree every few ms: the
+    kernel keeps only the high-water mark of their sum (ru_maxrss), and the file-backed
+    part (memory-mapped inputs, clean page cache) is not memory a merge allocated."""
+
+    def __init__(self, pid: int, period: float = 0.01):
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.peak_anon = self.peak_file = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            anon, file = _rss_parts(self.pid)
+            self.peak_anon, self.peak_file = max(self.peak_anon, anon), max(self.peak_file, file)
+            self.done.wait(self.period)
 
 
 def measure(label: str, cmd: list[str], env: dict | None = None, log_file: Path | None = None) -> Run:
@@ -246,23 +323,35 @@ def measure(label: str, cmd: list[str], env: dict | None = None, log_file: Path 
         time_file = Path(tf.name)
     timer = shutil.which("time") or "/usr/bin/time"
     use_time = Path(timer).is_file() and os.access(timer, os.X_OK)
+    load = loadavg()
     started = time.perf_counter()
     if use_time:
-        proc = subprocess.run([timer, "-f", "%M", "-o", str(time_file), *cmd], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A small fork+exec'd /usr/bin/time reports its own child's rusage only.
+        proc = subprocess.Popen([timer, "-f", "%M %U %S", "-o", str(time_file), *cmd], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        output, _ = proc.communicate()
         seconds = time.perf_counter() - started
-        rc, output = proc.returncode, proc.stdout
+        sampler.done.set()
+        sampler.join()
+        rc = proc.returncode
         lines = [l for l in time_file.read_text().splitlines() if l.strip()]
         try:
-            peak_kib = int(lines[-1])
+            kib, user, system = lines[-1].split()
+            peak_kib, cpu = int(kib), float(user) + float(system)
         except (IndexError, ValueError):
-            peak_kib = -1
+            peak_kib, cpu = -1, -1.0
     else:  # no /usr/bin/time: wait4 on the child directly
         p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sampler = Sampler(p.pid)
+        sampler.start()
         output = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
         seconds = time.perf_counter() - started
+        sampler.done.set()
+        sampler.join()
         p.returncode = rc = os.waitstatus_to_exitcode(status)
-        peak_kib = usage.ru_maxrss
+        peak_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     time_file.unlink(missing_ok=True)
     if log_file is not None:
         log_file.write_text(output)
@@ -270,8 +359,12 @@ def measure(label: str, cmd: list[str], env: dict | None = None, log_file: Path 
     if rc != 0:
         log(f"{label}: FAILED (exit {rc}); last output:\n{tail}")
     else:
-        log(f"{label}: {seconds:.2f} s, peak RSS {peak_kib / 1024:.0f} MiB")
-    return Run(label, seconds, peak_kib / 1024, rc, tail)
+        log(f"{label}: {seconds:.2f} s wall, {cpu:.2f} s CPU, peak RSS {peak_kib / 1024:.0f} MiB "
+            f"(sampled peaks: anon {sampler.peak_anon / 1024:.0f} MiB, file-backed {sampler.peak_file / 1024:.0f} MiB; "
+            f"load before: {load:.2f})")
+    run = Run(label, seconds, cpu, peak_kib / 1024, rc, tail, load)
+    run.anon_mib, run.file_mib = sampler.peak_anon / 1024, sampler.peak_file / 1024
+    return run
 
 
 def ensure_models(models_dir: Path) -> None:
@@ -372,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             child_generate(Path(rest[0]))
         elif mode == "_io_floor":
             child_io_floor(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        elif mode == "_hivemerge":
+            child_hivemerge(Path(rest[0]), Path(rest[1]), int(rest[2]))
         elif mode == "_compare":
             child_compare(Path(rest[0]), Path(rest[1]), Path(rest[2]))
         elif mode == "_startup":
@@ -402,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads for every run (hivemerge --threads, mergekit --num-threads, torch in the I/O floor); "
                              "0 leaves each tool's default (all cores).")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="Runs of each tool, interleaved; the table shows the median wall time and the max peak RSS.")
+                        help="Runs of each tool, interleaved; the table shows the fastest run's wall and CPU time, the median wall "
+                             "time and the max peak RSS (the fastest run is the one least disturbed by other load).")
+    parser.add_argument("--cli", action="store_true",
+                        help="Run hivemerge through its command line (`python -m hivemerge merge ...`) instead of "
+                             "calling hivemerge.merge.engine.run_merge in a fresh process (same work, no progress bar).")
     parser.add_argument("--keep", action="store_true",
                         help="Keep the merged outputs under WORKDIR/out (by default they are deleted; the cached models stay).")
     args = parser.parse_args(argv)
@@ -427,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
 
     warm_cache(models_dir)
     threads = args.threads
-    hivemerge_cmd = [sys.executable, "-m", "hivemerge", "merge", str(recipe), "--device", "cpu", "--threads", str(threads)]
+    if args.cli:
+        def hivemerge_cmd(out: Path) -> list[str]:
+            return [sys.executable, "-m", "hivemerge", "merge", str(recipe), "--device", "cpu", "--threads", str(threads), "--out", str(out)]
+    else:
+        def hivemerge_cmd(out: Path) -> list[str]:
+            return [sys.executable, str(SCRIPT), "_hivemerge", str(recipe), str(out), str(threads)]
     runs: dict[str, list[Run]] = {"startup": [], "io_floor": [], "hivemerge": [], "mergekit": []}
     for r in range(args.repeat):
         tag = f" (run {r + 1}/{args.repeat})" if args.repeat > 1 else ""
@@ -438,9 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         out = out_root / f"io_floor{suffix}"
         runs["io_floor"].append(measure("io_floor", [sys.executable, str(SCRIPT), "_io_floor", str(models_dir), str(out), str(threads)],
                                         log_file=logs / f"io_floor{suffix}.log"))
-        log(f"hivemerge{tag}: hivemerge merge --device cpu")
+        log(f"hivemerge{tag}: " + ("hivemerge merge --device cpu" if args.cli else "run_merge(load_recipe(...), device='cpu')"))
         out = out_root / f"hivemerge{suffix}"
-        runs["hivemerge"].append(measure("hivemerge", [*hivemerge_cmd, "--out", str(out)], log_file=logs / f"hivemerge{suffix}.log"))
+        runs["hivemerge"].append(measure("hivemerge", hivemerge_cmd(out), log_file=logs / f"hivemerge{suffix}.log"))
         if mergekit_exe:
             log(f"mergekit{tag}: mergekit-yaml --lazy-unpickle (CPU)")
             out = out_root / f"mergekit{suffix}"
@@ -463,10 +567,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ report
     def summary(label: str):
+        """(wall, cpu) of the fastest run -- the least disturbed by other load -- and the max peak RSS."""
         rs = [r for r in runs[label] if r.rc == 0]
         if not rs:
             return None
-        return statistics.median(r.seconds for r in rs), max(r.peak_mib for r in rs)
+        best = min(rs, key=lambda r: r.seconds)
+        return (best.seconds, max(r.peak_mib for r in rs), best.cpu, statistics.median(r.seconds for r in rs),
+                max(r.anon_mib for r in rs), max(r.file_mib for r in rs))
 
     n_params = sum(_numel(s) for s in _shapes_from_header(models_dir / "base" / "model.safetensors").values())
     in_gib = sum(dir_bytes(models_dir / m) for m in MODEL_NAMES) / 2**30
@@ -477,25 +584,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inputs {in_gib:.2f} GiB read, output {dir_bytes(out_root / f'hivemerge{last}') / 2**30 if (out_root / f'hivemerge{last}').exists() else 0:.2f} GiB written; "
           f"CPU, {os.cpu_count()} cores, threads={threads or 'default'}; python {sys.version.split()[0]}")
     print("page cache: not dropped (needs root); one warm-up read of all inputs before the runs, so every run reads from cache")
-    print(f"wall = whole process incl. interpreter start and imports; peak RSS = max resident set of that process; "
-          f"{args.repeat} run(s) each{' (median wall, max RSS)' if args.repeat > 1 else ''}")
+    print("wall = whole process incl. interpreter start and imports; CPU = user+sys seconds of that process;")
+    print("peak = its max resident set (ru_maxrss, what the goal is about); anon / file = sampled (10 ms) peaks of its")
+    print("  anonymous memory and of its file-backed pages (memory-mapped inputs: clean page cache, counted in RSS)")
+    if args.repeat > 1:
+        print(f"{args.repeat} interleaved runs each: wall and CPU of the fastest run (least disturbed), median wall, max peak RSS")
     print("-" * 78)
-    print(f"{'run':12} {'wall s':>9} {'peak RSS MiB':>13}  note")
+    print(f"{'run':10} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9} {'anon':>6} {'file':>6} {'load':>5}  note")
     notes = {
         "startup": "python + import torch, hivemerge; nothing else",
         "io_floor": "get_tensor x4 models + ShardedWriter, no math",
-        "hivemerge": "hivemerge merge --device cpu",
+        "hivemerge": "hivemerge merge --device cpu" if args.cli else "engine.run_merge(device='cpu'), fresh process",
         "mergekit": f"mergekit-yaml {MERGEKIT_VERSION} --lazy-unpickle, cpu",
     }
     for label in ("startup", "io_floor", "hivemerge", "mergekit"):
         if label == "mergekit" and not mergekit_exe:
-            print(f"{label:12} {'-':>9} {'-':>13}  not run (pass --with-mergekit)")
+            print(f"{label:10} {'-':>8} {'-':>8} {'-':>9} {'-':>6} {'-':>6} {'-':>5}  not run (pass --with-mergekit)")
             continue
         s = summary(label)
         if s is None:
-            print(f"{label:12} {'FAILED':>9} {'-':>13}  see {logs}")
-        else:
-            print(f"{label:12} {s[0]:9.2f} {s[1]:13.0f}  {notes[label]}")
+            print(f"{label:10} {'FAILED':>8} {'-':>8} {'-':>9} {'-':>6} {'-':>6} {'-':>5}  see {logs}")
+            continue
+        load = max(r.load for r in runs[label])
+        med = f"; median wall {s[3]:.2f}" if args.repeat > 1 else ""
+        print(f"{label:10} {s[0]:8.2f} {s[2]:8.2f} {s[1]:9.0f} {s[4]:6.0f} {s[5]:6.0f} {load:5.2f}  {notes[label]}{med}")
     print("-" * 78)
     hm, io, mk = summary("hivemerge"), summary("io_floor"), summary("mergekit")
 
@@ -504,14 +616,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if hm and io:
         r = hm[0] / io[0]
-        print(f"hivemerge / io_floor   wall: {r:6.2f}x   (goal <= 4x)     {verdict(r <= 4)}")
+        print(f"hivemerge / io_floor   wall: {r:6.2f}x   (goal <= 4x)     {verdict(r <= 4):6}  CPU: {hm[2] / io[2]:6.2f}x")
     if hm and mk:
         r = hm[0] / mk[0]
-        print(f"hivemerge / mergekit   wall: {r:6.2f}x   (goal <= 0.25x)  {verdict(r <= 0.25)}")
+        print(f"hivemerge / mergekit   wall: {r:6.2f}x   (goal <= 0.25x)  {verdict(r <= 0.25):6}  CPU: {hm[2] / mk[2]:6.2f}x")
         r = hm[1] / mk[1]
-        print(f"hivemerge / mergekit   peak: {r:6.2f}x   (goal <= 0.5x)   {verdict(r <= 0.5)}")
+        print(f"hivemerge / mergekit   peak: {r:6.2f}x   (goal <= 0.5x)   {verdict(r <= 0.5):6}  anon: {hm[4] / max(mk[4], 1e-9):6.2f}x")
     elif mergekit_exe:
         print("mergekit ratios: unavailable (a run failed)")
+    loads = [r.load for rs in runs.values() for r in rs]
+    if loads and max(loads) > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: 1-minute load average was up to {max(loads):.2f} on {os.cpu_count()} cores before a run: other "
+              "processes competed for the CPU and wall times are inflated (multi-threaded runs most); compare CPU seconds, "
+              "or use --repeat / --threads 1")
     if diff_lines:
         print("-" * 78)
         print("hivemerge output vs mergekit output (fp32 |hivemerge - mergekit|):")

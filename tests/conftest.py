@@ -113,3 +113,76 @@ def llama4(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llama4")
     base = make_llama(root / "base", seed=7, layers=4)
     return {"base": base, "expert": make_llama(root / "expert", seed=8, base=base, scale=0.05, layers=4)}
+
+
+FAMILY_RECIPES = {
+    "ties": lambda f: {
+        "merge_method": "ties",
+        "base_model": str(f["base"]),
+        "models": [
+            {"model": str(f["base"])},
+            {"model": str(f["math"]), "parameters": {"weight": 1.0, "density": [0.3, 0.7]}},
+            {"model": str(f["code"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.5}], "density": 0.5}},
+            {"model": str(f["logic"]), "parameters": {"weight": 0.7, "density": {"per_layer": [0.4, 0.6], "default": 0.5}}},
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    },
+    "dare_ties": lambda f: {
+        "merge_method": "dare_ties",
+        "base_model": str(f["base"]),
+        "seed": 3,
+        "models": [
+            {"model": str(f["math"]), "parameters": {"weight": 1.0, "density": 0.6}},
+            {"model": str(f["code"]), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(f["logic"]), "parameters": {"weight": 0.9, "density": 0.45}},
+        ],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    },
+    "slerp": lambda f: {
+        "merge_method": "slerp",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f["base"])}, {"model": str(f["math"])}],
+        "parameters": {"t": [0.1, 0.6, 0.3]},
+        "dtype": "float32",
+    },
+    "model_stock": lambda f: {
+        "merge_method": "model_stock",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f["math"])}, {"model": str(f["code"])}, {"model": str(f["logic"])}],
+        "dtype": "float32",
+        "out_dtype": "float16",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def family_merges(tiny_family, tmp_path_factory) -> dict:
+    """The tiny family merged by the CLI, each run a process of its own: every method of
+    FAMILY_RECIPES with --threads 1 and --threads 2 and ties once more into small shards
+    (forked from one interpreter that imported the CLI: delta_fixtures.CliRunner), and
+    ties with --threads 1 and 2 as fresh ``python -m hivemerge`` processes.
+    Returns {(method, variant): (recipe path, out dir, result with returncode/stdout/stderr)}."""
+    from delta_fixtures import shared_runner
+
+    root = tmp_path_factory.mktemp("family-merges")
+    recipes = {m: write_recipe(root / f"{m}.yaml", make(tiny_family)) for m, make in FAMILY_RECIPES.items()}
+    argvs, outs = {}, {}
+    for method, recipe in recipes.items():
+        for threads in (1, 2):
+            key = (method, f"threads{threads}")
+            outs[key] = root / f"{method}-t{threads}"
+            argvs[key] = ["merge", recipe, "--out", outs[key], "--device", "cpu", "--threads", str(threads)]
+    key = ("ties", "sharded")
+    outs[key] = root / "ties-sharded"
+    argvs[key] = ["merge", recipes["ties"], "--out", outs[key], "--max-shard-size", "30KB"]
+    fresh = {}
+    for threads in (1, 2):
+        key = ("ties", f"fresh{threads}")
+        outs[key] = root / f"ties-fresh-t{threads}"
+        fresh[key] = ["merge", recipes["ties"], "--out", outs[key], "--device", "cpu", "--threads", str(threads)]
+    runner = shared_runner(tmp_path_factory)
+    results = {key: runner(*argv) for key, argv in argvs.items()}
+    results.update(run_cli_many(fresh))
+    return {key: (recipes[key[0]], outs[key], results[key]) for key in results}

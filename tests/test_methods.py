@@ -1,0 +1,497 @@
+"""Every merge method on tiny tensors, against values worked out by hand in the test.
+
+The inputs are model directories holding one 1-D tensor ``w`` (or a 2-D ``m``), merged
+through the real path: recipe validation, the streaming engine, safetensors output.
+Dyadic inputs (multiples of 1/8) make most results exact in float32; the others are
+compared with tolerances far below the differences a wrong coefficient would make.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import merge_doc, write_tensors
+
+from hivemerge.merge import rng
+
+F32 = {"dtype": "float32", "out_dtype": "float32"}
+
+
+def vec(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def models(tmp_path, **vectors) -> dict[str, str]:
+    """One model directory per keyword, each holding tensor ``w``; returns their paths."""
+    return {name: str(write_tensors(tmp_path / name, {"w": vec(v)})) for name, v in vectors.items()}
+
+
+def merged_w(tmp_path, document: dict) -> list[float]:
+    out = merge_doc({**F32, **document}, tmp_path / "out")
+    assert out["w"].dtype == torch.float32
+    return out["w"].tolist()
+
+
+def close(got, want, rel=1e-6, abs_=1e-6) -> bool:
+    return len(got) == len(want) and all(math.isclose(g, w, rel_tol=rel, abs_tol=abs_) for g, w in zip(got, want))
+
+
+# -- linear -----------------------------------------------------------------------
+
+A = [1.0, 2.0, 3.0, 4.0]
+B = [5.0, -2.0, 0.5, 8.0]
+
+
+def test_linear_normalized(tmp_path):
+    p = models(tmp_path, a=A, b=B)
+    got = merged_w(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": p["a"], "parameters": {"weight": 1.0}}, {"model": p["b"], "parameters": {"weight": 3.0}}],
+    })
+    # (1*a + 3*b) / (1 + 3) = [1+15, 2-6, 3+1.5, 4+24] / 4
+    assert got == [16 / 4, -4 / 4, 4.5 / 4, 28 / 4] == [4.0, -1.0, 1.125, 7.0]
+
+
+def test_linear_not_normalized(tmp_path):
+    p = models(tmp_path, a=A, b=B)
+    got = merged_w(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": p["a"], "parameters": {"weight": 1.0}}, {"model": p["b"], "parameters": {"weight": 3.0}}],
+        "parameters": {"normalize": False},
+    })
+    assert got == [16.0, -4.0, 4.5, 28.0]
+
+
+def test_linear_inexact_weights(tmp_path):
+    p = models(tmp_path, a=A, b=B)
+    got = merged_w(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": p["a"], "parameters": {"weight": 0.2}}, {"model": p["b"], "parameters": {"weight": 0.5}}],
+    })
+    want = [(0.2 * a + 0.5 * b) / 0.7 for a, b in zip(A, B)]
+    assert close(got, want)
+    assert not close(got, [0.2 * a + 0.5 * b for a, b in zip(A, B)])
+
+
+# -- task arithmetic ---------------------------------------------------------------
+
+
+def test_task_arithmetic_with_lambda(tmp_path):
+    base = [1.0, 1.0, 1.0, 1.0]
+    m1 = [2.0, 0.0, 1.0, 3.0]  # delta [1, -1, 0, 2]
+    m2 = [1.0, 3.0, -1.0, 1.0]  # delta [0, 2, -2, 0]
+    p = models(tmp_path, base=base, m1=m1, m2=m2)
+    got = merged_w(tmp_path, {
+        "merge_method": "task_arithmetic",
+        "base_model": p["base"],
+        "models": [
+            {"model": p["base"]},  # the base among the models adds no task vector and needs no weight
+            {"model": p["m1"], "parameters": {"weight": 0.5}},
+            {"model": p["m2"], "parameters": {"weight": 1.0}},
+        ],
+        "parameters": {"lambda": 2.0},
+    })
+    # 0.5*d1 + 1*d2 = [0.5, 1.5, -2, 1]; * lambda 2 = [1, 3, -4, 2]; + base
+    assert got == [2.0, 4.0, -3.0, 3.0]
+
+
+def test_task_arithmetic_normalize(tmp_path):
+    p = models(tmp_path, base=[0.0, 0.0], m1=[1.0, 2.0], m2=[3.0, -2.0])
+    got = merged_w(tmp_path, {
+        "merge_method": "task_arithmetic",
+        "base_model": p["base"],
+        "models": [{"model": p["m1"], "parameters": {"weight": 1.0}}, {"model": p["m2"], "parameters": {"weight": 3.0}}],
+        "parameters": {"normalize": True},
+    })
+    # (1*[1,2] + 3*[3,-2]) / 4 = [10, -4] / 4
+    assert got == [2.5, -1.0]
+
+
+# -- TIES --------------------------------------------------------------------------
+
+TB = [1.0, -1.0, 0.5, 2.0, 0.0, 1.0, -0.5, 3.0]
+D1 = [3.0, -1.0, 2.0, -4.0, 0.5, 1.5, -2.5, 0.25]
+D2 = [-2.0, 1.0, -4.0, 1.0, 4.0, -0.5, 1.0, 2.0]
+
+
+def ties_models(tmp_path):
+    return models(tmp_path, base=TB, m1=[b + d for b, d in zip(TB, D1)], m2=[b + d for b, d in zip(TB, D2)])
+
+
+def ties_doc(p, **global_params):
+    return {
+        "merge_method": "ties",
+        "base_model": p["base"],
+        "models": [
+            {"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": p["m2"], "parameters": {"weight": 0.5, "density": 0.375}},
+        ],
+        "parameters": global_params,
+    }
+
+
+# Worked by hand:
+#   m1: k = int(0.5 * 8) = 4; |D1| ranks: 4 (i3), 3 (i0), 2.5 (i6), 2 (i2)
+#       trimmed t1 = [3, 0, 2, -4, 0, 0, -2.5, 0]
+#   m2: k = int(0.375 * 8) = 3; |D2| = [2, 1, 4, 1, 4, .5, 1, 2]: 4 (i2), 4 (i4), then the
+#       tie of 2s at i0 and i7 goes to the lower index i0: t2 = [-2, 0, -4, 0, 4, 0, 0, 0]
+#   weighted: w1*t1 = t1; w2*t2 = [-1, 0, -2, 0, 2, 0, 0, 0]
+#   sum = [2, 0, 0, -4, 2, 0, -2.5, 0] -> elected sign (>= 0 is +): [+, +, +, -, +, +, -, +]
+#   agreeing: i0 m1 (3); i2 m1 (2; the sum is 0, so + wins over m2's -2); i3 m1 (-4);
+#             i4 m2 (2); i6 m1 (-2.5)
+#   sum of agreeing = [3, 0, 2, -4, 2, 0, -2.5, 0]
+#   divisor (agreeing weights, 0 -> 1) = [1, 1, 1, 1, 0.5, 1, 1, 1]
+TIES_MIXED = [3.0, 0.0, 2.0, -4.0, 2.0, 0.0, -2.5, 0.0]
+TIES_DIVISOR = [1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_ties_normalized(tmp_path):
+    got = merged_w(tmp_path, ties_doc(ties_models(tmp_path)))
+    want = [b + m / d for b, m, d in zip(TB, TIES_MIXED, TIES_DIVISOR)]
+    assert want == [4.0, -1.0, 2.5, -2.0, 4.0, 1.0, -3.0, 3.0]
+    assert got == want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_ties_in_other_compute_dtypes(tmp_path, dtype):
+    """Every input and intermediate value above is exact in these dtypes too."""
+    got = merged_w(tmp_path, {**ties_doc(ties_models(tmp_path)), "dtype": dtype, "out_dtype": "float32"})
+    assert got == [4.0, -1.0, 2.5, -2.0, 4.0, 1.0, -3.0, 3.0]
+
+
+def test_ties_not_normalized(tmp_path):
+    got = merged_w(tmp_path, ties_doc(ties_models(tmp_path), normalize=False))
+    assert got == [b + m for b, m in zip(TB, TIES_MIXED)] == [4.0, -1.0, 2.5, -2.0, 2.0, 1.0, -3.0, 3.0]
+
+
+def test_ties_lambda(tmp_path):
+    got = merged_w(tmp_path, ties_doc(ties_models(tmp_path), **{"lambda": 0.5}))
+    assert got == [b + 0.5 * m / d for b, m, d in zip(TB, TIES_MIXED, TIES_DIVISOR)]
+    assert got == [2.5, -1.0, 1.5, 0.0, 2.0, 1.0, -1.75, 3.0]
+
+
+def _reference_ties(base, deltas, weights, densities, normalize):
+    """TIES in plain Python: sort-based top-k (ties to the lower index), sign election, disjoint mean."""
+    n = len(base)
+    weighted = []
+    for d, w, density in zip(deltas, weights, densities):
+        k = int(density * n)
+        order = sorted(range(n), key=lambda i: (-abs(d[i]), i))
+        keep = set(order[:k])
+        weighted.append([d[i] * w if i in keep else 0.0 for i in range(n)])
+    out = []
+    for i in range(n):
+        total = sum(wd[i] for wd in weighted)
+        sign = 1.0 if total >= 0 else -1.0
+        agree = [(wd[i], w) for wd, w in zip(weighted, weights) if wd[i] != 0 and math.copysign(1.0, wd[i]) == sign]
+        mixed = sum(v for v, _ in agree)
+        divisor = sum(w for _, w in agree) or 1.0
+        out.append(base[i] + (mixed / divisor if normalize else mixed))
+    return out
+
+
+@pytest.mark.parametrize("normalize,dtype", [(True, "float32"), (False, "float32"), (True, "float64")])
+def test_ties_against_plain_python_with_many_ties(tmp_path, normalize, dtype):
+    g = torch.Generator().manual_seed(3)
+    n = 64
+    base = (torch.randint(-8, 9, (n,), generator=g) / 8).tolist()
+    deltas = [torch.randint(-3, 4, (n,), generator=g).float().tolist() for _ in range(3)]
+    weights, densities = [1.0, 0.5, 2.0], [0.3, 0.55, 0.8]
+    p = models(tmp_path, base=base, **{f"m{j}": [b + d for b, d in zip(base, deltas[j])] for j in range(3)})
+    got = merged_w(tmp_path, {
+        "merge_method": "ties",
+        "base_model": p["base"],
+        "models": [
+            {"model": p[f"m{j}"], "parameters": {"weight": weights[j], "density": densities[j]}} for j in range(3)
+        ],
+        "parameters": {"normalize": normalize},
+        "dtype": dtype,
+    })
+    assert close(got, _reference_ties(base, deltas, weights, densities, normalize), rel=1e-6, abs_=1e-6)
+
+
+# -- DARE --------------------------------------------------------------------------
+
+DB = [0.5, -0.5, 1.0, 0.0, 2.0, -1.0, 0.25, 1.5]
+E1 = [1.0, -2.0, 0.5, 3.0, -1.5, 2.0, 4.0, -0.25]
+E2 = [-3.0, 1.0, 2.5, -0.5, 1.0, -2.0, 0.75, 2.0]
+
+
+def dare_doc(p, method, seed, **global_params):
+    return {
+        "merge_method": method,
+        "base_model": p["base"],
+        "seed": seed,
+        "models": [
+            {"model": p["base"]},  # index 0 in `models`: the experts are indices 1 and 2
+            {"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": p["m2"], "parameters": {"weight": 0.75, "density": 0.25}},
+        ],
+        "parameters": global_params,
+    }
+
+
+def dare_masks(seed, indices=(1, 2), densities=(0.5, 0.25)):
+    masks = [rng.bernoulli_mask(rng.stream_key(seed, "w", i), 8, d).tolist() for i, d in zip(indices, densities)]
+    for m in masks:  # the test means something only if entries are both kept and dropped
+        assert 0 < sum(m) < 8
+    return masks
+
+
+def dare_models(tmp_path):
+    return models(tmp_path, base=DB, m1=[b + d for b, d in zip(DB, E1)], m2=[b + d for b, d in zip(DB, E2)])
+
+
+SEED = 4
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_linear(tmp_path, rescale):
+    got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_linear", SEED, rescale=rescale))
+    k1, k2 = dare_masks(SEED)
+    s1, s2 = (1 / 0.5, 1 / 0.25) if rescale else (1.0, 1.0)
+    want = [
+        b + 1.0 * (d1 * s1 if keep1 else 0.0) + 0.75 * (d2 * s2 if keep2 else 0.0)
+        for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2)
+    ]
+    assert got == want  # every step is exact on these dyadic values
+    # The masks are keyed by the position in `models`: other positions give other results.
+    w1, w2 = dare_masks(SEED, indices=(0, 1))
+    assert got != [b + (d1 * s1 if a else 0.0) + 0.75 * (d2 * s2 if c else 0.0) for b, d1, d2, a, c in zip(DB, E1, E2, w1, w2)]
+
+
+def test_dare_linear_normalize(tmp_path):
+    got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_linear", SEED, normalize=True))
+    k1, k2 = dare_masks(SEED)
+    want = [
+        b + ((d1 / 0.5 if keep1 else 0.0) + 0.75 * (d2 / 0.25 if keep2 else 0.0)) / 1.75
+        for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2)
+    ]
+    assert close(got, want)
+
+
+def test_dare_linear_model_index_without_base_listed(tmp_path):
+    p = dare_models(tmp_path)
+    doc = dare_doc(p, "dare_linear", SEED)
+    doc["models"] = doc["models"][1:]  # now the experts are indices 0 and 1
+    got = merged_w(tmp_path, doc)
+    k1, k2 = dare_masks(SEED, indices=(0, 1))
+    want = [b + (d1 / 0.5 if a else 0.0) + 0.75 * (d2 / 0.25 if c else 0.0) for b, d1, d2, a, c in zip(DB, E1, E2, k1, k2)]
+    assert got == want
+
+
+@pytest.mark.parametrize("seed", [SEED, 11])
+def test_dare_ties(tmp_path, seed):
+    got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_ties", seed))
+    k1, k2 = dare_masks(seed)
+    want = []
+    for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2):
+        v1 = 1.0 * (d1 / 0.5 if keep1 else 0.0)  # weight * rescaled kept delta
+        v2 = 0.75 * (d2 / 0.25 if keep2 else 0.0)
+        sign = 1.0 if v1 + v2 >= 0 else -1.0
+        mixed = sum(v for v in (v1, v2) if v != 0 and math.copysign(1.0, v) == sign)
+        want.append(b + mixed)  # dare_ties does not normalize by default
+    assert got == want
+
+
+def test_dare_ties_normalized(tmp_path):
+    got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_ties", SEED, normalize=True, rescale=False))
+    k1, k2 = dare_masks(SEED)
+    want = []
+    for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2):
+        terms = [(1.0 * d1 if keep1 else 0.0, 1.0), (0.75 * d2 if keep2 else 0.0, 0.75)]
+        sign = 1.0 if terms[0][0] + terms[1][0] >= 0 else -1.0
+        agree = [(v, w) for v, w in terms if v != 0 and math.copysign(1.0, v) == sign]
+        divisor = sum(w for _, w in agree) or 1.0
+        want.append(b + sum(v for v, _ in agree) / divisor)
+    assert close(got, want)
+
+
+# -- breadcrumbs -------------------------------------------------------------------
+
+# m1: gamma 0.125 -> drop int(1) largest; density 0.5 -> keep the next int(4).
+#     |D1| ranks: 4 (i3) dropped; keep 3 (i0), 2.5 (i6), 2 (i2), 1.5 (i5)
+BC1 = [3.0, 0.0, 2.0, 0.0, 0.0, 1.5, -2.5, 0.0]
+# m2: gamma 0.25 -> drop 2; density 0.25 -> keep 2. |D2| = [2, 1, 4, 1, 4, .5, 1, 2]:
+#     drop 4 (i2), 4 (i4); keep 2 (i0), 2 (i7)
+BC2 = [-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+
+
+def breadcrumbs_doc(p, method):
+    return {
+        "merge_method": method,
+        "base_model": p["base"],
+        "models": [
+            {"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.125}},
+            {"model": p["m2"], "parameters": {"weight": 0.5, "density": 0.25, "gamma": 0.25}},
+        ],
+    }
+
+
+def test_breadcrumbs(tmp_path):
+    got = merged_w(tmp_path, breadcrumbs_doc(ties_models(tmp_path), "breadcrumbs"))
+    assert got == [b + x + 0.5 * y for b, x, y in zip(TB, BC1, BC2)]
+    assert got == [3.0, -1.0, 2.5, 2.0, 0.0, 2.5, -3.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_breadcrumbs_in_other_compute_dtypes(tmp_path, dtype):
+    got = merged_w(tmp_path, {**breadcrumbs_doc(ties_models(tmp_path), "breadcrumbs"), "dtype": dtype, "out_dtype": "float32"})
+    assert got == [3.0, -1.0, 2.5, 2.0, 0.0, 2.5, -3.0, 4.0]
+
+
+def test_breadcrumbs_ties(tmp_path):
+    got = merged_w(tmp_path, breadcrumbs_doc(ties_models(tmp_path), "breadcrumbs_ties"))
+    # weighted: [3,0,2,0,0,1.5,-2.5,0] and [-1,0,0,0,0,0,0,1]; sum [2,0,2,0,0,1.5,-2.5,1]
+    # elected + except i6; at i0 m2's -1 disagrees and is dropped. No normalization by default.
+    assert got == [b + m for b, m in zip(TB, [3.0, 0.0, 2.0, 0.0, 0.0, 1.5, -2.5, 1.0])]
+
+
+def test_breadcrumbs_fewer_dropped_to_meet_density(tmp_path):
+    p = ties_models(tmp_path)
+    got = merged_w(tmp_path, {
+        "merge_method": "breadcrumbs",
+        "base_model": p["base"],
+        "models": [{"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.875, "gamma": 0.25}}],
+    })
+    # keep int(0.875*8) = 7; dropping int(0.25*8) = 2 would leave 6, so only the largest (i3) goes
+    assert got == [b + d for b, d in zip(TB, [3.0, -1.0, 2.0, 0.0, 0.5, 1.5, -2.5, 0.25])]
+
+
+# -- SLERP -------------------------------------------------------------------------
+
+
+def slerp_expected(a, b, t):
+    dot = sum(x * y for x, y in zip(a, b))
+    cos = dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+    theta = math.acos(cos)
+    s0 = math.sin((1 - t) * theta) / math.sin(theta)
+    s1 = math.sin(t * theta) / math.sin(theta)
+    return [s0 * x + s1 * y for x, y in zip(a, b)], cos
+
+
+def slerp_merge(tmp_path, a, b, t):
+    p = models(tmp_path, base=a, other=b)
+    return merged_w(tmp_path, {"merge_method": "slerp", "base_model": p["base"], "models": [{"model": p["other"]}], "parameters": {"t": t}})
+
+
+def test_slerp(tmp_path):
+    a, b, t = [1.0, 2.0, -1.0, 0.5], [0.5, -1.0, 2.0, 3.0], 0.3
+    want, cos = slerp_expected(a, b, t)
+    got = slerp_merge(tmp_path, a, b, t)
+    assert abs(cos) < 0.9995
+    assert close(got, want, rel=1e-6, abs_=1e-6)
+    assert not close(got, [(1 - t) * x + t * y for x, y in zip(a, b)], rel=1e-3, abs_=1e-3)
+
+
+def test_slerp_near_threshold_still_spherical(tmp_path):
+    a = [1.0, 2.0, -1.0, 0.5]
+    b = [3.0 * x for x in a]
+    b[0] += 0.5  # cos about 0.9982: under the threshold
+    want, cos = slerp_expected(a, b, 0.7)
+    assert 0.998 < cos < 0.9995
+    got = slerp_merge(tmp_path, a, b, 0.7)
+    assert close(got, want, rel=1e-6, abs_=1e-6)
+    assert not close(got, [0.3 * x + 0.7 * y for x, y in zip(a, b)], rel=1e-5, abs_=1e-5)
+
+
+def test_slerp_just_over_threshold_is_linear(tmp_path):
+    a = [1.0, 2.0, -1.0, 0.5]
+    b = [3.0 * x for x in a]
+    b[0] += 0.1  # cos about 0.99993: over the threshold
+    spherical, cos = slerp_expected(a, b, 0.7)
+    assert 0.9995 < cos < 1
+    got = slerp_merge(tmp_path, a, b, 0.7)
+    linear = [(1 - 0.7) * x + 0.7 * y for x, y in zip(a, b)]
+    assert close(got, linear, rel=1e-6, abs_=1e-6)
+    assert not close(got, spherical, rel=1e-6, abs_=1e-6)
+
+
+@pytest.mark.parametrize("factor", [2.0, -1.0, 1.0])
+def test_slerp_colinear_falls_back_to_lerp(tmp_path, factor):
+    a, t = [1.0, 2.0, -1.0, 0.5], 0.25
+    b = [factor * x for x in a]  # |cos| = 1 > 0.9995: the spherical formula would be 0/0
+    got = slerp_merge(tmp_path, a, b, t)
+    assert got == [(1 - t) * x + t * y for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_slerp_endpoints(tmp_path, t):
+    a, b = [1.0, 2.0, -1.0, 0.5], [0.5, -1.0, 2.0, 3.0]
+    assert close(slerp_merge(tmp_path, a, b, t), a if t == 0 else b, rel=1e-6, abs_=1e-6)
+
+
+# -- Model Stock -------------------------------------------------------------------
+
+
+def model_stock_expected(base, tuned):
+    n = len(tuned)
+    offsets = [[x - b for x, b in zip(m, base)] for m in tuned]
+    norm = [math.sqrt(sum(x * x for x in o)) for o in offsets]
+    cosines = [
+        sum(x * y for x, y in zip(offsets[i], offsets[j])) / (norm[i] * norm[j])
+        for i in range(n) for j in range(i + 1, n)
+    ]
+    cos = sum(cosines) / len(cosines)
+    t = n * cos / (1 + (n - 1) * cos)
+    average = [sum(col) / n for col in zip(*tuned)]
+    return [t * w + (1 - t) * b for w, b in zip(average, base)], t
+
+
+def test_model_stock(tmp_path):
+    base = [0.5, -1.0, 2.0, 0.0, 1.0, -0.5]
+    offsets = [[1.0, 0.5, -0.5, 1.0, 0.0, 0.25], [0.5, 1.0, 0.0, 0.5, -0.5, 0.25], [1.0, 0.0, -1.0, 0.5, 0.5, 0.0]]
+    tuned = [[b + o for b, o in zip(base, off)] for off in offsets]
+    p = models(tmp_path, base=base, m0=tuned[0], m1=tuned[1], m2=tuned[2])
+    got = merged_w(tmp_path, {
+        "merge_method": "model_stock",
+        "base_model": p["base"],
+        "models": [{"model": p["base"]}, {"model": p["m0"]}, {"model": p["m1"]}, {"model": p["m2"]}],
+    })
+    want, t = model_stock_expected(base, tuned)
+    assert 0.1 < t < 0.99  # neither endpoint: the ratio matters
+    assert close(got, want, rel=1e-6, abs_=1e-6)
+
+
+def test_model_stock_filter_wise(tmp_path):
+    base = [[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]]
+    o1 = [[1.0, 0.5, -0.5], [1.0, 0.0, 0.25]]
+    o2 = [[0.5, 1.0, 0.0], [-0.5, 0.75, 0.25]]
+    tuned = [[[b + o for b, o in zip(br, orow)] for br, orow in zip(base, off)] for off in (o1, o2)]
+    dirs = {
+        name: str(write_tensors(tmp_path / name, {"m": torch.tensor(v, dtype=torch.float32)}))
+        for name, v in (("base", base), ("m0", tuned[0]), ("m1", tuned[1]))
+    }
+    doc = {
+        **F32,
+        "merge_method": "model_stock",
+        "base_model": dirs["base"],
+        "models": [{"model": dirs["m0"]}, {"model": dirs["m1"]}],
+        "parameters": {"filter_wise": True},
+    }
+    got = merge_doc(doc, tmp_path / "out")["m"].tolist()
+    ratios = []
+    for r in range(2):  # one ratio per row
+        want, t = model_stock_expected(base[r], [tuned[0][r], tuned[1][r]])
+        ratios.append(t)
+        assert close(got[r], want, rel=1e-6, abs_=1e-6)
+    assert abs(ratios[0] - ratios[1]) > 0.1
+    whole = merge_doc({**doc, "parameters": {"filter_wise": False}}, tmp_path / "out2")["m"].tolist()
+    want_whole, _ = model_stock_expected(sum(base, []), [sum(tuned[0], []), sum(tuned[1], [])])
+    assert close(sum(whole, []), want_whole, rel=1e-6, abs_=1e-6)
+
+
+# -- dtypes ------------------------------------------------------------------------
+
+
+def test_out_dtype_is_applied_after_float32_math(tmp_path):
+    p = models(tmp_path, a=[1.0, 2.0, 3.0], b=[2.0, 2.0, 2.0 + 2**-12])
+    out = merge_doc({
+        "merge_method": "linear", "dtype": "float32", "out_dtype": "float16",
+        "models": [{"model": p["a"], "parameters": {"weight": 1.0}}, {"model": p["b"], "parameters": {"weight": 1.0}}],
+    }, tmp_path / "out")
+    assert out["w"].dtype == torch.float16
+    # (3 + (2 + 2**-12)) / 2 = 2.5 + 2**-13 in float32; float16's step at 2.5 is 2**-9
+    assert out["w"].tolist() == [1.5, 2.0, 2.5]

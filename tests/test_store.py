@@ -1,0 +1,189 @@
+"""Content addressing (canonical JSON, model manifests and their ids) and the node's content store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from delta_fixtures import CONFIG, family_shapes, perturbed, random_tensors, save_model
+from safetensors.torch import save_file
+
+from hivemerge.merge.delta import DeltaError, extract_delta
+from hivemerge.merge.manifest import build_model_manifest, model_id
+from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.node.store import ContentStore
+from hivemerge.protocol.content import canonical_json, content_id, parse_content_ref, short_id
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.fingerprint import architecture_fingerprint
+from hivemerge.protocol.identity import Identity
+
+# -- canonical JSON -----------------------------------------------------------------
+
+
+def test_canonical_json_ignores_key_order_at_every_depth():
+    a = {"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": "é"}, "c": None}
+    b = {"c": None, "a": {"x": "é", "y": [1, {"p": 3, "q": 2}]}, "b": 1}
+    assert canonical_json(a) == canonical_json(b)
+    assert canonical_json(a) == '{"a":{"x":"é","y":[1,{"p":3,"q":2}]},"b":1,"c":null}'.encode()
+    assert content_id(a) == content_id(b) == hashlib.sha256(canonical_json(a)).hexdigest()
+    assert canonical_json({"l": [1, 2]}) != canonical_json({"l": [2, 1]})  # list order is content
+    assert content_id({"a": 1}) != content_id({"a": 1.5})
+
+
+def test_canonical_json_refuses_nan():
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+
+
+def test_parse_content_ref():
+    cid = "ab" * 32
+    assert parse_content_ref(f"hm://{cid}") == cid == parse_content_ref(cid)
+    assert parse_content_ref("hm://" + "AB" * 32) is None
+    assert parse_content_ref("hm://" + "ab" * 31) is None
+    assert parse_content_ref("./model") is None
+    assert short_id(cid) == cid[:12]
+
+
+# -- model manifests ------------------------------------------------------------------
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.layers.0.w": torch.randn(4, 3, generator=g),
+        "model.layers.1.w": torch.randn(4, 3, generator=g).half(),
+        "model.norm.weight": torch.randn(3, generator=g).to(torch.bfloat16),
+        "position_ids": torch.arange(5),
+    }
+
+
+def test_model_id_changes_with_every_tensor_byte(tmp_path):
+    directory = save_model(tmp_path / "m", _tensors())
+    original_id = model_id(SafetensorsModel(directory))
+    path = directory / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    assert len(raw) - data_start == 4 * 3 * 4 + 4 * 3 * 2 + 3 * 2 + 5 * 8
+    seen = set()
+    for i in range(data_start, len(raw)):
+        raw[i] ^= 1 << (i % 8)
+        path.write_bytes(raw)
+        changed = content_id(build_model_manifest(SafetensorsModel(directory)))
+        assert changed != original_id, i
+        seen.add(changed)
+        raw[i] ^= 1 << (i % 8)
+    path.write_bytes(raw)
+    assert len(seen) == len(raw) - data_start  # every flip gives its own id
+    assert model_id(SafetensorsModel(directory)) == original_id
+
+
+def test_model_id_covers_config_and_tokenizer_but_not_the_readme(tmp_path):
+    directory = save_model(tmp_path / "m", _tensors())
+    first = model_id(SafetensorsModel(directory))
+    (directory / "README.md").write_text("a model card")
+    assert model_id(SafetensorsModel(directory)) == first
+    (directory / "config.json").write_text(json.dumps({**CONFIG, "hidden_size": 17}))
+    second = model_id(SafetensorsModel(directory))
+    assert second != first
+    (directory / "tokenizer_config.json").write_text("{}")
+    assert model_id(SafetensorsModel(directory)) not in (first, second)
+
+
+def test_model_id_ignores_tensor_order_sharding_and_file_metadata(tmp_path):
+    tensors = _tensors()
+    names = list(tensors)
+    single = save_model(tmp_path / "single", tensors)
+
+    reordered = tmp_path / "reordered"  # same single file, tensors written in the opposite order
+    reordered.mkdir()
+    save_file({n: tensors[n] for n in reversed(names)}, str(reordered / "model.safetensors"), metadata={"note": "resaved"})
+    shutil.copy(single / "config.json", reordered)
+    shutil.copy(single / "tokenizer_config.json", reordered)
+
+    sharded = tmp_path / "sharded"  # three shards with an index, another grouping
+    sharded.mkdir()
+    groups = [[names[3], names[0]], [names[2]], [names[1]]]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({n: tensors[n] for n in group}, str(sharded / fname))
+        weight_map.update({n: fname for n in group})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(single / "config.json", sharded)
+    shutil.copy(single / "tokenizer_config.json", sharded)
+
+    unindexed = tmp_path / "unindexed"  # two shards found by glob
+    unindexed.mkdir()
+    save_file({n: tensors[n] for n in names[:2]}, str(unindexed / "a.safetensors"))
+    save_file({n: tensors[n] for n in names[2:]}, str(unindexed / "b.safetensors"))
+    shutil.copy(single / "config.json", unindexed)
+    shutil.copy(single / "tokenizer_config.json", unindexed)
+
+    ids = {d.name: model_id(SafetensorsModel(d)) for d in (single, reordered, sharded, unindexed)}
+    assert len(set(ids.values())) == 1, ids
+    assert (single / "model.safetensors").read_bytes() != (reordered / "model.safetensors").read_bytes()
+
+
+def test_manifest_lists_every_tensor_and_file(tmp_path):
+    tensors = _tensors()
+    directory = save_model(tmp_path / "m", tensors)
+    manifest = build_model_manifest(SafetensorsModel(directory))
+    assert manifest["kind"] == "model" and manifest["version"] == 1
+    w = manifest["tensors"]["model.layers.1.w"]
+    assert w == {"dtype": "F16", "shape": [4, 3], "sha256": hashlib.sha256(tensors["model.layers.1.w"].numpy().tobytes()).hexdigest()}
+    assert manifest["tensors"]["model.norm.weight"]["dtype"] == "BF16"
+    assert manifest["tensors"]["position_ids"]["dtype"] == "I64"
+    assert manifest["files"] == {
+        "config.json": hashlib.sha256((directory / "config.json").read_bytes()).hexdigest(),
+        "tokenizer_config.json": hashlib.sha256((directory / "tokenizer_config.json").read_bytes()).hexdigest(),
+    }
+    assert manifest["architecture"] == architecture_fingerprint({n: t.shape for n, t in tensors.items()})
+
+
+def test_dtype_changes_the_id_but_not_the_architecture(tmp_path):
+    tensors = _tensors()
+    a = SafetensorsModel(save_model(tmp_path / "a", tensors))
+    b = SafetensorsModel(save_model(tmp_path / "b", {n: t.double() if t.is_floating_point() else t for n, t in tensors.items()}))
+    assert model_id(a) != model_id(b)
+    assert build_model_manifest(a)["architecture"] == build_model_manifest(b)["architecture"]
+    c = SafetensorsModel(save_model(tmp_path / "c", {**tensors, "model.norm.weight": torch.zeros(4)}))
+    assert build_model_manifest(a)["architecture"] != build_model_manifest(c)["architecture"]
+
+
+# -- the content store ------------------------------------------------------------------
+
+@pytest.fixture
+def delta_file(tmp_path):
+    shapes = {k: v for k, v in family_shapes(8).items() if "layers.0" in k}
+    base = random_tensors(0, shapes)
+    base_dir = save_model(tmp_path / "base", base)
+    expert_dir = save_model(tmp_path / "expert", perturbed(base, 1))
+    path = tmp_path / "x.delta.safetensors"
+    report = extract_delta(base_dir, expert_dir, path, Identity.generate(), "lossless")
+    return path, report.delta_id
+
+
+def test_store_adds_verified_deltas_by_id(tmp_path, delta_file):
+    path, delta_id = delta_file
+    store = ContentStore(tmp_path / "home")
+    assert store.add_delta(path) == delta_id
+    stored = tmp_path / "home" / "store" / "objects" / f"{delta_id}.delta.safetensors"
+    assert store.resolve(delta_id) == stored
+    assert stored.read_bytes() == path.read_bytes()
+    assert store.add_delta(path) == delta_id  # idempotent
+    assert sorted(p.name for p in stored.parent.iterdir()) == [stored.name]
+    with pytest.raises(UserInputError, match=f"hm://{'0' * 64}: not in the content store"):
+        store.resolve("0" * 64)
+
+
+def test_store_refuses_a_corrupt_delta_and_keeps_nothing(tmp_path, delta_file):
+    path, _ = delta_file
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # in the data: only the part's hash notices
+    path.write_bytes(raw)
+    store = ContentStore(tmp_path / "home")
+    with pytest.raises(DeltaError, match="fails its hash check"):
+        store.add_delta(path)
+    assert not (tmp_path / "home" / "store" / "objects").exists() or not any((tmp_path / "home" / "store" / "objects").iterdir())
