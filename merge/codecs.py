@@ -203,7 +203,50 @@ class Sign1(Codec):
         return _rebuild(base, torch.where(positive, scale, -scale), dtype, shape)
 
 
-DEFAULT_CODEC = "sign1"
+@register
+class Ternary(Codec):
+    name = "ternary"
+    summary = (
+        "Each weight becomes -s, 0 or +s (s per block): a bit mask of the entries kept and a sign bit "
+        "for each kept entry, about 1.5 bits per weight."
+    )
+    options = (
+        ParamSpec("block", int, 256, low=8, high=1 << 20, doc="weights per scale"),
+        ParamSpec("threshold", float, 0.7, low=0.0, high=4.0, doc="entries below threshold * sigma (per block) become 0"),
+    )
+
+    def encode(self, name, base, expert, opts):
+        delta = _delta(base, expert)
+        block = opts["block"]
+        blocks = _blocks(delta, block).abs()
+        # sigma from the mean magnitude (sqrt(pi/2) * mean|x| for a Gaussian); sums by a fixed tree.
+        counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
+        if counts.numel():
+            counts[-1] = delta.numel() - block * (blocks.shape[0] - 1)
+        sigma = exact.pairwise_sum(blocks, dim=1) / counts * 1.2533141373155003
+        keep = blocks > (sigma * opts["threshold"]).to(torch.float32).unsqueeze(1)
+        kept = torch.where(keep, blocks, 0.0)
+        # The L2-optimal magnitude for the kept support is their mean magnitude.
+        scale = exact.pairwise_sum(kept, dim=1) / keep.sum(1).clamp(min=1).to(torch.float64)
+        keep = keep.reshape(-1)[: delta.numel()]
+        # bf16 scale: fp32's range (fine-tune deltas are tiny), 2 bytes.
+        return {"mask": pack_bits(keep), "signs": pack_bits(delta[keep] >= 0), "scale": scale.to(torch.bfloat16)}
+
+    def decode(self, base, parts, dtype, shape, opts):
+        n = base.numel()
+        keep = unpack_bits(parts["mask"], n)
+        count = int(keep.sum())
+        if parts["signs"].numel() != (count + 7) // 8:
+            raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {count} kept entries")
+        positive = unpack_bits(parts["signs"], count)
+        scale = parts["scale"].to(torch.float32).repeat_interleave(opts["block"])[:n]
+        magnitude = scale[keep]
+        delta = torch.zeros(n, dtype=torch.float32)
+        delta[keep] = torch.where(positive, magnitude, -magnitude)
+        return _rebuild(base, delta, dtype, shape)
+
+
+DEFAULT_CODEC = "ternary"
 
 
 def parse_codec(spec: str) -> tuple[Codec, dict[str, Any]]:

@@ -9,22 +9,28 @@ What it does, in order:
    so every task vector is nonzero. Each directory has config.json and a small
    word-level tokenizer (mergekit copies the base's tokenizer; hivemerge does too).
 2. Writes a TIES recipe (density 0.5, weights 1.0, 1.0 and a mild gradient [0.9, 1.1],
-   dtype float32, out_dtype float16), which both tools read as written.
+   or 1.0 with --no-gradient; dtype float32, out_dtype float16), which both tools read
+   as written.
 3. Reads every input file once (a warm-up: the OS page cache cannot be dropped without
-   root tricks, so all runs read from a warm cache instead, equally), then times each
-   run in its own process under /usr/bin/time, which gives the peak RSS of that
-   process alone:
-     io_floor   read every tensor of the 4 models (safetensors get_tensor) and write an
-                fp16 output of the same layout with hivemerge's ShardedWriter; no math
+   root, so all runs read from a warm cache instead, equally), then times each run in
+   its own process under /usr/bin/time, which gives wall and CPU seconds and the peak
+   RSS (ru_maxrss) of that process alone; a 10 ms sampler adds the peaks of its
+   anonymous and file-backed resident memory (safetensors >= 0.6 hands out views of a
+   memory map, so the input pages a merge touches count in its RSS as file pages):
+     startup    (reference) a process that only imports torch and hivemerge
+     io_floor   read every tensor of the 4 models (safetensors get_tensor, then a copy
+                into a reused buffer so every byte is really read) and write an fp16
+                output of the same layout with hivemerge's ShardedWriter; no math
      hivemerge  load_recipe + run_merge(device="cpu") in a fresh process, as `hivemerge
                 merge recipe.yaml --out ... --device cpu` does (--cli: run that command)
-     mergekit   `mergekit-yaml recipe.yaml OUT --lazy-unpickle` (0.1.5, own venv, CPU,
-                default --out-shard-size 5B parameters, i.e. one shard here)
-     startup    (for reference) a process that only imports torch and hivemerge
-4. Prints wall seconds and peak RSS per run, the ratios against the goals (hivemerge
-   wall <= 4x the I/O floor and <= 0.25x mergekit; peak RSS <= 0.5x mergekit), and
-   how far hivemerge's output is from mergekit's (per-tensor max |diff| in fp32 and the
-   fraction of elements that differ).
+     mergekit   `mergekit-yaml recipe.yaml OUT --lazy-unpickle --device cpu` (0.1.5, own
+                venv; default --out-shard-size 5B parameters, i.e. one shard here)
+4. Prints wall and CPU seconds and peak memory per run, the ratios against the goals
+   (hivemerge wall <= 4x the I/O floor and <= 0.25x mergekit; peak RSS <= 0.5x
+   mergekit), and how far hivemerge's output is from mergekit's (per-tensor max |diff|
+   in fp32 and the fraction of elements that differ). The machine's load average is
+   shown per run: on a shared machine other processes inflate wall times, and
+   multi-threaded torch runs suffer most (compare --threads 1).
 
 mergekit is only run with --with-mergekit; the first such run creates the venv
 (--workdir/../mergekit-venv by default) with `pip install torch==2.13.0` first (so pip
@@ -86,7 +92,7 @@ models:
       density: 0.5
   - model: {expert3}
     parameters:
-      weight: [0.9, 1.1]    # a mild gradient over the layers
+      weight: {expert3_weight}
       density: 0.5
 parameters:
   normalize: true
@@ -191,12 +197,21 @@ def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
         layout.append((name, torch.float16, tuple(sl.get_shape())))
     out_dir.mkdir(parents=True)
     writer = ShardedWriter(out_dir, layout)
-    for name in names:
-        # safetensors >= 0.6 returns tensors that are views of a private memory map:
-        # nothing is read until touched. clone() reads every byte into the process.
-        tensors = [h.get_tensor(name).clone() for h in handles]
-        writer.write(name, tensors[0].to(torch.float16))
-        del tensors
+    # safetensors >= 0.6 returns tensors that are views of a private memory map: nothing
+    # is read until touched. Copying each into a reused buffer reads every byte once,
+    # without the page faults of fresh allocations: the least work that reads it all.
+    buffers = [torch.empty(0, dtype=torch.uint8) for _ in handles]
+    for name, _, shape in layout:
+        for i, h in enumerate(handles):
+            tensor = h.get_tensor(name)
+            if i == 0:
+                dtype = tensor.dtype
+            raw = tensor.reshape(-1).view(torch.uint8)
+            if buffers[i].numel() < raw.numel():
+                buffers[i] = torch.empty(raw.numel(), dtype=torch.uint8)
+            buffers[i][: raw.numel()].copy_(raw)
+        base = buffers[0][: raw.numel()].view(dtype).view(shape)
+        writer.write(name, base.to(torch.float16))
     writer.finish()
 
 
@@ -502,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli", action="store_true",
                         help="Run hivemerge through its command line (`python -m hivemerge merge ...`) instead of "
                              "calling hivemerge.merge.engine.run_merge in a fresh process (same work, no progress bar).")
+    parser.add_argument("--no-gradient", action="store_true",
+                        help="Give expert3 weight 1.0 instead of the gradient [0.9, 1.1]. Tools that place the final norm "
+                             "and LM head at different gradient positions (hivemerge: t=1; mergekit 0.1.5: t=0) then agree "
+                             "there, and the output diff shows TIES tie-breaking alone.")
     parser.add_argument("--keep", action="store_true",
                         help="Keep the merged outputs under WORKDIR/out (by default they are deleted; the cached models stay).")
     args = parser.parse_args(argv)
@@ -518,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     mergekit_exe = ensure_mergekit(venv) if args.with_mergekit else None
 
     recipe = workdir / "recipe.yaml"
-    recipe.write_text(RECIPE.format(**{m: str(models_dir / m) for m in MODEL_NAMES}))
+    weight3 = "1.0" if args.no_gradient else "[0.9, 1.1]    # a mild gradient over the layers"
+    recipe.write_text(RECIPE.format(expert3_weight=weight3, **{m: str(models_dir / m) for m in MODEL_NAMES}))
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir(parents=True)
     logs = out_root / "logs"
@@ -593,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'run':10} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9} {'anon':>6} {'file':>6} {'load':>5}  note")
     notes = {
         "startup": "python + import torch, hivemerge; nothing else",
-        "io_floor": "get_tensor x4 models + ShardedWriter, no math",
+        "io_floor": "get_tensor x4 models, copied out; ShardedWriter; no math",
         "hivemerge": "hivemerge merge --device cpu" if args.cli else "engine.run_merge(device='cpu'), fresh process",
         "mergekit": f"mergekit-yaml {MERGEKIT_VERSION} --lazy-unpickle, cpu",
     }

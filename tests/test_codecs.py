@@ -7,6 +7,7 @@ back the expert's bytes exactly for every float dtype and for mixed base/expert 
 
 from __future__ import annotations
 
+import math
 import hashlib
 
 import pytest
@@ -267,8 +268,33 @@ def test_sign1_is_sign_times_mean_magnitude_per_block(n, block):
     assert torch.equal(decoded, base + torch.sign(delta).float() * per_weight)
 
 
-def test_default_codec_is_sign1():
-    assert DEFAULT_CODEC == "sign1" and parse_codec("sign1")[1] == {"block": 128}
+def test_default_codec_is_ternary():
+    assert DEFAULT_CODEC == "ternary" and parse_codec("ternary")[1] == {"block": 256, "threshold": 0.7}
+
+
+# -- ternary --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,block", [(1024, 256), (1000, 256), (100, 8), (5, 8)])
+def test_ternary_keeps_entries_above_threshold_sigma_at_their_mean_magnitude(n, block):
+    base, expert = pair(n, seed=23)
+    parts, decoded, _ = roundtrip(f"ternary:block={block},threshold=0.7", base, expert)
+    delta = (expert.double() - base.double())
+    want = torch.zeros(n, dtype=torch.float64)
+    keep_all, scales = [], []
+    for i in range(0, n, block):  # by hand, block by block; the last block may be partial
+        d = (expert[i : i + block].float() - base[i : i + block].float()).double()
+        sigma = d.abs().sum() / d.numel() * math.sqrt(math.pi / 2)
+        keep = d.abs() > float((sigma * 0.7).float())
+        scale = (d.abs()[keep].sum() / max(int(keep.sum()), 1)).to(torch.bfloat16)
+        keep_all.append(keep)
+        scales.append(scale)
+        want[i : i + block] = torch.where(keep, torch.sign(d) * scale.double(), 0.0)
+    keep = torch.cat(keep_all)
+    assert torch.equal(parts["scale"], torch.stack(scales))
+    assert torch.equal(unpack_bits(parts["mask"], n), keep)
+    assert torch.equal(unpack_bits(parts["signs"], int(keep.sum())), delta[keep] >= 0)
+    assert torch.equal(decoded, (base.float() + want.float()).to(expert.dtype))
+    assert 0.3 < keep.float().mean() < 0.7  # a Gaussian keeps ~48% above 0.7 sigma
 
 
 # -- bits -----------------------------------------------------------------------------

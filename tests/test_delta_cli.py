@@ -102,9 +102,19 @@ def test_extract_apply_verify_lossless(cli, family, tmp_path):
     assert "codecs     lossless 6" in text.stdout and "(matches --base)" not in text.stdout
 
 
-def test_extract_default_codec_and_verify_reports_the_mix(cli, family, tmp_path):
+def test_extract_default_codec_is_ternary(cli, family, tmp_path):
     delta = tmp_path / "expert.delta.safetensors"
     extracted = cli("delta", "extract", "--base", family.base, "--model", family.expert2, "--out", delta, "--home", family.bob_home)
+    assert extracted.returncode == 0, extracted.stderr
+    assert json.loads(cli("delta", "verify", delta, "--json").stdout)["codecs"] == {"fp16": 2, "ternary": 4}
+
+
+def test_extract_sign1_and_verify_reports_the_mix(cli, family, tmp_path):
+    delta = tmp_path / "expert.delta.safetensors"
+    extracted = cli(
+        "delta", "extract", "--base", family.base, "--model", family.expert2, "--out", delta, "--home", family.bob_home,
+        "--codec", "sign1",
+    )
     assert extracted.returncode == 0, extracted.stderr
     assert f"{delta} ({delta.stat().st_size:,} bytes; fp16 2, sign1 4)" in unwrapped(extracted.stderr)
     summary = json.loads(cli("delta", "verify", delta, "--json").stdout)
@@ -237,7 +247,7 @@ def test_extract_refuses_bad_experts(cli, family, tmp_path, expert, fragment):
 
 
 @pytest.mark.parametrize("codec,fragment", [
-    ("nope", "--codec: unknown codec 'nope'; expected one of ['fp16', 'int8', 'lossless', 'sign1', 'sparse']"),
+    ("nope", "--codec: unknown codec 'nope'; expected one of ['fp16', 'int8', 'lossless', 'sign1', 'sparse', 'ternary']"),
     ("sparse:density=2", "--codec sparse.density: must be in (0, 1], got 2.0"),
     ("sparse:densty=0.5", "--codec sparse: unknown option 'densty=0.5'"),
 ])
