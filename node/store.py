@@ -1,34 +1,81 @@
 """The node's local content store: verified objects under ``HOME/store``, by content id.
 
 Deltas are files (``store/objects/<id>.delta.safetensors``), models are directories
-(``store/models/<id>/``). Objects enter only after their id is checked, so what the
-store returns under an id is what that id names.
+(``store/models/<id>/``). Every object has a bundle manifest (its files cut into
+hashed chunks, :mod:`hivemerge.protocol.bundles`) under ``store/bundles/<bundle id>.json``
+so the node can serve it chunk by chunk. Objects enter only after their id is
+checked, so what the store returns under an id is what that id names.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
 from hivemerge.merge.delta import DeltaFile
+from hivemerge.protocol.bundles import DEFAULT_CHUNK_SIZE, bundle_manifest, check_bundle, chunk_span
+from hivemerge.protocol.content import canonical_json, content_id
 from hivemerge.protocol.errors import UserInputError
 
 DELTA_SUFFIX = ".delta.safetensors"
 
 
+def _chunk_hashes(path: Path, chunk_size: int) -> list[str]:
+    hashes = []
+    with path.open("rb") as f:
+        while True:
+            data = f.read(chunk_size)
+            if not data and hashes:
+                break
+            hashes.append(hashlib.sha256(data).hexdigest())
+            if len(data) < chunk_size:
+                break
+    return hashes
+
+
 class ContentStore:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.root = Path(home) / "store"
         self.objects = self.root / "objects"
         self.models = self.root / "models"
+        self.bundles = self.root / "bundles"
+        self.partial = self.root / "partial"
+        self.chunk_size = chunk_size
 
+    # -- lookup -----------------------------------------------------------------------
     def resolve(self, cid: str) -> Path:
         for path in (self.objects / f"{cid}{DELTA_SUFFIX}", self.models / cid):
             if path.exists():
                 return path
         raise UserInputError(f"hm://{cid}: not in the content store at {self.root}")
 
+    def has(self, cid: str) -> bool:
+        return (self.objects / f"{cid}{DELTA_SUFFIX}").exists() or (self.models / cid).is_dir()
+
+    def content_root(self, cid: str) -> Path:
+        """The folder that a bundle's relative file paths are relative to."""
+        return self.objects if (self.objects / f"{cid}{DELTA_SUFFIX}").exists() else self.models / cid
+
+    def bundle(self, bundle_id: str) -> dict | None:
+        path = self.bundles / f"{bundle_id}.json"
+        if not path.is_file():
+            return None
+        return check_bundle(json.loads(path.read_text()), bundle_id)
+
+    def bundle_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.bundles.glob("*.json")) if self.bundles.is_dir() else []
+
+    def read_chunk(self, bundle: dict, file_index: int, chunk_index: int) -> bytes:
+        entry = bundle["files"][file_index]
+        begin, end = chunk_span(entry["size"], bundle["chunk_size"], chunk_index)
+        with (self.content_root(bundle["content"]) / entry["path"]).open("rb") as f:
+            f.seek(begin)
+            return f.read(end - begin)
+
+    # -- adding -----------------------------------------------------------------------
     def add_delta(self, path: Path) -> str:
         """Verify a delta file completely and copy it in; returns its id."""
         delta = DeltaFile(path)
@@ -39,4 +86,33 @@ class ContentStore:
             staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
             shutil.copyfile(path, staging)
             os.replace(staging, target)
+        self.write_bundle(delta.id)
         return delta.id
+
+    def write_bundle(self, cid: str) -> str:
+        """(Re)compute the bundle manifest of a stored object; returns the bundle id."""
+        root = self.content_root(cid)
+        if root == self.objects:
+            paths = [f"{cid}{DELTA_SUFFIX}"]
+        else:
+            paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        files = [
+            {"path": p, "size": (root / p).stat().st_size, "chunks": _chunk_hashes(root / p, self.chunk_size)}
+            for p in paths
+        ]
+        manifest = bundle_manifest(cid, self.chunk_size, files)
+        bundle_id = content_id(manifest)
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        target = self.bundles / f"{bundle_id}.json"
+        if not target.exists():
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            tmp.write_bytes(canonical_json(manifest))
+            os.replace(tmp, target)
+        return bundle_id
+
+    def bundle_of(self, cid: str) -> str | None:
+        for bundle_id in self.bundle_ids():
+            bundle = self.bundle(bundle_id)
+            if bundle and bundle["content"] == cid:
+                return bundle_id
+        return None
