@@ -89,8 +89,11 @@ class Node:
         path = self.home / PUBLISHED_FILE
         return json.loads(path.read_text()) if path.is_file() else []
 
-    async def _announce_all(self) -> None:
-        maddrs = [str(m) for m in await self.network.p2p.get_visible_maddrs()]
+    async def _announce_all(self, gone: bool = False) -> None:
+        """(Re)store every record this node owns. ``gone``: the same records with no
+        addresses and a later expiry, which replaces the live ones (a DHT has no delete);
+        readers skip them."""
+        maddrs = [] if gone else [str(m) for m in await self.network.p2p.get_visible_maddrs()]
         for fields in self._published():
             await self._store_expert(fields, maddrs)
         for bundle_id in self.store.bundle_ids():
@@ -102,16 +105,24 @@ class Node:
         fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
         value = records.make_record(self.identity, "record/expert", fields)
         subkey = records.owner_subkey(self.identity, fields["delta_id"])
-        return await self.network.store_record(records.EXPERTS_KEY, subkey, value, self.record_ttl)
+        return await self.network.store_record(records.EXPERTS_KEY, subkey, value, self._ttl(maddrs))
 
     async def _store_provider(self, content: str, bundle_id: str, maddrs: list[str]) -> bool:
         fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
         value = records.make_record(self.identity, "record/provider", fields)
-        return await self.network.store_record(records.providers_key(content), records.owner_subkey(self.identity), value, self.record_ttl)
+        return await self.network.store_record(
+            records.providers_key(content), records.owner_subkey(self.identity), value, self._ttl(maddrs)
+        )
+
+    def _ttl(self, maddrs: list[str]) -> float:
+        return self.record_ttl if maddrs else self.record_ttl + 5  # a "gone" record must outlive the live one
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, model_dir: Path, domain: str, base_dir: Path, codec: str = DEFAULT_CODEC, progress: Progress | None = None) -> dict:
         """Extract the signed delta, store it, and advertise the expert."""
+        if self.client_mode:
+            raise UserInputError("publish needs a running node (hivemerge node start) to keep serving the delta")
+        model_dir, base_dir = Path(model_dir), Path(base_dir)
         if not domain or len(domain) > 64 or not domain.replace("-", "").replace("_", "").isalnum():
             raise UserInputError(f"--domain: {domain!r} must be 1-64 letters, digits, - or _")
         self.store.partial.mkdir(parents=True, exist_ok=True)
@@ -137,24 +148,33 @@ class Node:
         tmp = self.home / f".{PUBLISHED_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(published, indent=2))
         os.replace(tmp, self.home / PUBLISHED_FILE)
-        if self.client_mode:
-            raise UserInputError("publish needs a running node (hivemerge node start) to serve the delta")
         self._run(self._announce_all(), 60)
         return {**fields, "publisher": self.identity.public_hex}
+
+    def status(self) -> dict:
+        return {
+            "peer_id": self.peer_id,
+            "public_key": self.identity.public_hex,
+            "fingerprint": self.identity.fingerprint,
+            "maddrs": self.maddrs(),
+            "published": [p["delta_id"] for p in self._published()],
+            "stored": [self.store.bundle(b)["content"] for b in self.store.bundle_ids()],
+            "home": str(self.home),
+        }
 
     # -- discovery --------------------------------------------------------------------
     def experts(self, domain: str | None = None) -> list[dict]:
         found = self._run(self.network.get_records(records.EXPERTS_KEY), 30)
-        rows = [r for r in found.values() if domain is None or r["domain"] == domain]
+        rows = [r for r in found.values() if r["maddrs"] and (domain is None or r["domain"] == domain)]
         return sorted(rows, key=lambda r: (r["domain"], r["delta_id"]))
 
     def providers(self, content: str) -> list[dict]:
         """Provider records for ``content`` whose peer id is really their signer's key."""
         found = self._run(self.network.get_records(records.providers_key(content)), 30)
-        return [r for r in found.values() if _bound(r)]
+        return [r for r in found.values() if r["maddrs"] and _bound(r)]
 
     # -- fetching ---------------------------------------------------------------------
-    def fetch(self, ref: str, out: Path | None = None, base: Path | None = None, overwrite: bool = False,
+    def fetch(self, ref: str, out: str | Path | None = None, base: str | Path | None = None, overwrite: bool = False,
               progress: Progress | None = None) -> dict:
         """Fetch a delta, expert or any content id into the store, then (with ``out``)
         export it: a model as a directory, a delta as a file, or with ``base`` the
@@ -192,7 +212,7 @@ class Node:
                 liars=report.liars, failed=report.failed, resumed_chunks=report.resumed_chunks,
             )
         if out is not None:
-            result["out"] = str(self._export(path, Path(out), base, overwrite))
+            result["out"] = str(self._export(path, Path(out), Path(base) if base else None, overwrite))
         return result
 
     async def _connect(self, peers: list[dict]) -> None:
@@ -221,9 +241,15 @@ class Node:
 
     # -- leaving ----------------------------------------------------------------------
     def close(self) -> None:
-        if self._refresher is not None:
-            self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
-        self.network.close()
+        """Leave: stop refreshing, announce that this node is gone, stop the daemon."""
+        try:
+            if self._refresher is not None:
+                self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
+                self._run(self._announce_all(gone=True), 20)
+        except Exception:
+            pass  # leaving must not fail: the records expire anyway
+        finally:
+            self.network.close()
 
 
 def _bound(record: dict) -> bool:
