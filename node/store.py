@@ -89,6 +89,27 @@ class ContentStore:
         self.write_bundle(delta.id)
         return delta.id
 
+    def add_model(self, directory: Path) -> str:
+        """Copy a model directory in under its content id (its weights and side files)."""
+        from hivemerge.merge.manifest import MODEL_FILES, model_id
+        from hivemerge.merge.sources import SafetensorsModel
+
+        directory = Path(directory)
+        cid = model_id(SafetensorsModel(directory))
+        target = self.models / cid
+        if not target.is_dir():
+            self.models.mkdir(parents=True, exist_ok=True)
+            staging = self.models / f".{cid}.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            for item in directory.iterdir():
+                if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES
+                                       or item.name == "README.md"):
+                    shutil.copyfile(item, staging / item.name)
+            os.replace(staging, target)
+        self.write_bundle(cid)
+        return cid
+
     def write_bundle(self, cid: str) -> str:
         """(Re)compute the bundle manifest of a stored object; returns the bundle id."""
         root = self.content_root(cid)
