@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.node.network import Network, peer_id_of
+from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator, proposal_from_recipe
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.protocol import records
@@ -42,7 +44,7 @@ Progress = Callable[[int, int, str], None]
 class Node:
     def __init__(
         self, home: Path, listen: list[str] | None = None, peers: list[str] | None = None,
-        client_mode: bool = False, record_ttl: float = RECORD_TTL,
+        client_mode: bool = False, record_ttl: float = RECORD_TTL, round_poll: float = POLL_SECONDS, device: str = "auto",
     ):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
@@ -51,14 +53,18 @@ class Node:
         self.record_ttl = record_ttl
         self.client_mode = client_mode
         self.network = Network(self.identity, self.home, listen or DEFAULT_LISTEN, peers or [], client_mode)
+        self._maddrs = self.network.maddrs()
         self.server = BundleServer(self.store)
         self.fetcher = BundleFetcher(self.network.p2p, self.store)
         self._refresher: asyncio.Task | None = None
+        self._coordinator_task: asyncio.Task | None = None
+        self.rounds = RoundCoordinator(self, poll=round_poll, device=device)
         try:
             self._run(self.server.register(self.network.p2p), 10)
             if not client_mode:
                 self._run(self._announce_all(), 60)
-                self._refresher = self._run(self._start_refresher(), 5)
+                self._refresher = self._run(self._start(self._refresh_forever()), 5)
+                self._coordinator_task = self._run(self._start(self.rounds.run_forever()), 5)
         except BaseException:
             self.close()
             raise
@@ -67,8 +73,11 @@ class Node:
     def _run(self, coro, timeout: float):
         return self.network.loop.run(coro, timeout)
 
-    async def _start_refresher(self) -> asyncio.Task:
-        return asyncio.create_task(self._refresh_forever())
+    async def _start(self, coro) -> asyncio.Task:
+        return asyncio.create_task(coro)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -85,7 +94,7 @@ class Node:
     def maddrs(self) -> list[str]:
         return self.network.maddrs()
 
-    def _published(self) -> list[dict]:
+    def published(self) -> list[dict]:
         path = self.home / PUBLISHED_FILE
         return json.loads(path.read_text()) if path.is_file() else []
 
@@ -94,7 +103,7 @@ class Node:
         addresses and a later expiry, which replaces the live ones (a DHT has no delete);
         readers skip them."""
         maddrs = [] if gone else [str(m) for m in await self.network.p2p.get_visible_maddrs()]
-        for fields in self._published():
+        for fields in self.published():
             await self._store_expert(fields, maddrs)
         for bundle_id in self.store.bundle_ids():
             bundle = self.store.bundle(bundle_id)
@@ -104,15 +113,26 @@ class Node:
     async def _store_expert(self, fields: dict, maddrs: list[str]) -> bool:
         fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
         value = records.make_record(self.identity, "record/expert", fields)
-        subkey = records.owner_subkey(self.identity, fields["delta_id"])
+        subkey = records.owner_subkey(self.identity, "record/expert", fields)
         return await self.network.store_record(records.EXPERTS_KEY, subkey, value, self._ttl(maddrs))
 
     async def _store_provider(self, content: str, bundle_id: str, maddrs: list[str]) -> bool:
         fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
         value = records.make_record(self.identity, "record/provider", fields)
         return await self.network.store_record(
-            records.providers_key(content), records.owner_subkey(self.identity), value, self._ttl(maddrs)
+            records.providers_key(content), records.owner_subkey(self.identity, "record/provider", fields), value, self._ttl(maddrs)
         )
+
+    def contact(self) -> dict:
+        """Where this node can be reached (addresses cached at start: callable from the loop)."""
+        return {"peer_id": self.peer_id, "maddrs": self._maddrs}
+
+    async def store_record(self, kind: str, key: str, fields: dict, ttl: float) -> bool:
+        value = records.make_record(self.identity, kind, fields)
+        return await self.network.store_record(key, records.owner_subkey(self.identity, kind, fields), value, ttl)
+
+    async def announce(self) -> None:
+        await self._announce_all()
 
     def _ttl(self, maddrs: list[str]) -> float:
         return self.record_ttl if maddrs else self.record_ttl + 5  # a "gone" record must outlive the live one
@@ -130,6 +150,7 @@ class Node:
         try:
             report = extract_delta(base_dir, model_dir, scratch, self.identity, codec, progress=progress)
             delta_id = self.store.add_delta(scratch)
+            self.store.add_model(base_dir)  # rounds merge against the base by its id
         finally:
             scratch.unlink(missing_ok=True)
         delta = DeltaFile(self.store.resolve(delta_id))
@@ -144,7 +165,7 @@ class Node:
             "codecs": summary["codecs"],
             "size": summary["file_bytes"],
         }
-        published = [p for p in self._published() if p["delta_id"] != delta_id] + [fields]
+        published = [p for p in self.published() if p["delta_id"] != delta_id] + [fields]
         tmp = self.home / f".{PUBLISHED_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(published, indent=2))
         os.replace(tmp, self.home / PUBLISHED_FILE)
@@ -157,7 +178,7 @@ class Node:
             "public_key": self.identity.public_hex,
             "fingerprint": self.identity.fingerprint,
             "maddrs": self.maddrs(),
-            "published": [p["delta_id"] for p in self._published()],
+            "published": [p["delta_id"] for p in self.published()],
             "stored": [self.store.bundle(b)["content"] for b in self.store.bundle_ids()],
             "home": str(self.home),
         }
@@ -174,36 +195,23 @@ class Node:
         return [r for r in found.values() if r["maddrs"] and _bound(r)]
 
     # -- fetching ---------------------------------------------------------------------
-    def fetch(self, ref: str, out: str | Path | None = None, base: str | Path | None = None, overwrite: bool = False,
-              progress: Progress | None = None) -> dict:
+    def fetch(self, ref: str | None = None, out: str | Path | None = None, base: str | Path | None = None,
+              overwrite: bool = False, progress: Progress | None = None) -> dict:
         """Fetch a delta, expert or any content id into the store, then (with ``out``)
         export it: a model as a directory, a delta as a file, or with ``base`` the
-        rebuilt expert."""
+        rebuilt expert. Without ``ref``: the latest final consensus model for ``base``."""
+        if ref is None:
+            return self.fetch_latest(base, out, overwrite, progress)
         cid = parse_content_ref(ref)
         if cid is None:
             raise UserInputError(f"{ref}: not a content id (64 hex characters, optionally hm://)")
         content = cid
-        for expert in self.experts():  # an expert id names the expert: fetch its delta
-            if cid == expert["expert_id"]:
-                content = expert["delta_id"]
-                break
-        report = None
-        if not self.store.has(content):
-            found = self.providers(content)
-            if not found:
-                raise FetchError(f"hm://{content}: no provider found on the network")
-            bundle_ids = {r["bundle_id"] for r in found}
-            if len(bundle_ids) > 1:  # providers disagree on the chunking: take the most common
-                bundle_id = max(bundle_ids, key=lambda b: sum(r["bundle_id"] == b for r in found))
-            else:
-                bundle_id = bundle_ids.pop()
-            peers = [r for r in found if r["bundle_id"] == bundle_id]
-            self._run(self._connect(peers), 30)
-            report = self._run(
-                self.fetcher.fetch(content, bundle_id, [PeerID.from_base58(r["peer_id"]) for r in peers], progress), 3600
-            )
-            if not self.client_mode:
-                self._run(self._announce_all(), 60)  # what it fetched, it serves
+        if not self.store.has(cid):
+            for expert in self.experts():  # an expert id names the expert: fetch its delta
+                if cid == expert["expert_id"]:
+                    content = expert["delta_id"]
+                    break
+        report = self._run(self.fetch_async(content, progress=progress), 3600)
         path = self.store.resolve(content)
         result = {"content": content, "stored": str(path)}
         if report is not None:
@@ -214,6 +222,102 @@ class Node:
         if out is not None:
             result["out"] = str(self._export(path, Path(out), Path(base) if base else None, overwrite))
         return result
+
+    async def fetch_async(self, content: str, progress: Progress | None = None):
+        """Bring ``content`` into the store from its providers; None if it was there already."""
+        if self.store.has(content):
+            return None
+        found = [r for r in (await self.network.get_records(records.providers_key(content))).values() if r["maddrs"] and _bound(r)]
+        if not found:
+            raise FetchError(f"hm://{content}: no provider found on the network")
+        bundle_ids = sorted({r["bundle_id"] for r in found})
+        # Providers may chunk differently: take the bundle most of them serve.
+        bundle_id = max(bundle_ids, key=lambda b: sum(r["bundle_id"] == b for r in found))
+        peers = [r for r in found if r["bundle_id"] == bundle_id]
+        await self._connect(peers)
+        report = await self.fetcher.fetch(content, bundle_id, [PeerID.from_base58(r["peer_id"]) for r in peers], progress)
+        if not self.client_mode:
+            await self._announce_all()  # what it fetched, it serves
+        return report
+
+    # -- merge rounds -----------------------------------------------------------------
+    def propose(self, document: dict, base: str | None = None) -> dict:
+        """Announce a merge round from a round recipe (see README)."""
+        ref = document.get("base_model") or base
+        if not isinstance(ref, str):
+            raise UserInputError("base_model: required (a base model directory or hm://<id>)")
+        base_id = parse_content_ref(ref) if ref.startswith("hm://") else model_id(SafetensorsModel(Path(ref)))
+        if base_id is None:
+            raise UserInputError(f"base_model: {ref!r} is not a content id")
+        _check_round_template(document)
+        proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
+        fields = {**proposal, "issued_at": time.time()}
+        from hivemerge.protocol import rounds
+
+        ttl = max(self.record_ttl, proposal["deadline"] - time.time() + 3600)
+        self._run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
+        return proposal
+
+    def round_status(self) -> list[dict]:
+        """Every round this node took part in, with live commitments and attestations."""
+        from hivemerge.protocol import rounds
+
+        rows = []
+        for state in self.rounds.states():
+            proposal = state["proposal"]
+            found = self._run(self.network.get_records(rounds.round_key(proposal["round_id"])), 30)
+            commitments = {r["publisher"]: r for r in found.values() if "delta_ids" in r}
+            attestations = {r["publisher"]: r for r in found.values() if "result_id" in r}
+            result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
+            rows.append({
+                **state,
+                "commitments": {k: v["delta_ids"] for k, v in commitments.items()},
+                "attestations": {k: v["result_id"] for k, v in attestations.items()},
+                "final": result is not None,
+                "final_result": result,
+                "attesters": attesters,
+            })
+        return rows
+
+    def latest(self, base_id: str) -> dict | None:
+        """The newest final round for a base: proposal, commitments, attestations, result."""
+        from hivemerge.protocol import rounds
+
+        proposals = self._run(self.network.get_records(rounds.rounds_key(base_id)), 30)
+        valid = [p for p in proposals.values() if p["round_id"] == rounds.round_id(p) and p["deadline"] <= time.time()]
+        for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
+            found = self._run(self.network.get_records(rounds.round_key(proposal["round_id"])), 30)
+            commitments = {r["publisher"]: r for r in found.values() if "delta_ids" in r}
+            attestations = {r["publisher"]: r for r in found.values() if "result_id" in r}
+            result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
+            if result is not None:
+                return {"proposal": proposal, "result_id": result, "attesters": attesters,
+                        "commitments": commitments, "attestations": {k: attestations[k] for k in attesters}}
+        return None
+
+    def fetch_latest(self, base: str | Path | None, out: str | Path | None, overwrite: bool = False,
+                     progress: Progress | None = None) -> dict:
+        if base is None:
+            raise UserInputError("--base: required to fetch the latest consensus model (its id names the network)")
+        base_id = model_id(SafetensorsModel(Path(base)))
+        final = self.latest(base_id)
+        if final is None:
+            raise UserInputError(f"no final consensus model for base {base_id[:12]} yet")
+        result_id = final["result_id"]
+        attesters = set(final["attesters"])
+        report = self._run(self.fetch_async(result_id, progress=progress), 3600)  # served by the attesters
+        path = self.store.resolve(result_id)  # the fetcher verified its content id
+        summary = {
+            "content": result_id, "round_id": final["proposal"]["round_id"], "attesters": sorted(attesters),
+            "participants": sorted(final["commitments"]), "stored": str(path),
+        }
+        if report is not None:
+            summary["bytes_received"] = report.bytes_received
+        if out is not None:
+            exported = self._export(path, Path(out), None, overwrite)
+            write_consensus_card(exported, final)
+            summary["out"] = str(exported)
+        return summary
 
     async def _connect(self, peers: list[dict]) -> None:
         for r in peers:
@@ -243,6 +347,8 @@ class Node:
     def close(self) -> None:
         """Leave: stop refreshing, announce that this node is gone, stop the daemon."""
         try:
+            if self._coordinator_task is not None:
+                self.network.loop.loop.call_soon_threadsafe(self._coordinator_task.cancel)
             if self._refresher is not None:
                 self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
                 self._run(self._announce_all(gone=True), 20)
@@ -250,6 +356,47 @@ class Node:
             pass  # leaving must not fail: the records expire anyway
         finally:
             self.network.close()
+
+
+def _check_round_template(document: dict) -> None:
+    """The merge part of a round recipe is checked like any recipe, without its models."""
+    from hivemerge.merge.methods import METHODS
+    from hivemerge.merge.recipe import _validate_params
+
+    method = METHODS.get(document.get("merge_method"))
+    if method is None:
+        raise UserInputError(f"merge_method: unknown method {document.get('merge_method')!r}; expected one of {sorted(METHODS)}")
+    errors: list[str] = []
+    _validate_params(method, document.get("parameters"), [], None, -1, errors)
+    for domain, params in (document.get("domain_parameters") or {}).items():
+        for name, value in (params or {}).items():
+            spec = next((s for s in method.model_params if s.name == name), None)
+            if spec is None:
+                errors.append(f"domain_parameters.{domain}.{name}: unknown parameter for {method.name}")
+    if errors:
+        raise UserInputError("; ".join(errors))
+
+
+def write_consensus_card(directory: Path, final: dict) -> None:
+    import yaml
+
+    proposal = final["proposal"]
+    rows = [f"| {k[:16]} | {', '.join(d[:12] for d in v['delta_ids'])} | {'yes' if k in final['attesters'] else 'no'} |"
+            for k, v in sorted(final["commitments"].items())]
+    attestation = next(iter(final["attestations"].values()))
+    excluded = [f"- `{d[:12]}`: {why}" for d, why in sorted(attestation["excluded"].items())] or ["- none"]
+    card = "\n".join([
+        "---", "library_name: transformers", "tags: [merge, hivemerge, consensus]", "---",
+        f"# hivemerge consensus model, round {proposal['round_id'][:12]}", "",
+        f"Content id `{final['result_id']}`, attested by {len(final['attesters'])} of {len(final['commitments'])} "
+        f"participants (quorum {proposal['quorum']:.2f}).", "",
+        f"Base `{proposal['base_id']}`; proposed by `{proposal['proposer'][:16]}`.", "",
+        "## Participants", "", "| participant | deltas | attested |", "| --- | --- | --- |", *rows, "",
+        "## Included deltas", "", *[f"- `{d}`" for d in attestation["included"]], "",
+        "## Excluded", "", *excluded, "",
+        "## Recipe", "", "```yaml", yaml.safe_dump(proposal["recipe"], sort_keys=False).strip(), "```", "",
+    ])
+    (directory / "README.md").write_text(card)
 
 
 def _bound(record: dict) -> bool:

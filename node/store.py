@@ -59,6 +59,14 @@ class ContentStore:
         """The folder that a bundle's relative file paths are relative to."""
         return self.objects if (self.objects / f"{cid}{DELTA_SUFFIX}").exists() else self.models / cid
 
+    def model(self, cid: str):
+        from hivemerge.merge.sources import SafetensorsModel
+
+        path = self.models / cid
+        if not path.is_dir():
+            raise UserInputError(f"hm://{cid}: model not in the content store at {self.root}")
+        return SafetensorsModel(path)
+
     def bundle(self, bundle_id: str) -> dict | None:
         path = self.bundles / f"{bundle_id}.json"
         if not path.is_file():
@@ -103,8 +111,8 @@ class ContentStore:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             for item in directory.iterdir():
-                if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES
-                                       or item.name == "README.md"):
+                # The weights and the files in the model's id; a model card is written on export.
+                if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES):
                     shutil.copyfile(item, staging / item.name)
             os.replace(staging, target)
         self.write_bundle(cid)

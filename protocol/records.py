@@ -31,24 +31,51 @@ RECORD_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "bundle_id": str, "codecs": dict, "size": int, "peer_id": str, "maddrs": list, "issued_at": (int, float),
     },
     "record/provider": {"content": str, "bundle_id": str, "peer_id": str, "maddrs": list, "issued_at": (int, float)},
+    "record/proposal": {
+        "round_id": str, "base_id": str, "recipe": dict, "select": dict, "deadline": (int, float), "quorum": (int, float),
+        "proposer": str, "issued_at": (int, float),
+    },
+    "record/commitment": {
+        "round_id": str, "delta_ids": list, "domains": dict, "peer_id": str, "maddrs": list, "issued_at": (int, float),
+    },
+    "record/attestation": {
+        "round_id": str, "result_id": str, "bundle_id": str, "included": list, "excluded": dict,
+        "peer_id": str, "maddrs": list, "issued_at": (int, float),
+    },
 }
-_ID_FIELDS = ("base_id", "architecture", "expert_id", "delta_id", "bundle_id", "content")
+_ID_FIELDS = ("base_id", "architecture", "expert_id", "delta_id", "bundle_id", "content", "round_id", "result_id")
 
 
 class RecordError(UserInputError):
     pass
 
 
-def kind_for_key(key: str) -> str | None:
+def kind_for_key(key: str, subkey: str = "") -> str | None:
+    tail = key.rsplit("/", 1)[-1]
     if key == EXPERTS_KEY:
         return "record/expert"
-    if key.startswith("hivemerge/providers/") and is_content_id(key.rsplit("/", 1)[-1]):
+    if key.startswith("hivemerge/providers/") and is_content_id(tail):
         return "record/provider"
+    if key.startswith("hivemerge/rounds/") and is_content_id(tail):
+        return "record/proposal"
+    if key.startswith("hivemerge/round/") and is_content_id(tail):
+        return "record/attestation" if subkey.endswith("/attest") else "record/commitment"
     return None
 
 
-def owner_subkey(identity: Identity, qualifier: str = "") -> str:
-    return identity.public_hex + (f"/{qualifier}" if qualifier else "")
+# The subkey each kind must be stored under, from its owner and fields.
+def expected_subkey(kind: str, owner: str, fields: dict) -> str:
+    return {
+        "record/expert": f"{owner}/{fields.get('delta_id')}",
+        "record/provider": owner,
+        "record/proposal": f"{owner}/{fields.get('round_id')}",
+        "record/commitment": f"{owner}/commit",
+        "record/attestation": f"{owner}/attest",
+    }[kind]
+
+
+def owner_subkey(identity: Identity, kind: str, fields: dict) -> str:
+    return expected_subkey(kind, identity.public_hex, fields)
 
 
 def make_record(identity: Identity, kind: str, fields: dict) -> bytes:
@@ -70,19 +97,24 @@ def _check_fields(kind: str, fields: Any) -> None:
             raise RecordError(f"{kind}: field {name} has the wrong type")
         if name in _ID_FIELDS and not is_content_id(fields[name]):
             raise RecordError(f"{kind}: field {name} is not a content id")
-    if not all(isinstance(m, str) for m in fields["maddrs"]):
+    if "maddrs" in fields and not all(isinstance(m, str) for m in fields["maddrs"]):
         raise RecordError(f"{kind}: maddrs must be strings")
+    for name in ("delta_ids", "included"):
+        if name in fields and not all(isinstance(d, str) and is_content_id(d) for d in fields[name]):
+            raise RecordError(f"{kind}: {name} must be content ids")
 
 
 def open_record(key: str, subkey: str, value: bytes) -> dict:
     """Check a record found under ``key``/``subkey``; returns its fields (plus
     ``publisher``), or raises RecordError."""
-    kind = kind_for_key(key)
+    kind = kind_for_key(key, subkey if isinstance(subkey, str) else "")
     if kind is None:
         raise RecordError(f"unknown record key {key!r}")
     fields = _open(subkey, value, kind)
-    if kind == "record/provider" and key != providers_key(fields["content"]):
-        raise RecordError("provider record is stored under another content's key")
+    tail = key.rsplit("/", 1)[-1]
+    home_field = {"record/provider": "content", "record/proposal": "base_id"}.get(kind, "round_id")
+    if kind != "record/expert" and fields[home_field] != tail:
+        raise RecordError(f"{kind} is stored under another key than its {home_field}")
     return fields
 
 
@@ -113,7 +145,7 @@ def _open(subkey: Any, value: Any, kind: str | None) -> dict:
     if signed["signer"] != owner:
         raise RecordError("record is signed by a key other than the owner its subkey names")
     _check_fields(kind, fields)
-    expected_subkey = f"{owner}/{fields['delta_id']}" if kind == "record/expert" else owner
-    if subkey != expected_subkey:
-        raise RecordError(f"{kind} must be stored under subkey {expected_subkey}")
+    want = expected_subkey(kind, owner, fields)
+    if subkey != want:
+        raise RecordError(f"{kind} must be stored under subkey {want}")
     return {**fields, "publisher": owner}

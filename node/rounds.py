@@ -1,0 +1,210 @@
+"""The round coordinator: a node's part in merge rounds.
+
+Runs as a task on the node's loop. Every few seconds it looks at the proposals for
+the bases of the experts this node published; it commits (a signed record of its
+delta ids) to the winning open proposal its experts match. After the deadline it
+fetches the committed deltas it lacks, screens them (merge/screening.py), excludes
+the unavailable, the invalid and the norm outliers with the reason, merges the rest
+locally with the engine (GPU when present) and attests the result's content id. Local
+progress is kept in ``HOME/rounds/<round id>.json`` for ``round status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hivemerge.merge.engine import run_merge
+from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.screening import screen_delta
+from hivemerge.node.store import DELTA_SUFFIX
+from hivemerge.protocol import records, rounds
+from hivemerge.protocol.errors import UserInputError
+
+if TYPE_CHECKING:
+    from hivemerge.node.node import Node
+
+POLL_SECONDS = 2.0
+SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
+FETCH_WINDOW = 60.0  # how long a committed delta may take to arrive before it is excluded
+
+
+class RoundCoordinator:
+    def __init__(self, node: "Node", poll: float = POLL_SECONDS, device: str = "auto"):
+        self.node = node
+        self.poll = poll
+        self.device = device
+        self.dir = node.home / "rounds"
+        self.dir.mkdir(exist_ok=True)
+        self._running: dict[str, asyncio.Task] = {}
+
+    # -- local state --------------------------------------------------------------------
+    def state(self, round_id: str) -> dict | None:
+        path = self.dir / f"{round_id}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, state: dict) -> None:
+        path = self.dir / f"{state['proposal']['round_id']}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+
+    def states(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad moment must not end participation
+                self.node.log(f"round coordinator: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.poll)
+
+    async def tick(self) -> None:
+        now = time.time()
+        published = self.node.published()
+        for base_id in sorted({p["base_id"] for p in published}):
+            proposals = await self.proposals(base_id)
+            winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
+            if winner is None or self.state(winner["round_id"]) is not None:
+                continue
+            mine = [p["delta_id"] for p in published if p["base_id"] == base_id and rounds.matches(winner["select"], p)]
+            if mine:
+                domains = {p["delta_id"]: p["domain"] for p in published}
+                await self.commit(winner, {d: domains[d] for d in sorted(mine)})
+        for state in self.states():
+            rid = state["proposal"]["round_id"]
+            if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
+                self._running[rid] = asyncio.create_task(self.execute(rid))
+
+    async def proposals(self, base_id: str) -> list[dict]:
+        found = await self.node.network.get_records(rounds.rounds_key(base_id))
+        return [p for p in found.values() if p["round_id"] == rounds.round_id(p)]
+
+    async def commit(self, proposal: dict, domains: dict[str, str]) -> None:
+        fields = {
+            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": domains,
+            **self.node.contact(), "issued_at": time.time(),
+        }
+        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
+        self.save({"proposal": proposal, "phase": "committed", "committed": sorted(domains)})
+
+    def ttl(self, proposal: dict) -> float:
+        # Round records must outlive the round by a margin, so late fetchers can still check it.
+        return max(self.node.record_ttl, proposal["deadline"] - time.time() + 3600)
+
+    # -- after the deadline ---------------------------------------------------------------
+    async def execute(self, round_id: str) -> None:
+        state = self.state(round_id)
+        proposal = state["proposal"]
+        try:
+            await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
+            state["phase"] = "merging"
+            self.save(state)
+            commitments = await self.commitments(round_id)
+            state["participants"] = sorted(commitments)
+            norms, excluded = await self.gather_deltas(proposal, commitments)
+            excluded.update(rounds.norm_outliers(norms))
+            included = sorted(d for d in norms if d not in excluded)
+            state.update(excluded=excluded, included=included)
+            self.save(state)
+            result_id = await asyncio.get_running_loop().run_in_executor(None, self.merge, proposal, included, commitments)
+            bundle_id = self.node.store.bundle_of(result_id)
+            fields = {
+                "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
+                "excluded": excluded, **self.node.contact(), "issued_at": time.time(),
+            }
+            await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
+            await self.node.announce()
+            state.update(phase="attested", result_id=result_id)
+        except Exception as exc:
+            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.save(state)
+            self._running.pop(round_id, None)
+
+    async def commitments(self, round_id: str) -> dict[str, dict]:
+        found = await self.node.network.get_records(rounds.round_key(round_id))
+        return {r["publisher"]: r for r in found.values() if "delta_ids" in r}
+
+    async def gather_deltas(self, proposal: dict, commitments: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
+        """Fetch what is missing (bounded by the fetch window), then screen every delta."""
+        norms: dict[str, float] = {}
+        excluded: dict[str, str] = {}
+        base = self.node.store.model(proposal["base_id"])
+        window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+        for committer, commitment in sorted(commitments.items()):
+            for delta_id in commitment["delta_ids"]:
+                if delta_id in norms or delta_id in excluded:
+                    continue
+                try:
+                    if not self.node.store.has(delta_id):
+                        await asyncio.wait_for(self.node.fetch_async(delta_id), window)
+                except (Exception, asyncio.TimeoutError) as exc:
+                    excluded[delta_id] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+                    continue
+                path = self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}"
+                try:
+                    norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, committer)
+                except UserInputError as exc:
+                    excluded[delta_id] = f"failed verification: {exc}"[:300]
+        return norms, excluded
+
+    def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
+        domains = {d: c["domains"].get(d, "") for c in commitments.values() for d in c["delta_ids"]}
+        document = build_recipe(proposal, included, domains)
+        recipe = validate_recipe(document, resolver=self.node.store.resolve)
+        out = self.node.store.partial / f"round-{proposal['round_id']}"
+        run_merge(recipe, out, device=self.device, overwrite=True)
+        try:
+            return self.node.store.add_model(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def build_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
+    """The merge recipe of a round: the proposal's template with the included deltas, in
+    delta-id order (every participant builds the same document)."""
+    template = proposal["recipe"]
+    per_domain = template.get("domain_parameters", {})
+    models = []
+    for delta_id in included:
+        params = per_domain.get(domains.get(delta_id, ""), {})
+        models.append({"model": f"hm://{delta_id}", "parameters": dict(params)} if params else {"model": f"hm://{delta_id}"})
+    document = {k: v for k, v in template.items() if k in ("merge_method", "parameters", "dtype", "out_dtype", "seed")}
+    document.update(base_model=f"hm://{proposal['base_id']}", models=models, name=f"hivemerge round {proposal['round_id'][:12]}")
+    return document
+
+
+def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float) -> dict:
+    """A proposal's fields from a round recipe file (see README: Merge rounds)."""
+    select = document.get("select")
+    if not isinstance(select, dict) or not (
+        isinstance(select.get("domains"), list) or isinstance(select.get("deltas"), list)
+    ):
+        raise UserInputError("select: required; {domains: [NAME, ...]} or {deltas: [ID, ...]}")
+    deadline = document.get("deadline", 60)
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 1 <= deadline <= 86400:
+        raise UserInputError(f"deadline: seconds from now until commitments close, 1..86400, got {deadline!r}")
+    quorum = document.get("quorum", rounds.DEFAULT_QUORUM)
+    if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 < quorum <= 1:
+        raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
+    allowed = {"merge_method", "parameters", "dtype", "out_dtype", "seed", "domain_parameters", "fetch_window"}
+    template = {k: v for k, v in document.items() if k in allowed}
+    unknown = set(document) - allowed - {"select", "deadline", "quorum", "base_model"}
+    if unknown:
+        raise UserInputError(f"{sorted(unknown)[0]}: unknown key in a round recipe; expected {sorted(allowed | {'select', 'deadline', 'quorum', 'base_model'})}")
+    proposal = {
+        "base_id": base_id, "recipe": template, "select": select, "deadline": round(now + deadline, 3),
+        "quorum": float(quorum), "proposer": proposer,
+    }
+    proposal["round_id"] = rounds.round_id(proposal)
+    return proposal

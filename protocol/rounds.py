@@ -1,0 +1,79 @@
+"""Round rules: what every node computes alike about merge rounds.
+
+A round is a signed proposal (base, recipe template, which experts may join, commit
+deadline, quorum). Nodes holding matching experts publish signed commitments of their
+delta ids before the deadline; after it, every participant checks the committed
+deltas, merges the ones that pass, and publishes a signed attestation of the result's
+content id. These pure functions decide, from the records alone, which proposal wins,
+which deltas are outliers, and whether a round is final, so that every node reaches
+the same answer from the same records.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from hivemerge.protocol.content import content_id
+
+DEFAULT_QUORUM = 2 / 3
+OUTLIER_FACTOR = 5.0  # a delta norm beyond 5x (or below 1/5) of the median is excluded
+ROUND_KEYS = {"base_id", "recipe", "select", "deadline", "quorum", "proposer"}
+
+
+def rounds_key(base_id: str) -> str:
+    return f"hivemerge/rounds/{base_id}"  # proposals; subkey: <proposer>/<round id>
+
+
+def round_key(round_id: str) -> str:
+    return f"hivemerge/round/{round_id}"  # commitments and attestations; subkey: <node>/commit|attest
+
+
+def round_id(proposal: dict) -> str:
+    """A round is named by the hash of what it asks (not by when or how often it was announced)."""
+    return content_id({k: proposal[k] for k in ROUND_KEYS})
+
+
+def winning_proposal(proposals: list[dict]) -> dict | None:
+    """Competing proposals for one base: the earliest deadline wins, ties by the lowest
+    round id. Every node applies this to the proposals it sees."""
+    if not proposals:
+        return None
+    return min(proposals, key=lambda p: (p["deadline"], p["round_id"]))
+
+
+def matches(select: dict, expert: dict) -> bool:
+    if "deltas" in select:
+        return expert["delta_id"] in select["deltas"]
+    return expert["domain"] in select.get("domains", [])
+
+
+def quorum_size(committed: int, quorum: float) -> int:
+    return max(1, math.ceil(quorum * committed - 1e-9))
+
+
+def final_result(commitments: dict[str, Any], attestations: dict[str, dict], quorum: float) -> tuple[str | None, list[str]]:
+    """(result id, attesters) if at least ``quorum`` of the committed participants attest
+    the same result, else (None, []). Only committed participants count."""
+    votes: dict[str, list[str]] = {}
+    for node, attestation in attestations.items():
+        if node in commitments:
+            votes.setdefault(attestation["result_id"], []).append(node)
+    needed = quorum_size(len(commitments), quorum)
+    for result, nodes in sorted(votes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        if len(nodes) >= needed:
+            return result, sorted(nodes)
+    return None, []
+
+
+def norm_outliers(norms: dict[str, float], factor: float = OUTLIER_FACTOR) -> dict[str, str]:
+    """Deltas whose norm is far from the median norm of all committed deltas, with the reason."""
+    if len(norms) < 3:
+        return {}  # no majority to compare with
+    median = statistics.median(norms.values())
+    excluded = {}
+    for delta_id, norm in norms.items():
+        if median > 0 and (norm > factor * median or norm < median / factor):
+            excluded[delta_id] = f"norm outlier: {norm:.4g} vs median {median:.4g} (allowed x{factor:g})"
+    return excluded
