@@ -23,12 +23,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-from hivemerge.node import cmd_delta, cmd_identity, cmd_network  # noqa: E402
+from hivemerge.node import cmd_delta, cmd_identity, cmd_network, cmd_round  # noqa: E402
 from hivemerge.node.ui import err, tensor_progress  # noqa: E402
 
 app.add_typer(cmd_identity.app, name="identity")
 app.add_typer(cmd_delta.app, name="delta")
 app.add_typer(cmd_network.node_app, name="node")
+app.add_typer(cmd_round.app, name="round")
 app.command()(cmd_network.publish)
 app.command()(cmd_network.experts)
 app.command()(cmd_network.fetch)

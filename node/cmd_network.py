@@ -121,15 +121,22 @@ def experts(
 
 
 def fetch(
-    content: Annotated[str, typer.Argument(help="A delta id, an expert id or any content id (hm://ID or ID).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write it (a directory).")],
+    content: Annotated[
+        Optional[str], typer.Argument(help="A delta id, an expert id or any content id (hm://ID or ID); "
+                                      "omitted: the latest consensus model for --base.")
+    ] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Rebuild the full expert from a delta on this base.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
     home: HomeOption = None,
     peer: PeerOption = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Fetch content from the network, verified chunk by chunk, written atomically."""
+    """Fetch content from the network, verified chunk by chunk, written atomically.
+
+    Without ID: the latest final consensus model for --base, after checking its
+    attestations and hashes; it gets a model card naming the round and its attesters.
+    """
     with _node(home, peer) as node:
         result = node.fetch(ref=content, out=str(out_dir.resolve()), base=str(base.resolve()) if base else None,
                             overwrite=overwrite)
@@ -137,7 +144,12 @@ def fetch(
         print(json.dumps(result, indent=2))
         return
     received = result.get("bytes_received")
-    how = f"{received:,} bytes from {len(result['chunks_by_provider'])} provider(s)" if received is not None else "from the local store"
+    if "round_id" in result:
+        how = f"consensus of round {result['round_id'][:12]}, attested by {len(result['attesters'])}"
+    elif received is not None:
+        how = f"{received:,} bytes from {len(result['chunks_by_provider'])} provider(s)"
+    else:
+        how = "from the local store"
     err.print(f"fetched {result['content'][:12]} ({how}) -> {result['out']}")
     for peer_id, why in result.get("liars", {}).items():
         err.print(f"  avoided {peer_id}: {why}")

@@ -137,6 +137,9 @@ def _open(subkey: Any, value: Any, kind: str | None) -> dict:
         raise RecordError("record value is not JSON") from None
     if not isinstance(signed, dict) or canonical_json(signed) != bytes(value):
         raise RecordError("record value is not canonical")
+    # Exactly the signed envelope: unsigned extra fields would let anyone alter a record's bytes.
+    if set(signed) != {"kind", "manifest", "signer", "signature"}:
+        raise RecordError("record value has fields other than kind, manifest, signer and signature")
     kind = kind or signed.get("kind")
     if kind not in RECORD_SCHEMAS:
         raise RecordError(f"unknown record kind {kind!r}")

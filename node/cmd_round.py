@@ -1,0 +1,69 @@
+"""``hivemerge round propose|status``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hivemerge.node.cmd_identity import HomeOption
+from hivemerge.node.ui import err, out
+
+app = typer.Typer(help="Merge rounds: agree on a merge, compute it everywhere, attest the result.", no_args_is_help=True)
+
+
+@app.command()
+def propose(
+    recipe: Annotated[Path, typer.Argument(help="Round recipe (YAML/JSON): merge_method, base_model, select, deadline, ...")],
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Announce a signed merge round for the running node's network."""
+    from hivemerge.merge.recipe import read_recipe_document
+    from hivemerge.node.cmd_network import _node
+
+    document = read_recipe_document(recipe)
+    base = document.get("base_model")
+    if isinstance(base, str) and not base.startswith("hm://"):
+        candidate = Path(base).expanduser()
+        if not candidate.exists() and (recipe.parent / candidate).exists():
+            candidate = recipe.parent / candidate
+        document["base_model"] = str(candidate.resolve())
+    with _node(home, None) as node:
+        proposal = node.propose(document=document)
+    if as_json:
+        print(json.dumps(proposal, indent=2))
+        return
+    left = proposal["deadline"] - time.time()
+    err.print(f"proposed round {proposal['round_id'][:12]} for base {proposal['base_id'][:12]}; commitments close in {left:.0f}s")
+    print(proposal["round_id"])
+
+
+@app.command()
+def status(
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rounds this node took part in: phase, participants, exclusions with reasons, attestations."""
+    from hivemerge.node.cmd_network import _node
+
+    with _node(home, None) as node:
+        rows = node.round_status()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} round(s)")
+    for column in ("round", "phase", "participants", "attested", "final", "result", "excluded"):
+        table.add_column(column)
+    for r in rows:
+        excluded = "\n".join(f"{d[:12]}: {why}" for d, why in (r.get("excluded") or {}).items()) or "-"
+        table.add_row(
+            r["proposal"]["round_id"][:12], r["phase"] + (f" ({r['error']})" if r.get("error") else ""),
+            str(len(r["commitments"])), str(len(r["attestations"])), "yes" if r["final"] else "no",
+            (r["final_result"] or r.get("result_id") or "-")[:12], excluded,
+        )
+    out.print(table)
