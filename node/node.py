@@ -54,6 +54,7 @@ class Node:
         self.client_mode = client_mode
         self.network = Network(self.identity, self.home, listen or DEFAULT_LISTEN, peers or [], client_mode)
         self._maddrs = self.network.maddrs()
+        self.bytes_received = 0  # content bytes fetched from peers since start
         self.server = BundleServer(self.store)
         self.fetcher = BundleFetcher(self.network.p2p, self.store)
         self._refresher: asyncio.Task | None = None
@@ -236,6 +237,7 @@ class Node:
         peers = [r for r in found if r["bundle_id"] == bundle_id]
         await self._connect(peers)
         report = await self.fetcher.fetch(content, bundle_id, [PeerID.from_base58(r["peer_id"]) for r in peers], progress)
+        self.bytes_received += report.bytes_received
         if not self.client_mode:
             await self._announce_all()  # what it fetched, it serves
         return report
