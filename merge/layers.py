@@ -1,9 +1,10 @@
 """Where a tensor sits in the stack of layers.
 
 Gradients (a parameter given as a list) and per-layer tables are evaluated at a
-tensor's position. Like mergekit, a tensor of layer ``i`` out of ``L`` sits at
-``t = i / (L - 1)``; tensors before the layers (embeddings) sit at ``t = 0`` and
-tensors after them (final norm, LM head) at ``t = 1``.
+tensor's position. As in mergekit 0.1.5 (``plan.py``), a tensor of layer ``i`` out of
+``L`` sits at ``t = i / (L - 1)`` (``t = 1`` when there is a single layer), and every
+tensor outside the layers (embeddings, final norm, LM head) at ``t = 0``, so existing
+recipes with gradients give the same values in both tools.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Iterable
 
 # model.layers.3.mlp..., transformer.h.3..., gpt_neox.layers.3..., blocks.3...
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
 
 def layer_index(tensor_name: str) -> int | None:
@@ -34,8 +34,8 @@ def layer_position(tensor_name: str, num_layers: int) -> float:
     """The gradient coordinate ``t`` in [0, 1] of a tensor."""
     index = layer_index(tensor_name)
     if index is None:
-        return 0.0 if any(h in tensor_name for h in _PRE_LAYER_HINTS) else 1.0
-    return index / (num_layers - 1) if num_layers > 1 else 0.0
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def natural_key(tensor_name: str) -> tuple:

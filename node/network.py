@@ -8,6 +8,7 @@ from the same public key that signs its records. The DHT runs in-process
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,22 @@ class Network:
                 continue
         return result
 
+    def _daemon_alive(self) -> bool:
+        child = getattr(self.p2p, "_child", None)
+        return child is not None and child.returncode is None
+
     def close(self) -> None:
         async def stop() -> None:
-            if self.dht is not None:
-                await self.dht.shutdown()
-            if self.p2p is not None:
-                await self.p2p.shutdown()
+            try:
+                # DHTNode.shutdown unregisters its handlers through p2pd, with no timeout of
+                # its own: if the daemon died (killed, crashed) it would wait forever.
+                if self.dht is not None and self._daemon_alive():
+                    await asyncio.wait_for(self.dht.shutdown(), 5)
+            except Exception:
+                pass  # the daemon goes below either way
+            finally:
+                if self.p2p is not None:
+                    await self.p2p.shutdown()
 
         try:
             if self.p2p is not None or self.dht is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from hivemerge.merge.atomic import atomic_directory
@@ -36,6 +37,7 @@ from hivemerge.protocol.identity import Identity
 
 DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
 RECORD_TTL = 300.0  # seconds a record lives unless refreshed
+GONE_MARGIN = 0.1  # seconds a "gone" record outlives the live one it replaces
 PUBLISHED_FILE = "published.json"
 
 Progress = Callable[[int, int, str], None]
@@ -51,6 +53,7 @@ class Node:
         self.identity = Identity.load_or_create(self.home)
         self.store = ContentStore(self.home)
         self.record_ttl = record_ttl
+        self._live_until = 0.0  # DHT time the latest live record announced by this process expires
         self.client_mode = client_mode
         self.network = Network(self.identity, self.home, listen or DEFAULT_LISTEN, peers or [], client_mode)
         self._maddrs = self.network.maddrs()
@@ -136,7 +139,14 @@ class Node:
         await self._announce_all()
 
     def _ttl(self, maddrs: list[str]) -> float:
-        return self.record_ttl if maddrs else self.record_ttl + 5  # a "gone" record must outlive the live one
+        now = get_dht_time()
+        if maddrs:
+            self._live_until = max(self._live_until, now + self.record_ttl)
+            return self.record_ttl
+        # A "gone" record replaces the live one only if it expires later (a DHT keeps the
+        # later expiry), but only just later: a node restarted soon after must not be
+        # hidden behind its own "gone" records until its first refresh.
+        return max(self._live_until + GONE_MARGIN, now + 1.0) - now
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, model_dir: Path, domain: str, base_dir: Path, codec: str = DEFAULT_CODEC, progress: Progress | None = None) -> dict:
@@ -286,7 +296,8 @@ class Node:
         from hivemerge.protocol import rounds
 
         proposals = self._run(self.network.get_records(rounds.rounds_key(base_id)), 30)
-        valid = [p for p in proposals.values() if p["round_id"] == rounds.round_id(p) and p["deadline"] <= time.time()]
+        named = [p for p in proposals.values() if p["round_id"] == rounds.round_id(p)]
+        valid = [p for p in rounds.live_proposals(named) if p["deadline"] <= time.time()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
             found = self._run(self.network.get_records(rounds.round_key(proposal["round_id"])), 30)
             commitments = {r["publisher"]: r for r in found.values() if "delta_ids" in r}

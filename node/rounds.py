@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hivemerge.merge.delta import DeltaError
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
@@ -72,7 +73,7 @@ class RoundCoordinator:
         now = time.time()
         published = self.node.published()
         for base_id in sorted({p["base_id"] for p in published}):
-            proposals = await self.proposals(base_id)
+            proposals = rounds.live_proposals(await self.proposals(base_id))
             winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
             if winner is None or self.state(winner["round_id"]) is not None:
                 continue
@@ -148,6 +149,9 @@ class RoundCoordinator:
                 try:
                     if not self.node.store.has(delta_id):
                         await asyncio.wait_for(self.node.fetch_async(delta_id), window)
+                except DeltaError as exc:  # it arrived whole, but is not the delta it claims to be
+                    excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
+                    continue
                 except (Exception, asyncio.TimeoutError) as exc:
                     excluded[delta_id] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
                     continue
@@ -155,7 +159,7 @@ class RoundCoordinator:
                 try:
                     norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, committer)
                 except UserInputError as exc:
-                    excluded[delta_id] = f"failed verification: {exc}"[:300]
+                    excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
         return norms, excluded
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
@@ -168,6 +172,13 @@ class RoundCoordinator:
             return self.node.store.add_model(out)
         finally:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _without_local_path(exc: Exception) -> str:
+    """A delta error's reason without this node's file path: reasons go into public
+    attestations, and every participant should state the same one."""
+    head, sep, tail = str(exc).partition(f"{DELTA_SUFFIX}: ")
+    return tail if sep and "/" in head else str(exc)
 
 
 def build_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:

@@ -13,6 +13,7 @@ finished object is verified as a whole and moved into the store in one step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -131,36 +132,59 @@ class BundleFetcher:
             raise FetchError(f"bundle {bundle_id[:12]} holds {bundle['content'][:12]}, not {content[:12]}")
         staging = self.store.partial / bundle_id
         done = self._resume(staging, bundle, report)
-        pending: asyncio.Queue = asyncio.Queue()
+        pending: collections.deque = collections.deque()
         total = sum(len(f["chunks"]) for f in bundle["files"])
         for i, entry in enumerate(bundle["files"]):
             for j in range(len(entry["chunks"])):
                 if (i, j) not in done:
-                    pending.put_nowait((i, j))
-        state = {"done": len(done)}
+                    pending.append((i, j))
+        state = {"done": len(done), "in_flight": 0}
+        settled = asyncio.Event()  # set when an in-flight chunk is done or back in the queue
+
+        async def take() -> tuple[int, int] | None:
+            # A worker with nothing queued waits while others hold chunks in flight: one of
+            # those may fail and come back, and must not be left with no worker to take it.
+            while not pending:
+                if state["in_flight"] == 0:
+                    return None
+                settled.clear()
+                await settled.wait()
+            state["in_flight"] += 1
+            return pending.popleft()
+
+        def settle(chunk: tuple[int, int], ok: bool) -> None:
+            state["in_flight"] -= 1
+            if not ok:
+                pending.append(chunk)
+            settled.set()
 
         async def worker(peer: PeerID) -> None:
             conn = _Connection(self.p2p, peer)
             try:
                 while True:
-                    try:
-                        i, j = pending.get_nowait()
-                    except asyncio.QueueEmpty:
+                    chunk = await take()
+                    if chunk is None:
                         return
+                    i, j = chunk
                     entry = bundle["files"][i]
                     try:
                         data = await conn.request(wire.encode_request("chunk", bundle_id, i, j), MAX_CHUNK_SIZE)
                     except (Exception, asyncio.CancelledError) as exc:  # killed, stalled, refused
-                        pending.put_nowait((i, j))
+                        settle(chunk, ok=False)
                         report.failed[str(peer)] = f"{type(exc).__name__}: {exc}"[:200]
                         if isinstance(exc, asyncio.CancelledError):
                             raise
                         return
                     if hashlib.sha256(data).hexdigest() != entry["chunks"][j]:
-                        pending.put_nowait((i, j))
+                        settle(chunk, ok=False)
                         report.liars[str(peer)] = f"chunk {j} of {entry['path']} failed its hash check"
                         return  # avoided for the rest of this fetch
-                    self._write_chunk(staging, bundle, i, j, data)
+                    try:
+                        self._write_chunk(staging, bundle, i, j, data)
+                    except BaseException:
+                        settle(chunk, ok=False)
+                        raise
+                    settle(chunk, ok=True)
                     done.add((i, j))
                     report.bytes_received += len(data)
                     report.chunks_by_provider[str(peer)] = report.chunks_by_provider.get(str(peer), 0) + 1

@@ -35,12 +35,28 @@ def round_id(proposal: dict) -> str:
     return content_id({k: proposal[k] for k in ROUND_KEYS})
 
 
+def _precedence(proposal: dict) -> tuple[float, str]:
+    return proposal["deadline"], proposal["round_id"]
+
+
 def winning_proposal(proposals: list[dict]) -> dict | None:
     """Competing proposals for one base: the earliest deadline wins, ties by the lowest
     round id. Every node applies this to the proposals it sees."""
     if not proposals:
         return None
-    return min(proposals, key=lambda p: (p["deadline"], p["round_id"]))
+    return min(proposals, key=_precedence)
+
+
+def live_proposals(proposals: list[dict]) -> list[dict]:
+    """The proposals that did not lose to a competitor. Two proposals compete when their
+    windows (``issued_at`` to ``deadline``) overlap; the one :func:`winning_proposal`
+    prefers stays live and the other has lost, for good: nodes must not join it once the
+    winner has closed. One announced after every live round closed is a new round."""
+    live: list[dict] = []
+    for proposal in sorted(proposals, key=_precedence):
+        if not any(proposal["issued_at"] < earlier["deadline"] for earlier in live):
+            live.append(proposal)
+    return live
 
 
 def matches(select: dict, expert: dict) -> bool:

@@ -38,7 +38,7 @@ def parse_request(line: bytes) -> dict:
         raise WireError("request line too long")
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting fits in MAX_LINE and blows the parser's stack
         raise WireError("request is not JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("bundle"), str) or not is_content_id(message["bundle"]):
         raise WireError("request names no bundle id")
@@ -59,7 +59,7 @@ def parse_header(line: bytes, max_size: int) -> int:
     """The payload size announced by a response header; raises WireError on errors."""
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WireError("response header is not JSON") from None
     if not isinstance(message, dict):
         raise WireError("malformed response header")

@@ -111,13 +111,15 @@ class NodePool:
             node.close()
 
     def close_all(self) -> None:
-        errors = []
-        while self.open:
-            node = self.open.pop()
-            try:
-                node.close()
-            except Exception as exc:  # close the others anyway
-                errors.append(exc)
+        """Closes them side by side (a node's leaving may wait on peers that died)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        nodes, self.open = self.open, []
+        if not nodes:
+            return
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            futures = [pool.submit(node.close) for node in nodes]
+        errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
 

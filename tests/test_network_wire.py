@@ -67,9 +67,15 @@ def test_overlong_request_line_is_refused_before_parsing():
         parse_request(deep)
 
 
-def test_deeply_nested_short_request_is_a_wire_error():
+def test_deeply_nested_short_messages_are_wire_errors():
+    # Short enough to be parsed, deep enough to exhaust the JSON parser's recursion: the
+    # server must answer it like any malformed request, not die with a RecursionError.
+    nested = b"[" * 2000 + b"]" * 2000
+    assert len(nested) < MAX_LINE
     with pytest.raises(WireError):
-        parse_request(b"[" * 2000 + b"]" * 2000)
+        parse_request(nested)
+    with pytest.raises(WireError):
+        parse_header(nested, 10)
 
 
 def test_headers_round_trip():

@@ -1,0 +1,160 @@
+"""A whole merge round among real nodes on 127.0.0.1.
+
+Four nodes: ``a`` proposes (it holds no expert), ``b``, ``c`` and ``d`` each publish one
+expert of the same tiny base (math, code, logic). Every participant commits, fetches
+the others' deltas, merges locally and attests; the round is final. A fifth node that
+took no part fetches the latest consensus, checks it and loads it in transformers; the
+result equals an offline merge of the three delta files with the same recipe.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from round_fixtures import (
+    RoundNet, build_family, model_id_of, offline_merge, round_document, wait_committed, wait_round_done,
+)
+
+from hivemerge.protocol.errors import UserInputError
+
+DOMAINS = ["math", "code", "logic"]
+# task arithmetic with per-domain weights: a participant that paired a delta with the
+# wrong domain (or the wrong order) would compute another result
+TEMPLATE = {
+    "merge_method": "task_arithmetic",
+    "parameters": {"weight": 1.0, "lambda": 0.9},
+    "domain_parameters": {"math": {"weight": 1.0}, "code": {"weight": 0.5}, "logic": {"weight": 0.75}},
+    "dtype": "float32",
+}
+
+
+@pytest.fixture(scope="module")
+def first_round(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consensus")
+    family = build_family(root / "models", DOMAINS)
+    net = RoundNet(root / "nodes")
+    try:
+        a, b, c, d = net.start_many(["a", "b", "c", "d"])
+        participants = {"math": b, "code": c, "logic": d}
+        published = {dom: n.publish(family[dom], dom, family["base"]) for dom, n in participants.items()}
+        document = {k: v for k, v in TEMPLATE.items()}
+        document.update(round_document(family["base"], DOMAINS, method=TEMPLATE["merge_method"],
+                                       parameters=TEMPLATE["parameters"]))
+        proposal = a.propose(document)
+        states = wait_round_done([b, c, d], proposal["round_id"])
+        yield {
+            "root": root, "family": family, "net": net, "a": a, "participants": participants,
+            "published": published, "proposal": proposal, "states": states,
+        }
+    finally:
+        net.close_all()
+
+
+def test_every_participant_attests_the_same_content_id(first_round):
+    rid = first_round["proposal"]["round_id"]
+    deltas = sorted(p["delta_id"] for p in first_round["published"].values())
+    keys = sorted(n.identity.public_hex for n in first_round["participants"].values())
+    result_ids = set()
+    for node in first_round["participants"].values():
+        rows = node.round_status()
+        assert [r["proposal"]["round_id"] for r in rows] == [rid]
+        row = rows[0]
+        assert row["phase"] == "attested", row.get("error")
+        assert row["included"] == deltas and row["excluded"] == {}
+        assert sorted(row["participants"]) == keys
+        assert sorted(row["commitments"]) == keys
+        assert sorted(row["attestations"]) == keys
+        assert row["final"] and row["final_result"] == row["result_id"]
+        assert row["attesters"] == keys
+        result_ids.add(row["result_id"])
+        # every participant holds the result under its id
+        assert model_id_of(node.store.resolve(row["result_id"])) == row["result_id"]
+    assert len(result_ids) == 1
+    # the proposer took no part: it has no round state
+    assert first_round["a"].round_status() == []
+
+
+def test_a_node_that_took_no_part_fetches_and_verifies_the_consensus(first_round):
+    from transformers import AutoModelForCausalLM
+
+    net, family, proposal = first_round["net"], first_round["family"], first_round["proposal"]
+    result_id = first_round["states"][0]["result_id"]
+    keys = sorted(n.identity.public_hex for n in first_round["participants"].values())
+    e = net.start("e", peers=first_round["a"].maddrs(), client_mode=True)
+    try:
+        latest = e.latest(model_id_of(family["base"]))
+        assert latest["result_id"] == result_id and latest["proposal"]["round_id"] == proposal["round_id"]
+        out = first_round["root"] / "fetched-consensus"
+        summary = e.fetch(None, out=out, base=family["base"])
+    finally:
+        net.close(e)
+    assert summary["content"] == result_id
+    assert summary["round_id"] == proposal["round_id"]
+    assert summary["attesters"] == keys and summary["participants"] == keys
+    assert summary["bytes_received"] > 0  # it came over the network, from the attesters
+    assert model_id_of(out) == result_id  # what it wrote is what the quorum attested
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    card = (out / "README.md").read_text()
+    assert f"round {proposal['round_id'][:12]}" in card
+    assert f"attested by 3 of 3 participants" in card
+    for key in keys:
+        assert f"| {key[:16]} |" in card
+    for delta_id in (p["delta_id"] for p in first_round["published"].values()):
+        assert f"- `{delta_id}`" in card
+
+
+def test_the_consensus_equals_an_offline_merge_of_the_deltas(first_round):
+    result_id = first_round["states"][0]["result_id"]
+    published = first_round["published"]
+    files = {p["delta_id"]: first_round["participants"][dom].store.resolve(p["delta_id"]) for dom, p in published.items()}
+    domain_of = {p["delta_id"]: dom for dom, p in published.items()}
+    merged = offline_merge(first_round["root"] / "offline", first_round["family"]["base"], files, TEMPLATE, domain_of)
+    assert merged == result_id
+    # the per-domain weights matter: the same deltas with the domains swapped give another model
+    swapped = {d: {"math": "code", "code": "math", "logic": "logic"}[dom] for d, dom in domain_of.items()}
+    assert offline_merge(first_round["root"] / "offline-swapped", first_round["family"]["base"], files, TEMPLATE,
+                         swapped) != result_id
+
+
+def test_a_later_round_without_quorum_keeps_the_previous_consensus(first_round):
+    """Quorum 1.0 and a participant that leaves after committing: the round ends without a
+    result, and the latest consensus is still the first round's."""
+    net, family, a = first_round["net"], first_round["family"], first_round["a"]
+    b, c, d = (first_round["participants"][dom] for dom in DOMAINS)
+    first_result = first_round["states"][0]["result_id"]
+    document = round_document(family["base"], DOMAINS, method="ties", quorum=1.0, deadline=5)
+    proposal = a.propose(document)
+    rid = proposal["round_id"]
+    wait_committed(a, rid, [n.identity.public_hex for n in (b, c, d)])
+    net.close(d)
+    assert proposal["deadline"] > time.time(), "d left after the deadline: the test is too slow"
+    states = wait_round_done([b, c], rid)
+    assert all(s["phase"] == "attested" for s in states)
+    assert states[0]["result_id"] == states[1]["result_id"]
+    # b and c still hold d's delta from the first round, so it is merged even though d left:
+    # what d lacks is its attestation
+    assert states[0]["excluded"] == {} and len(states[0]["included"]) == 3
+    for node in (b, c):
+        row = next(r for r in node.round_status() if r["proposal"]["round_id"] == rid)
+        assert len(row["commitments"]) == 3 and len(row["attestations"]) == 2
+        assert not row["final"] and row["final_result"] is None and row["attesters"] == []
+    e = net.start("e2", peers=a.maddrs(), client_mode=True)
+    try:
+        latest = e.latest(model_id_of(family["base"]))
+        assert latest["result_id"] == first_result
+        assert latest["proposal"]["round_id"] == first_round["proposal"]["round_id"]
+        summary = e.fetch(None, out=first_round["root"] / "still-first", base=family["base"])
+        assert summary["content"] == first_result
+    finally:
+        net.close(e)
+
+
+def test_fetch_without_id_needs_a_base(first_round):
+    e = first_round["net"].start("e3", peers=first_round["a"].maddrs(), client_mode=True)
+    try:
+        with pytest.raises(UserInputError, match="--base"):
+            e.fetch(None, out=first_round["root"] / "nowhere")
+    finally:
+        first_round["net"].close(e)
