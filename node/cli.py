@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-from hivemerge.node import cmd_delta, cmd_identity, cmd_network, cmd_round  # noqa: E402
+from hivemerge.node import cmd_delta, cmd_demo, cmd_identity, cmd_network, cmd_round  # noqa: E402
 from hivemerge.node.ui import err, tensor_progress  # noqa: E402
 
 app.add_typer(cmd_identity.app, name="identity")
@@ -33,6 +33,8 @@ app.add_typer(cmd_round.app, name="round")
 app.command()(cmd_network.publish)
 app.command()(cmd_network.experts)
 app.command()(cmd_network.fetch)
+app.command("eval")(cmd_demo.eval_command)
+app.command()(cmd_demo.demo)
 
 
 def _methods_epilog() -> str:

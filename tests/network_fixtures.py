@@ -65,6 +65,7 @@ def wait_p2pd_gone(under: Path, timeout: float = 15.0) -> list[int]:
 
 def check_no_leftover_p2pd(under: Path) -> None:
     """Fails (after killing them) if daemons started under ``under`` outlived their nodes."""
+    settle_garbage()
     left = wait_p2pd_gone(under)
     for pid in left:
         try:
@@ -119,9 +120,21 @@ class NodePool:
             return
         with ThreadPoolExecutor(len(nodes)) as pool:
             futures = [pool.submit(node.close) for node in nodes]
+        settle_garbage()
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
+
+
+def settle_garbage() -> None:
+    """Finalize the dead nodes' asyncio tasks now. A killed daemon leaves hivemind tasks
+    with unretrieved exceptions; if the garbage collector happened to finalize them in
+    the middle of an ``ast.parse`` (pytest rewriting or formatting), the traceback that
+    asyncio logs would re-enter the parser, and CPython 3.11 then fails that parse with
+    "SystemError: AST constructor recursion depth mismatch"."""
+    import gc
+
+    gc.collect()
 
 
 def kill_daemon(node) -> int:

@@ -9,7 +9,6 @@ its fixture, and the module checks that no p2pd it started outlives it.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -378,7 +377,7 @@ def test_a_provider_killed_during_a_fetch_is_replaced_by_another(pool, big_model
     fetcher = pool.start("f", peers=other.maddrs())
     # The victim serves three chunks, then holds its fourth request until it is killed.
     held = Served(victim, block_at=3)
-    steady = Served(other, delay=0.02 if when == "midway" else 0.0)
+    steady = Served(other, delay=0.04 if when == "midway" else 0.0)
     with ThreadPoolExecutor(1) as pool_thread:
         future = pool_thread.submit(fetcher.fetch, delta_id, tmp_path / "out")
         assert held.blocked.wait(30), "the victim was never asked for a fourth chunk"

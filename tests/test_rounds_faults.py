@@ -57,7 +57,7 @@ def leave_after_committing(net, observer, proposal, participants: dict, leaver) 
 
 def test_a_participant_that_leaves_after_committing_is_excluded_and_the_round_finalizes(net, family, tmp_path):
     a, participants, published = start_round(net, family, HONEST, {})
-    proposal = a.propose({**round_document(family["base"], HONEST, deadline=4), **TEMPLATE})
+    proposal = a.propose({**round_document(family["base"], HONEST, deadline=5), **TEMPLATE})
     rid = proposal["round_id"]
     gone = participants["logic"]
     gone_delta = published["logic"]["delta_id"]
@@ -141,7 +141,7 @@ def test_tampered_and_scaled_deltas_are_excluded_and_the_consensus_is_the_honest
 
 def test_a_round_without_quorum_gives_no_consensus(net, family, tmp_path):
     a, participants, published = start_round(net, family, HONEST, {})
-    proposal = a.propose({**round_document(family["base"], HONEST, deadline=4, quorum=1.0), **TEMPLATE})
+    proposal = a.propose({**round_document(family["base"], HONEST, deadline=5, quorum=1.0), **TEMPLATE})
     rid = proposal["round_id"]
     leave_after_committing(net, a, proposal, participants, participants["logic"])
     b, c = participants["math"], participants["code"]

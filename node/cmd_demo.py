@@ -1,0 +1,69 @@
+"""``hivemerge eval`` and ``hivemerge demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from hivemerge.node.ui import err, out
+
+
+def eval_command(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (transformers, safetensors).")],
+    suite: Annotated[list[str], typer.Option("--suite", help="math, strings, logic, compose, or a JSONL file of {prompt, answer} (repeatable).")],
+    count: Annotated[int, typer.Option(help="Examples per built-in suite.", min=1)] = 200,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Exact-match accuracy of greedy answers, and the answer loss, on held-out suites."""
+    from hivemerge.merge.evaluate import evaluate, load_model
+
+    model, tokenizer = load_model(model_dir)
+    results = [vars(evaluate(model, tokenizer, s, count)) for s in suite]
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title=str(model_dir))
+    for column in ("suite", "accuracy", "loss", "examples"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["suite"], f"{100 * r['accuracy']:.1f}%", f"{r['loss']:.3f}", str(r["examples"]))
+    out.print(table)
+
+
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write results.json, results.png and the consensus model.")] = Path("hivemerge-demo"),
+    workdir: Annotated[Optional[Path], typer.Option(help="Cache of the trained models and node homes (default ~/.cache/hivemerge/demo).")] = None,
+    count: Annotated[int, typer.Option(help="Examples per suite.", min=10)] = 200,
+) -> None:
+    """The main job: experts, a local network, a merge round, the consensus model, the table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hivemerge.merge import tasks
+    from hivemerge.node.demo import run_demo
+
+    workdir = workdir or Path.home() / ".cache" / "hivemerge" / "demo"
+    with Progress(TextColumn("[bold]training {task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        tasks_by_stage: dict = {}
+
+        def train_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks_by_stage:
+                tasks_by_stage[stage] = bar.add_task(stage, total=total)
+                err.print(f"  training {stage} ({total} steps)")
+            bar.update(tasks_by_stage[stage], completed=done)
+
+        result = run_demo(workdir, out_dir, say=lambda m: err.print(f"[bold cyan]>[/] {m}"),
+                          train_progress=train_progress, count=count)
+
+    table = Table(title=f"hivemerge demo: accuracy % (loss) on {count} held-out examples per suite")
+    table.add_column("model")
+    for s in tasks.SUITES:
+        table.add_column(s, justify="right")
+    for name, row in result["results"].items():
+        table.add_row(name, *[f"{100 * row[s]['accuracy']:.1f} ({row[s]['loss']:.2f})" for s in tasks.SUITES])
+    out.print(table)
+    err.print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'} in {result['seconds']:.0f}s")

@@ -1,0 +1,116 @@
+"""``hivemerge demo``: the whole mission on this machine, nothing downloaded.
+
+Builds (or reuses) the tiny domain experts, starts a local network of real nodes on
+loopback (one per expert plus one that only fetches), publishes the experts, runs a
+merge round, fetches the consensus model on the fetch-only node, evaluates base,
+experts and consensus on every suite, and writes the table as JSON and a plot.
+Every node it started is stopped on the way out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hivemerge.merge import tasks
+from hivemerge.merge.evaluate import evaluate, load_model
+from hivemerge.merge.experts import build_experts
+from hivemerge.merge.manifest import model_id
+from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.protocol.errors import UserInputError
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+# The round's merge: task arithmetic adds every expert's skill to the shared base.
+ROUND_RECIPE = {
+    "merge_method": "task_arithmetic",
+    "parameters": {"weight": 1.0},
+    "dtype": "float32",
+    "out_dtype": "float32",
+    "deadline": 6,
+    "quorum": 2 / 3,
+}
+ROUND_TIMEOUT = 300.0
+
+Say = Callable[[str], None]
+
+
+def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200) -> dict:
+    from hivemerge.node.node import Node
+
+    started = time.perf_counter()
+    say("building or reusing the base and the domain experts")
+    models = build_experts(workdir / "models", progress=train_progress)
+    base_dir = models["base"]
+    base_id = model_id(SafetensorsModel(base_dir))
+
+    nodes: list = []
+    try:
+        say(f"starting {len(tasks.DOMAINS) + 1} nodes on 127.0.0.1")
+        fetcher = Node(workdir / "nodes" / "fetcher", listen=LOOPBACK, record_ttl=120, round_poll=0.5)
+        nodes.append(fetcher)
+        seed = fetcher.maddrs()
+        experts = {}
+        for domain in tasks.DOMAINS:
+            node = Node(workdir / "nodes" / domain, listen=LOOPBACK, peers=seed, record_ttl=120, round_poll=0.5)
+            nodes.append(node)
+            experts[domain] = node
+        for domain, node in experts.items():
+            record = node.publish(models[domain], domain, base_dir)
+            say(f"{domain} expert published by {node.identity.fingerprint}: delta {record['delta_id'][:12]} ({record['size']:,} bytes)")
+        proposal = fetcher.propose({**ROUND_RECIPE, "base_model": str(base_dir), "select": {"domains": list(tasks.DOMAINS)}})
+        say(f"round {proposal['round_id'][:12]} proposed: {ROUND_RECIPE['merge_method']}, commitments close in {ROUND_RECIPE['deadline']}s")
+        deadline = time.time() + ROUND_RECIPE["deadline"] + ROUND_TIMEOUT
+        final = None
+        while final is None:
+            if time.time() > deadline:
+                raise UserInputError("the demo round did not finalize in time")
+            time.sleep(1.0)
+            final = fetcher.latest(base_id)
+            if final is not None and final["proposal"]["round_id"] != proposal["round_id"]:
+                final = None  # an older round of an earlier run: wait for this one
+        say(f"round final: {len(final['attesters'])} of {len(final['commitments'])} participants attest {final['result_id'][:12]}")
+        fetched = fetcher.fetch(None, out=out / "consensus", base=base_dir, overwrite=True)
+        say(f"consensus model fetched by the fetch-only node -> {fetched['out']}")
+    finally:
+        for node in reversed(nodes):
+            node.close()
+        say("all nodes stopped")
+
+    say("evaluating base, experts and consensus on every suite")
+    rows = {}
+    for name, path in [("base", base_dir), *[(d, models[d]) for d in tasks.DOMAINS], ("consensus", out / "consensus")]:
+        model, tokenizer = load_model(path)
+        rows[name] = {s: vars(evaluate(model, tokenizer, s, count)) for s in tasks.SUITES}
+    result = {
+        "round_id": proposal["round_id"], "consensus_id": final["result_id"], "recipe": ROUND_RECIPE,
+        "results": rows, "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_plot(rows, out / "results.png")
+    return result
+
+
+def write_plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = list(tasks.SUITES)
+    models = list(rows)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, name in enumerate(models):
+        values = [100 * rows[name][s]["accuracy"] for s in suites]
+        ax.bar([x + i * width for x in range(len(suites))], values, width, label=name)
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(suites))], suites)
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("hivemerge demo: base, domain experts and the consensus model")
+    ax.legend(ncols=len(models), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
