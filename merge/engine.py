@@ -1,9 +1,10 @@
 """The streaming merge engine: a validated recipe in, a Hugging Face model directory out.
 
 Tensors are processed one at a time in the reference model's (natural) order: read
-from each input's memory map, converted to the recipe's ``dtype`` on the merge
-device, merged by the method, cast to ``out_dtype`` and written to its planned place
-in the output shards. Peak memory is a few tensors per input.
+from each input's file, moved to the merge device, converted to the recipe's
+``dtype`` (by the engine, or chunk by chunk by methods that convert inputs
+themselves), merged by the method, cast to ``out_dtype`` and written to its planned
+place in the output shards. Peak memory is a few tensors per input.
 """
 
 from __future__ import annotations
@@ -63,16 +64,20 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device) -> torch.Tenso
     if not reference.tensors[name].dtype.is_floating_point:
         return reference.get(name)  # integer buffers (position ids, masks) pass through
 
-    def load(model) -> torch.Tensor:
-        return model.source.get(name).to(device).to(recipe.dtype)
-
     method = recipe.method
+
+    def load(model) -> torch.Tensor:
+        tensor = model.source.get(name).to(device)
+        return tensor if method.converts_inputs else tensor.to(recipe.dtype)
+
     job = TensorJob(
         name=name,
         base=load(recipe.base) if recipe.base is not None and method.requires_base else None,
         models=[load(m) for m in recipe.inputs],
         model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
         params=recipe.global_params_for(name),
+        dtype=recipe.dtype,
+        out_dtype=recipe.out_dtype,
         model_ids=[m.recipe_index for m in recipe.inputs],
         seed=recipe.seed,
     )

@@ -8,10 +8,14 @@ width and device. These helpers only use elementwise operations and integer coun
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
 
 _HI_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit clear)
 _LO_BUCKETS = 1 << 16
+_INF_BITS = 0x7F800000  # bits of +inf: those of NaN lie above
 
 
 def pairwise_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -36,24 +40,59 @@ def dot(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tenso
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest (1-based) of non-negative float32 ``values``, exactly.
-
-    A two-pass radix select on the float bits (for non-negative IEEE floats the bit
-    pattern orders like the value): count the high 16 bits, then the low 16 bits of
-    the bucket that holds the k-th element. Two integer histograms instead of a sort.
-    """
+    """The k-th largest (1-based) of non-negative float32 ``values``, exactly."""
     flat = values.reshape(-1)
     if flat.dtype != torch.float32:
         raise TypeError("kth_largest expects float32")
     if not 1 <= k <= flat.numel():
         raise ValueError(f"k={k} out of range for {flat.numel()} values")
-    bits = flat.contiguous().view(torch.int32)
-    high = bits >> 16
-    bucket, above = _select_bucket(torch.bincount(high, minlength=_HI_BUCKETS), k)
-    low = bits[high == bucket] & 0xFFFF
-    low_bucket, _ = _select_bucket(torch.bincount(low, minlength=_LO_BUCKETS), k - above)
-    pattern = torch.tensor([(bucket << 16) | low_bucket], dtype=torch.int32, device=flat.device)
-    return pattern.view(torch.float32)[0]
+    return top_k_cuts(lambda: (flat,), [k])[0].threshold
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest of some values: all those above ``threshold`` (a 0-dim float32
+    tensor), then the first ``ties`` in flat order of those equal to it."""
+
+    threshold: torch.Tensor
+    ties: int
+
+
+def top_k_cuts(chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> list[TopK]:
+    """The :class:`TopK` of each k (1 <= k <= count) over non-negative float32 values.
+
+    ``chunks()`` yields the values in flat order, in pieces of any size; it is called
+    twice (three times when they hold NaN), so the values never need to be whole in
+    memory. A radix select on the float bits (for non-negative IEEE floats the bit
+    pattern orders like the value): one histogram of the high 16 bits serves every k,
+    then one of the low 16 bits inside each k's bucket. Integer counts, no sort.
+    """
+    high = _histogram(chunks, lambda bits: bits >> 16, _HI_BUCKETS)
+    buckets = [_select_bucket(high, k) for k in ks]
+    lows = {
+        b: _histogram(chunks, lambda bits, b=b: bits[(bits >> 16) == b] & 0xFFFF, _LO_BUCKETS)
+        for b in {bucket for bucket, _ in buckets}
+    }
+    # NaN bits lie above every number's, yet NaN compares greater than nothing
+    nans = _count(chunks, lambda bits: bits > _INF_BITS) if int(high[_INF_BITS >> 16 :].sum()) else 0
+    cuts = []
+    for k, (bucket, above) in zip(ks, buckets):
+        low, above_low = _select_bucket(lows[bucket], k - above)
+        pattern = torch.tensor([(bucket << 16) | low], dtype=torch.int32, device=high.device)
+        cuts.append(TopK(pattern.view(torch.float32)[0], k - (above + above_low - nans)))
+    return cuts
+
+
+def _histogram(chunks, keys: Callable[[torch.Tensor], torch.Tensor], buckets: int) -> torch.Tensor:
+    total = None
+    for values in chunks():
+        counts = torch.bincount(keys(values.view(torch.int32)), minlength=buckets)
+        total = counts if total is None else total.add_(counts)
+    return total
+
+
+def _count(chunks, predicate: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    return sum(int(torch.count_nonzero(predicate(values.view(torch.int32)))) for values in chunks())
 
 
 def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -63,6 +102,22 @@ def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
     bucket = counts.numel() - 1 - j
     above = int(from_top[j]) - int(counts[bucket])
     return bucket, above
+
+
+class TopKMasks:
+    """The masks of a :class:`TopK` over its values, handed chunk by chunk in flat order."""
+
+    def __init__(self, cut: TopK):
+        self.threshold = cut.threshold
+        self.ties_left = cut.ties
+
+    def mask(self, values: torch.Tensor) -> torch.Tensor:
+        keep = values > self.threshold
+        if self.ties_left > 0:
+            ties = (values == self.threshold).reshape(-1).nonzero().view(-1)[: self.ties_left]
+            keep.view(-1)[ties] = True
+            self.ties_left -= ties.numel()
+        return keep
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,15 +142,20 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
         return mask.view(values.shape)
-    threshold = kth_largest(flat, k)
-    mask = flat > threshold
-    need = k - int(mask.sum())
-    at_threshold = flat == threshold
-    if int(at_threshold.sum()) > need:
-        at_threshold &= torch.cumsum(at_threshold, 0) <= need
-    return (mask | at_threshold).view(values.shape)
+    cut = top_k_cuts(lambda: (flat,), [k])[0]
+    return TopKMasks(cut).mask(flat).view(values.shape)
 
 
 def rank_window_mask(values: torch.Tensor, skip_top: int, keep: int) -> torch.Tensor:
     """Mask of the values ranked ``skip_top .. skip_top+keep-1`` in descending order."""
     return top_k_mask(values, skip_top + keep) & ~top_k_mask(values, skip_top)
+
+
+_INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def keep_or_zero(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``torch.where(keep, values, 0.0)`` bit for bit, NaN and -0.0 included, as an
+    integer AND with an all-ones mask: several times faster than where on the CPU."""
+    ints = values.view(_INT_OF_WIDTH[values.element_size()])
+    return (ints & keep.to(ints.dtype).neg_()).view(values.dtype)

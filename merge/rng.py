@@ -49,9 +49,16 @@ def bernoulli_mask(
     key: tuple[int, int], numel: int, keep_probability: float, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Flat boolean mask, each element True with probability ``keep_probability``."""
-    threshold = min(1 << 32, round(keep_probability * (1 << 32)))
     mask = torch.empty(numel, dtype=torch.bool, device=device)
     for start in range(0, numel, _CHUNK):
         count = min(_CHUNK, numel - start)
-        mask[start : start + count] = uint32_stream(key, start, count, device) < threshold
+        mask[start : start + count] = bernoulli_chunk(key, start, count, keep_probability, device)
     return mask
+
+
+def bernoulli_chunk(
+    key: tuple[int, int], start: int, count: int, keep_probability: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Elements ``start .. start+count-1`` of the mask :func:`bernoulli_mask` draws."""
+    threshold = min(1 << 32, round(keep_probability * (1 << 32)))
+    return uint32_stream(key, start, count, device) < threshold

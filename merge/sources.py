@@ -1,9 +1,9 @@
 """Read-only access to the tensors of a model directory, one tensor at a time.
 
-Inputs are memory-mapped safetensors (a single ``model.safetensors`` or shards listed
-by ``model.safetensors.index.json``). Only headers are parsed up front; a tensor's
-bytes are read when :meth:`SafetensorsModel.get` asks for it, so a merge never holds
-whole models. Pickled checkpoints are refused: they can execute code on load.
+Inputs are safetensors (a single ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``). Only headers are parsed up front; a tensor's bytes
+are read when :meth:`SafetensorsModel.get` asks for it, so a merge never holds whole
+models. Pickled checkpoints are refused: they can execute code on load.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from hivemerge.merge.dtypes import DTYPE_OF_CODE
 from hivemerge.protocol.errors import UserInputError
 
@@ -87,7 +85,6 @@ class SafetensorsModel:
                 begin, end = entry["data_offsets"]
                 self.tensors[name] = TensorInfo(DTYPE_OF_CODE[code], tuple(entry["shape"]))
                 self._locations[name] = _Location(file, data_start + begin, data_start + end)
-        self._handles: dict[Path, object] = {}
 
     def _shard_files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
@@ -131,12 +128,26 @@ class SafetensorsModel:
 
     # -- data -----------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """The tensor's values, read from the memory map into their own memory."""
-        file = self._locations[name].file
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        """The tensor's values, read from the file into memory of their own.
+
+        A plain read, not a memory map: the pages of a map would stay resident and be
+        counted against the merge for as long as the map is open."""
+        where, info = self._locations[name], self.tensors[name]
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if len(buffer) != where.end - where.begin:
+            raise UserInputError(
+                f"{where.file}: tensor {name} holds {where.end - where.begin} bytes, its dtype and shape need {len(buffer)}"
+            )
+        with where.file.open("rb", buffering=0) as f:
+            f.seek(where.begin)
+            done = 0
+            while done < len(buffer):  # one read returns at most ~2 GiB
+                got = f.readinto(buffer[done:])
+                if not got:
+                    raise UserInputError(f"{where.file}: truncated (tensor {name})")
+                done += got
+        return tensor
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (what manifests hash)."""
@@ -147,6 +158,3 @@ class SafetensorsModel:
         if len(data) != info.end - info.begin:
             raise UserInputError(f"{info.file}: truncated (tensor {name})")
         return data
-
-    def close(self) -> None:
-        self._handles.clear()

@@ -66,7 +66,19 @@ def train(
     model, tokenizer, sample: Callable[[random.Random], Example], steps: int, seed: int, lr: float = 2e-3,
     batch: int = 64, progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
-    """AdamW with warmup and cosine decay; deterministic for a seed."""
+    """AdamW with warmup and cosine decay; deterministic for a seed.
+
+    One thread: a model this small gains nothing from more, and on a busy machine
+    extra threads make it many times slower (oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(model, tokenizer, sample, steps, seed, lr, batch, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, tokenizer, sample, steps, seed, lr, batch, progress) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))

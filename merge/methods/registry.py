@@ -26,10 +26,12 @@ class TensorJob:
     """Everything a method sees for one tensor."""
 
     name: str
-    base: torch.Tensor | None  # compute dtype, on the merge device
+    base: torch.Tensor | None  # on the merge device; in ``dtype`` unless the method converts_inputs
     models: list[torch.Tensor]
     model_params: list[dict[str, Any]]  # resolved for this tensor, one dict per model
     params: dict[str, Any]  # resolved global parameters
+    dtype: torch.dtype  # the recipe's compute dtype
+    out_dtype: torch.dtype  # what the engine writes; a method may already return it
     model_ids: list[int] = field(default_factory=list)  # stable indices, key the random streams
     seed: int = 0
 
@@ -43,6 +45,10 @@ class MergeMethod:
     # Task-vector methods merge (model - base): a model equal to the base adds nothing
     # and is dropped from their inputs, as mergekit does.
     drops_base_from_models: ClassVar[bool] = False
+    # False: the engine hands over inputs converted to the compute dtype. True: in the
+    # dtype they are stored in (half the memory for fp16 files); the method converts
+    # to ``job.dtype`` itself, piece by piece.
+    converts_inputs: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
 
