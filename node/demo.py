@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hivemerge.merge import tasks
 from hivemerge.merge.evaluate import evaluate, load_model
-from hivemerge.merge.experts import build_experts
+from hivemerge.merge.experts import SPEC, build_experts
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
@@ -36,12 +36,12 @@ ROUND_TIMEOUT = 300.0
 Say = Callable[[str], None]
 
 
-def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200) -> dict:
+def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200, spec: dict = SPEC) -> dict:
     from hivemerge.node.node import Node
 
     started = time.perf_counter()
     say("building or reusing the base and the domain experts")
-    models = build_experts(workdir / "models", progress=train_progress)
+    models = build_experts(workdir / "models", progress=train_progress, spec=spec)
     base_dir = models["base"]
     base_id = model_id(SafetensorsModel(base_dir))
 

@@ -17,7 +17,7 @@ from hivemerge.merge import exact, rng
 
 # Elements per chunk: on a CPU the temporaries of a chunk stay in its caches; a GPU
 # wants few, large kernels. The size never changes a result, only the speed.
-_CPU_CHUNK = 1 << 18
+_CPU_CHUNK = 1 << 20
 _GPU_CHUNK = 1 << 24
 
 
@@ -29,8 +29,9 @@ def spans(numel: int, device: torch.device) -> Iterator[tuple[int, int]]:
 
 
 class KeepRule(Protocol):
-    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
-        """Keep mask of ``delta``, the chunk of the flat task vector from ``start``; chunks come in order."""
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """What is kept of ``delta``, the chunk of the flat task vector from index
+        ``start``, as :func:`exact.mask_bits`. Chunks come in flat order."""
 
 
 def magnitudes(delta: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,8 @@ def magnitudes(delta: torch.Tensor) -> torch.Tensor:
 
 
 class KeepNone:
-    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
-        return torch.zeros_like(delta, dtype=torch.bool)
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        return torch.zeros_like(delta, dtype=exact.int_like(delta))
 
 
 class KeepMask:
@@ -49,25 +50,25 @@ class KeepMask:
     def __init__(self, mask: torch.Tensor):
         self.flat = mask.reshape(-1)
 
-    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
-        return self.flat[start : start + delta.numel()]
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        return exact.mask_bits(self.flat[start : start + delta.numel()], delta)
 
 
 class KeepRanked:
     """Entries inside the top-k cut ``top`` (None: every entry) and outside ``skipped`` (None: no entry)."""
 
     def __init__(self, top: exact.TopK | None, skipped: exact.TopK | None):
-        self.top = exact.TopKMasks(top) if top is not None else None
-        self.skipped = exact.TopKMasks(skipped) if skipped is not None else None
+        self.top, self.skipped = top, skipped
 
-    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         values = magnitudes(delta)
         if self.top is None:
-            return ~self.skipped.mask(values)
-        keep = self.top.mask(values)
-        if self.skipped is not None:
-            keep &= ~self.skipped.mask(values)
-        return keep
+            keep = ~self.skipped.keep_bits(values, start)
+        else:
+            keep = self.top.keep_bits(values, start)
+            if self.skipped is not None:
+                keep &= ~self.skipped.keep_bits(values, start)
+        return keep.to(exact.int_like(delta))  # -1 and 0 stay -1 and 0 in any width
 
 
 class KeepRandom:
@@ -76,8 +77,8 @@ class KeepRandom:
     def __init__(self, key: tuple[int, int], density: float):
         self.key, self.density = key, density
 
-    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
-        return rng.bernoulli_chunk(self.key, start, delta.numel(), self.density, delta.device)
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        return exact.mask_bits(rng.bernoulli_chunk(self.key, start, delta.numel(), self.density, delta.device), delta)
 
 
 def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo: int, hi: int) -> KeepRule | None:

@@ -59,16 +59,17 @@ class TaskVectorMerge(MergeMethod):
             b = base[start:stop].to(job.dtype)
             weighted = []
             for model, rule, density, w in zip(models, rules, densities, weights):
-                delta = model[start:stop].to(job.dtype) - b
+                delta = model[start:stop].to(job.dtype) - b  # a new tensor: in-place work below is safe
                 if rule is not None:
-                    delta = exact.keep_or_zero(delta, rule.mask(delta, start))
+                    exact.keep_or_zero(delta, rule.keep_bits(delta, start))
                     if rescale:
-                        delta = delta / density
-                weighted.append(delta * w)
-            out[start:stop] = b + self._mix(weighted, weights, job.params)
+                        delta.div_(density)
+                weighted.append(delta.mul_(w))
+            out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
         return out.view(job.base.shape)
 
     def _mix(self, weighted: list[torch.Tensor], weights: list[float], params: dict) -> torch.Tensor:
+        """The merged task vector of a chunk (a new tensor; ``weighted`` is used up)."""
         if self.family.consensus:
             mixed, divisor = _elect_signs(weighted, weights)
         else:
@@ -77,9 +78,9 @@ class TaskVectorMerge(MergeMethod):
             if abs(divisor) < 1e-8:
                 divisor = 1.0
         if params["normalize"]:
-            mixed = mixed / divisor
+            mixed.div_(divisor)
         if params["lambda"] != 1:
-            mixed = mixed * params["lambda"]
+            mixed.mul_(params["lambda"])
         return mixed
 
     def _keep_rule(self, base: torch.Tensor, model: torch.Tensor, params: dict, job: TensorJob, model_id: int) -> KeepRule | None:
@@ -102,26 +103,33 @@ class TaskVectorMerge(MergeMethod):
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = tensors[0]
+    """t0 + t1 + ..., in order, into a new tensor."""
+    total = tensors[0].clone()
     for t in tensors[1:]:
-        total = total + t
+        total.add_(t)
     return total
 
 
 def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES consensus: the sum of the entries that agree with the sign of their total,
-    and the sum of their weights (1 where that is 0). Masks are applied by integer and
-    arithmetic operations that give the bits torch.where would, several times faster."""
+    """TIES consensus: the sum of the entries whose sign is that of their total (>= 0
+    counts as +), and the sum of their weights (1 where that is 0).
+
+    Written without torch.where and boolean temporaries, which are several times slower
+    on the CPU, but bit for bit what ``agrees = sign(d) == majority``, ``where(agrees,
+    d, 0.0)`` and ``agrees * w`` give: sign(d) * majority is 1 exactly where they agree
+    and 0 or -1 elsewhere (sign of NaN is 0). Zeros may come out as -0.0 in the weight
+    sums, which changes no sum that is not 0, and 0 becomes 1."""
     dtype = weighted[0].dtype
-    majority = (_sum(weighted) >= 0).to(dtype) * 2 - 1  # exactly +1 or -1
+    positive = _sum(weighted) >= 0
+    majority = positive.view(torch.uint8).to(dtype).mul_(2).sub_(1)  # +1 or -1
     mixed = divisor = None
     for d, w in zip(weighted, weights):
-        agrees = torch.sign(d) == majority
-        term = exact.keep_or_zero(d, agrees)
-        share = agrees.to(dtype) * w
-        mixed = term if mixed is None else mixed + term
-        divisor = share if divisor is None else divisor + share
-    return mixed, divisor + (divisor == 0).to(dtype)  # zeros become 1; others gain +0.0, unchanged
+        agrees = torch.sign(d).mul_(majority).clamp_min_(0)  # 1 where agreeing, else 0 (maybe -0.0)
+        share = agrees * w
+        term = exact.keep_or_zero(d, agrees.to(exact.int_like(d)).neg_())
+        mixed = term if mixed is None else mixed.add_(term)
+        divisor = share if divisor is None else divisor.add_(share)
+    return mixed, divisor.add_((divisor == 0).view(torch.uint8).to(dtype))  # 0 -> 1; others + 0.0, unchanged
 
 
 def _define(name: str, summary: str, family: _Family, normalize: bool, extra_global=(), extra_model=()):
