@@ -322,8 +322,9 @@ class DeltaSource:
     def config(self) -> dict:
         return parse_config(self.read_file("config.json"), f"{self.directory}:config.json")
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.delta.decode(name, self.base.get(name))
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's tensor; ``into`` as for :meth:`SafetensorsModel.get` holds the base's."""
+        return self.delta.decode(name, self.base.get(name, into))
 
 
 def apply_delta(base_dir: str | Path, delta_path: str | Path, out_dir: str | Path, overwrite: bool = False,

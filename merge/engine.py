@@ -9,6 +9,7 @@ place in the output shards. Peak memory is a few tensors per input.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from hivemerge.merge.atomic import atomic_directory
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.methods import TensorJob
 from hivemerge.merge.model_card import copy_tokenizer, write_config, write_model_card
-from hivemerge.merge.recipe import Recipe
+from hivemerge.merge.recipe import ModelInput, Recipe
 from hivemerge.merge.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.protocol.errors import UserInputError
 
@@ -58,16 +59,34 @@ def output_layout(recipe: Recipe) -> list[tuple[str, torch.dtype, tuple[int, ...
     return layout
 
 
-def merge_tensor(recipe: Recipe, name: str, device: torch.device) -> torch.Tensor:
-    """The merged value of one tensor, on the CPU in the output dtype."""
+class ReadBuffers:
+    """A byte buffer per input, reused from tensor to tensor: reading into memory that
+    is already mapped spares the page faults of fresh memory on every tensor."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, model: ModelInput, name: str) -> torch.Tensor:
+        info = model.source.tensors[name]
+        size = math.prod(info.shape) * info.dtype.itemsize
+        buffer = self._buffers.get(model.recipe_index)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[model.recipe_index] = torch.empty(size, dtype=torch.uint8)
+        return buffer
+
+
+def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None) -> torch.Tensor:
+    """The merged value of one tensor, on the CPU in the output dtype (it may view
+    ``buffers``, so write it before the next call)."""
     reference = recipe.reference.source
     if not reference.tensors[name].dtype.is_floating_point:
         return reference.get(name)  # integer buffers (position ids, masks) pass through
 
     method = recipe.method
 
-    def load(model) -> torch.Tensor:
-        tensor = model.source.get(name).to(device)
+    def load(model: ModelInput) -> torch.Tensor:
+        into = buffers.take(model, name) if buffers is not None else None
+        tensor = model.source.get(name, into).to(device)
         return tensor if method.converts_inputs else tensor.to(recipe.dtype)
 
     job = TensorJob(
@@ -97,9 +116,10 @@ def run_merge(
     layout = output_layout(recipe)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, layout, max_shard_bytes)
+        buffers = ReadBuffers()
         try:
             for i, (name, _, _) in enumerate(layout):
-                writer.write(name, merge_tensor(recipe, name, dev))
+                writer.write(name, merge_tensor(recipe, name, dev, buffers))
                 if progress:
                     progress(i + 1, len(layout), name)
             files = writer.finish()

@@ -74,10 +74,15 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new: int = 6) -> li
 
 
 def evaluate(model, tokenizer, suite: str, count: int = 200) -> SuiteResult:
+    from hivemerge.merge.training import single_thread
+
     examples = load_suite(suite, count)
     answers = []
-    for i in range(0, len(examples), 256):
-        part = examples[i : i + 256]
-        answers += greedy_answers(model, tokenizer, [e.prompt for e in part])
+    with single_thread():
+        for i in range(0, len(examples), 256):
+            part = examples[i : i + 256]
+            # room for the longest answer and its newline (a JSONL suite's answers may be long)
+            answers += greedy_answers(model, tokenizer, [e.prompt for e in part], max_new=max(len(e.answer) for e in part) + 1)
+        loss = answer_loss(model, tokenizer, examples[:256])
     correct = sum(a == e.answer for a, e in zip(answers, examples))
-    return SuiteResult(suite, correct / len(examples), answer_loss(model, tokenizer, examples[:256]), len(examples))
+    return SuiteResult(suite, correct / len(examples), loss, len(examples))

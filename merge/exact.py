@@ -47,7 +47,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise TypeError("kth_largest expects float32")
     if not 1 <= k <= flat.numel():
         raise ValueError(f"k={k} out of range for {flat.numel()} values")
-    threshold = top_k_cuts(lambda: (flat,), [k])[0].threshold
+    threshold = top_k_cuts((flat,), flat.__getitem__, [k])[0].threshold
     return torch.tensor([threshold], dtype=torch.int32, device=flat.device).view(torch.float32)[0]
 
 
@@ -68,28 +68,30 @@ class TopK:
         and shift does what a comparison does (NaN aside: it is greater than nothing)."""
         if self.nan:
             values = torch.nan_to_num(values, nan=0.0, posinf=math.inf)
-        keep = (self.threshold - values.view(torch.int32)) >> 31
+        keep = (self.threshold - values.view(torch.int32)).bitwise_right_shift_(31)
         if self.ties.numel():
             lo, hi = torch.searchsorted(self.ties, self.ties.new_tensor([start, start + values.numel()])).tolist()
             keep[self.ties[lo:hi] - start] = -1
         return keep
 
 
-def top_k_cuts(chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> list[TopK]:
+def top_k_cuts(
+    chunks: Iterable[torch.Tensor], at: Callable[[torch.Tensor], torch.Tensor], ks: list[int]
+) -> list[TopK]:
     """The :class:`TopK` of each k (1 <= k <= count) over non-negative float32 values.
 
-    ``chunks()`` yields the values in flat order, in pieces of any size; it is called
-    twice (three times when they hold inf or NaN), so the values never need to be whole
+    ``chunks`` yields the values in flat order, in pieces of any size, and ``at(indices)``
+    gives the values at some flat indices again, so the values never need to be whole
     in memory. A radix select on the float bits (for non-negative IEEE floats the bit
-    pattern orders like the value): one histogram of the high 16 bits serves every k;
-    then, for each k's bucket, the low 16 bits and flat indices of its values give the
-    threshold and the ties to keep. Integer counts, no sort.
+    pattern orders like the value): the high 16 bits of every value (kept, 2 bytes
+    each) give one histogram for every k; the values in each k's bucket, fetched by
+    ``at``, give the threshold by their low 16 bits and the ties to keep by their
+    indices. Integer counts, no sort.
     """
-    high = _histogram(chunks, _HI_BUCKETS)
-    buckets = [_select_bucket(high, k) for k in ks]
-    members = {b: _bucket_members(chunks, b) for b in {bucket for bucket, _ in buckets}}
-    # NaN's bits lie above every number's, yet NaN compares greater than nothing
-    nans = _count_nans(chunks) if int(high[_INF_BITS >> 16 :].sum()) else 0
+    highs, counts = _high_halves(chunks)
+    buckets = [_select_bucket(counts, k) for k in ks]
+    members = {b: _bucket_members(highs, at, b) for b in {bucket for bucket, _ in buckets}}
+    nans = _count_nans(highs, at) if int(counts[_INF_BITS >> 16 :].sum()) else 0
     cuts = []
     for k, (bucket, above) in zip(ks, buckets):
         index, low = members[bucket]
@@ -101,28 +103,44 @@ def top_k_cuts(chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> l
     return cuts
 
 
-def _histogram(chunks, buckets: int) -> torch.Tensor:
-    total = None
-    for values in chunks():
-        counts = torch.bincount(values.view(torch.int32) >> 16, minlength=buckets)
-        total = counts if total is None else total.add_(counts)
-    return total
+def _high_halves(chunks: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The high 16 bits of the values, chunk by chunk (int16), and their histogram."""
+    highs, counts = [], None
+    for values in chunks:
+        high = (values.view(torch.int32) >> 16).to(torch.int16)
+        highs.append(high)
+        found = torch.bincount(high, minlength=_HI_BUCKETS)
+        counts = found if counts is None else counts.add_(found)
+    return highs, counts
 
 
-def _bucket_members(chunks, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bucket_members(highs: list[torch.Tensor], at, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices (ascending) and low 16 bits of the values whose high bits are ``bucket``."""
-    indices, lows, start = [], [], 0
-    for values in chunks():
-        bits = values.view(torch.int32)
-        at = ((bits >> 16) == bucket).nonzero().view(-1)
-        indices.append(at + start)
-        lows.append(bits[at] & 0xFFFF)
-        start += bits.numel()
-    return torch.cat(indices), torch.cat(lows)
+    indices, start = [], 0
+    for high in highs:
+        indices.append(_sparse_nonzero(high == bucket) + start)
+        start += high.numel()
+    index = torch.cat(indices)
+    return index, at(index).view(torch.int32) & 0xFFFF
 
 
-def _count_nans(chunks) -> int:
-    return sum(int(torch.count_nonzero(values.view(torch.int32) > _INF_BITS)) for values in chunks())
+def _count_nans(highs: list[torch.Tensor], at) -> int:
+    """NaN's bits lie above every number's, yet NaN compares greater than nothing: the
+    selection must know how many there are."""
+    above_inf_bucket = sum(int(torch.count_nonzero(high > _INF_BITS >> 16)) for high in highs)
+    _, low = _bucket_members(highs, at, _INF_BITS >> 16)
+    return above_inf_bucket + int(torch.count_nonzero(low))  # in inf's bucket, all but inf are NaN
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the True entries of a flat boolean mask. nonzero scans a mask
+    byte by byte; a sparse one is found faster as 8-byte words first, then inside the
+    words that hold a True."""
+    whole = mask.numel() - mask.numel() % 8
+    hit = mask[:whole].view(torch.int64).nonzero().view(-1)  # needs mask's own (aligned) memory
+    inside = mask[:whole].view(-1, 8)[hit].nonzero()
+    found = hit[inside[:, 0]] * 8 + inside[:, 1]
+    return torch.cat([found, mask[whole:].nonzero().view(-1) + whole])
 
 
 def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -156,7 +174,7 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
         return mask.view(values.shape)
-    cut = top_k_cuts(lambda: (flat,), [k])[0]
+    cut = top_k_cuts((flat,), flat.__getitem__, [k])[0]
     return cut.keep_bits(flat).bool().view(values.shape)
 
 

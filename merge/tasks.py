@@ -2,8 +2,9 @@
 
 Every example is a prompt and an answer in a small character vocabulary. Each domain
 is one skill; a compositional task needs two skills in one problem, which no single
-domain expert was trained on. Generation is deterministic for a seed, and the
-held-out splits use disjoint seeds from training.
+domain expert was trained on. Generation is deterministic for a seed. A fixed tenth
+of all prompts (by hash) is held out: the evaluation suites draw only from it and
+training (``training_only``) never does, so held-out accuracy is not memorization.
 
 - ``math``:    ``47+38=`` -> ``85``
 - ``strings``: ``rev 4821=`` -> ``1284``
@@ -14,6 +15,7 @@ held-out splits use disjoint seeds from training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -69,6 +71,24 @@ DOMAINS: dict[str, Callable[[random.Random], Example]] = {
 }
 SUITES: dict[str, Callable[[random.Random], Example]] = {**DOMAINS, "compose": compose_task}
 HELD_OUT_SEED = 1_000_003  # far from any training seed
+HELD_OUT_SHARE = 10  # one prompt in this many is reserved for evaluation
+
+
+def is_held_out(prompt: str) -> bool:
+    """Whether a prompt belongs to the held-out split (a fixed share of all prompts, by hash)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % HELD_OUT_SHARE == 0
+
+
+def training_only(sample: Callable[[random.Random], Example]) -> Callable[[random.Random], Example]:
+    """``sample`` restricted to the training split: it draws again while the prompt is held out."""
+
+    def draw(rng: random.Random) -> Example:
+        while True:
+            example = sample(rng)
+            if not is_held_out(example.prompt):
+                return example
+
+    return draw
 
 
 def examples(task: str, count: int, seed: int) -> list[Example]:
@@ -78,7 +98,15 @@ def examples(task: str, count: int, seed: int) -> list[Example]:
 
 
 def held_out(task: str, count: int = 200) -> list[Example]:
-    return examples(task, count, HELD_OUT_SEED)
+    """``count`` examples of the held-out split, the same ones every time."""
+    make = SUITES[task]
+    rng = random.Random(f"{task}:{HELD_OUT_SEED}")
+    found: list[Example] = []
+    while len(found) < count:
+        example = make(rng)
+        if is_held_out(example.prompt):
+            found.append(example)
+    return found
 
 
 def load_suite(name: str, count: int = 200) -> list[Example]:

@@ -6,7 +6,8 @@ domain experts (and by distillation later); nothing is downloaded.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,14 +67,19 @@ def train(
     model, tokenizer, sample: Callable[[random.Random], Example], steps: int, seed: int, lr: float = 2e-3,
     batch: int = 64, progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
-    """AdamW with warmup and cosine decay; deterministic for a seed.
+    """AdamW with warmup and cosine decay; deterministic for a seed."""
+    with single_thread():
+        _train(model, tokenizer, sample, steps, seed, lr, batch, progress)
 
-    One thread: a model this small gains nothing from more, and on a busy machine
-    extra threads make it many times slower (oversubscription)."""
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from more threads, and on a busy machine extra threads
+    make them many times slower (oversubscription)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train(model, tokenizer, sample, steps, seed, lr, batch, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
 

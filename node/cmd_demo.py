@@ -20,7 +20,10 @@ def eval_command(
 ) -> None:
     """Exact-match accuracy of greedy answers, and the answer loss, on held-out suites."""
     from hivemerge.merge.evaluate import evaluate, load_model
+    from hivemerge.merge.tasks import load_suite
 
+    for s in suite:  # a wrong --suite is reported before any model is loaded
+        load_suite(s, count)
     model, tokenizer = load_model(model_dir)
     results = [vars(evaluate(model, tokenizer, s, count)) for s in suite]
     if as_json:

@@ -178,9 +178,9 @@ def _save_tokenizer(directory: Path) -> None:
 def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
     """Read every tensor of every input, write an fp16 output of the same layout; no math.
 
-    Reads the way hivemerge does (safe_open per file, get_tensor per tensor), so like
-    hivemerge this process ends up with the inputs' touched pages mapped (its RSS counts
-    them as file-backed pages)."""
+    Reads through safetensors' memory maps (safe_open per file, get_tensor per tensor),
+    so this process ends up with the inputs' touched pages mapped (its RSS counts them
+    as file-backed pages); hivemerge reads the same bytes with plain reads instead."""
     import torch
     from safetensors import safe_open
 

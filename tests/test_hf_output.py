@@ -130,7 +130,8 @@ def test_methods_json(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     assert sorted(listed) == sorted(
-        ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"]
+        ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
+         "median", "trimmed_mean", "centered_clip"]
     )
 
     def param(method, name):

@@ -8,7 +8,7 @@ of :func:`exact.rank_window_mask` on ``|model - base|`` and of :func:`rng.bernou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -17,7 +17,7 @@ from hivemerge.merge import exact, rng
 
 # Elements per chunk: on a CPU the temporaries of a chunk stay in its caches; a GPU
 # wants few, large kernels. The size never changes a result, only the speed.
-_CPU_CHUNK = 1 << 20
+_CPU_CHUNK = 1 << 18
 _GPU_CHUNK = 1 << 24
 
 
@@ -93,15 +93,14 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     if dtype == torch.float64:
         delta = model.to(dtype) - base.to(dtype)
         return KeepMask(exact.rank_window_mask(delta.abs(), lo, hi - lo))
-    cuts = iter(exact.top_k_cuts(_magnitude_chunks(base, model, dtype), [k for k in (hi, lo) if 0 < k < numel]))
+    chunks = (_magnitudes_at(base, model, dtype, slice(start, stop)) for start, stop in spans(numel, base.device))
+    ks = [k for k in (hi, lo) if 0 < k < numel]
+    cuts = iter(exact.top_k_cuts(chunks, lambda index: _magnitudes_at(base, model, dtype, index), ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None
     return KeepRanked(top, skipped)
 
 
-def _magnitude_chunks(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> Callable[[], Iterator[torch.Tensor]]:
-    def chunks() -> Iterator[torch.Tensor]:
-        for start, stop in spans(base.numel(), base.device):
-            yield magnitudes(model[start:stop].to(dtype) - base[start:stop].to(dtype))
-
-    return chunks
+def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, at: slice | torch.Tensor) -> torch.Tensor:
+    """|model - base| at a span or at flat indices, computed as the merge computes it."""
+    return magnitudes(model[at].to(dtype, copy=True).sub_(base[at].to(dtype)))

@@ -59,7 +59,7 @@ class TaskVectorMerge(MergeMethod):
             b = base[start:stop].to(job.dtype)
             weighted = []
             for model, rule, density, w in zip(models, rules, densities, weights):
-                delta = model[start:stop].to(job.dtype) - b  # a new tensor: in-place work below is safe
+                delta = model[start:stop].to(job.dtype, copy=True).sub_(b)  # our own: in-place work is safe
                 if rule is not None:
                     exact.keep_or_zero(delta, rule.keep_bits(delta, start))
                     if rescale:
@@ -125,8 +125,8 @@ def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[to
     mixed = divisor = None
     for d, w in zip(weighted, weights):
         agrees = torch.sign(d).mul_(majority).clamp_min_(0)  # 1 where agreeing, else 0 (maybe -0.0)
-        share = agrees * w
         term = exact.keep_or_zero(d, agrees.to(exact.int_like(d)).neg_())
+        share = agrees.mul_(w)
         mixed = term if mixed is None else mixed.add_(term)
         divisor = share if divisor is None else divisor.add_(share)
     return mixed, divisor.add_((divisor == 0).view(torch.uint8).to(dtype))  # 0 -> 1; others + 0.0, unchanged

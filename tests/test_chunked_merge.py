@@ -1,0 +1,152 @@
+"""The chunked task-vector merge gives, bit for bit, what the whole-tensor formulation
+gives: torch.where masks, the selection's float comparisons and tie rule, NaN and inf
+included, whatever the chunk size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hivemerge.merge import exact, rng
+from hivemerge.merge.methods import METHODS, TensorJob, sparsify
+from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.protocol.errors import UserInputError
+
+N = 50_003  # not a multiple of any chunk size
+WEIGHTS = [1.0, -0.5, 0.7]
+DENSITIES = [0.37, 1.0, 0.2]
+
+
+def reference_top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The selection as first written: the k-th largest bit pattern as threshold, values
+    compared as floats, ties kept by a running count."""
+    flat = values.reshape(-1).float()
+    if k <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    threshold = flat.view(torch.int32).sort(descending=True).values[k - 1].view(torch.float32)
+    mask = flat > threshold
+    need = k - int(mask.sum())
+    at = flat == threshold
+    if int(at.sum()) > need:
+        at &= torch.cumsum(at, 0) <= need
+    return mask | at
+
+
+def reference_merge(method: str, job: TensorJob) -> torch.Tensor:
+    """TaskVectorMerge on whole tensors with torch.where, as it was before chunking."""
+    family = METHODS[method].family
+    base = job.base.to(job.dtype).reshape(-1)
+    weighted = []
+    for model, params, model_id in zip(job.models, job.model_params, job.model_ids):
+        delta = model.to(job.dtype).reshape(-1) - base
+        density, n = params.get("density", 1.0), delta.numel()
+        if family.sparsify is not None and density < 1.0:
+            if family.sparsify == "random":
+                keep = rng.bernoulli_mask(rng.stream_key(job.seed, job.name, model_id), n, density)
+            else:
+                target, skip = int(density * n), 0
+                if family.sparsify == "outliers":
+                    skip = int(params["gamma"] * n)
+                    skip += min(0, n - target - skip)
+                keep = reference_top_k_mask(delta.abs(), skip + target) & ~reference_top_k_mask(delta.abs(), skip)
+            delta = torch.where(keep, delta, 0.0)
+            if family.sparsify == "random" and job.params.get("rescale", False):
+                delta = delta / density
+        weighted.append(delta * params["weight"])
+    if family.consensus:
+        total = weighted[0]
+        for d in weighted[1:]:
+            total = total + d
+        majority = torch.where(total >= 0, 1.0, -1.0).to(job.dtype)
+        mixed = divisor = None
+        for d, params in zip(weighted, job.model_params):
+            agrees = torch.sign(d) == majority
+            term, share = torch.where(agrees, d, 0.0), agrees.to(job.dtype) * params["weight"]
+            mixed = term if mixed is None else mixed + term
+            divisor = share if divisor is None else divisor + share
+        divisor = torch.where(divisor == 0, 1.0, divisor).to(job.dtype)
+    else:
+        mixed = weighted[0]
+        for d in weighted[1:]:
+            mixed = mixed + d
+        divisor = sum(p["weight"] for p in job.model_params)
+    if job.params["normalize"]:
+        mixed = mixed / divisor
+    if job.params["lambda"] != 1:
+        mixed = mixed * job.params["lambda"]
+    return (base + mixed).to(job.out_dtype).view(job.base.shape)
+
+
+def inputs(non_finite: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp16 base and experts whose task vectors take few distinct values: many ties."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(N, generator=g) * 0.05).half()
+    models = [(base.float() + torch.round(torch.randn(N, generator=g) * 4) / 256).half() for _ in WEIGHTS]
+    models[2][torch.rand(N, generator=g) < 0.3] = base[0]  # zeros in a task vector
+    if non_finite:
+        models[0][::997] = float("inf")
+        models[0][5::1009] = float("nan")
+        models[1][7::2003] = -float("inf")
+    return base, models
+
+
+def job_for(method: str, dtype: torch.dtype, non_finite: bool) -> TensorJob:
+    base, models = inputs(non_finite)
+    model_params = [{"weight": w, "density": d, "gamma": 0.05} for w, d in zip(WEIGHTS, DENSITIES)]
+    params = {"normalize": method != "task_arithmetic", "lambda": 1.3, "rescale": True}
+    return TensorJob("w", base, models, model_params, params, dtype, torch.float16, model_ids=[0, 1, 2], seed=5)
+
+
+METHOD_NAMES = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic"]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("non_finite", [False, True], ids=["finite", "inf-nan"])
+def test_chunked_merge_matches_whole_tensor_formulation(monkeypatch, method, dtype, non_finite):
+    want = reference_merge(method, job_for(method, dtype, non_finite))
+    for chunk in (1 << 12, 1 << 18):
+        monkeypatch.setattr(sparsify, "_CPU_CHUNK", chunk)
+        got = METHODS[method].merge(job_for(method, dtype, non_finite))
+        assert got.dtype == torch.float16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (method, dtype, chunk)
+
+
+def test_top_k_cuts_over_chunks_match_the_whole_selection():
+    g = torch.Generator().manual_seed(4)
+    values = torch.randint(0, 9, (10_001,), generator=g).float() / 8
+    values[::101] = float("nan")
+    values[3::211] = float("inf")
+    pieces = [values[s : s + 777] for s in range(0, values.numel(), 777)]
+    for k in (1, 50, 3333, 9000, 10_000):
+        cut = exact.top_k_cuts(iter(pieces), values.__getitem__, [k])[0]
+        got = torch.cat([cut.keep_bits(p, 777 * i) for i, p in enumerate(pieces)]).bool()
+        assert torch.equal(got, reference_top_k_mask(values, k)), k
+        assert torch.equal(exact.top_k_mask(values, k), reference_top_k_mask(values, k)), k
+
+
+def test_get_reads_into_a_reused_buffer(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(2).bfloat16()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = SafetensorsModel(tmp_path)
+    buffer = torch.empty(64, dtype=torch.uint8)
+    for name, want in tensors.items():
+        assert torch.equal(model.get(name), want)
+        got = model.get(name, buffer)
+        assert torch.equal(got, want) and got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(model.get("a", torch.empty(8, dtype=torch.uint8)), tensors["a"])  # too small: own memory
+
+
+def test_get_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(100)}, str(tmp_path / "model.safetensors"))
+    model = SafetensorsModel(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(UserInputError, match="truncated"):
+        model.get("a")

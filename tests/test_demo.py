@@ -1,0 +1,171 @@
+"""``run_demo`` end to end on a tiny spec: real nodes on 127.0.0.1, a merge round, the
+consensus model, the table and the plot; a second run reuses the cached models; the
+model cache is keyed by the spec. No p2pd may outlive the demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from network_fixtures import check_no_leftover_p2pd, p2pd_pids, wait_p2pd_gone
+
+from hivemerge.merge import tasks
+from hivemerge.merge.experts import SPEC, build_experts
+from hivemerge.merge.manifest import model_id
+from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.node.demo import ROUND_RECIPE
+
+TINY = {**SPEC, "hidden": 32, "layers": 2, "base_steps": 20, "expert_steps": 10}
+COUNT = 20
+DEADLINE = 3  # seconds until a round's commitments close (the demo's own is 6)
+STAGES = ["base", *tasks.DOMAINS]
+ROWS = ["base", *tasks.DOMAINS, "consensus"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_daemons(tmp_path_factory):
+    yield
+    check_no_leftover_p2pd(tmp_path_factory.getbasetemp())
+
+
+def file_times(models: Path) -> dict[str, int]:
+    return {str(p.relative_to(models)): p.stat().st_mtime_ns
+            for stage in STAGES for p in sorted((models / stage).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Two runs of the demo on one workdir; what each said, trained, took and returned."""
+    from hivemerge.node.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    workdir, out = root / "work", root / "out"
+    runs = []
+    # Tiny models on a busy 2-core machine: with torch's default 2 threads, evaluating them
+    # oversubscribes the cores and takes anywhere from 1 to 8 s (train() uses 1 thread itself).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # Commitments close 3 s after the proposal instead of 6: on loopback every node
+            # commits within about a second (the nodes poll every 0.5 s), and each run is 3 s
+            # shorter. test_consensus_model_is_the_rounds_result checks all three committed.
+            patch.setitem(ROUND_RECIPE, "deadline", DEADLINE)
+            _run_twice(run_demo, workdir, out, root, runs)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "workdir": workdir, "out": out, "runs": runs}
+
+
+def _run_twice(run_demo, workdir: Path, out: Path, root: Path, runs: list) -> None:
+    for _ in range(2):
+        said, trained = [], []
+        started = time.perf_counter()
+        result = run_demo(workdir, out, say=said.append, count=COUNT, spec=TINY,
+                          train_progress=lambda stage, done, total: trained.append((stage, done, total)))
+        seconds = time.perf_counter() - started
+        left = wait_p2pd_gone(root, timeout=10)  # every node it started is stopped on the way out
+        runs.append({"result": json.loads(json.dumps(result)),  # as it was (its recipe is ROUND_RECIPE itself)
+                     "said": said, "trained": trained, "seconds": seconds, "p2pd_left": left,
+                     "times": file_times(workdir / "models"),
+                     "json": json.loads((out / "results.json").read_text()),
+                     "consensus_id": model_id(SafetensorsModel(out / "consensus")),
+                     "card": (out / "consensus" / "README.md").read_text()})
+
+
+def test_results_table_has_every_model_and_suite(demo):
+    for run in demo["runs"]:
+        result = run["json"]
+        assert result == run["result"]  # results.json is what run_demo returned
+        assert set(result) == {"round_id", "consensus_id", "recipe", "results", "seconds"}
+        assert list(result["results"]) == ROWS
+        for name, row in result["results"].items():
+            assert list(row) == list(tasks.SUITES), name
+            for suite, cell in row.items():
+                assert cell["suite"] == suite and cell["examples"] == COUNT
+                assert 0.0 <= cell["accuracy"] <= 1.0
+                assert math.isclose(cell["accuracy"] * COUNT, round(cell["accuracy"] * COUNT))  # k of 20 exact matches
+                assert math.isfinite(cell["loss"]) and cell["loss"] > 0
+        assert result["recipe"] == json.loads(json.dumps({**ROUND_RECIPE, "deadline": DEADLINE}))
+        assert 0 < result["seconds"] <= run["seconds"] + 1
+
+
+def test_plot_is_a_png(demo):
+    data = (demo["out"] / "results.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (990, 495)  # 9 x 4.5 inches at 110 dpi
+    assert len(data) > 10_000
+
+
+def test_consensus_model_is_the_rounds_result(demo):
+    models = demo["workdir"] / "models"
+    inputs = {model_id(SafetensorsModel(models / stage)) for stage in STAGES}
+    assert len(inputs) == 4
+    for run in demo["runs"]:
+        assert run["consensus_id"] == run["result"]["consensus_id"]
+        assert run["consensus_id"] not in inputs  # a merge, not the base or an expert
+    # a second round on the same experts merges the same deltas into the same bytes
+    first, second = demo["runs"]
+    assert first["result"]["round_id"] != second["result"]["round_id"]
+    assert first["consensus_id"] == second["consensus_id"]
+    for run in demo["runs"]:
+        card = run["card"]
+        assert f"round {run['result']['round_id'][:12]}" in card and f"Content id `{run['consensus_id']}`" in card
+        # every expert's node committed its delta: the consensus merges all three
+        assert re.search(r"attested by [23] of 3 participants", card), card
+        assert card.count("\n| ") == 2 + 3  # the participants table: header, rule, three rows
+
+
+def test_second_run_reuses_the_cached_models(demo):
+    first, second = demo["runs"]
+    assert {stage for stage, _, _ in first["trained"]} == set(STAGES)
+    assert (("base", TINY["base_steps"], TINY["base_steps"]) in first["trained"]
+            and ("logic", TINY["expert_steps"], TINY["expert_steps"]) in first["trained"])
+    assert second["trained"] == []  # nothing trained again
+    assert first["times"] and second["times"] == first["times"]  # not one model file rewritten
+    assert any(name.endswith("model.safetensors") for name in first["times"])
+    assert second["seconds"] < first["seconds"], (first["seconds"], second["seconds"])
+
+
+def test_no_p2pd_left_behind(demo):
+    for run in demo["runs"]:
+        assert run["p2pd_left"] == []
+        assert run["said"][-1] == "evaluating base, experts and consensus on every suite"
+        assert "all nodes stopped" in run["said"]
+    assert p2pd_pids(demo["root"]) == []
+
+
+def test_a_missing_expert_is_rebuilt_bit_for_bit(demo, tmp_path):
+    models = shutil.copytree(demo["workdir"] / "models", tmp_path / "models")
+    original = (models / "strings" / "model.safetensors").read_bytes()
+    shutil.rmtree(models / "strings")
+    trained = []
+    paths = build_experts(models, progress=lambda stage, done, total: trained.append(stage), spec=TINY)
+    assert set(trained) == {"strings"}
+    assert paths == {stage: models / stage for stage in STAGES}
+    assert (models / "strings" / "model.safetensors").read_bytes() == original  # training is deterministic
+
+
+def test_another_spec_rebuilds_everything(demo, tmp_path):
+    models = shutil.copytree(demo["workdir"] / "models", tmp_path / "models")
+    before = {stage: model_id(SafetensorsModel(models / stage)) for stage in STAGES}
+    other = {**TINY, "seed": 1}
+    trained = []
+    build_experts(models, progress=lambda stage, done, total: trained.append(stage), spec=other)
+    assert set(trained) == set(STAGES)
+    assert json.loads((models / "spec.json").read_text()) == other
+    after = {stage: model_id(SafetensorsModel(models / stage)) for stage in STAGES}
+    assert all(after[s] != before[s] for s in STAGES)
+    # and the same spec again trains nothing
+    trained.clear()
+    build_experts(models, progress=lambda stage, done, total: trained.append(stage), spec=other)
+    assert trained == []
