@@ -249,7 +249,7 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
             )
             extra = " besides base_model" if method.drops_base_from_models else ""
             errors.append(f"models: {method.name} merges {want} model(s){extra}, got {count}")
-        _validate_params(method, document.get("parameters"), models, base, num_layers, errors)
+        validate_params(method, document.get("parameters"), models, base, num_layers, errors)
         if not errors and reference is not None:
             _check_coverage(method, document.get("parameters") or {}, models, base, reference, num_layers, errors)
 
@@ -293,7 +293,7 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
     )
 
 
-def _validate_params(
+def validate_params(
     method: MergeMethod, global_params: Any, models: list[ModelInput], base: ModelInput | None, num_layers: int, errors: list[str]
 ) -> None:
     if global_params is None:

@@ -374,13 +374,13 @@ class Node:
 def _check_round_template(document: dict) -> None:
     """The merge part of a round recipe is checked like any recipe, without its models."""
     from hivemerge.merge.methods import METHODS
-    from hivemerge.merge.recipe import _validate_params
+    from hivemerge.merge.recipe import validate_params
 
     method = METHODS.get(document.get("merge_method"))
     if method is None:
         raise UserInputError(f"merge_method: unknown method {document.get('merge_method')!r}; expected one of {sorted(METHODS)}")
     errors: list[str] = []
-    _validate_params(method, document.get("parameters"), [], None, -1, errors)
+    validate_params(method, document.get("parameters"), [], None, -1, errors)
     for domain, params in (document.get("domain_parameters") or {}).items():
         for name, value in (params or {}).items():
             spec = next((s for s in method.model_params if s.name == name), None)
