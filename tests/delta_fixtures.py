@@ -1,25 +1,18 @@
 """Helpers for the identity, content-id and delta tests: tiny synthetic models, delta
 file surgery, and a fast way to run the real CLI many times.
 
-Every ``hivemerge`` run in a fresh interpreter spends about two CPU-seconds importing
-torch. :class:`CliRunner` imports the CLI once in a helper process and forks a child
-per command line: each child is its own process running the console script's
-``main()`` with its own argv, working directory and stdout/stderr files, so exit
-codes, output and tracebacks are exactly what a separate ``hivemerge`` process gives
-(a test in test_delta_cli.py checks that against ``python -m hivemerge``).
+The CLI runs through :class:`cli_runner.CliRunner` (one shared driver per session).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cli_runner import CliResult, CliRunner  # noqa: F401  (re-exported for the tests)
 from conftest import write_tensors
 
 from hivemerge.protocol.identity import Identity
@@ -100,99 +93,6 @@ def resign(signed: dict, identity: Identity, keep_signer: bool = False) -> dict:
 
 
 # -- the CLI -----------------------------------------------------------------------
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return self.stderr.splitlines()
-
-
-_DRIVER = r"""
-import json, os, sys, traceback
-import hivemerge.node.cli as cli
-import hivemerge.merge.delta, hivemerge.merge.engine, hivemerge.merge.recipe, hivemerge.node.store  # imported once, before forking
-
-proto = os.fdopen(os.dup(1), "w")
-for line in sys.stdin:
-    job = json.loads(line)
-    sys.stdout.flush(); sys.stderr.flush(); proto.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            for fd, name in ((1, job["stdout"]), (2, job["stderr"])):
-                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(f, fd)
-                os.close(f)
-            os.chdir(job["cwd"])
-            os.environ.update(job["env"])
-            sys.argv = ["hivemerge", *job["argv"]]
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                if exc.code is None:
-                    code = 0
-                elif isinstance(exc.code, int):
-                    code = exc.code
-                else:
-                    print(exc.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    proto.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
-    proto.flush()
-"""
-
-
-class CliRunner:
-    """Runs ``hivemerge ARGS`` as forked children of one interpreter that imported the CLI once."""
-
-    def __init__(self, scratch: Path):
-        self.scratch = Path(scratch)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "HIVEMERGE_HOME"}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env, bufsize=1,
-        )
-        self._count = 0
-
-    def __call__(self, *args, cwd: Path | None = None, env: dict | None = None) -> CliResult:
-        self._count += 1
-        out, err = self.scratch / f"{self._count}.out", self.scratch / f"{self._count}.err"
-        job = {"argv": [str(a) for a in args], "cwd": str(cwd or self.scratch), "env": env or {},
-               "stdout": str(out), "stderr": str(err)}
-        self._proc.stdin.write(json.dumps(job) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the CLI driver process died")
-        return CliResult(json.loads(line), out.read_text(), err.read_text())
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-
 
 def assert_user_error(result, *fragments: str) -> str:
     """Exit 2, exactly one stderr line, starting with ``error: ``, no traceback; returns the line."""

@@ -4,9 +4,7 @@
   closes every one it started (a test's fixture finalizer calls :meth:`NodePool.close_all`).
 - :class:`NodeProcess` runs ``hivemerge node start`` as a real subprocess and reads the
   lines it prints; it is SIGINT-ed (or SIGKILL-ed) by the test or by its finalizer.
-- :class:`ForkingCli` runs short-lived ``hivemerge`` commands as forked children of one
-  interpreter that imported the CLI and hivemind once (as ``delta_fixtures.CliRunner``
-  does), each with an alarm so that a hung command dies instead of hanging the suite.
+- short-lived ``hivemerge`` commands run through :class:`cli_runner.CliRunner`.
 - :func:`p2pd_pids` finds the p2pd daemons whose identity file lies under a folder: every
   node a test starts has its home (and so its ``-id=HOME/p2p.key``) under pytest's temp
   folder, so the daemons the tests started can be told from anyone else's.
@@ -14,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -26,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cli_runner import CliResult, CliRunner  # noqa: F401  (re-exported for the tests)
 from delta_fixtures import family_shapes, perturbed, random_tensors, save_model
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 TEST_TTL = 30.0  # seconds: short record lives (refreshed every 10 s while a node runs)
 START_TIMEOUT = 60.0  # a node process must print "serving" within this long (2 busy cores)
 STOP_TIMEOUT = 40.0
-CLI_ALARM = 90  # seconds a forked CLI command may run before SIGALRM ends it
 
 
 # -- p2pd bookkeeping ----------------------------------------------------------------
@@ -243,94 +240,6 @@ class NodeProcess:
 
 
 # -- short-lived CLI commands ----------------------------------------------------------
-
-_DRIVER = r"""
-import json, os, signal, sys, traceback
-import hivemerge.node.cli as cli
-import hivemerge.merge.delta, hivemerge.node.store, hivemerge.node.node, hivemerge.node.control  # once, before forking
-
-proto = os.fdopen(os.dup(1), "w")
-for line in sys.stdin:
-    job = json.loads(line)
-    sys.stdout.flush(); sys.stderr.flush(); proto.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.alarm(job["alarm"])  # a hung command dies (SIGALRM) instead of hanging the tests
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            for fd, name in ((1, job["stdout"]), (2, job["stderr"])):
-                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(f, fd)
-                os.close(f)
-            os.chdir(job["cwd"])
-            sys.argv = ["hivemerge", *job["argv"]]
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    proto.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
-    proto.flush()
-"""
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self):
-        assert self.returncode == 0, (self.returncode, self.stdout, self.stderr)
-        return json.loads(self.stdout)
-
-
-class ForkingCli:
-    """Runs ``hivemerge ARGS`` as forked children of one interpreter; each child is a
-    separate process with its own argv, stdout, stderr and exit status."""
-
-    def __init__(self, scratch: Path):
-        self.scratch = Path(scratch)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen([sys.executable, "-c", _DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, env=_clean_env(), bufsize=1)
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, *args, alarm: int = CLI_ALARM) -> CliResult:
-        with self._lock:
-            self._count += 1
-            out, err = self.scratch / f"{self._count}.out", self.scratch / f"{self._count}.err"
-            job = {"argv": [str(a) for a in args], "cwd": str(self.scratch), "alarm": alarm,
-                   "stdout": str(out), "stderr": str(err)}
-            self._proc.stdin.write(json.dumps(job) + "\n")
-            self._proc.stdin.flush()
-            line = self._proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the CLI driver process died")
-            return CliResult(json.loads(line), out.read_text(), err.read_text())
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
-
 
 # -- models ------------------------------------------------------------------------------
 

@@ -4,10 +4,7 @@ answer loss, ``hivemerge eval``), on tiny real models trained here in about a se
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -321,42 +318,17 @@ def test_load_model_rejects_a_directory_without_config(tmp_path):
 
 
 _EVAL_DRIVER_IMPORTS = (
-    "import hivemerge.node.cli as cli\n"
     "import transformers, hivemerge.merge.evaluate, hivemerge.merge.training\n"
     "from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # imported once, before forking\n"
 )
-
-
-class EvalCli(CliRunner):
-    """delta_fixtures.CliRunner whose driver has also imported transformers, so that each
-    forked ``hivemerge eval`` does not spend seconds importing it again."""
-
-    def __init__(self, scratch: Path):
-        import delta_fixtures
-
-        driver = delta_fixtures._DRIVER.replace("import hivemerge.node.cli as cli\n", _EVAL_DRIVER_IMPORTS, 1)
-        assert driver != delta_fixtures._DRIVER
-        self.scratch = Path(scratch)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "HIVEMERGE_HOME"}
-        self._proc = subprocess.Popen([sys.executable, "-c", driver], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, env=env, bufsize=1)
-        self._count = 0
-
-    def close(self) -> None:
-        """The driver waits idle on its stdin: end it at once rather than wait for its shutdown."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-        self._proc.stdin.close()
-        self._proc.stdout.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cli(tmp_path_factory):
     """Started with the module's first test, so that its imports overlap the tests before
     the command-line ones."""
-    runner = EvalCli(tmp_path_factory.mktemp("eval-cli"))
+    # its driver has also imported transformers: each forked `hivemerge eval` skips that
+    runner = CliRunner(tmp_path_factory.mktemp("eval-cli"), preload=_EVAL_DRIVER_IMPORTS)
     yield runner
     runner.close()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from network_fixtures import (
-    ForkingCli, NodeProcess, build_models, check_no_leftover_p2pd, model_manifest, p2pd_pids, sha256_file,
+    CliRunner, NodeProcess, build_models, check_no_leftover_p2pd, model_manifest, p2pd_pids, sha256_file,
     tensors_equal, wait_p2pd_gone,
 )
 
@@ -25,7 +25,7 @@ def no_leftover_daemons(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    runner = ForkingCli(tmp_path_factory.mktemp("cli"))
+    runner = CliRunner(tmp_path_factory.mktemp("cli"))
     yield runner
     runner.close()
 

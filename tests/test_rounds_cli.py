@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import make_llama, write_recipe
-from network_fixtures import ForkingCli, NodeProcess, check_no_leftover_p2pd
+from network_fixtures import CliRunner, NodeProcess, check_no_leftover_p2pd
 from round_fixtures import RoundNet, build_family, model_id_of, wait_round_done, wait_until
 
 DOMAINS = ["math", "code", "logic"]
@@ -17,7 +17,7 @@ DOMAINS = ["math", "code", "logic"]
 @pytest.fixture
 def setup(tmp_path):
     family = build_family(tmp_path / "models", DOMAINS, base_seed=9)
-    cli = ForkingCli(tmp_path / "cli")
+    cli = CliRunner(tmp_path / "cli")
     net = RoundNet(tmp_path / "nodes")
     proc = None
     try:
