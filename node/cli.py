@@ -26,15 +26,6 @@ app = typer.Typer(
 from hivemerge.node import cmd_delta, cmd_demo, cmd_identity, cmd_network, cmd_round  # noqa: E402
 from hivemerge.node.ui import err, tensor_progress  # noqa: E402
 
-app.add_typer(cmd_identity.app, name="identity")
-app.add_typer(cmd_delta.app, name="delta")
-app.add_typer(cmd_network.node_app, name="node")
-app.add_typer(cmd_round.app, name="round")
-app.command()(cmd_network.publish)
-app.command()(cmd_network.experts)
-app.command()(cmd_network.fetch)
-app.command("eval")(cmd_demo.eval_command)
-app.command()(cmd_demo.demo)
 
 
 def _methods_epilog() -> str:
@@ -44,6 +35,11 @@ def _methods_epilog() -> str:
     for name, method in sorted(METHODS.items()):
         lines.append(f"  {name}: {method.summary}\n\n")
     return "".join(lines)
+
+
+# Listed in --help in this order: the main job, offline work, the network.
+app.command()(cmd_demo.demo)
+app.command("eval")(cmd_demo.eval_command)
 
 
 @app.command(epilog=_methods_epilog())
@@ -110,6 +106,15 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     from hivemerge.node.ui import out as stdout
 
     stdout.print(table)
+
+
+app.add_typer(cmd_delta.app, name="delta")
+app.add_typer(cmd_identity.app, name="identity")
+app.add_typer(cmd_network.node_app, name="node")
+app.command()(cmd_network.publish)
+app.command()(cmd_network.experts)
+app.command()(cmd_network.fetch)
+app.add_typer(cmd_round.app, name="round")
 
 
 def main() -> None:
