@@ -30,7 +30,7 @@ from hivemerge.node.network import Network, peer_id_of
 from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator, proposal_from_recipe
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
-from hivemerge.protocol import records
+from hivemerge.protocol import records, rounds
 from hivemerge.protocol.content import parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
@@ -66,7 +66,7 @@ class Node:
         try:
             self._run(self.server.register(self.network.p2p), 10)
             if not client_mode:
-                self._run(self._announce_all(), 60)
+                self._run(self.announce(), 60)
                 self._refresher = self._run(self._start(self._refresh_forever()), 5)
                 self._coordinator_task = self._run(self._start(self.rounds.run_forever()), 5)
         except BaseException:
@@ -87,7 +87,7 @@ class Node:
         while True:
             await asyncio.sleep(self.record_ttl / 3)
             try:
-                await self._announce_all()
+                await self.announce()
             except Exception:  # a flaky moment must not stop future refreshes
                 pass
 
@@ -102,7 +102,7 @@ class Node:
         path = self.home / PUBLISHED_FILE
         return json.loads(path.read_text()) if path.is_file() else []
 
-    async def _announce_all(self, gone: bool = False) -> None:
+    async def announce(self, gone: bool = False) -> None:
         """(Re)store every record this node owns. ``gone``: the same records with no
         addresses and a later expiry, which replaces the live ones (a DHT has no delete);
         readers skip them."""
@@ -116,16 +116,11 @@ class Node:
 
     async def _store_expert(self, fields: dict, maddrs: list[str]) -> bool:
         fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
-        value = records.make_record(self.identity, "record/expert", fields)
-        subkey = records.owner_subkey(self.identity, "record/expert", fields)
-        return await self.network.store_record(records.EXPERTS_KEY, subkey, value, self._ttl(maddrs))
+        return await self.store_record("record/expert", records.EXPERTS_KEY, fields, self._ttl(maddrs))
 
     async def _store_provider(self, content: str, bundle_id: str, maddrs: list[str]) -> bool:
         fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
-        value = records.make_record(self.identity, "record/provider", fields)
-        return await self.network.store_record(
-            records.providers_key(content), records.owner_subkey(self.identity, "record/provider", fields), value, self._ttl(maddrs)
-        )
+        return await self.store_record("record/provider", records.providers_key(content), fields, self._ttl(maddrs))
 
     def contact(self) -> dict:
         """Where this node can be reached (addresses cached at start: callable from the loop)."""
@@ -134,9 +129,6 @@ class Node:
     async def store_record(self, kind: str, key: str, fields: dict, ttl: float) -> bool:
         value = records.make_record(self.identity, kind, fields)
         return await self.network.store_record(key, records.owner_subkey(self.identity, kind, fields), value, ttl)
-
-    async def announce(self) -> None:
-        await self._announce_all()
 
     def _ttl(self, maddrs: list[str]) -> float:
         now = get_dht_time()
@@ -180,7 +172,7 @@ class Node:
         tmp = self.home / f".{PUBLISHED_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(published, indent=2))
         os.replace(tmp, self.home / PUBLISHED_FILE)
-        self._run(self._announce_all(), 60)
+        self._run(self.announce(), 60)
         return {**fields, "publisher": self.identity.public_hex}
 
     def status(self) -> dict:
@@ -201,8 +193,11 @@ class Node:
         return sorted(rows, key=lambda r: (r["domain"], r["delta_id"]))
 
     def providers(self, content: str) -> list[dict]:
-        """Provider records for ``content`` whose peer id is really their signer's key."""
-        found = self._run(self.network.get_records(records.providers_key(content)), 30)
+        return self._run(self._providers(content), 30)
+
+    async def _providers(self, content: str) -> list[dict]:
+        """Live provider records for ``content`` whose peer id is really their signer's key."""
+        found = await self.network.get_records(records.providers_key(content))
         return [r for r in found.values() if r["maddrs"] and _bound(r)]
 
     # -- fetching ---------------------------------------------------------------------
@@ -238,7 +233,7 @@ class Node:
         """Bring ``content`` into the store from its providers; None if it was there already."""
         if self.store.has(content):
             return None
-        found = [r for r in (await self.network.get_records(records.providers_key(content))).values() if r["maddrs"] and _bound(r)]
+        found = await self._providers(content)
         if not found:
             raise FetchError(f"hm://{content}: no provider found on the network")
         bundle_ids = sorted({r["bundle_id"] for r in found})
@@ -249,7 +244,7 @@ class Node:
         report = await self.fetcher.fetch(content, bundle_id, [PeerID.from_base58(r["peer_id"]) for r in peers], progress)
         self.bytes_received += report.bytes_received
         if not self.client_mode:
-            await self._announce_all()  # what it fetched, it serves
+            await self.announce()  # what it fetched, it serves
         return report
 
     # -- merge rounds -----------------------------------------------------------------
@@ -264,22 +259,16 @@ class Node:
         _check_round_template(document)
         proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
-        from hivemerge.protocol import rounds
-
         ttl = max(self.record_ttl, proposal["deadline"] - time.time() + 3600)
         self._run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
         return proposal
 
     def round_status(self) -> list[dict]:
         """Every round this node took part in, with live commitments and attestations."""
-        from hivemerge.protocol import rounds
-
         rows = []
         for state in self.rounds.states():
             proposal = state["proposal"]
-            found = self._run(self.network.get_records(rounds.round_key(proposal["round_id"])), 30)
-            commitments = {r["publisher"]: r for r in found.values() if "delta_ids" in r}
-            attestations = {r["publisher"]: r for r in found.values() if "result_id" in r}
+            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             rows.append({
                 **state,
@@ -293,15 +282,10 @@ class Node:
 
     def latest(self, base_id: str) -> dict | None:
         """The newest final round for a base: proposal, commitments, attestations, result."""
-        from hivemerge.protocol import rounds
-
-        proposals = self._run(self.network.get_records(rounds.rounds_key(base_id)), 30)
-        named = [p for p in proposals.values() if p["round_id"] == rounds.round_id(p)]
-        valid = [p for p in rounds.live_proposals(named) if p["deadline"] <= time.time()]
+        proposals = self._run(self.rounds.proposals(base_id), 30)
+        valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= time.time()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
-            found = self._run(self.network.get_records(rounds.round_key(proposal["round_id"])), 30)
-            commitments = {r["publisher"]: r for r in found.values() if "delta_ids" in r}
-            attestations = {r["publisher"]: r for r in found.values() if "result_id" in r}
+            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             if result is not None:
                 return {"proposal": proposal, "result_id": result, "attesters": attesters,
@@ -364,7 +348,7 @@ class Node:
                 self.network.loop.loop.call_soon_threadsafe(self._coordinator_task.cancel)
             if self._refresher is not None:
                 self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
-                self._run(self._announce_all(gone=True), 20)
+                self._run(self.announce(gone=True), 20)
         except Exception:
             pass  # leaving must not fail: the records expire anyway
         finally:

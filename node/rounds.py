@@ -24,7 +24,7 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.store import DELTA_SUFFIX
-from hivemerge.protocol import records, rounds
+from hivemerge.protocol import rounds
 from hivemerge.protocol.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class RoundCoordinator:
             await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
             state["phase"] = "merging"
             self.save(state)
-            commitments = await self.commitments(round_id)
+            commitments, _ = await self.round_records(round_id)
             state["participants"] = sorted(commitments)
             norms, excluded = await self.gather_deltas(proposal, commitments)
             excluded.update(rounds.norm_outliers(norms))
@@ -132,9 +132,11 @@ class RoundCoordinator:
             self.save(state)
             self._running.pop(round_id, None)
 
-    async def commitments(self, round_id: str) -> dict[str, dict]:
-        found = await self.node.network.get_records(rounds.round_key(round_id))
-        return {r["publisher"]: r for r in found.values() if "delta_ids" in r}
+    async def round_records(self, round_id: str) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(commitments, attestations) of a round, by the node that signed them."""
+        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
+        return ({r["publisher"]: r for r in found if "delta_ids" in r},
+                {r["publisher"]: r for r in found if "result_id" in r})
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
         """Fetch what is missing (bounded by the fetch window), then screen every delta."""

@@ -189,4 +189,4 @@ def tamper_stored_delta(node, delta_id: str) -> None:
     (node.store.bundles / f"{old}.json").unlink()  # only the new bundle is served and announced
     new = node.store.write_bundle(delta_id)
     assert new != old
-    node._run(node._announce_all(), 30)
+    node._run(node.announce(), 30)
