@@ -269,7 +269,7 @@ def test_sign1_is_sign_times_mean_magnitude_per_block(n, block):
 
 
 def test_default_codec_is_ternary():
-    assert DEFAULT_CODEC == "ternary" and parse_codec("ternary")[1] == {"block": 256, "threshold": 0.7}
+    assert DEFAULT_CODEC == "ternary" and parse_codec("ternary")[1] == {"block": 256, "threshold": 0.8}
 
 
 # -- ternary --------------------------------------------------------------------------
