@@ -1,0 +1,56 @@
+"""Probe sets: instruction-response pairs on which experts publish their distributions.
+
+A probe file is JSONL, one ``{"prompt": ..., "response": ...}`` object a line; the
+response is exactly the text that follows the prompt (for the synthetic tasks, the
+answer and its newline). The probe's id is a pure function of the pairs in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemerge.protocol.packs import PackError, probe_id
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    pairs: list[tuple[str, str]]
+    id: str
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def make_probe(pairs: list[tuple[str, str]], path: Path | None = None) -> ProbeSet:
+    if not pairs:
+        raise PackError(f"{path or 'probe set'}: no examples")
+    for i, (prompt, response) in enumerate(pairs):
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+            raise PackError(f"{path or 'probe set'}: example {i + 1} needs a prompt and a non-empty response")
+    return ProbeSet(list(pairs), probe_id(pairs), path)
+
+
+def load_probe(path: str | Path) -> ProbeSet:
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f"{path}: no such probe file")
+    pairs = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            pairs.append((item["prompt"], item["response"]))
+        except (ValueError, KeyError, TypeError):
+            raise PackError(f"{path}:{i}: expected a JSON object with prompt and response") from None
+    return make_probe(pairs, path)
+
+
+def write_probe(pairs: list[tuple[str, str]], path: str | Path) -> ProbeSet:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return make_probe(pairs, path)

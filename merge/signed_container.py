@@ -1,0 +1,111 @@
+"""Reading a signed safetensors container: the layout rules deltas follow, for any kind.
+
+The container is what :class:`hivemerge.merge.writer.AppendingWriter` writes: a
+canonical header (compact JSON, nothing else), metadata that is exactly
+``{"format": "pt", KEY: signed manifest}``, and a data section with no gaps, overlaps
+or trailing bytes. The caller says which parts the manifest promises (dtype, shape,
+SHA-256); every part's hash is checked when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hivemerge.merge.dtypes import DTYPE_OF_CODE
+from hivemerge.merge.sources import read_header
+from hivemerge.protocol.content import sha256_hex
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.signing import verify_signed
+
+
+class SignedContainer:
+    """Opens ``path``, checks the header and the signature; :meth:`locate` then checks the layout."""
+
+    def __init__(self, path: Path, metadata_key: str, kind: str, error: type[UserInputError],
+                 expected_signer: str | None = None):
+        self.path, self.error = Path(path), error
+        if not self.path.is_file():
+            raise error(f"{self.path}: no such {kind} file")
+        header, self._data_start = read_header(self.path)
+        self._check_canonical_header(header)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or metadata_key not in meta:
+            raise error(f"{self.path}: not a hivemerge {kind} (no signed manifest in its metadata)")
+        # Exactly what the writer puts there: nothing unsigned can ride along or change.
+        if meta != {"format": "pt", metadata_key: meta[metadata_key]}:
+            raise error(f"{self.path}: metadata is not what hivemerge writes (corrupted or altered)")
+        try:
+            self.signed = json.loads(meta[metadata_key])
+            self.manifest = verify_signed(self.signed, kind, expected_signer)
+        except ValueError:
+            raise error(f"{self.path}: the signed manifest is not valid JSON") from None
+        except UserInputError as exc:
+            raise error(f"{self.path}: {exc}") from None
+        self.signer: str = self.signed["signer"]
+        self._header = header
+        self._parts: dict[str, tuple[int, int, torch.dtype, list[int], str]] = {}
+
+    def _check_canonical_header(self, header: dict) -> None:
+        # JSON parsing would not notice changed whitespace or key order: require the exact bytes.
+        expected = json.dumps(header, separators=(",", ":")).encode()
+        expected += b" " * (-len(expected) % 8)
+        with self.path.open("rb") as f:
+            f.seek(8)
+            if f.read(self._data_start - 8) != expected:
+                raise self.error(f"{self.path}: header is not in canonical form (corrupted)")
+
+    def locate(self, expected: dict[str, dict]) -> None:
+        """``expected``: part name -> {dtype, shape (None: any), sha256}, as the manifest lists them."""
+        header, fail = self._header, self.error
+        if set(header) != set(expected):
+            extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
+            raise fail(f"{self.path}: file does not hold what its manifest lists (extra {extra[:3]}, missing {missing[:3]})")
+        spans = []
+        for key, entry in header.items():
+            want = expected[key]
+            try:
+                begin, end = entry["data_offsets"]
+                dtype = DTYPE_OF_CODE[entry["dtype"]]
+                if set(entry) != {"dtype", "shape", "data_offsets"} or not _counts(entry["shape"]) \
+                        or not _counts([begin, end]) or begin > end:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise fail(f"{self.path}: malformed header entry {key}") from None
+            if entry["dtype"] != want["dtype"] or (want["shape"] is not None and entry["shape"] != want["shape"]):
+                raise fail(f"{self.path}: part {key} is not the dtype/shape its manifest lists")
+            numel = 1
+            for d in entry["shape"]:
+                numel *= d
+            if end - begin != numel * torch.empty((), dtype=dtype).element_size():
+                raise fail(f"{self.path}: part {key} has a byte range that does not fit its shape")
+            self._parts[key] = (begin, end, dtype, entry["shape"], want["sha256"])
+            spans.append((begin, end))
+        position = 0
+        for begin, end in sorted(spans):
+            if begin != position:
+                raise fail(f"{self.path}: data section has gaps or overlaps")
+            position = end
+        size = self.path.stat().st_size
+        if size != self._data_start + position:
+            raise fail(f"{self.path}: truncated or padded ({size} bytes, expected {self._data_start + position})")
+
+    def read_part(self, key: str) -> torch.Tensor:
+        begin, end, dtype, shape, sha = self._parts[key]
+        with self.path.open("rb") as f:
+            f.seek(self._data_start + begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin or sha256_hex(data) != sha:
+            raise self.error(f"{self.path}: part {key} fails its hash check (corrupted)")
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def data_bytes(self) -> int:
+        return sum(end - begin for begin, end, *_ in self._parts.values())
+
+
+def _counts(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
