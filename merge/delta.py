@@ -25,14 +25,15 @@ from hivemerge.merge.codecs import CODECS, DEFAULT_CODEC, check_options, parse_c
 from hivemerge.merge.dtypes import DTYPE_OF_CODE, SAFETENSORS_CODES
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.manifest import build_model_manifest, model_id, side_files
-from hivemerge.merge.sources import SafetensorsModel, TensorInfo, parse_config, read_header
+from hivemerge.merge.signed_container import SignedContainer
+from hivemerge.merge.sources import SafetensorsModel, TensorInfo, parse_config
 from hivemerge.merge.writer import AppendingWriter, ShardedWriter
-from hivemerge.protocol.content import content_id, sha256_hex
+from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import describe_mismatch
 from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.manifests import FILE_PART_PREFIX, ManifestError, check_delta_manifest, delta_manifest, part_name
-from hivemerge.protocol.signing import sign_manifest, verify_signed
+from hivemerge.protocol.signing import sign_manifest
 
 METADATA_KEY = "hivemerge.delta"
 SIGNED_KIND = "delta"
@@ -135,28 +136,23 @@ class DeltaFile:
     """A delta container, opened and checked: signature, manifest, layout."""
 
     def __init__(self, path: str | Path, expected_signer: str | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DeltaError(f"{self.path}: no such delta file")
-        header, self._data_start = read_header(self.path)
-        self._check_canonical_header(header)
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or METADATA_KEY not in meta:
-            raise DeltaError(f"{self.path}: not a hivemerge delta (no signed manifest in its metadata)")
-        # The metadata is exactly what extract writes: nothing unsigned can ride along or change.
-        if meta != {"format": "pt", METADATA_KEY: meta[METADATA_KEY]}:
-            raise DeltaError(f"{self.path}: metadata is not what hivemerge writes (corrupted or altered)")
+        # The container's layout rules (canonical header, exact metadata, signature, no
+        # gaps or trailing bytes, every part hashed) are shared with logit packs.
+        self._container = SignedContainer(Path(path), METADATA_KEY, SIGNED_KIND, DeltaError, expected_signer)
+        self.path = self._container.path
         try:
-            signed = json.loads(meta[METADATA_KEY])
-        except ValueError:
-            raise DeltaError(f"{self.path}: the signed manifest is not valid JSON") from None
-        try:
-            self.manifest = check_delta_manifest(verify_signed(signed, SIGNED_KIND, expected_signer))
+            self.manifest = check_delta_manifest(self._container.manifest)
         except UserInputError as exc:
             raise DeltaError(f"{self.path}: {exc}") from None
-        self.signer: str = signed["signer"]
+        self.signer: str = self._container.signer
         self.id = content_id(self.manifest)
-        self._locate_parts(header)
+        expected: dict[str, dict] = {}
+        for name, entry in self.manifest["tensors"].items():
+            for part, info in entry["parts"].items():
+                expected[part_name(name, part)] = info
+        for fname, sha in self.manifest["files"].items():
+            expected[FILE_PART_PREFIX + fname] = {"dtype": "U8", "shape": None, "sha256": sha}
+        self._container.locate(expected)
         self._options = {}
         for name, entry in self.manifest["tensors"].items():
             codec = CODECS.get(entry["codec"])
@@ -166,74 +162,12 @@ class DeltaFile:
                 raise DeltaError(f"{self.path}: tensor {name} has unknown dtype {entry['dtype']!r}")
             self._options[name] = check_options(codec, entry.get("params", {}), f"{self.path}: tensor {name} codec")
 
-    def _check_canonical_header(self, header: dict) -> None:
-        # Any byte of the header that is not exactly as written would go unnoticed by
-        # JSON parsing (whitespace, key order): require the canonical serialization.
-        raw_len = self._data_start - 8
-        expected = json.dumps(header, separators=(",", ":")).encode()
-        expected += b" " * (-len(expected) % 8)
-        with self.path.open("rb") as f:
-            f.seek(8)
-            if f.read(raw_len) != expected:
-                raise DeltaError(f"{self.path}: header is not in canonical form (corrupted)")
-
-    def _locate_parts(self, header: dict) -> None:
-        expected: dict[str, dict] = {}
-        for name, entry in self.manifest["tensors"].items():
-            for part, info in entry["parts"].items():
-                expected[part_name(name, part)] = info
-        for fname, sha in self.manifest["files"].items():
-            expected[FILE_PART_PREFIX + fname] = {"dtype": "U8", "shape": None, "sha256": sha}
-        if set(header) != set(expected):
-            extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
-            raise DeltaError(f"{self.path}: file does not hold what its manifest lists (extra {extra[:3]}, missing {missing[:3]})")
-        self._parts: dict[str, tuple[int, int, torch.dtype, list[int], str]] = {}
-        spans = []
-        for key, entry in header.items():
-            want = expected[key]
-            try:
-                begin, end = entry["data_offsets"]
-                dtype = DTYPE_OF_CODE[entry["dtype"]]
-                # Exactly these keys, well typed: a damaged key name must not pass unnoticed
-                # (nor surface later as a KeyError).
-                if set(entry) != {"dtype", "shape", "data_offsets"} or not _is_count_list(entry["shape"]) \
-                        or not _is_count_list([begin, end]) or begin > end:
-                    raise ValueError
-            except (KeyError, TypeError, ValueError):
-                raise DeltaError(f"{self.path}: malformed header entry {key}") from None
-            if entry["dtype"] != want["dtype"] or (want["shape"] is not None and entry["shape"] != want["shape"]):
-                raise DeltaError(f"{self.path}: part {key} is not the dtype/shape its manifest lists")
-            numel = 1
-            for d in entry["shape"]:
-                numel *= d
-            if end - begin != numel * torch.empty((), dtype=dtype).element_size():
-                raise DeltaError(f"{self.path}: part {key} has a byte range that does not fit its shape")
-            self._parts[key] = (begin, end, dtype, entry["shape"], want["sha256"])
-            spans.append((begin, end))
-        spans.sort()
-        position = 0
-        for begin, end in spans:
-            if begin != position:
-                raise DeltaError(f"{self.path}: data section has gaps or overlaps")
-            position = end
-        size = self.path.stat().st_size
-        if size != self._data_start + position:
-            raise DeltaError(f"{self.path}: truncated or padded ({size} bytes, expected {self._data_start + position})")
-
     # -- data -----------------------------------------------------------------------
     def read_part(self, key: str) -> torch.Tensor:
-        begin, end, dtype, shape, sha = self._parts[key]
-        with self.path.open("rb") as f:
-            f.seek(self._data_start + begin)
-            data = f.read(end - begin)
-        if len(data) != end - begin or sha256_hex(data) != sha:
-            raise DeltaError(f"{self.path}: part {key} fails its hash check (corrupted)")
-        if not data:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        return self._container.read_part(key)
 
     def verify_all(self) -> None:
-        for key in self._parts:
+        for key in self._container.parts():
             self.read_part(key)
 
     def files(self) -> dict[str, bytes]:
@@ -259,7 +193,7 @@ class DeltaFile:
         return out
 
     def summary(self) -> dict:
-        parts_bytes = sum(end - begin for begin, end, *_ in self._parts.values())
+        parts_bytes = self._container.data_bytes()
         return {
             "delta_id": self.id,
             "signer": self.signer,
@@ -273,10 +207,6 @@ class DeltaFile:
             "file_bytes": self.path.stat().st_size,
             "data_bytes": parts_bytes,
         }
-
-
-def _is_count_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def _numel(shape: list[int]) -> int:

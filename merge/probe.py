@@ -49,8 +49,13 @@ def load_probe(path: str | Path) -> ProbeSet:
     return make_probe(pairs, path)
 
 
+def probe_bytes(pairs: list[tuple[str, str]]) -> bytes:
+    """The canonical bytes of a probe file (what a node stores and serves)."""
+    return "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs).encode()
+
+
 def write_probe(pairs: list[tuple[str, str]], path: str | Path) -> ProbeSet:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    path.write_bytes(probe_bytes(pairs))
     return make_probe(pairs, path)

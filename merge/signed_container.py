@@ -103,6 +103,9 @@ class SignedContainer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
+    def parts(self) -> list[str]:
+        return list(self._parts)
+
     def data_bytes(self) -> int:
         return sum(end - begin for begin, end, *_ in self._parts.values())
 

@@ -109,6 +109,31 @@ def held_out(task: str, count: int = 200) -> list[Example]:
     return found
 
 
+VALIDATION_SEED = 2_000_029
+TEST_COUNT = 200  # the test suites reported (held_out(task, 200)); validation never draws them
+
+
+def validation(task: str, count: int = 100) -> list[Example]:
+    """``count`` distinct examples of the held-out split that are not among the test
+    examples ``held_out(task, TEST_COUNT)``: data a search may tune on (no model ever
+    trained on it) while the test figures stay unseen."""
+    make = SUITES[task]
+    test = {e.prompt for e in held_out(task, TEST_COUNT)}
+    rng = random.Random(f"{task}:{VALIDATION_SEED}")
+    found: list[Example] = []
+    seen: set[str] = set()
+    for _ in range(10_000 * max(1, count)):
+        if len(found) == count:
+            return found
+        example = make(rng)
+        if is_held_out(example.prompt) and example.prompt not in test and example.prompt not in seen:
+            seen.add(example.prompt)
+            found.append(example)
+    if len(found) < count:
+        raise UserInputError(f"{task}: only {len(found)} validation examples exist outside the test suite (asked {count})")
+    return found
+
+
 def load_suite(name: str, count: int = 200) -> list[Example]:
     """A built-in suite by name, or a JSONL file of {"prompt": ..., "answer": ...} lines."""
     if name in SUITES:

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 from hivemerge.node import cmd_delta, cmd_demo, cmd_identity, cmd_network, cmd_round  # noqa: E402
 from hivemerge.node.ui import err, tensor_progress  # noqa: E402
+from hivemerge.node import cmd_search  # noqa: E402
+from hivemerge.node import cmd_fuse  # noqa: E402
 
 
 
@@ -81,6 +83,9 @@ def merge(
     )
 
 
+app.command()(cmd_search.search)
+
+
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the merge methods and their declared parameters."""
@@ -109,6 +114,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
 
 
 app.add_typer(cmd_delta.app, name="delta")
+app.command()(cmd_fuse.fuse)
+app.add_typer(cmd_fuse.app, name="pack")
 app.add_typer(cmd_identity.app, name="identity")
 app.add_typer(cmd_network.node_app, name="node")
 app.command()(cmd_network.publish)

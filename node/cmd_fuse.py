@@ -153,3 +153,51 @@ def _open_pack(path: Path, signers: list[str] | None):
     if signers and not {pack.signer, fingerprint(bytes.fromhex(pack.signer))} & set(signers):
         raise PackError(f"{path}: signed by {fingerprint(bytes.fromhex(pack.signer))}, not by any --signer given")
     return pack
+
+
+@app.command("publish")
+def publish_pack(
+    file: Annotated[Path, typer.Argument(help="The pack file (hivemerge pack make).")],
+    probe: ProbeOption,
+    domain: Annotated[str, typer.Option("--domain", help="What the heterogeneous expert is good at, e.g. rotate.")],
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Store the pack and its probe set in the running node and advertise the pack: rounds
+    with a fusion step (README: Fuse heterogeneous experts) name packs by domain or id."""
+    from hivemerge.node.cmd_network import _node
+
+    with _node(home, None) as node:
+        record = node.publish_pack(pack_file=str(file.resolve()), probe_file=str(probe.resolve()), domain=domain)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    err.print(f"published {domain} pack {record['pack_id'][:12]} ({record['size']:,} bytes) for probe {record['probe_id'][:12]}")
+    print(record["pack_id"])
+
+
+@app.command("list")
+def list_packs(
+    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    home: HomeOption = None,
+    peer: Annotated[Optional[list[str]], typer.Option("--peer", help="Multiaddr of a peer to join through (repeatable).")] = None,
+) -> None:
+    """The logit packs the network offers, from the DHT."""
+    from rich.table import Table
+
+    from hivemerge.node.cmd_network import _node
+    from hivemerge.node.ui import out
+
+    with _node(home, peer) as node:
+        rows = node.packs(domain=domain)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} pack(s)")
+    for column in ("domain", "pack", "probe", "model", "top-k", "size", "publisher"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["domain"], r["pack_id"][:12], r["probe_id"][:12], r["model_id"][:12], str(r["top_k"]),
+                      f"{r['size']:,}", r["publisher"][:16])
+    out.print(table)

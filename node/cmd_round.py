@@ -67,3 +67,25 @@ def status(
             (r["final_result"] or r.get("result_id") or "-")[:12], excluded,
         )
     out.print(table)
+    _print_searches(home)
+
+
+def _print_searches(home) -> None:
+    """Search rounds this node took part in (their local state files), if any."""
+    from hivemerge.protocol.identity import default_home
+
+    states = [json.loads(p.read_text()) for p in sorted((default_home(home) / "searches").glob("*.json"))]
+    if not states:
+        return
+    table = Table(title=f"{len(states)} search round(s)")
+    for column in ("search", "phase", "roles", "generations", "best score", "final round"):
+        table.add_column(column)
+    for s in states:
+        history = s.get("history") or []
+        best = s.get("best", {}).get("score")
+        table.add_row(
+            s["proposal"]["round_id"][:12], s["phase"] + (f" ({s['error']})" if s.get("error") else ""), ", ".join(s["roles"]),
+            f"{len(history)}/{s['proposal']['search']['generations']}", "-" if best is None else f"{best:.4f}",
+            (s.get("final_round") or "-")[:12],
+        )
+    out.print(table)

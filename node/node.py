@@ -28,6 +28,7 @@ from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.node.network import Network, peer_id_of
 from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator, proposal_from_recipe
+from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.protocol import records, rounds
@@ -63,12 +64,13 @@ class Node:
         self._refresher: asyncio.Task | None = None
         self._coordinator_task: asyncio.Task | None = None
         self.rounds = RoundCoordinator(self, poll=round_poll, device=device)
+        self.searches = SearchCoordinator(self, poll=round_poll)
         try:
             self._run(self.server.register(self.network.p2p), 10)
             if not client_mode:
                 self._run(self.announce(), 60)
                 self._refresher = self._run(self._start(self._refresh_forever()), 5)
-                self._coordinator_task = self._run(self._start(self.rounds.run_forever()), 5)
+                self._coordinator_task = self._run(self._start(self._coordinate()), 5)
         except BaseException:
             self.close()
             raise
@@ -79,6 +81,9 @@ class Node:
 
     async def _start(self, coro) -> asyncio.Task:
         return asyncio.create_task(coro)
+
+    async def _coordinate(self) -> None:
+        await asyncio.gather(self.rounds.run_forever(), self.searches.run_forever())
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -109,6 +114,7 @@ class Node:
         maddrs = [] if gone else [str(m) for m in await self.network.p2p.get_visible_maddrs()]
         for fields in self.published():
             await self._store_expert(fields, maddrs)
+        await self.rounds.fusion.announce(maddrs)  # published logit packs
         for bundle_id in self.store.bundle_ids():
             bundle = self.store.bundle(bundle_id)
             if bundle and self.store.has(bundle["content"]):
@@ -187,6 +193,13 @@ class Node:
         }
 
     # -- discovery --------------------------------------------------------------------
+    def publish_pack(self, pack_file: str, probe_file: str, domain: str) -> dict:
+        """Store a heterogeneous expert's logit pack and its probe set, and advertise the pack."""
+        return self.rounds.fusion.publish_pack(Path(pack_file), Path(probe_file), domain)
+
+    def packs(self, domain: str | None = None) -> list[dict]:
+        return self.rounds.fusion.packs(domain)
+
     def experts(self, domain: str | None = None) -> list[dict]:
         found = self._run(self.network.get_records(records.EXPERTS_KEY), 30)
         rows = [r for r in found.values() if r["maddrs"] and (domain is None or r["domain"] == domain)]
@@ -257,6 +270,12 @@ class Node:
         if base_id is None:
             raise UserInputError(f"base_model: {ref!r} is not a content id")
         _check_round_template(document)
+        if "search" in document:  # a search round: its best recipe becomes a merge round
+            if not ref.startswith("hm://") and not self.store.has(base_id):
+                self.store.add_model(Path(ref))  # every node of the search builds the space from the base
+            return self.searches.propose(document, base_id)
+        if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/fusion_rounds.py)
+            document = self.rounds.fusion.prepare(document, ref, base_id)
         proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
         ttl = max(self.record_ttl, proposal["deadline"] - time.time() + 3600)

@@ -23,9 +23,11 @@ from hivemerge.merge.delta import DeltaError
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
+from hivemerge.node.fusion_rounds import FusionRounds
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import rounds
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.fusion import check_fusion_block
 
 if TYPE_CHECKING:
     from hivemerge.node.node import Node
@@ -43,6 +45,7 @@ class RoundCoordinator:
         self.dir = node.home / "rounds"
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
+        self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/fusion_rounds.py)
 
     # -- local state --------------------------------------------------------------------
     def state(self, round_id: str) -> dict | None:
@@ -85,6 +88,7 @@ class RoundCoordinator:
             rid = state["proposal"]["round_id"]
             if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
                 self._running[rid] = asyncio.create_task(self.execute(rid))
+        await self.fusion.tick(now)
 
     async def proposals(self, base_id: str) -> list[dict]:
         found = await self.node.network.get_records(rounds.rounds_key(base_id))
@@ -113,7 +117,9 @@ class RoundCoordinator:
             commitments, _ = await self.round_records(round_id)
             state["participants"] = sorted(commitments)
             norms, excluded = await self.gather_deltas(proposal, commitments)
-            excluded.update(rounds.norm_outliers(norms))
+            fusion_excluded, fused = await self.fusion.judge(proposal, commitments, norms)
+            excluded.update(fusion_excluded)
+            excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
             included = sorted(d for d in norms if d not in excluded)
             state.update(excluded=excluded, included=included)
             self.save(state)
@@ -210,8 +216,10 @@ def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float
     quorum = document.get("quorum", rounds.DEFAULT_QUORUM)
     if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 < quorum <= 1:
         raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
-    allowed = {"merge_method", "parameters", "dtype", "out_dtype", "seed", "domain_parameters", "fetch_window"}
+    allowed = {"merge_method", "parameters", "dtype", "out_dtype", "seed", "domain_parameters", "fetch_window", "fusion"}
     template = {k: v for k, v in document.items() if k in allowed}
+    if "fusion" in template:  # resolved by FusionRounds.prepare: pack ids, probe id, fuser
+        template["fusion"] = check_fusion_block(template["fusion"], resolved=True)
     unknown = set(document) - allowed - {"select", "deadline", "quorum", "base_model"}
     if unknown:
         raise UserInputError(f"{sorted(unknown)[0]}: unknown key in a round recipe; expected {sorted(allowed | {'select', 'deadline', 'quorum', 'base_model'})}")

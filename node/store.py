@@ -1,6 +1,7 @@
 """The node's local content store: verified objects under ``HOME/store``, by content id.
 
-Deltas are files (``store/objects/<id>.delta.safetensors``), models are directories
+Deltas, logit packs and probe sets are files (``store/objects/<id>.delta.safetensors``,
+``<id>.pack.safetensors``, ``<id>.probe.jsonl``), models are directories
 (``store/models/<id>/``). Every object has a bundle manifest (its files cut into
 hashed chunks, :mod:`hivemerge.protocol.bundles`) under ``store/bundles/<bundle id>.json``
 so the node can serve it chunk by chunk. Objects enter only after their id is
@@ -21,6 +22,29 @@ from hivemerge.protocol.content import canonical_json, content_id
 from hivemerge.protocol.errors import UserInputError
 
 DELTA_SUFFIX = ".delta.safetensors"
+PACK_SUFFIX = ".pack.safetensors"
+PROBE_SUFFIX = ".probe.jsonl"
+FILE_SUFFIXES = (DELTA_SUFFIX, PACK_SUFFIX, PROBE_SUFFIX)  # objects that are one file
+
+
+def verify_file_object(path: Path, suffix: str) -> str:
+    """Check a one-file object completely; returns its content id (raises UserInputError)."""
+    if suffix == DELTA_SUFFIX:
+        delta = DeltaFile(path)
+        delta.verify_all()
+        return delta.id
+    if suffix == PACK_SUFFIX:
+        from hivemerge.merge.packs import PackFile
+
+        pack = PackFile(path)
+        pack.load()  # every hash, and every token id has its text
+        return pack.id
+    from hivemerge.merge.probe import load_probe, probe_bytes
+
+    probe = load_probe(path)
+    if path.read_bytes() != probe_bytes(probe.pairs):
+        raise UserInputError(f"{path}: probe file is not in canonical form")
+    return probe.id
 
 
 def _chunk_hashes(path: Path, chunk_size: int) -> list[str]:
@@ -47,17 +71,20 @@ class ContentStore:
 
     # -- lookup -----------------------------------------------------------------------
     def resolve(self, cid: str) -> Path:
-        for path in (self.objects / f"{cid}{DELTA_SUFFIX}", self.models / cid):
+        for path in (*(self.objects / f"{cid}{s}" for s in FILE_SUFFIXES), self.models / cid):
             if path.exists():
                 return path
         raise UserInputError(f"hm://{cid}: not in the content store at {self.root}")
 
     def has(self, cid: str) -> bool:
-        return (self.objects / f"{cid}{DELTA_SUFFIX}").exists() or (self.models / cid).is_dir()
+        return self._file_of(cid) is not None or (self.models / cid).is_dir()
+
+    def _file_of(self, cid: str) -> Path | None:
+        return next((p for s in FILE_SUFFIXES if (p := self.objects / f"{cid}{s}").exists()), None)
 
     def content_root(self, cid: str) -> Path:
         """The folder that a bundle's relative file paths are relative to."""
-        return self.objects if (self.objects / f"{cid}{DELTA_SUFFIX}").exists() else self.models / cid
+        return self.objects if self._file_of(cid) is not None else self.models / cid
 
     def model(self, cid: str):
         from hivemerge.merge.sources import SafetensorsModel
@@ -86,16 +113,35 @@ class ContentStore:
     # -- adding -----------------------------------------------------------------------
     def add_delta(self, path: Path) -> str:
         """Verify a delta file completely and copy it in; returns its id."""
-        delta = DeltaFile(path)
-        delta.verify_all()
+        return self._add_file(path, DELTA_SUFFIX)
+
+    def add_pack(self, path: Path) -> str:
+        """Verify a logit pack completely (signature, every hash) and copy it in; returns its id."""
+        return self._add_file(path, PACK_SUFFIX)
+
+    def add_probe(self, path: Path) -> str:
+        """Store a probe set (JSONL) in canonical form under its probe id; returns the id."""
+        from hivemerge.merge.probe import load_probe, probe_bytes
+
+        probe = load_probe(path)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        scratch = self.partial / f"probe-{os.getpid()}{PROBE_SUFFIX}"
+        try:
+            scratch.write_bytes(probe_bytes(probe.pairs))
+            return self._add_file(scratch, PROBE_SUFFIX)
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def _add_file(self, path: Path, suffix: str) -> str:
+        cid = verify_file_object(Path(path), suffix)
         self.objects.mkdir(parents=True, exist_ok=True)
-        target = self.objects / f"{delta.id}{DELTA_SUFFIX}"
+        target = self.objects / f"{cid}{suffix}"
         if not target.exists():
             staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
             shutil.copyfile(path, staging)
             os.replace(staging, target)
-        self.write_bundle(delta.id)
-        return delta.id
+        self.write_bundle(cid)
+        return cid
 
     def add_model(self, directory: Path) -> str:
         """Copy a model directory in under its content id (its weights and side files)."""
@@ -122,7 +168,7 @@ class ContentStore:
         """(Re)compute the bundle manifest of a stored object; returns the bundle id."""
         root = self.content_root(cid)
         if root == self.objects:
-            paths = [f"{cid}{DELTA_SUFFIX}"]
+            paths = [self._file_of(cid).name]
         else:
             paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         files = [

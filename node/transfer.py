@@ -24,10 +24,9 @@ from pathlib import Path
 
 from hivemind.p2p import P2P, PeerID
 
-from hivemerge.merge.delta import DeltaFile
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.store import DELTA_SUFFIX, ContentStore
+from hivemerge.node.store import FILE_SUFFIXES, ContentStore, verify_file_object
 from hivemerge.protocol import wire
 from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, check_bundle, chunk_span
 from hivemerge.protocol.content import canonical_json
@@ -263,14 +262,15 @@ class BundleFetcher:
     def _finish(self, staging: Path, bundle: dict) -> Path:
         """Verify the whole object, then move it into the store in one rename."""
         content, files = bundle["content"], staging / "files"
-        if len(bundle["files"]) == 1 and bundle["files"][0]["path"] == f"{content}{DELTA_SUFFIX}":
-            delta = DeltaFile(files / bundle["files"][0]["path"])
-            delta.verify_all()
-            if delta.id != content:
-                raise FetchError(f"fetched delta is {delta.id[:12]}, not {content[:12]}")
+        suffix = next((s for s in FILE_SUFFIXES if len(bundle["files"]) == 1 and bundle["files"][0]["path"] == f"{content}{s}"), None)
+        if suffix is not None:  # a delta, a logit pack or a probe set
+            path = files / bundle["files"][0]["path"]
+            found = verify_file_object(path, suffix)
+            if found != content:
+                raise FetchError(f"fetched {suffix.split('.')[1]} is {found[:12]}, not {content[:12]}")
             self.store.objects.mkdir(parents=True, exist_ok=True)
-            target = self.store.objects / f"{content}{DELTA_SUFFIX}"
-            os.replace(delta.path, target)
+            target = self.store.objects / f"{content}{suffix}"
+            os.replace(path, target)
         else:
             if model_id(SafetensorsModel(files)) != content:
                 raise FetchError(f"fetched model does not hash to {content[:12]}")

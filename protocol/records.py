@@ -9,6 +9,7 @@ owner. A record that fails any check is ignored by every node, whoever relayed i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from hivemerge.protocol.content import canonical_json, is_content_id
@@ -18,6 +19,7 @@ from hivemerge.protocol.signing import verify_signed
 
 MAX_RECORD_BYTES = 8 * 1024
 EXPERTS_KEY = "hivemerge/experts"  # subkey: <publisher>/<delta id>
+PACKS_KEY = "hivemerge/packs"  # subkey: <publisher>/<pack id>
 
 
 def providers_key(content: str) -> str:
@@ -42,8 +44,27 @@ RECORD_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "round_id": str, "result_id": str, "bundle_id": str, "included": list, "excluded": dict,
         "peer_id": str, "maddrs": list, "issued_at": (int, float),
     },
+    # search rounds (protocol/search.py): the proposal, each generation's candidates, each owner's scores
+    "record/search": {
+        "round_id": str, "base_id": str, "recipe": dict, "select": dict, "search": dict, "deadline": (int, float),
+        "quorum": (int, float), "proposer": str, "issued_at": (int, float),
+    },
+    "record/candidates": {"round_id": str, "generation": int, "candidate_ids": list, "issued_at": (int, float)},
+    "record/scores": {
+        "round_id": str, "generation": int, "candidate_ids": list, "scores": list, "examples": int, "issued_at": (int, float),
+    },
+    # heterogeneous experts (protocol/packs.py) and a round's fusion step (protocol/fusion.py)
+    "record/pack": {
+        "domain": str, "pack_id": str, "probe_id": str, "model_id": str, "top_k": int, "bundle_id": str,
+        "probe_bundle_id": str, "size": int, "peer_id": str, "maddrs": list, "issued_at": (int, float),
+    },
+    "record/fusion": {
+        "round_id": str, "delta_id": str, "packs": list, "probe_id": str, "before": dict, "after": dict,
+        "peer_id": str, "maddrs": list, "issued_at": (int, float),
+    },
 }
-_ID_FIELDS = ("base_id", "architecture", "expert_id", "delta_id", "bundle_id", "content", "round_id", "result_id")
+_ID_FIELDS = ("base_id", "architecture", "expert_id", "delta_id", "bundle_id", "content", "round_id", "result_id",
+              "pack_id", "probe_id", "model_id", "probe_bundle_id")
 
 
 class RecordError(UserInputError):
@@ -54,11 +75,21 @@ def kind_for_key(key: str, subkey: str = "") -> str | None:
     tail = key.rsplit("/", 1)[-1]
     if key == EXPERTS_KEY:
         return "record/expert"
+    if key == PACKS_KEY:
+        return "record/pack"
     if key.startswith("hivemerge/providers/") and is_content_id(tail):
         return "record/provider"
     if key.startswith("hivemerge/rounds/") and is_content_id(tail):
         return "record/proposal"
+    if key.startswith("hivemerge/searches/") and is_content_id(tail):
+        return "record/search"
     if key.startswith("hivemerge/round/") and is_content_id(tail):
+        if "/scores/" in subkey:
+            return "record/scores"
+        if "/candidates/" in subkey:
+            return "record/candidates"
+        if subkey.endswith("/fusion"):
+            return "record/fusion"
         return "record/attestation" if subkey.endswith("/attest") else "record/commitment"
     return None
 
@@ -71,6 +102,11 @@ def expected_subkey(kind: str, owner: str, fields: dict) -> str:
         "record/proposal": f"{owner}/{fields.get('round_id')}",
         "record/commitment": f"{owner}/commit",
         "record/attestation": f"{owner}/attest",
+        "record/search": f"{owner}/{fields.get('round_id')}",
+        "record/candidates": f"{owner}/candidates/{fields.get('generation')}",
+        "record/scores": f"{owner}/scores/{fields.get('generation')}",
+        "record/pack": f"{owner}/{fields.get('pack_id')}",
+        "record/fusion": f"{owner}/fusion",
     }[kind]
 
 
@@ -99,9 +135,24 @@ def _check_fields(kind: str, fields: Any) -> None:
             raise RecordError(f"{kind}: field {name} is not a content id")
     if "maddrs" in fields and not all(isinstance(m, str) for m in fields["maddrs"]):
         raise RecordError(f"{kind}: maddrs must be strings")
-    for name in ("delta_ids", "included"):
+    for name in ("delta_ids", "included", "candidate_ids", "packs"):
         if name in fields and not all(isinstance(d, str) and is_content_id(d) for d in fields[name]):
             raise RecordError(f"{kind}: {name} must be content ids")
+    if "generation" in fields and fields["generation"] < 0:
+        raise RecordError(f"{kind}: generation must be non-negative")
+    if "scores" in fields:
+        scores = fields["scores"]
+        if len(scores) != len(fields["candidate_ids"]) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores
+        ):
+            raise RecordError(f"{kind}: scores must be one finite number per candidate")
+    if kind == "record/fusion":
+        from hivemerge.protocol.fusion import check_figures
+
+        if not (check_figures(fields["before"]) and check_figures(fields["after"])) or not fields["packs"]:
+            raise RecordError(f"{kind}: before and after must be finite figures {{lm, fused}}; packs not empty")
+    if kind == "record/pack" and not 1 <= fields["top_k"] <= 256:
+        raise RecordError(f"{kind}: top_k must be in [1, 256]")
 
 
 def open_record(key: str, subkey: str, value: bytes) -> dict:
@@ -112,8 +163,8 @@ def open_record(key: str, subkey: str, value: bytes) -> dict:
         raise RecordError(f"unknown record key {key!r}")
     fields = _open(subkey, value, kind)
     tail = key.rsplit("/", 1)[-1]
-    home_field = {"record/provider": "content", "record/proposal": "base_id"}.get(kind, "round_id")
-    if kind != "record/expert" and fields[home_field] != tail:
+    home_field = {"record/provider": "content", "record/proposal": "base_id", "record/search": "base_id"}.get(kind, "round_id")
+    if kind not in ("record/expert", "record/pack") and fields[home_field] != tail:
         raise RecordError(f"{kind} is stored under another key than its {home_field}")
     return fields
 

@@ -1,0 +1,293 @@
+"""A node's part in the fusion step of merge rounds (rules: protocol/fusion.py).
+
+Publishing: a heterogeneous expert's node stores its logit pack and the probe set in
+the content store and announces a ``record/pack`` (kept in ``HOME/packs.json`` and
+refreshed like expert records).
+
+Proposing: :meth:`FusionRounds.prepare` resolves the round recipe's ``fusion`` block
+to what every node must agree on (pack ids, probe id, the fuser's key, every
+distillation setting), so the proposal, not the DHT of the moment, says what is fused.
+
+The fuser (designated by the proposal; the proposer by default): when it sees the
+winning proposal it fetches the packs and the probe, distils them into the round's
+base, stores the signed fused delta, stores a signed ``record/fusion`` with the probe
+losses, and commits the fused delta under the domain ``fused`` before the deadline.
+
+Every participant, after the deadline: :meth:`FusionRounds.judge` recomputes the
+probe losses of every delta committed as fused and excludes it, with the reason, when
+the record is missing or does not match, or when the figures are off or show no
+improvement. Fused deltas are left out of the norm-outlier comparison: a distilled
+delta has another scale than a fine-tune, and its quality is judged on the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
+from hivemerge.protocol import fusion, records, rounds
+from hivemerge.protocol.errors import UserInputError
+
+if TYPE_CHECKING:
+    from hivemerge.node.rounds import RoundCoordinator
+
+PACKS_FILE = "packs.json"  # the packs this node published
+WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
+COMMIT_MARGIN = 0.5  # seconds before the deadline a fused delta must be committed by
+
+
+class FusionRounds:
+    def __init__(self, coordinator: "RoundCoordinator"):
+        self.coordinator = coordinator
+        self.node = coordinator.node
+        self.dir = self.node.home / "fusions"
+        self.dir.mkdir(exist_ok=True)
+        self._running: dict[str, asyncio.Task] = {}
+
+    # -- local state --------------------------------------------------------------------
+    def state(self, round_id: str) -> dict | None:
+        path = self.dir / f"{round_id}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _save(self, round_id: str, state: dict) -> None:
+        _write_json(self.dir / f"{round_id}.json", state)
+
+    def watched_bases(self) -> set[str]:
+        path = self.node.home / WATCH_FILE
+        return set(json.loads(path.read_text())) if path.is_file() else set()
+
+    # -- publishing packs ------------------------------------------------------------------
+    def published_packs(self) -> list[dict]:
+        path = self.node.home / PACKS_FILE
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def publish_pack(self, pack_file: Path, probe_file: Path, domain: str) -> dict:
+        from hivemerge.merge.packs import PackFile
+        from hivemerge.merge.probe import load_probe
+
+        if self.node.client_mode:
+            raise UserInputError("publishing a pack needs a running node (hivemerge node start) to keep serving it")
+        _check_domain(domain)
+        probe = load_probe(probe_file)
+        pack = PackFile(pack_file)
+        pack.check_probe(probe)
+        pack_id = self.node.store.add_pack(Path(pack_file))  # verifies every hash
+        probe_id = self.node.store.add_probe(Path(probe_file))
+        fields = {
+            "domain": domain, "pack_id": pack_id, "probe_id": probe_id, "model_id": pack.manifest["model"],
+            "top_k": pack.manifest["top_k"], "bundle_id": self.node.store.bundle_of(pack_id),
+            "probe_bundle_id": self.node.store.bundle_of(probe_id), "size": Path(pack_file).stat().st_size,
+        }
+        published = [p for p in self.published_packs() if p["pack_id"] != pack_id] + [fields]
+        _write_json(self.node.home / PACKS_FILE, published)
+        self.node._run(self.node.announce(), 60)  # the pack record, and provider records of both files
+        return {**fields, "publisher": self.node.identity.public_hex}
+
+    async def announce(self, maddrs: list[str]) -> None:
+        for fields in self.published_packs():
+            fields = {**fields, "peer_id": self.node.peer_id, "maddrs": maddrs, "issued_at": time.time()}
+            await self.node.store_record("record/pack", records.PACKS_KEY, fields, self.node._ttl(maddrs))
+
+    def packs(self, domain: str | None = None) -> list[dict]:
+        return self.node._run(self._packs(domain), 30)
+
+    async def _packs(self, domain: str | None = None) -> list[dict]:
+        found = await self.node.network.get_records(records.PACKS_KEY)
+        rows = [r for r in found.values() if r["maddrs"] and (domain is None or r["domain"] == domain)]
+        return sorted(rows, key=lambda r: (r["domain"], r["pack_id"]))
+
+    # -- proposing ------------------------------------------------------------------------
+    def prepare(self, document: dict, base_ref: str, base_id: str) -> dict:
+        """The round recipe with its ``fusion`` block resolved (see the module docstring)."""
+        from hivemerge.merge.codecs import parse_codec
+        from hivemerge.merge.fusion_check import distill_config
+
+        block = fusion.check_fusion_block(document["fusion"])
+        try:
+            parse_codec(block["codec"])
+        except (UserInputError, ValueError) as exc:
+            raise UserInputError(f"fusion.codec: {exc}") from None
+        distill_config(block)
+        live = self.packs()
+        if "domains" in block["packs"]:
+            ids = set()
+            for domain in block["packs"]["domains"]:
+                mine = {r["pack_id"] for r in live if r["domain"] == domain}
+                if not mine:
+                    raise UserInputError(f"fusion.packs: no pack of domain {domain!r} is published on the network")
+                ids |= mine
+            block["packs"] = {"ids": sorted(ids)}
+        probes = {r["probe_id"] for r in live if r["pack_id"] in block["packs"]["ids"]}
+        if block.get("probe") is None:
+            if len(probes) != 1:
+                raise UserInputError(f"fusion.probe: required (the packs' records name {len(probes)} probe sets)")
+            block["probe"] = probes.pop()
+        elif probes - {block["probe"]}:
+            raise UserInputError("fusion.probe: some of the packs were made for another probe set")
+        block.setdefault("fuser", None)
+        if block["fuser"] is None:
+            block["fuser"] = self.node.identity.public_hex
+        block = fusion.check_fusion_block(block, resolved=True)
+        if block["fuser"] == self.node.identity.public_hex:
+            if not base_ref.startswith("hm://") and not self.node.store.has(base_id):
+                self.node.store.add_model(Path(base_ref))  # the fuser distils into the base
+            if not self.node.store.has(base_id):
+                raise UserInputError("base_model: this node is the fuser and needs the base; give its directory")
+            _write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
+        return {**document, "fusion": block}
+
+    # -- the fuser ------------------------------------------------------------------------
+    async def tick(self, now: float) -> None:
+        me = self.node.identity.public_hex
+        bases = {p["base_id"] for p in self.node.published()} | self.watched_bases()
+        for base_id in sorted(bases):
+            proposals = rounds.live_proposals(await self.coordinator.proposals(base_id))
+            winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
+            if winner is None or (winner["recipe"].get("fusion") or {}).get("fuser") != me:
+                continue
+            rid = winner["round_id"]
+            state = self.state(rid)
+            if state is None and rid not in self._running:
+                self._running[rid] = asyncio.create_task(self._fuse(winner))
+            elif state and state["phase"] == "fused":
+                await self._commit(winner, state)
+
+    async def _fuse(self, proposal: dict) -> None:
+        """Fetch, distil, store the delta and the fusion record; the next tick commits it."""
+        from hivemerge.merge.fusion_check import run_fusion
+
+        rid = proposal["round_id"]
+        state = {"phase": "fusing", "started": time.time()}
+        self._save(rid, state)
+        block = fusion.check_fusion_block(proposal["recipe"]["fusion"], resolved=True)
+        scratch = self.node.store.partial / f"fusion-{rid}"
+        try:
+            packs, probe = await self._inputs(block, proposal["deadline"] - time.time())
+            base_dir = self.node.store.resolve(proposal["base_id"])
+            scratch.mkdir(parents=True, exist_ok=True)
+            delta_out = scratch / "fused.delta.safetensors"
+            before, after = await asyncio.get_running_loop().run_in_executor(
+                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch)
+            delta_id = self.node.store.add_delta(delta_out)
+            fields = {
+                "round_id": rid, "delta_id": delta_id, "packs": block["packs"]["ids"], "probe_id": block["probe"],
+                "before": before, "after": after, **self.node.contact(), "issued_at": time.time(),
+            }
+            await self.node.store_record("record/fusion", rounds.round_key(rid), fields, self.coordinator.ttl(proposal))
+            state.update(phase="fused", delta_id=delta_id, before=before, after=after)
+        except Exception as exc:
+            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            self.node.log(f"fusion for round {rid[:12]}: {state['error']}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            state["seconds"] = round(time.time() - state["started"], 3)
+            self._save(rid, state)
+            self._running.pop(rid, None)
+
+    async def _commit(self, proposal: dict, state: dict) -> None:
+        """Commit the fused delta with this node's own matching deltas (one commitment per node)."""
+        rid = proposal["round_id"]
+        if time.time() > proposal["deadline"] - COMMIT_MARGIN:
+            state.update(phase="failed", error="fusion finished after the commitment deadline")
+            self._save(rid, state)
+            return
+        published = {p["delta_id"]: p["domain"] for p in self.node.published()}
+        committed = (self.coordinator.state(rid) or {}).get("committed", [])
+        domains = {d: published[d] for d in committed if d in published}
+        domains[state["delta_id"]] = fusion.FUSED_DOMAIN
+        await self.node.announce()  # the fused delta and the fetched packs are served from here
+        fields = {
+            "round_id": rid, "delta_ids": sorted(domains), "domains": domains, **self.node.contact(), "issued_at": time.time(),
+        }
+        # A second commitment of this node replaces its first only if it expires later.
+        await self.node.store_record("record/commitment", rounds.round_key(rid), fields, self.coordinator.ttl(proposal) + 1.0)
+        self.coordinator.save({"proposal": proposal, "phase": "committed", "committed": sorted(domains)})
+        state["phase"] = "committed"
+        self._save(rid, state)
+
+    async def _inputs(self, block: dict, window: float):
+        """The probe and the packs of a fusion block, fetched if missing and checked."""
+        from hivemerge.merge.packs import PackFile
+        from hivemerge.merge.probe import load_probe
+
+        window = max(1.0, window)
+        for cid in [block["probe"], *block["packs"]["ids"]]:
+            if not self.node.store.has(cid):
+                await asyncio.wait_for(self.node.fetch_async(cid), window)
+        probe_path = self.node.store.objects / f"{block['probe']}{PROBE_SUFFIX}"
+        pack_paths = [self.node.store.objects / f"{p}{PACK_SUFFIX}" for p in block["packs"]["ids"]]
+        if not probe_path.is_file() or not all(p.is_file() for p in pack_paths):
+            raise UserInputError("fusion: the probe or a pack id names another kind of object")
+        probe = load_probe(probe_path)
+        packs = [PackFile(p) for p in pack_paths]
+        for pack in packs:
+            pack.check_probe(probe)
+        return packs, probe
+
+    # -- every participant ------------------------------------------------------------------
+    async def judge(self, proposal: dict, commitments: dict[str, dict], norms: dict[str, float]) -> tuple[dict[str, str], set[str]]:
+        """(exclusions, every delta committed as fused): the verdict on each fused delta
+        that passed screening (those in ``norms``)."""
+        from hivemerge.merge.fusion_check import measure_fused
+
+        committed = fusion.fused_deltas(commitments)
+        raw = proposal["recipe"].get("fusion")
+        excluded: dict[str, str] = {}
+        pending = {d: c for d, c in committed.items() if d in norms}
+        if not pending:
+            return excluded, set(committed)
+        if raw is None:
+            return {d: "fusion: committed as fused in a round without a fusion step" for d in pending}, set(committed)
+        try:
+            block = fusion.check_fusion_block(raw, resolved=True)
+        except UserInputError as exc:
+            return {d: f"fusion: the proposal's fusion block is malformed: {exc}"[:300] for d in pending}, set(committed)
+        found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
+        record = next((r for r in found if "before" in r and r["publisher"] == block["fuser"]), None)
+        window = float(proposal["recipe"].get("fetch_window", 60.0))
+        for delta_id, committer in sorted(pending.items()):
+            reason = fusion.record_reason(block, committer, delta_id, record)
+            if reason is None:
+                try:
+                    packs, probe = await self._inputs(block, window)
+                except UserInputError as exc:
+                    reason = f"fusion: a pack or the probe failed verification: {_without_path(exc)}"
+                except (Exception, asyncio.TimeoutError) as exc:
+                    reason = f"fusion: a pack or the probe is unavailable: {type(exc).__name__}: {exc}"
+            if reason is None:
+                base_dir = self.node.store.resolve(proposal["base_id"])
+                delta_path = self.node.store.resolve(delta_id)
+                scratch = self.node.store.partial / f"fusion-check-{proposal['round_id']}-{os.getpid()}"
+                try:
+                    before, after = await asyncio.get_running_loop().run_in_executor(
+                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch)
+                    reason = fusion.judge(block, record, before, after)
+                except UserInputError as exc:
+                    reason = f"fusion: the probe losses could not be measured: {_without_path(exc)}"
+            if reason is not None:
+                excluded[delta_id] = reason[:300]
+        return excluded, set(committed)
+
+
+def _check_domain(domain: str) -> None:
+    if not domain or len(domain) > 64 or not domain.replace("-", "").replace("_", "").isalnum():
+        raise UserInputError(f"--domain: {domain!r} must be 1-64 letters, digits, - or _")
+    if domain == fusion.FUSED_DOMAIN:
+        raise UserInputError(f"--domain: {domain!r} is reserved for fused deltas")
+
+
+def _without_path(exc: Exception) -> str:
+    head, sep, tail = str(exc).partition(": ")
+    return tail if sep and "/" in head else str(exc)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)

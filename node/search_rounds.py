@@ -1,0 +1,268 @@
+"""The search coordinator: a node's part in search rounds (protocol/search.py).
+
+Runs beside the round coordinator. An owner of matching experts commits its delta ids
+to a search proposal before the deadline. After it, every node in the search (owners
+and the proposer) fetches and screens the committed deltas as in a merge round, builds
+the same start recipe (the template with the included deltas in id order) and the same
+layer-wise space, and then for each generation draws the same candidates from the
+combined scores of the earlier ones (merge/search.py's ``next_candidates``). The
+proposer publishes the candidates' content ids; each owner merges every candidate in
+memory, scores it on its own validation data (``HOME/validation/<domain>.jsonl``, else
+the built-in suite's validation split) and publishes only the scores. When the last
+generation is combined, the proposer announces the best candidate as a normal merge
+round (``select: {deltas: [...]}``, the searched per-layer tables as
+``domain_parameters``). Local progress is kept in ``HOME/searches/<search id>.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+from hivemerge.protocol import rounds, search
+from hivemerge.protocol.content import content_id
+from hivemerge.protocol.errors import UserInputError
+
+if TYPE_CHECKING:
+    from hivemerge.node.node import Node
+
+FETCH_WINDOW = 60.0
+
+
+class SearchCoordinator:
+    def __init__(self, node: "Node", poll: float = 2.0):
+        self.node = node
+        self.poll = poll
+        self.dir = node.home / "searches"
+        self.dir.mkdir(exist_ok=True)
+        self._running: dict[str, asyncio.Task] = {}
+
+    # -- local state --------------------------------------------------------------------
+    def state(self, sid: str) -> dict | None:
+        path = self.dir / f"{sid}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, state: dict) -> None:
+        path = self.dir / f"{state['proposal']['round_id']}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+
+    def states(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+    # -- proposing (called from the node's thread, not its loop) -----------------------------
+    def propose(self, document: dict, base_id: str) -> dict:
+        from hivemerge.node.rounds import proposal_from_recipe
+
+        settings = search.check_settings(document.get("search"))
+        rest = {k: v for k, v in document.items() if k != "search"}
+        rest.setdefault("deadline", 30)
+        merge_part = proposal_from_recipe(rest, base_id, self.node.identity.public_hex, time.time())
+        proposal = {k: merge_part[k] for k in ("base_id", "recipe", "select", "deadline", "quorum", "proposer")}
+        proposal["search"] = settings
+        proposal["round_id"] = search.search_id(proposal)
+        ttl = self.ttl(proposal)
+        self.node._run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": time.time()}, ttl), 30)
+        self.save({"proposal": proposal, "phase": "proposed", "roles": ["proposer"]})
+        return proposal
+
+    def ttl(self, proposal: dict) -> float:
+        settings = proposal["search"]
+        span = settings["generations"] * settings.get("generation_seconds", 120.0) + FETCH_WINDOW
+        return max(self.node.record_ttl, proposal["deadline"] - time.time() + span + 3600)
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad moment must not end participation
+                self.node.log(f"search coordinator: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.poll)
+
+    async def proposals(self, base_id: str) -> list[dict]:
+        found = await self.node.network.get_records(search.searches_key(base_id))
+        valid = []
+        for p in found.values():
+            try:
+                if p["round_id"] == search.search_id(p) and p["proposer"] == p["publisher"]:
+                    search.check_settings(p["search"])
+                    valid.append(p)
+            except UserInputError:
+                continue
+        return valid
+
+    async def tick(self) -> None:
+        now = time.time()
+        published = self.node.published()
+        for base_id in sorted({p["base_id"] for p in published}):
+            for proposal in await self.proposals(base_id):
+                sid = proposal["round_id"]
+                state = self.state(sid)
+                if proposal["deadline"] <= now or (state is not None and "owner" in state["roles"]):
+                    continue
+                mine = {p["delta_id"]: p["domain"] for p in published if p["base_id"] == base_id and rounds.matches(proposal["select"], p)}
+                if mine:
+                    await self.commit(proposal, state, mine)
+        for state in self.states():
+            sid = state["proposal"]["round_id"]
+            if state["phase"] in ("proposed", "committed") and now >= state["proposal"]["deadline"] and sid not in self._running:
+                self._running[sid] = asyncio.create_task(self.execute(sid))
+
+    async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
+        fields = {
+            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": domains,
+            **self.node.contact(), "issued_at": time.time(),
+        }
+        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
+        roles = (state or {}).get("roles", []) + ["owner"]
+        self.save({"proposal": _plain(proposal), "phase": "committed", "roles": roles, "committed": domains})
+
+    # -- after the deadline ---------------------------------------------------------------
+    async def execute(self, sid: str) -> None:
+        state = self.state(sid)
+        proposal = state["proposal"]
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
+            state["phase"] = "fetching"
+            self.save(state)
+            commitments, _ = await self.node.rounds.round_records(sid)
+            window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+            norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
+            excluded.update(rounds.norm_outliers(norms))
+            domains = {d: c["domains"].get(d, "") for c in commitments.values() for d in c["delta_ids"]}
+            included = []
+            for delta_id in sorted(d for d in norms if d not in excluded):
+                if any(domains[d] == domains[delta_id] for d in included):  # searched values are per domain
+                    excluded[delta_id] = f"another delta of domain {domains[delta_id]!r} is in the search"
+                else:
+                    included.append(delta_id)
+            owners = sorted(o for o, c in commitments.items() if set(c["delta_ids"]) & set(included))
+            state.update(participants=sorted(commitments), owners=owners, included=included, excluded=excluded, phase="searching", history=[])
+            self.save(state)
+            if not included:
+                raise RuntimeError("no committed delta passed screening")
+            space, settings = await loop.run_in_executor(None, self._space, proposal, included, domains)
+            fitness = await loop.run_in_executor(None, self._fitness, proposal, state, included)
+            for generation in range(proposal["search"]["generations"]):
+                entry = await self._generation(proposal, state["roles"], space, settings, fitness, owners, generation, window,
+                                               [h["combined"] for h in state["history"]])
+                state["history"].append(entry)
+                self.save(state)
+            g, i = search.best_candidate(state["history"])
+            best = space.recipe(state["history"][g]["candidates"][i])
+            state.update(best={"generation": g, "index": i, "score": state["history"][g]["combined"][i],
+                               "candidate_id": state["history"][g]["candidate_ids"][i]})
+            state["best"]["domain_parameters"] = {domains[d]: best["models"][k]["parameters"] for k, d in enumerate(included)}
+            if "proposer" in state["roles"]:
+                state["final_round"] = await self._propose_final(proposal, included, state["best"]["domain_parameters"])
+            state["phase"] = "done"
+        except Exception as exc:
+            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.save(state)
+            self._running.pop(sid, None)
+
+    async def _generation(self, proposal: dict, roles: list[str], space, settings, fitness, owners: list[str],
+                          generation: int, window: float, earlier: list[list[float]]) -> dict:
+        """One generation: draw the candidates from the earlier combined scores, publish
+        their ids (proposer) and this owner's scores, then combine everyone's."""
+        from hivemerge.merge.search import next_candidates
+
+        loop = asyncio.get_running_loop()
+        sid = proposal["round_id"]
+        xs = await loop.run_in_executor(None, next_candidates, space, settings, earlier)
+        documents = [space.recipe(x) for x in xs]
+        ids = [content_id(d) for d in documents]
+        key, ttl = rounds.round_key(sid), self.ttl(proposal)
+        if "proposer" in roles:
+            fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "issued_at": time.time()}
+            await self.node.store_record("record/candidates", key, fields, ttl)
+        if fitness is not None:
+            scores, examples = await loop.run_in_executor(None, _score_all, fitness, documents)
+            fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scores": scores,
+                      "examples": examples, "issued_at": time.time()}
+            await self.node.store_record("record/scores", key, fields, ttl)
+        combined, scorers, agrees = await self._combined(proposal, generation, owners, ids, search.slot_end(proposal, generation, window))
+        if combined is None:
+            raise RuntimeError(f"generation {generation}: no owner published scores in time")
+        return {"generation": generation, "candidates": xs, "candidate_ids": ids, "combined": combined,
+                "scorers": scorers, "proposer_agrees": agrees}
+
+    def _space(self, proposal: dict, included: list[str], domains: dict[str, str]):
+        from hivemerge.merge.recipe import validate_recipe
+        from hivemerge.merge.search import SearchSettings
+        from hivemerge.merge.search_space import SearchSpace
+        from hivemerge.node.rounds import build_recipe
+
+        settings = proposal["search"]
+        document = build_recipe(proposal, included, domains)
+        recipe = validate_recipe(document, resolver=self.node.store.resolve)
+        space = SearchSpace(recipe, blocks=settings["blocks"], max_weight=settings.get("max_weight", 2.0))
+        popsize, generations = settings["popsize"], settings["generations"]
+        seed = settings.get("seed", int(proposal["round_id"][:7], 16))
+        return space, SearchSettings(budget=1 + popsize * generations, seed=seed, popsize=popsize, sigma=settings.get("sigma", 0.2))
+
+    def _fitness(self, proposal: dict, state: dict, included: list[str]):
+        """This owner's private validation data for its included experts' domains (None: not an owner here)."""
+        from hivemerge.merge import tasks
+        from hivemerge.merge.fitness import ValidationFitness
+
+        settings = proposal["search"]
+        suites = {}
+        for delta_id, domain in sorted((state.get("committed") or {}).items()):
+            if delta_id not in included:
+                continue
+            private = self.node.home / "validation" / f"{domain}.jsonl"
+            if private.is_file():
+                suites[domain] = tasks.load_suite(str(private))
+            elif domain in tasks.SUITES:
+                suites[domain] = tasks.validation(domain, int(settings.get("count", 100)))
+        if not suites:
+            return None
+        return ValidationFitness(suites, settings.get("loss_weight", 0.25), resolver=self.node.store.resolve)
+
+    async def generation_records(self, sid: str, generation: int) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(score records, candidate records) of one generation, by the node that signed them."""
+        found = (await self.node.network.get_records(rounds.round_key(sid))).values()
+        mine = [r for r in found if r.get("generation") == generation]
+        return ({r["publisher"]: r for r in mine if "scores" in r},
+                {r["publisher"]: r for r in mine if "candidate_ids" in r and "scores" not in r})
+
+    async def _combined(self, proposal: dict, generation: int, owners: list[str], ids: list[str], deadline: float):
+        """(combined scores, scorers, whether the proposer published these candidates), once
+        every owner scored this generation or at the slot's end."""
+        while True:
+            scores, candidates = await self.generation_records(proposal["round_id"], generation)
+            combined, scorers = search.combine_scores(scores, owners, ids)
+            published = candidates.get(proposal["proposer"])
+            if (scorers == owners and published is not None) or time.time() >= deadline:
+                return combined, scorers, None if published is None else published["candidate_ids"] == ids
+            await asyncio.sleep(self.poll)
+
+    async def _propose_final(self, proposal: dict, included: list[str], domain_parameters: dict) -> str:
+        from hivemerge.node.rounds import proposal_from_recipe
+
+        template = {k: v for k, v in proposal["recipe"].items() if k != "domain_parameters"}
+        document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
+                    "deadline": proposal["search"].get("final_deadline", 10), "quorum": proposal["quorum"]}
+        final = proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
+        ttl = max(self.node.record_ttl, final["deadline"] - time.time() + 3600)
+        await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
+        return final["round_id"]
+
+
+def _score_all(fitness, documents: list[dict]) -> tuple[list[float], int]:
+    scores = [fitness(d).score for d in documents]
+    return scores, sum(len(v) for v in fitness.suites.values())
+
+
+def _plain(proposal: dict) -> dict:
+    return {k: v for k, v in proposal.items() if k not in ("publisher", "issued_at")}

@@ -1,0 +1,141 @@
+"""Fusion in merge rounds: the round recipe's ``fusion`` block and the rules that judge a fused delta.
+
+A round may carry a fusion step: heterogeneous experts published logit packs on a
+probe set; one designated node (the *fuser*, by default the proposer) fuses them into
+the round's base, publishes the result as a delta like any expert's, commits it under
+the domain :data:`FUSED_DOMAIN` and stores a signed fusion record naming the packs,
+the probe and the probe losses of the base and of the fused model. The fuser is
+designated because training is not bit-reproducible across machines: the others do
+not redo it, they check it. Every participant recomputes the two probe losses (the
+packs and the probe are small and content-addressed; the fused delta is fetched
+anyway) and excludes the fused delta, with the reason, when the fuser's figures are
+off by more than the tolerance or the fused model is not better on the probe.
+
+Pure: no model math, no network. The figures are mean per-token cross-entropies on
+the probe's response tokens, ``lm`` against the reference tokens and ``fused``
+against the fused distributions; the *probe loss* is the distillation objective
+``lambda * lm + (1 - lambda) * fused``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hivemerge.protocol.content import is_content_id
+from hivemerge.protocol.errors import UserInputError
+
+FUSED_DOMAIN = "fused"  # the domain a fuser commits its fused delta under
+FIGURES = ("lm", "fused")
+METHODS = ("mince", "avgce")  # merge/fuse.py's methods (protocol/ imports nothing from merge/)
+DEFAULTS: dict[str, Any] = {
+    "method": "mince", "lambda": 0.5, "steps": 100, "lr": 3e-3, "batch": 16, "seed": 0, "codec": "int8",
+    "tolerance": 1e-3,
+}
+BLOCK_KEYS = {"packs", "probe", "fuser", *DEFAULTS}
+MAX_STEPS = 100_000
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_fusion_block(block: Any, resolved: bool = False) -> dict:
+    """The ``fusion`` block of a round recipe, with defaults filled in; raises UserInputError
+    naming the key. ``resolved``: as it must be in a proposal (pack ids, the probe id and
+    the fuser's key), not as a user may write it (packs by domain, probe and fuser left out)."""
+    if not isinstance(block, dict):
+        raise UserInputError("fusion: must be a mapping (packs, probe, method, lambda, steps, lr, batch, seed, codec, fuser, tolerance)")
+    unknown = sorted(set(block) - BLOCK_KEYS)
+    if unknown:
+        raise UserInputError(f"fusion.{unknown[0]}: unknown key; expected {sorted(BLOCK_KEYS)}")
+    out = {**DEFAULTS, **block}
+    packs = out.get("packs")
+    if not isinstance(packs, dict) or len(packs) != 1 or not (
+        isinstance(packs.get("ids"), list) or isinstance(packs.get("domains"), list)
+    ):
+        raise UserInputError("fusion.packs: required; {domains: [NAME, ...]} or {ids: [PACK ID, ...]}")
+    names = packs.get("ids", packs.get("domains"))
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise UserInputError("fusion.packs: list at least one pack id or domain")
+    if "ids" in packs:
+        bad = [n for n in names if not is_content_id(n)]
+        if bad:
+            raise UserInputError(f"fusion.packs.ids: {bad[0]!r} is not a content id")
+        out["packs"] = {"ids": sorted(set(names))}
+    elif resolved:
+        raise UserInputError("fusion.packs: a proposal names its packs by id")
+    for key in ("probe", "fuser"):
+        value = out.get(key)
+        if value is None and not resolved:
+            continue
+        if key == "probe" and not (isinstance(value, str) and is_content_id(value.removeprefix("hm://"))):
+            raise UserInputError(f"fusion.probe: {value!r} is not a probe id")
+        if key == "fuser" and not (isinstance(value, str) and len(value) == 64 and is_content_id(value)):
+            raise UserInputError(f"fusion.fuser: {value!r} is not a node's public key (64 hex characters)")
+    if isinstance(out.get("probe"), str):
+        out["probe"] = out["probe"].removeprefix("hm://")
+    if out["method"] not in METHODS:
+        raise UserInputError(f"fusion.method: must be one of {list(METHODS)}, got {out['method']!r}")
+    if not _number(out["lambda"]) or not 0.0 <= out["lambda"] <= 1.0:
+        raise UserInputError(f"fusion.lambda: must be in [0, 1], got {out['lambda']!r}")
+    if not _count(out["steps"]) or not 1 <= out["steps"] <= MAX_STEPS:
+        raise UserInputError(f"fusion.steps: must be an integer in [1, {MAX_STEPS}], got {out['steps']!r}")
+    if not _number(out["lr"]) or not 0 < out["lr"] <= 1:
+        raise UserInputError(f"fusion.lr: must be in (0, 1], got {out['lr']!r}")
+    if not _count(out["batch"]) or not 1 <= out["batch"] <= 4096:
+        raise UserInputError(f"fusion.batch: must be an integer in [1, 4096], got {out['batch']!r}")
+    if not _count(out["seed"]) or out["seed"] < 0:
+        raise UserInputError(f"fusion.seed: must be a non-negative integer, got {out['seed']!r}")
+    if not isinstance(out["codec"], str) or not out["codec"]:
+        raise UserInputError(f"fusion.codec: must be a codec name, got {out['codec']!r}")
+    if not _number(out["tolerance"]) or not 0 < out["tolerance"] <= 1:
+        raise UserInputError(f"fusion.tolerance: must be in (0, 1], got {out['tolerance']!r}")
+    return out
+
+
+def check_figures(figures: Any) -> bool:
+    return isinstance(figures, dict) and set(figures) == set(FIGURES) and all(_number(figures[k]) for k in FIGURES)
+
+
+def probe_loss(figures: dict, lam: float) -> float:
+    return lam * figures["lm"] + (1 - lam) * figures["fused"]
+
+
+def fused_deltas(commitments: dict[str, dict]) -> dict[str, str]:
+    """delta id -> committer, of every delta committed under the fused domain."""
+    return {d: node for node, c in sorted(commitments.items()) for d in c["delta_ids"]
+            if c["domains"].get(d) == FUSED_DOMAIN}
+
+
+def record_reason(block: dict, committer: str, delta_id: str, record: dict | None) -> str | None:
+    """Why a delta committed as fused cannot be checked at all (None: it can be)."""
+    if committer != block["fuser"]:
+        return f"fusion: committed as fused by {committer[:16]}, not by the designated fuser {block['fuser'][:16]}"
+    if record is None:
+        return "fusion: no fusion record from the designated fuser"
+    if record["delta_id"] != delta_id:
+        return f"fusion: the fusion record names delta {record['delta_id'][:12]}, not this one"
+    if sorted(record["packs"]) != block["packs"]["ids"] or record["probe_id"] != block["probe"]:
+        return "fusion: the fusion record names other packs or another probe than the proposal"
+    return None
+
+
+def judge(block: dict, record: dict, measured_before: dict, measured_after: dict) -> str | None:
+    """The fused delta's verdict from the figures every participant measured itself:
+    None if it stays, else the reason it is excluded (the same at every honest node)."""
+    tol = block["tolerance"]
+    for which, reported, measured in (("base", record["before"], measured_before), ("fused model", record["after"], measured_after)):
+        for name in FIGURES:
+            if abs(reported[name] - measured[name]) > tol:
+                return (f"fusion: reported {which} probe loss {name}={reported[name]:.6g} differs from the "
+                        f"recomputed {measured[name]:.6g} (tolerance {tol:g})")
+    lam = block["lambda"]
+    before, after = probe_loss(measured_before, lam), probe_loss(measured_after, lam)
+    if not after < before:
+        return f"fusion: no improvement on the probe: probe loss {before:.6g} (base) -> {after:.6g} (fused)"
+    return None

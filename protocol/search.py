@@ -1,0 +1,94 @@
+"""Search-round rules: what every node computes alike about a distributed recipe search.
+
+A search round is a signed proposal (base, a round recipe template as the start point,
+which experts may join, the search settings, a commit deadline). The owners of matching
+experts commit their delta ids as in a merge round. Then, generation after generation,
+every node draws the same candidate recipes from the combined scores of the earlier
+generations (CMA-ES seeded by the proposal: merge/search.py), the proposer publishes
+the candidates' content ids, and each owner scores the candidates on its own private
+validation data and publishes only the scores, signed. The combined score of a
+candidate is the mean of the owners' scores, in a fixed order; the best candidate of
+the whole search becomes a normal merge round.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hivemerge.protocol.content import content_id
+from hivemerge.protocol.errors import UserInputError
+
+SEARCH_KEYS = {"base_id", "recipe", "select", "search", "deadline", "quorum", "proposer"}
+# settings -> (type, low, high); every node reads them the same way
+SETTINGS = {
+    "generations": (int, 1, 100),
+    "popsize": (int, 2, 64),
+    "blocks": (int, 1, 1024),
+    "seed": (int, 0, 2**31 - 1),
+    "sigma": (float, 1e-6, 1.0),
+    "max_weight": (float, 1e-6, 100.0),
+    "count": (int, 1, 100_000),  # validation examples per owner and domain (built-in suites)
+    "loss_weight": (float, 0.0, 100.0),
+    "generation_seconds": (float, 1.0, 86400.0),  # how long owners have to score a generation
+    "final_deadline": (float, 1.0, 86400.0),  # commit window of the final merge round
+}
+SETTLE_SECONDS = 1.5
+
+
+def searches_key(base_id: str) -> str:
+    return f"hivemerge/searches/{base_id}"  # search proposals; subkey: <proposer>/<search id>
+
+
+def search_id(proposal: dict) -> str:
+    return content_id({k: proposal[k] for k in SEARCH_KEYS})
+
+
+def check_settings(settings: object) -> dict:
+    """The search settings of a proposal, checked (raises UserInputError naming the key)."""
+    if not isinstance(settings, dict):
+        raise UserInputError("search: must be a mapping of settings")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise UserInputError(f"search.{sorted(unknown)[0]}: unknown setting; expected {sorted(SETTINGS)}")
+    missing = {"generations", "popsize", "blocks"} - set(settings)
+    if missing:
+        raise UserInputError(f"search.{sorted(missing)[0]}: required")
+    for name, value in settings.items():
+        kind, low, high = SETTINGS[name]
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if not ok or not low <= value <= high:
+            raise UserInputError(f"search.{name}: must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}")
+    return settings
+
+
+def slot_end(proposal: dict, generation: int, fetch_window: float) -> float:
+    """When generation ``generation``'s scores are due: the commit deadline, the time to
+    fetch the deltas, then one slot of ``generation_seconds`` per generation."""
+    seconds = float(proposal["search"].get("generation_seconds", 120.0))
+    return proposal["deadline"] + SETTLE_SECONDS + fetch_window + (generation + 1) * seconds
+
+
+def combine_scores(score_records: dict[str, dict], participants: list[str], candidate_ids: list[str]) -> tuple[list[float] | None, list[str]]:
+    """(the mean score of each candidate over the owners that scored exactly these
+    candidates, those owners in sorted order). Only committed participants count; a
+    record for other candidates (a diverging node) is ignored. None when nobody scored."""
+    scorers = sorted(
+        owner for owner, record in score_records.items()
+        if owner in participants and record["candidate_ids"] == candidate_ids and len(record["scores"]) == len(candidate_ids)
+    )
+    if not scorers:
+        return None, []
+    combined = [math.fsum(score_records[o]["scores"][i] for o in scorers) / len(scorers) for i in range(len(candidate_ids))]
+    return combined, scorers
+
+
+def best_candidate(history: list[dict]) -> tuple[int, int] | None:
+    """(generation, index) of the highest combined score; ties go to the earliest."""
+    best, where = -math.inf, None
+    for g, generation in enumerate(history):
+        for i, score in enumerate(generation["combined"]):
+            if score > best:
+                best, where = score, (g, i)
+    return where

@@ -1,0 +1,168 @@
+"""Merge rounds with a fusion step, among real nodes on 127.0.0.1.
+
+A heterogeneous expert (GPT-2, its own tokenizer) publishes a logit pack and the probe
+set; two homogeneous experts publish deltas of the pivot (a tiny Llama). The proposer,
+the designated fuser, distils the pack into the pivot, publishes the fused delta and
+its fusion record, and commits it; every participant recomputes the probe losses.
+
+- honest fuser: the fused delta joins the merge, every node attests the same result,
+  which is the offline merge of the three deltas and not the merge of the two;
+- a fuser whose record lies about the fused model's probe loss: the fused delta is
+  excluded at every node with the reason, and the result is the merge of the two.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fuse_fixtures import shared_hetero
+from network_fixtures import wait_until
+from round_fixtures import RoundNet, offline_merge, wait_round_done
+from safetensors.torch import load_file, save_file
+
+from hivemerge.protocol import fusion, rounds
+
+TEMPLATE = {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0}}
+FUSION = {"packs": {"domains": ["rotate"]}, "lambda": 0.0, "steps": 20, "lr": 3e-3, "batch": 16, "codec": "int8"}
+DEADLINE = 25  # seconds: time for the fuser to fetch the pack and distil before commitments close
+
+
+def perturbed(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A stand-in for a fine-tune of ``base``: every weight moved by seeded noise."""
+    shutil.copytree(base, out)
+    weights = load_file(str(base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    moved = {k: (v + scale * torch.randn(v.shape, generator=gen)).to(v.dtype).contiguous() for k, v in weights.items()}
+    save_file(moved, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hetero = shared_hetero(tmp_path_factory)
+    root = tmp_path_factory.mktemp("fusion-round")
+    return hetero, {"add": perturbed(hetero.pivot, root / "add", 1), "sub": perturbed(hetero.pivot, root / "sub", 2)}
+
+
+@pytest.fixture
+def net(tmp_path):
+    pool = RoundNet(tmp_path / "nodes")
+    yield pool
+    pool.close_all()
+
+
+def start(net, setup):
+    """a: proposer and fuser (no expert); m, s: homogeneous experts; h: the pack's publisher."""
+    hetero, experts = setup
+    a, m, s, h = net.start_many(["a", "m", "s", "h"])
+    published = {dom: node.publish(experts[dom], dom, hetero.pivot) for dom, node in (("add", m), ("sub", s))}
+    pack = h.publish_pack(str(hetero.pack), str(hetero.probe.path), "rotate")
+    assert pack["probe_id"] == hetero.probe.id and pack["domain"] == "rotate"
+    listed = a.packs("rotate")
+    assert [r["pack_id"] for r in listed] == [pack["pack_id"]] and listed[0]["publisher"] == h.identity.public_hex
+    document = {**TEMPLATE, "base_model": str(hetero.pivot), "select": {"domains": ["add", "sub"]}, "deadline": DEADLINE,
+                "fusion": FUSION}
+    proposal = a.propose(document)
+    block = proposal["recipe"]["fusion"]
+    assert block["packs"] == {"ids": [pack["pack_id"]]} and block["probe"] == hetero.probe.id
+    assert block["fuser"] == a.identity.public_hex and block["steps"] == 20 and block["method"] == "mince"
+    return (a, m, s), published, proposal
+
+
+def wait_fused(fuser, proposal) -> dict:
+    """The fuser's fusion state once it committed its fused delta (or failed: the test fails here, not later)."""
+    def done():
+        state = fuser.rounds.fusion.state(proposal["round_id"])
+        return state if state and state["phase"] in ("committed", "failed") else None
+
+    state = wait_until(done, DEADLINE + 30, what="the fuser to commit its fused delta")
+    assert state["phase"] == "committed", state.get("error")
+    return state
+
+
+def delta_files(node, ids) -> dict[str, Path]:
+    return {d: node.store.resolve(d) for d in ids}
+
+
+def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(net, setup, tmp_path):
+    (a, m, s), published, proposal = start(net, setup)
+    rid = proposal["round_id"]
+    fused_state = wait_fused(a, proposal)
+    states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
+    fused_id = fused_state["delta_id"]
+    homogeneous = sorted(p["delta_id"] for p in published.values())
+    for state in states:
+        assert state["phase"] == "attested", state.get("error")
+        assert state["excluded"] == {}
+        assert state["included"] == sorted(homogeneous + [fused_id])
+    assert len({st["result_id"] for st in states}) == 1
+    result_id = states[0]["result_id"]
+
+    # the fusion record, as every node reads it: the fused model is better on the probe
+    found = m._run(m.network.get_records(rounds.round_key(rid)), 30)
+    record = next(r for r in found.values() if "before" in r)
+    assert record["publisher"] == a.identity.public_hex and record["delta_id"] == fused_id
+    assert record["packs"] == proposal["recipe"]["fusion"]["packs"]["ids"] and record["probe_id"] == setup[0].probe.id
+    assert record["after"]["fused"] < record["before"]["fused"] - 0.05
+    commitment = next(r for r in found.values() if r.get("delta_ids") and r["publisher"] == a.identity.public_hex)
+    assert commitment["domains"] == {fused_id: fusion.FUSED_DOMAIN}
+
+    # the same merge offline, with and without the fused delta
+    hetero = setup[0]
+    with_fused = offline_merge(tmp_path / "three", hetero.pivot, delta_files(a, homogeneous + [fused_id]), TEMPLATE)
+    without = offline_merge(tmp_path / "two", hetero.pivot, delta_files(a, homogeneous), TEMPLATE)
+    assert result_id == with_fused != without
+    row = next(r for r in m.round_status() if r["proposal"]["round_id"] == rid)
+    assert row["final"] and row["final_result"] == result_id and len(row["attesters"]) == 3
+
+
+def test_a_fuser_that_misreports_its_probe_loss_is_excluded_with_the_reason(net, setup, tmp_path):
+    (a, m, s), published, proposal = start(net, setup)
+    rid = proposal["round_id"]
+    state = wait_fused(a, proposal)
+    # The fuser restates its record: the fused model claimed better on the probe than it is.
+    found = a._run(a.network.get_records(rounds.round_key(rid)), 30)
+    honest = next(r for r in found.values() if "before" in r)
+    lie = {k: v for k, v in honest.items() if k != "publisher"}
+    lie["after"] = {**honest["after"], "lm": honest["after"]["lm"] - 0.25}
+    lie["issued_at"] = time.time()
+    assert time.time() < proposal["deadline"], "the fuser finished too late for the test to restate its record"
+    assert a._run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
+
+    states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
+    fused_id = state["delta_id"]
+    homogeneous = sorted(p["delta_id"] for p in published.values())
+    want = (f"fusion: reported fused model probe loss lm={lie['after']['lm']:.6g} differs from the recomputed "
+            f"{honest['after']['lm']:.6g} (tolerance 0.001)")
+    for st in states:
+        assert st["phase"] == "attested", st.get("error")
+        assert st["excluded"] == {fused_id: want}
+        assert st["included"] == homogeneous
+    assert len({st["result_id"] for st in states}) == 1
+    hetero = setup[0]
+    assert states[0]["result_id"] == offline_merge(tmp_path / "two", hetero.pivot, delta_files(a, homogeneous), TEMPLATE)
+
+
+def test_pack_publish_and_list_through_the_cli(net, setup, tmp_path, tmp_path_factory):
+    from delta_fixtures import assert_user_error, shared_runner
+
+    hetero = setup[0]
+    cli = shared_runner(tmp_path_factory)
+    assert_user_error(cli("pack", "publish", hetero.pack, "--probe", hetero.probe.path, "--domain", "rotate",
+                          "--home", tmp_path / "nobody"), "no node is running")
+    h = net.start("h")
+    with pytest.raises(Exception, match="reserved for fused deltas"):
+        h.publish_pack(str(hetero.pack), str(hetero.probe.path), fusion.FUSED_DOMAIN)
+    with pytest.raises(Exception, match="made for probe set"):
+        h.publish_pack(str(hetero.pack), str(hetero.other_probe.path), "rotate")
+    record = h.publish_pack(str(hetero.pack), str(hetero.probe.path), "rotate")
+    (row,) = cli("pack", "list", "--json", "--peer", h.maddrs()[0], "--home", tmp_path / "client").json()
+    assert row["pack_id"] == record["pack_id"] and row["probe_id"] == hetero.probe.id
+    assert row["publisher"] == h.identity.public_hex and row["size"] == hetero.pack.stat().st_size
+    # the probe set is served in canonical form under its id; the pack under its own
+    assert h.store.resolve(hetero.probe.id).read_bytes() == hetero.probe.path.read_bytes()
+    assert h.store.resolve(record["pack_id"]).read_bytes() == hetero.pack.read_bytes()

@@ -1,0 +1,124 @@
+"""A search round among real nodes on 127.0.0.1.
+
+Three nodes: ``a`` proposes the search (it holds no expert), ``b`` publishes a math
+expert and ``c`` a logic expert of the same tiny base. Both owners commit, score every
+candidate of every generation on their own domain's validation data, and publish only
+the scores; every node combines them alike and draws the same next generation; ``a``
+then proposes the best recipe as a normal merge round, which ``b`` and ``c`` merge and
+attest.
+"""
+
+from __future__ import annotations
+
+import pytest
+from network_fixtures import wait_until
+from round_fixtures import RoundNet, round_records, wait_round_done
+from search_fixtures import char_family
+
+from hivemerge.merge import tasks
+from hivemerge.merge.fitness import ValidationFitness
+from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.search import SearchSettings, next_candidates
+from hivemerge.merge.search_space import SearchSpace
+from hivemerge.node.rounds import build_recipe
+from hivemerge.protocol import search
+from hivemerge.protocol.content import content_id
+
+SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, "loss_weight": 0.25,
+            "generation_seconds": 60, "final_deadline": 4}
+SEARCH_TIMEOUT = 150.0
+
+
+@pytest.fixture(scope="module")
+def search_round(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-round")
+    family = char_family(root / "models")
+    net = RoundNet(root / "nodes")
+    try:
+        a, b, c = net.start_many(["a", "b", "c"])
+        published = {"math": b.publish(family["a"], "math", family["base"]),
+                     "logic": c.publish(family["b"], "logic", family["base"])}
+        document = {
+            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
+            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "search": SETTINGS,
+        }
+        proposal = a.propose(document)
+        sid = proposal["round_id"]
+
+        def finished():
+            states = [n.searches.state(sid) for n in (a, b, c)]
+            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
+
+        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end at every node")
+        yield {"family": family, "nodes": (a, b, c), "published": published, "proposal": proposal, "states": states}
+    finally:
+        net.close_all()
+
+
+def test_every_node_draws_and_combines_alike(search_round):
+    a, b, c = search_round["nodes"]
+    states = search_round["states"]
+    assert [s["phase"] for s in states] == ["done"] * 3, [s.get("error") for s in states]
+    owners = sorted([b.identity.public_hex, c.identity.public_hex])
+    included = sorted(p["delta_id"] for p in search_round["published"].values())
+    for s in states:
+        assert s["owners"] == owners and s["included"] == included and s["excluded"] == {}
+        assert len(s["history"]) == 2 and all(len(h["candidate_ids"]) == 3 for h in s["history"])
+        assert [h["scorers"] for h in s["history"]] == [owners, owners]
+        assert [h["proposer_agrees"] for h in s["history"]] == [True, True]  # the proposer drew the same candidates
+    reference = [(h["candidate_ids"], h["combined"]) for h in states[0]["history"]]
+    for s in states[1:]:
+        assert [(h["candidate_ids"], h["combined"]) for h in s["history"]] == reference
+    assert states[0]["best"] == states[1]["best"] == states[2]["best"]
+    assert "final_round" in states[0] and "final_round" not in states[1]
+
+
+def test_scores_are_each_owners_own_and_the_rule_is_reproducible(search_round):
+    """Offline, from the records alone: each owner's published scores are its candidates'
+    fitness on its own domain's validation data, the combined score is their mean, and
+    the candidates of generation 2 follow from generation 1's combined scores."""
+    a, b, c = search_round["nodes"]
+    proposal = search_round["proposal"]
+    sid = proposal["round_id"]
+    records = round_records(a, sid)
+    scores = {(r["publisher"], r["generation"]): r for r in records.values() if "scores" in r}
+    candidates = {r["generation"]: r for r in records.values() if "candidate_ids" in r and "scores" not in r}
+    assert sorted(scores) == sorted((n.identity.public_hex, g) for n in (b, c) for g in (0, 1))
+    for record in scores.values():  # scores only: no prompts, answers or outputs travel
+        assert set(record) == {"round_id", "generation", "candidate_ids", "scores", "examples", "issued_at", "publisher"}
+        assert record["examples"] == SETTINGS["count"]
+
+    included = sorted(p["delta_id"] for p in search_round["published"].values())
+    domains = {p["delta_id"]: p["domain"] for p in search_round["published"].values()}
+    recipe = validate_recipe(build_recipe(proposal, included, domains), resolver=b.store.resolve)
+    space = SearchSpace(recipe, blocks=SETTINGS["blocks"])
+    settings = SearchSettings(budget=7, seed=SETTINGS["seed"], popsize=3)
+    history = search_round["states"][0]["history"]
+    for generation in (0, 1):
+        xs = next_candidates(space, settings, [h["combined"] for h in history[:generation]])
+        documents = [space.recipe(x) for x in xs]
+        ids = [content_id(d) for d in documents]
+        assert ids == history[generation]["candidate_ids"] == candidates[generation]["candidate_ids"]
+        for node, domain in ((b, "math"), (c, "logic")):
+            own = ValidationFitness({domain: tasks.validation(domain, SETTINGS["count"])}, 0.25, resolver=node.store.resolve)
+            assert scores[(node.identity.public_hex, generation)]["scores"] == [own(d).score for d in documents]
+        both = [scores[(n.identity.public_hex, generation)]["scores"] for n in sorted((b, c), key=lambda n: n.identity.public_hex)]
+        assert history[generation]["combined"] == pytest.approx([(x + y) / 2 for x, y in zip(*both)], abs=1e-12)
+    g, i = search.best_candidate(history)
+    assert search_round["states"][0]["best"]["score"] == max(max(h["combined"]) for h in history) == history[g]["combined"][i]
+
+
+def test_the_best_recipe_runs_as_a_merge_round(search_round):
+    a, b, c = search_round["nodes"]
+    state = search_round["states"][0]
+    final_id = state["final_round"]
+    states = wait_round_done([b, c], final_id)
+    assert [s["phase"] for s in states] == ["attested", "attested"], [s.get("error") for s in states]
+    final_proposal = states[0]["proposal"]
+    assert final_proposal["select"] == {"deltas": state["included"]}
+    assert final_proposal["recipe"]["domain_parameters"] == state["best"]["domain_parameters"]
+    weights = state["best"]["domain_parameters"]["math"]["weight"]
+    assert set(weights) == {"per_layer", "default"} and len(weights["per_layer"]) == 4
+    assert states[0]["result_id"] == states[1]["result_id"]
+    final = wait_until(lambda: a.latest(final_proposal["base_id"]), 30, what="the final round to be final")
+    assert final["result_id"] == states[0]["result_id"] and final["proposal"]["round_id"] == final_id
