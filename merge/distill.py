@@ -17,7 +17,6 @@ weight merge like any homogeneous expert.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -150,14 +149,11 @@ def distill(model, examples: list[PivotExample], config: DistillConfig, pad: int
             progress: Callable[[int, int, float], None] | None = None) -> None:
     """AdamW with warmup and cosine decay over shuffled passes of the probe (and the replay
     set, ``replay_share`` of every batch); deterministic for a seed."""
-    from hivemerge.merge.training import single_thread
+    from hivemerge.merge.training import optimizer, optimizer_step, single_thread
 
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, config.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(config.steps, 1))))
+    opt, sched = optimizer(model, config.steps, config.lr)
     pools = [(examples, config.batch - (n_replay := round(config.batch * config.replay_share) if replay else 0))]
     if replay:
         pools.append((replay, n_replay))
@@ -175,11 +171,7 @@ def distill(model, examples: list[PivotExample], config: DistillConfig, pad: int
                 del order[:count]
             lm, fused, lam = _batch_losses(model, batch, pad)
             loss = (lam * lm + (1 - lam) * fused).mean()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(model, opt, sched, loss)
             if progress:
                 progress(step + 1, config.steps, loss.item())
     model.eval()

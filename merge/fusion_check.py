@@ -7,7 +7,10 @@ delta). A participant rebuilds the same fused targets from the same packs and pr
 applies the same delta and measures the same two figures with the same function, so
 an honest fuser's figures match to float noise. The figures are mean per-token
 cross-entropies on the probe's response tokens (``lm``: the reference tokens;
-``fused``: the fused distributions). Everything runs on one thread.
+``fused``: the fused distributions). With a replay set the fuser distils with it (the
+base's own distribution there as the target) and both measure a third figure,
+``replay``: the CE to the base's own top-k distribution on the replay responses, whose
+rise from base to fused model is the drift. Everything runs on one thread.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from hivemerge.merge.delta import apply_delta
 from hivemerge.merge.distill import (
-    DistillConfig, PivotExample, fuse_into_pivot, pivot_view, pivot_vocab, probe_losses, targets,
+    DistillConfig, PivotExample, fuse_into_pivot, pivot_view, pivot_vocab, probe_losses, self_targets, targets,
 )
 from hivemerge.merge.fuse import fuse_examples
 from hivemerge.merge.packs import PackFile, load_causal_lm
@@ -28,7 +31,7 @@ from hivemerge.protocol.identity import Identity
 def distill_config(block: dict) -> DistillConfig:
     """The distillation settings of a round's ``fusion`` block (checked as ``hivemerge fuse`` checks them)."""
     config = DistillConfig(lam=float(block["lambda"]), steps=block["steps"], lr=float(block["lr"]), batch=block["batch"],
-                           seed=block["seed"])
+                           seed=block["seed"], replay_share=float(block.get("replay_share", DistillConfig.replay_share)))
     config.check()
     return config
 
@@ -47,29 +50,39 @@ def fused_targets(base_dir: Path, packs: list[PackFile], probe: ProbeSet, method
     return targets(encoded, fused, lam), pad
 
 
-def measure(model_dir: Path, examples: list[PivotExample], pad: int) -> dict[str, float]:
-    model, _ = load_causal_lm(model_dir)
-    return probe_losses(model, examples, pad)
+def measure(model, examples: list[PivotExample], pad: int, replayed: list[PivotExample] | None) -> dict[str, float]:
+    figures = probe_losses(model, examples, pad)
+    if replayed is not None:
+        figures["replay"] = probe_losses(model, replayed, pad)["fused"]  # CE to the base's own distribution
+    return figures
 
 
 def measure_fused(base_dir: Path, delta_path: Path, packs: list[PackFile], probe: ProbeSet, block: dict,
-                  scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """(base figures, fused-model figures): what every participant recomputes."""
+                  scratch: Path, replay: ProbeSet | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(base figures, fused-model figures): what every participant recomputes (with
+    ``replay``, the replay set the block names, the third figure too)."""
     examples, pad = fused_targets(Path(base_dir), packs, probe, block["method"], float(block["lambda"]))
+    base, tokenizer = load_causal_lm(base_dir)
+    replayed = None
+    if replay is not None:
+        replayed = self_targets(base, pivot_view(tokenizer, replay)[0], pad, distill_config(block).replay_top_k)
     try:
         apply_delta(base_dir, delta_path, scratch, overwrite=True)
-        return measure(Path(base_dir), examples, pad), measure(scratch, examples, pad)
+        before = measure(base, examples, pad, replayed)
+        del base
+        return before, measure(load_causal_lm(scratch)[0], examples, pad, replayed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_fusion(base_dir: Path, packs: list[PackFile], probe: ProbeSet, block: dict, identity: Identity,
-               delta_out: Path, scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """The fuser's work: distil, write the signed delta to ``delta_out``, and return the
-    figures the fusion record states (measured as every participant will measure them)."""
+               delta_out: Path, scratch: Path, replay: ProbeSet | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The fuser's work: distil (holding the base to itself on ``replay``), write the signed
+    delta to ``delta_out``, and return the figures the fusion record states (measured as
+    every participant will measure them)."""
     try:
         fuse_into_pivot(base_dir, packs, probe, scratch / "fused", block["method"], distill_config(block), identity,
-                        delta_out, block["codec"], overwrite=True)
-        return measure_fused(base_dir, delta_out, packs, probe, block, scratch / "applied")
+                        delta_out, block["codec"], overwrite=True, replay=replay)
+        return measure_fused(base_dir, delta_out, packs, probe, block, scratch / "applied", replay)
     finally:
         shutil.rmtree(scratch / "fused", ignore_errors=True)

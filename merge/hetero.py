@@ -10,7 +10,6 @@ packs and distillation tokenize it, and greedy answers are decoded with any toke
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 from collections.abc import Callable
@@ -80,30 +79,6 @@ def encode_pairs(examples: list[tasks.Example], tokenizer) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_any(model, tokenizer, sample: Callable[[random.Random], tasks.Example], steps: int, seed: int,
-              lr: float = 2e-3, batch: int = 64, progress: Callable[[int, int, float], None] | None = None) -> None:
-    """Like :func:`training.train`, for any causal LM and tokenizer."""
-    from hivemerge.merge.training import single_thread
-
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    with single_thread():
-        for step in range(steps):
-            loss = model(**encode_pairs([sample(rng) for _ in range(batch)], tokenizer)).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if progress:
-                progress(step + 1, steps, loss.item())
-    model.eval()
-
-
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, examples: list[tasks.Example], max_new: int = 8) -> float:
     """Exact-match accuracy of greedy answers (up to the newline), any tokenizer; one example at a time
@@ -137,14 +112,14 @@ def response_loss(model, tokenizer, examples: list[tasks.Example]) -> float:
 def build_hetero_expert(directory: Path, steps: int = 1500, seed: int = 0, hidden: int = 128, layers: int = 4,
                         progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Train (or reuse) the GPT-2 ``rotate`` expert in ``directory``."""
-    from hivemerge.merge.training import save
+    from hivemerge.merge.training import save, train
 
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
     tokenizer = build_bpe_tokenizer([e.text for e in training_examples(4000, seed)] + list(tasks.ALPHABET))
     model = new_gpt2(len(tokenizer), seed, hidden, layers)
-    train_any(model, tokenizer, tasks.training_only(rotate_task), steps, seed + 1, progress=progress)
+    train(model, tokenizer, tasks.training_only(rotate_task), steps, seed + 1, progress=progress, encoder=encode_pairs)
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     save(model, tokenizer, staging)

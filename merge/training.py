@@ -1,6 +1,8 @@
 """Tiny causal LMs on the synthetic tasks: a character tokenizer built locally, a
 small Llama, and a deterministic training loop. Used to make the demo's base and
-domain experts (and by distillation later); nothing is downloaded.
+domain experts, and (``encoder=hetero.encode_pairs``) the heterogeneous test expert;
+distillation shares its optimizer, schedule and step (:func:`optimizer`,
+:func:`optimizer_step`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ def encode(examples: list[Example], tokenizer, with_answer: bool = True) -> dict
 def train(
     model, tokenizer, sample: Callable[[random.Random], Example], steps: int, seed: int, lr: float = 2e-3,
     batch: int = 64, progress: Callable[[int, int, float], None] | None = None,
+    encoder: Callable[[list[Example], object], dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """AdamW with warmup and cosine decay; deterministic for a seed."""
+    """AdamW with warmup and cosine decay; deterministic for a seed. ``encoder`` makes a
+    batch (input ids, attention mask, labels) from examples and the tokenizer: by default
+    :func:`encode` (the character tokenizer); :func:`hetero.encode_pairs` for any tokenizer."""
     with single_thread():
-        _train(model, tokenizer, sample, steps, seed, lr, batch, progress)
+        _train(model, tokenizer, sample, steps, seed, lr, batch, progress, encoder or encode)
 
 
 @contextmanager
@@ -84,22 +89,36 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _train(model, tokenizer, sample, steps, seed, lr, batch, progress) -> None:
+def optimizer(model, steps: int, lr: float):
+    """(optimizer, scheduler) of every training loop here: AdamW without weight decay,
+    linear warmup over the first 5% of ``steps``, cosine decay to zero."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup, total = max(1, steps // 20), max(1, steps)
+    # The cosine goes through a float32 tensor, not math.cos: the demo experts were trained
+    # so, and their bytes (the demo cache, the tests' expected figures) depend on it.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())
+    )
+    return opt, sched
+
+
+def optimizer_step(model, opt, sched, loss: torch.Tensor) -> None:
+    """One step: gradients of ``loss``, clipped to norm 1, then the optimizer and the schedule."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
+def _train(model, tokenizer, sample, steps, seed, lr, batch, progress, encoder) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
-    )
+    opt, sched = optimizer(model, steps, lr)
     model.train()
     for step in range(steps):
-        loss = model(**encode([sample(rng) for _ in range(batch)], tokenizer)).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = model(**encoder([sample(rng) for _ in range(batch)], tokenizer)).loss
+        optimizer_step(model, opt, sched, loss)
         if progress:
             progress(step + 1, steps, loss.item())
     model.eval()

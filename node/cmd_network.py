@@ -104,18 +104,23 @@ def experts(
     home: HomeOption = None,
     peer: PeerOption = None,
 ) -> None:
-    """What the network offers: published experts, from the DHT."""
+    """What the network offers, from the DHT: published experts (deltas of a base) and
+    heterogeneous experts' logit packs (for rounds with a fusion step)."""
     with _node(home, peer) as node:
-        rows = node.experts(domain=domain)
+        rows = [{"kind": "expert", **r} for r in node.experts(domain=domain)]
+        packs = [{"kind": "pack", **r} for r in node.packs(domain=domain)]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + packs, indent=2))
         return
-    table = Table(title=f"{len(rows)} expert(s)")
-    for column in ("domain", "delta", "expert", "base", "codecs", "size", "publisher"):
+    table = Table(title=f"{len(rows)} expert(s), {len(packs)} pack(s)")
+    for column in ("kind", "domain", "id", "model", "base / probe", "codecs / top-k", "size", "publisher"):
         table.add_column(column)
     for r in rows:
         codecs = ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items()))
-        table.add_row(r["domain"], r["delta_id"][:12], r["expert_id"][:12], r["base_id"][:12], codecs,
+        table.add_row("expert", r["domain"], r["delta_id"][:12], r["expert_id"][:12], r["base_id"][:12], codecs,
+                      f"{r['size']:,}", r["publisher"][:16])
+    for r in packs:
+        table.add_row("pack", r["domain"], r["pack_id"][:12], r["model_id"][:12], r["probe_id"][:12], f"top-{r['top_k']}",
                       f"{r['size']:,}", r["publisher"][:16])
     out.print(table)
 

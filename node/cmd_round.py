@@ -33,6 +33,12 @@ def propose(
         if not candidate.exists() and (recipe.parent / candidate).exists():
             candidate = recipe.parent / candidate
         document["base_model"] = str(candidate.resolve())
+    replay = document["fusion"].get("replay") if isinstance(document.get("fusion"), dict) else None
+    if isinstance(replay, str) and not replay.startswith("hm://"):  # a replay file: found as base_model is
+        for candidate in (Path(replay).expanduser(), recipe.parent / Path(replay).expanduser()):
+            if candidate.is_file():
+                document["fusion"]["replay"] = str(candidate.resolve())
+                break
     with _node(home, None) as node:
         proposal = node.propose(document=document)
     if as_json:
@@ -67,7 +73,27 @@ def status(
             (r["final_result"] or r.get("result_id") or "-")[:12], excluded,
         )
     out.print(table)
+    _print_fusions(rows)
     _print_searches(home)
+
+
+def fusion_rows(rows: list[dict]) -> list[tuple[str, ...]]:
+    """(round, fuser, fused delta, replay set, verdict) of every round with a fusion step."""
+    return [(r["proposal"]["round_id"][:12], (f["fuser"] or "-")[:12], (f["delta_id"] or "-")[:12],
+             (f["replay_id"] or "-")[:12], f["verdict"]) for r in rows if (f := r.get("fusion"))]
+
+
+def _print_fusions(rows: list[dict]) -> None:
+    """The fusion step of the rounds that have one, in a table of its own (the rounds table is full)."""
+    found = fusion_rows(rows)
+    if not found:
+        return
+    table = Table(title=f"{len(found)} fusion step(s)")
+    for column in ("round", "fuser", "fused delta", "replay", "verdict"):
+        table.add_column(column)
+    for row in found:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _print_searches(home) -> None:

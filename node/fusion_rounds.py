@@ -5,18 +5,22 @@ the content store and announces a ``record/pack`` (kept in ``HOME/packs.json`` a
 refreshed like expert records).
 
 Proposing: :meth:`FusionRounds.prepare` resolves the round recipe's ``fusion`` block
-to what every node must agree on (pack ids, probe id, the fuser's key, every
-distillation setting), so the proposal, not the DHT of the moment, says what is fused.
+to what every node must agree on (pack ids, probe id, replay set id, the fuser's key,
+every distillation setting), so the proposal, not the DHT of the moment, says what is
+fused. A replay set given as a file is stored by the proposer, which serves it like a
+probe set (the same format, store suffix and transfer).
 
 The fuser (designated by the proposal; the proposer by default): when it sees the
 winning proposal it fetches the packs and the probe, distils them into the round's
-base, stores the signed fused delta, stores a signed ``record/fusion`` with the probe
-losses, and commits the fused delta under the domain ``fused`` before the deadline.
+base (with the replay set, if named), stores the signed fused delta, stores a signed
+``record/fusion`` with the probe losses (and the replay figure), and commits the fused
+delta under the domain ``fused`` before the deadline.
 
 Every participant, after the deadline: :meth:`FusionRounds.judge` recomputes the
 probe losses of every delta committed as fused and excludes it, with the reason, when
-the record is missing or does not match, or when the figures are off or show no
-improvement. Fused deltas are left out of the norm-outlier comparison: a distilled
+the record is missing or does not match (packs, probe, replay set), or when the
+figures are off, show no improvement, or show more drift on the replay set than the
+proposal allows. Fused deltas are left out of the norm-outlier comparison: a distilled
 delta has another scale than a fine-tune, and its quality is judged on the probe.
 """
 
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import fusion, records, rounds
+from hivemerge.protocol.content import is_content_id
 from hivemerge.protocol.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -130,6 +135,8 @@ class FusionRounds:
             block["probe"] = probes.pop()
         elif probes - {block["probe"]}:
             raise UserInputError("fusion.probe: some of the packs were made for another probe set")
+        if block.get("replay") is not None and not is_content_id(block["replay"]):
+            block["replay"] = self._store_replay(Path(block["replay"]).expanduser())
         block.setdefault("fuser", None)
         if block["fuser"] is None:
             block["fuser"] = self.node.identity.public_hex
@@ -141,6 +148,17 @@ class FusionRounds:
                 raise UserInputError("base_model: this node is the fuser and needs the base; give its directory")
             _write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
         return {**document, "fusion": block}
+
+    def _store_replay(self, path: Path) -> str:
+        """Store a replay file (the probe format) so this node serves it; returns its id."""
+        if self.node.client_mode:
+            raise UserInputError("fusion.replay: a replay file needs a running node (hivemerge node start) to serve it; "
+                                 "or name a stored replay set by id")
+        if not path.is_file():
+            raise UserInputError(f"fusion.replay: {str(path)!r} is neither a replay set id nor a file")
+        replay_id = self.node.store.add_probe(path)  # checks the format; canonical bytes under the id
+        self.node._run(self.node.announce(), 60)  # its provider record
+        return replay_id
 
     # -- the fuser ------------------------------------------------------------------------
     async def tick(self, now: float) -> None:
@@ -168,16 +186,17 @@ class FusionRounds:
         block = fusion.check_fusion_block(proposal["recipe"]["fusion"], resolved=True)
         scratch = self.node.store.partial / f"fusion-{rid}"
         try:
-            packs, probe = await self._inputs(block, proposal["deadline"] - time.time())
+            packs, probe, replay = await self._inputs(block, proposal["deadline"] - time.time())
             base_dir = self.node.store.resolve(proposal["base_id"])
             scratch.mkdir(parents=True, exist_ok=True)
             delta_out = scratch / "fused.delta.safetensors"
             before, after = await asyncio.get_running_loop().run_in_executor(
-                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch)
+                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay)
             delta_id = self.node.store.add_delta(delta_out)
             fields = {
                 "round_id": rid, "delta_id": delta_id, "packs": block["packs"]["ids"], "probe_id": block["probe"],
-                "before": before, "after": after, **self.node.contact(), "issued_at": time.time(),
+                "replay_id": block["replay"], "before": before, "after": after, **self.node.contact(),
+                "issued_at": time.time(),
             }
             await self.node.store_record("record/fusion", rounds.round_key(rid), fields, self.coordinator.ttl(proposal))
             state.update(phase="fused", delta_id=delta_id, before=before, after=after)
@@ -212,23 +231,25 @@ class FusionRounds:
         self._save(rid, state)
 
     async def _inputs(self, block: dict, window: float):
-        """The probe and the packs of a fusion block, fetched if missing and checked."""
+        """(packs, probe, replay set or None) of a fusion block, fetched if missing and checked."""
         from hivemerge.merge.packs import PackFile
         from hivemerge.merge.probe import load_probe
 
         window = max(1.0, window)
-        for cid in [block["probe"], *block["packs"]["ids"]]:
+        replay_id = block.get("replay")
+        for cid in [block["probe"], *block["packs"]["ids"], *([replay_id] if replay_id else [])]:
             if not self.node.store.has(cid):
                 await asyncio.wait_for(self.node.fetch_async(cid), window)
         probe_path = self.node.store.objects / f"{block['probe']}{PROBE_SUFFIX}"
+        replay_path = self.node.store.objects / f"{replay_id}{PROBE_SUFFIX}" if replay_id else None
         pack_paths = [self.node.store.objects / f"{p}{PACK_SUFFIX}" for p in block["packs"]["ids"]]
-        if not probe_path.is_file() or not all(p.is_file() for p in pack_paths):
-            raise UserInputError("fusion: the probe or a pack id names another kind of object")
+        if not probe_path.is_file() or not all(p.is_file() for p in pack_paths) or (replay_path and not replay_path.is_file()):
+            raise UserInputError("fusion: the probe, the replay set or a pack id names another kind of object")
         probe = load_probe(probe_path)
         packs = [PackFile(p) for p in pack_paths]
         for pack in packs:
             pack.check_probe(probe)
-        return packs, probe
+        return packs, probe, load_probe(replay_path) if replay_path else None
 
     # -- every participant ------------------------------------------------------------------
     async def judge(self, proposal: dict, commitments: dict[str, dict], norms: dict[str, float]) -> tuple[dict[str, str], set[str]]:
@@ -255,24 +276,60 @@ class FusionRounds:
             reason = fusion.record_reason(block, committer, delta_id, record)
             if reason is None:
                 try:
-                    packs, probe = await self._inputs(block, window)
+                    packs, probe, replay = await self._inputs(block, window)
                 except UserInputError as exc:
-                    reason = f"fusion: a pack or the probe failed verification: {_without_path(exc)}"
+                    reason = f"fusion: a pack, the probe or the replay set failed verification: {_without_path(exc)}"
                 except (Exception, asyncio.TimeoutError) as exc:
-                    reason = f"fusion: a pack or the probe is unavailable: {type(exc).__name__}: {exc}"
+                    reason = f"fusion: a pack, the probe or the replay set is unavailable: {type(exc).__name__}: {exc}"
             if reason is None:
                 base_dir = self.node.store.resolve(proposal["base_id"])
                 delta_path = self.node.store.resolve(delta_id)
                 scratch = self.node.store.partial / f"fusion-check-{proposal['round_id']}-{os.getpid()}"
                 try:
                     before, after = await asyncio.get_running_loop().run_in_executor(
-                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch)
+                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch, replay)
                     reason = fusion.judge(block, record, before, after)
                 except UserInputError as exc:
                     reason = f"fusion: the probe losses could not be measured: {_without_path(exc)}"
             if reason is not None:
                 excluded[delta_id] = reason[:300]
         return excluded, set(committed)
+
+    # -- round status ----------------------------------------------------------------------
+    async def summary(self, proposal: dict, commitments: dict[str, dict], attestations: dict[str, dict]) -> dict | None:
+        """The fusion step of a round as its records tell it (None: the round has none):
+        the fuser, the fused delta it committed, its fusion record's figures and the
+        verdict, ``kept`` or ``excluded: REASON`` as the attesters agree (``split`` when
+        they do not; ``pending`` before any attestation; ``none committed`` after the
+        deadline without a fused delta)."""
+        block = proposal["recipe"].get("fusion")
+        if not isinstance(block, dict):
+            return None
+        rid = proposal["round_id"]
+        found = (await self.node.network.get_records(rounds.round_key(rid))).values()
+        record = next((r for r in found if "before" in r and r["publisher"] == block.get("fuser")), None)
+        committed = sorted(fusion.fused_deltas(commitments))
+        delta_id = committed[0] if committed else (record or {}).get("delta_id")
+        verdicts = {}
+        for attester, att in sorted(attestations.items()):
+            if delta_id in att["excluded"]:
+                verdicts[attester] = f"excluded: {att['excluded'][delta_id]}"
+            elif delta_id in att["included"]:
+                verdicts[attester] = "kept"
+        if verdicts:
+            distinct = sorted(set(verdicts.values()))
+            verdict = distinct[0] if len(distinct) == 1 else "split: " + "; ".join(
+                f"{sum(v == d for v in verdicts.values())} {d}" for d in distinct)
+        elif delta_id is None and time.time() > proposal["deadline"]:
+            verdict = "none committed"
+        else:
+            verdict = "pending"
+        local = self.state(rid) or {}
+        return {
+            "fuser": block.get("fuser"), "delta_id": delta_id, "replay_id": block.get("replay"),
+            "record": None if record is None else {k: record[k] for k in ("delta_id", "replay_id", "before", "after")},
+            "verdict": verdict, "verdicts": verdicts, "fuser_phase": local.get("phase"),
+        }
 
 
 def _check_domain(domain: str) -> None:

@@ -296,6 +296,8 @@ class Node:
                 "final": result is not None,
                 "final_result": result,
                 "attesters": attesters,
+                # a round with a fusion step: fuser, fused delta, verdict (node/fusion_rounds.py)
+                "fusion": self._run(self.rounds.fusion.summary(proposal, commitments, attestations), 30),
             })
         return rows
 

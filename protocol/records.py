@@ -59,8 +59,8 @@ RECORD_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "probe_bundle_id": str, "size": int, "peer_id": str, "maddrs": list, "issued_at": (int, float),
     },
     "record/fusion": {
-        "round_id": str, "delta_id": str, "packs": list, "probe_id": str, "before": dict, "after": dict,
-        "peer_id": str, "maddrs": list, "issued_at": (int, float),
+        "round_id": str, "delta_id": str, "packs": list, "probe_id": str, "replay_id": (str, type(None)), "before": dict,
+        "after": dict, "peer_id": str, "maddrs": list, "issued_at": (int, float),
     },
 }
 _ID_FIELDS = ("base_id", "architecture", "expert_id", "delta_id", "bundle_id", "content", "round_id", "result_id",
@@ -149,8 +149,12 @@ def _check_fields(kind: str, fields: Any) -> None:
     if kind == "record/fusion":
         from hivemerge.protocol.fusion import check_figures
 
-        if not (check_figures(fields["before"]) and check_figures(fields["after"])) or not fields["packs"]:
-            raise RecordError(f"{kind}: before and after must be finite figures {{lm, fused}}; packs not empty")
+        replay = fields["replay_id"] is not None
+        if replay and not is_content_id(fields["replay_id"]):
+            raise RecordError(f"{kind}: field replay_id is not a content id")
+        if not (check_figures(fields["before"], replay) and check_figures(fields["after"], replay)) or not fields["packs"]:
+            raise RecordError(f"{kind}: before and after must be finite figures {{lm, fused}} (and replay exactly when "
+                              "a replay set is named); packs not empty")
     if kind == "record/pack" and not 1 <= fields["top_k"] <= 256:
         raise RecordError(f"{kind}: top_k must be in [1, 256]")
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemerge.merge import hetero, tasks
+from hivemerge.merge import hetero, tasks, training
 from hivemerge.merge.packs import make_pack
 from hivemerge.merge.probe import ProbeSet, write_probe
 from hivemerge.merge.training import build_tokenizer, new_model, save
@@ -56,7 +56,7 @@ def _build(root: Path) -> Hetero:
     train = [draw(rng) for _ in range(300)]
     tokenizer = hetero.build_bpe_tokenizer([e.text for e in train] + list(tasks.ALPHABET), 300)
     expert = hetero.new_gpt2(len(tokenizer), 0, hidden=64, layers=2)
-    hetero.train_any(expert, tokenizer, draw, 200, seed=1, lr=3e-3, batch=32)
+    training.train(expert, tokenizer, draw, 200, seed=1, lr=3e-3, batch=32, encoder=hetero.encode_pairs)
     save(expert, tokenizer, root / "expert")
     save(hetero.new_gpt2(len(tokenizer), 5, hidden=64, layers=2), tokenizer, root / "control")
     char = build_tokenizer()

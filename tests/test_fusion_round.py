@@ -5,10 +5,12 @@ set; two homogeneous experts publish deltas of the pivot (a tiny Llama). The pro
 the designated fuser, distils the pack into the pivot, publishes the fused delta and
 its fusion record, and commits it; every participant recomputes the probe losses.
 
-- honest fuser: the fused delta joins the merge, every node attests the same result,
-  which is the offline merge of the three deltas and not the merge of the two;
-- a fuser whose record lies about the fused model's probe loss: the fused delta is
-  excluded at every node with the reason, and the result is the merge of the two.
+- honest fuser, with a replay set (a file the proposer stores and serves): the fused
+  delta joins the merge, every node attests the same result, which is the offline merge
+  of the three deltas and not the merge of the two; ``round status`` shows the fusion;
+- a fuser whose record lies about the fused model's probe loss, or names another replay
+  set than the proposal: the fused delta is excluded at every node with the reason, and
+  the result is the merge of the two.
 """
 
 from __future__ import annotations
@@ -55,8 +57,16 @@ def net(tmp_path):
     pool.close_all()
 
 
-def start(net, setup):
-    """a: proposer and fuser (no expert); m, s: homogeneous experts; h: the pack's publisher."""
+def write_replay(path: Path):
+    """A replay set: prompts of another domain, held to the pivot's own distribution."""
+    from hivemerge.merge.probe import write_probe
+
+    return write_probe([(f"max {a} {b}=", f"{max(a, b)}\n") for a, b in [(3, 7), (12, 5), (40, 41), (9, 90)] * 8], path)
+
+
+def start(net, setup, replay=None):
+    """a: proposer and fuser (no expert); m, s: homogeneous experts; h: the pack's publisher.
+    ``replay``: a replay file the proposer names in the fusion block."""
     hetero, experts = setup
     a, m, s, h = net.start_many(["a", "m", "s", "h"])
     published = {dom: node.publish(experts[dom], dom, hetero.pivot) for dom, node in (("add", m), ("sub", s))}
@@ -65,10 +75,13 @@ def start(net, setup):
     listed = a.packs("rotate")
     assert [r["pack_id"] for r in listed] == [pack["pack_id"]] and listed[0]["publisher"] == h.identity.public_hex
     document = {**TEMPLATE, "base_model": str(hetero.pivot), "select": {"domains": ["add", "sub"]}, "deadline": DEADLINE,
-                "fusion": FUSION}
+                "fusion": {**FUSION, **({"replay": str(replay.path)} if replay else {})}}
     proposal = a.propose(document)
     block = proposal["recipe"]["fusion"]
     assert block["packs"] == {"ids": [pack["pack_id"]]} and block["probe"] == hetero.probe.id
+    assert block["replay"] == (replay.id if replay else None)
+    if replay:  # stored in canonical form under its id, and served from there
+        assert a.store.resolve(replay.id).read_bytes() == replay.path.read_bytes()
     assert block["fuser"] == a.identity.public_hex and block["steps"] == 20 and block["method"] == "mince"
     return (a, m, s), published, proposal
 
@@ -89,7 +102,10 @@ def delta_files(node, ids) -> dict[str, Path]:
 
 
 def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(net, setup, tmp_path):
-    (a, m, s), published, proposal = start(net, setup)
+    from hivemerge.node.cmd_round import fusion_rows
+
+    replay = write_replay(tmp_path / "replay.jsonl")
+    (a, m, s), published, proposal = start(net, setup, replay)
     rid = proposal["round_id"]
     fused_state = wait_fused(a, proposal)
     states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
@@ -108,6 +124,9 @@ def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(
     assert record["publisher"] == a.identity.public_hex and record["delta_id"] == fused_id
     assert record["packs"] == proposal["recipe"]["fusion"]["packs"]["ids"] and record["probe_id"] == setup[0].probe.id
     assert record["after"]["fused"] < record["before"]["fused"] - 0.05
+    # held on the replay set: the fused model drifted there by less than the default max_drift
+    assert record["replay_id"] == replay.id
+    assert fusion.replay_drift(record["before"], record["after"]) < fusion.DEFAULTS["max_drift"]
     commitment = next(r for r in found.values() if r.get("delta_ids") and r["publisher"] == a.identity.public_hex)
     assert commitment["domains"] == {fused_id: fusion.FUSED_DOMAIN}
 
@@ -118,6 +137,12 @@ def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(
     assert result_id == with_fused != without
     row = next(r for r in m.round_status() if r["proposal"]["round_id"] == rid)
     assert row["final"] and row["final_result"] == result_id and len(row["attesters"]) == 3
+    # round status shows the fusion step: fuser, fused delta, verdict (every attester kept it)
+    shown = row["fusion"]
+    assert shown["fuser"] == a.identity.public_hex and shown["delta_id"] == fused_id and shown["replay_id"] == replay.id
+    assert shown["verdict"] == "kept" and set(shown["verdicts"]) == set(row["attesters"])
+    assert shown["record"]["after"] == record["after"]
+    assert fusion_rows([row]) == [(rid[:12], a.identity.public_hex[:12], fused_id[:12], replay.id[:12], "kept")]
 
 
 def test_a_fuser_that_misreports_its_probe_loss_is_excluded_with_the_reason(net, setup, tmp_path):
@@ -147,6 +172,33 @@ def test_a_fuser_that_misreports_its_probe_loss_is_excluded_with_the_reason(net,
     assert states[0]["result_id"] == offline_merge(tmp_path / "two", hetero.pivot, delta_files(a, homogeneous), TEMPLATE)
 
 
+def test_a_fuser_whose_record_names_another_replay_set_is_excluded_with_the_reason(net, setup, tmp_path):
+    replay = write_replay(tmp_path / "replay.jsonl")
+    (a, m, s), published, proposal = start(net, setup, replay)
+    rid = proposal["round_id"]
+    state = wait_fused(a, proposal)
+    # The fuser restates its record: the same delta and figures, but another replay set named.
+    found = a._run(a.network.get_records(rounds.round_key(rid)), 30)
+    honest = next(r for r in found.values() if "before" in r)
+    assert honest["replay_id"] == replay.id
+    other = setup[0].other_probe.id
+    lie = {**{k: v for k, v in honest.items() if k != "publisher"}, "replay_id": other, "issued_at": time.time()}
+    assert time.time() < proposal["deadline"], "the fuser finished too late for the test to restate its record"
+    assert a._run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
+
+    states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
+    fused_id = state["delta_id"]
+    homogeneous = sorted(p["delta_id"] for p in published.values())
+    want = f"fusion: the fusion record names replay set {other[:12]}, not the proposal's ({replay.id[:12]})"
+    for st in states:
+        assert st["phase"] == "attested", st.get("error")
+        assert st["excluded"] == {fused_id: want}
+        assert st["included"] == homogeneous
+    assert len({st["result_id"] for st in states}) == 1
+    row = next(r for r in s.round_status() if r["proposal"]["round_id"] == rid)
+    assert row["fusion"]["verdict"] == f"excluded: {want}" and row["fusion"]["delta_id"] == fused_id
+
+
 def test_pack_publish_and_list_through_the_cli(net, setup, tmp_path, tmp_path_factory):
     from delta_fixtures import assert_user_error, shared_runner
 
@@ -166,3 +218,8 @@ def test_pack_publish_and_list_through_the_cli(net, setup, tmp_path, tmp_path_fa
     # the probe set is served in canonical form under its id; the pack under its own
     assert h.store.resolve(hetero.probe.id).read_bytes() == hetero.probe.path.read_bytes()
     assert h.store.resolve(record["pack_id"]).read_bytes() == hetero.pack.read_bytes()
+    # `hivemerge experts` lists packs too, with their kind
+    (listed,) = cli("experts", "--json", "--peer", h.maddrs()[0], "--home", tmp_path / "client").json()
+    assert listed["kind"] == "pack" and listed["pack_id"] == record["pack_id"]
+    table = cli("experts", "--peer", h.maddrs()[0], "--home", tmp_path / "client")
+    assert table.returncode == 0 and "0 expert(s), 1 pack(s)" in table.stdout and "rotate" in table.stdout

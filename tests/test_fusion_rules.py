@@ -13,7 +13,7 @@ from hivemerge.protocol.records import PACKS_KEY, is_valid_signed_value, make_re
 from hivemerge.protocol.rounds import round_key
 
 ALICE, BOB = Identity.generate(), Identity.generate()
-PACK, PROBE, MODEL, BUNDLE, ROUND, DELTA = (hashlib.sha256(n.encode()).hexdigest() for n in "pqmbrd")
+PACK, PROBE, MODEL, BUNDLE, ROUND, DELTA, REPLAY = (hashlib.sha256(n.encode()).hexdigest() for n in "pqmbrdy")
 PEER = "12D3KooWCHTsmnFqzECtNepaJp3WordvsVhcq7pgtp1MAY3SUHua"
 
 
@@ -24,7 +24,7 @@ def pack_fields(**changes) -> dict:
 
 
 def fusion_fields(**changes) -> dict:
-    fields = {"round_id": ROUND, "delta_id": DELTA, "packs": [PACK], "probe_id": PROBE,
+    fields = {"round_id": ROUND, "delta_id": DELTA, "packs": [PACK], "probe_id": PROBE, "replay_id": None,
               "before": {"lm": 3.5, "fused": 3.25}, "after": {"lm": 2.0, "fused": 1.5}, "peer_id": PEER, "maddrs": [],
               "issued_at": 1700000000.0}
     return {**fields, **changes}
@@ -60,6 +60,11 @@ def test_pack_and_fusion_records_under_other_subkeys_keys_or_signers_are_refused
     ("record/fusion", fusion_fields(before={"lm": 1.0})),
     ("record/fusion", fusion_fields(packs=[])),
     ("record/fusion", fusion_fields(packs=["not an id"])),
+    ("record/fusion", fusion_fields(replay_id="not an id")),
+    ("record/fusion", fusion_fields(replay_id=REPLAY)),  # a replay set named, but no replay figures
+    ("record/fusion", fusion_fields(before={"lm": 1.0, "fused": 1.0, "replay": 1.0})),  # replay figures, no replay set
+    ("record/fusion", fusion_fields(replay_id=REPLAY, before={"lm": 1.0, "fused": 1.0, "replay": float("inf")},
+                                    after={"lm": 1.0, "fused": 1.0, "replay": 1.0})),
     ("record/pack", pack_fields(top_k=0)),
     ("record/pack", pack_fields(probe_id="x" * 64)),
 ])
@@ -79,6 +84,56 @@ def test_a_block_is_filled_with_defaults_and_every_bad_value_is_named():
             block(**bad)
     with pytest.raises(UserInputError, match="by id"):
         fusion.check_fusion_block({"packs": {"domains": ["rotate"]}, "probe": PROBE, "fuser": ALICE.public_hex}, resolved=True)
+
+
+def test_a_replay_set_is_named_by_id_in_a_proposal_and_by_file_or_id_in_a_recipe():
+    assert block()["replay"] is None and block()["replay_share"] == 0.5 and block()["max_drift"] == 0.1
+    assert block(replay=f"hm://{REPLAY}")["replay"] == REPLAY
+    written = fusion.check_fusion_block({"packs": {"domains": ["rotate"]}, "replay": "replay.jsonl", "max_drift": 0.2})
+    assert written["replay"] == "replay.jsonl" and written["max_drift"] == 0.2
+    assert "replay" not in fusion.check_fusion_block({"packs": {"domains": ["rotate"]}})
+    for bad, key in [({"replay": "replay.jsonl"}, "fusion.replay"), ({"replay": ""}, "fusion.replay"),
+                     ({"replay_share": 1.0}, "fusion.replay_share"), ({"replay_share": -0.1}, "fusion.replay_share"),
+                     ({"max_drift": 0}, "fusion.max_drift"), ({"max_drift": float("nan")}, "fusion.max_drift")]:
+        with pytest.raises(UserInputError, match=key.replace(".", r"\.") + ":"):
+            block(**bad)
+
+
+def test_a_record_with_a_replay_set_opens_with_its_figures():
+    fields = fusion_fields(replay_id=REPLAY, before={"lm": 3.5, "fused": 3.25, "replay": 1.0},
+                           after={"lm": 2.0, "fused": 1.5, "replay": 1.02})
+    opened = open_record(round_key(ROUND), f"{ALICE.public_hex}/fusion", make_record(ALICE, "record/fusion", fields))
+    assert opened["replay_id"] == REPLAY and fusion.replay_drift(opened["before"], opened["after"]) == pytest.approx(0.02)
+
+
+def test_judge_with_a_replay_set_checks_the_replay_figure_and_the_drift():
+    b = block(**{"lambda": 0.5, "tolerance": 0.01, "replay": REPLAY, "max_drift": 0.1})
+    before, after = {"lm": 3.5, "fused": 3.25, "replay": 1.0}, {"lm": 2.0, "fused": 1.5, "replay": 1.08}
+    record = fusion_fields(replay_id=REPLAY, before=before, after=after)
+    assert fusion.judge(b, record, before, {**after, "replay": 1.085}) is None  # drift 0.085, within 0.1
+    assert fusion.judge(b, record, before, {**after, "replay": 1.2}) == (
+        "fusion: reported fused model probe loss replay=1.08 differs from the recomputed 1.2 (tolerance 0.01)")
+    drifted = fusion_fields(replay_id=REPLAY, before=before, after={**after, "replay": 1.125})
+    assert fusion.judge(b, drifted, before, {**after, "replay": 1.125}) == (
+        "fusion: drift on the replay set 0.125 exceeds max_drift 0.1 (replay loss 1 (base) -> 1.125 (fused))")
+    # no improvement on the probe is named first; without a replay set the drift is not judged
+    worse = {"lm": 3.5, "fused": 3.5, "replay": 2.0}
+    assert fusion.judge(b, fusion_fields(replay_id=REPLAY, before=before, after=worse), before, worse).startswith(
+        "fusion: no improvement on the probe")
+    plain = block(**{"lambda": 0.5, "tolerance": 0.01})
+    assert fusion.judge(plain, fusion_fields(), {"lm": 3.5, "fused": 3.25}, {"lm": 2.0, "fused": 1.5}) is None
+
+
+def test_record_reason_checks_the_replay_set_the_proposal_named():
+    b = block(replay=REPLAY)
+    record = {**fusion_fields(replay_id=REPLAY), "publisher": ALICE.public_hex}
+    assert fusion.record_reason(b, ALICE.public_hex, DELTA, record) is None
+    assert fusion.record_reason(b, ALICE.public_hex, DELTA, {**record, "replay_id": PROBE}) == (
+        f"fusion: the fusion record names replay set {PROBE[:12]}, not the proposal's ({REPLAY[:12]})")
+    assert fusion.record_reason(b, ALICE.public_hex, DELTA, {**record, "replay_id": None}) == (
+        f"fusion: the fusion record names no replay set, not the proposal's ({REPLAY[:12]})")
+    assert fusion.record_reason(block(), ALICE.public_hex, DELTA, record) == (
+        f"fusion: the fusion record names replay set {REPLAY[:12]}, not the proposal's (none)")
 
 
 def test_judge_keeps_an_honest_improvement_and_names_every_other_verdict():
