@@ -59,7 +59,7 @@ class SignedRecordValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
         except Exception:
             return False
-        return isinstance(subkey, str) and records.is_valid_signed_value(subkey, value)
+        return isinstance(subkey, str) and records.is_valid_signed_value(subkey, value, record.expiration_time)
 
     def sign_value(self, record) -> bytes:
         return record.value  # the value is signed already (a signed manifest)

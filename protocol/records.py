@@ -173,14 +173,28 @@ def open_record(key: str, subkey: str, value: bytes) -> dict:
     return fields
 
 
-def is_valid_signed_value(subkey: str, value: Any) -> bool:
+# The DHT's expiration time is not signed, so a record may be stored to live at most this
+# long past the moment its owner signed it (or past its round's deadline): a relayed copy
+# of an old genuine record cannot be kept alive, or outlive a newer one, at will.
+MAX_LIFETIME = 2 * 24 * 3600.0
+
+
+def latest_expiry(fields: dict) -> float:
+    """The latest DHT expiration time a record with these (signed) fields may carry."""
+    deadline = fields.get("deadline", 0)
+    start = max(fields["issued_at"], deadline if isinstance(deadline, (int, float)) else 0)
+    return start + MAX_LIFETIME
+
+
+def is_valid_signed_value(subkey: str, value: Any, expiration_time: float | None = None) -> bool:
     """The key-independent part of :func:`open_record` (a DHT validator sees only a
-    hash of the key): a well-formed record of a known kind, signed by the subkey's owner."""
+    hash of the key): a well-formed record of a known kind, signed by the subkey's owner,
+    stored to expire no later than :func:`latest_expiry` allows."""
     try:
-        _open(subkey, value, None)
-        return True
+        fields = _open(subkey, value, None)
     except UserInputError:
         return False
+    return expiration_time is None or expiration_time <= latest_expiry(fields)
 
 
 def _open(subkey: Any, value: Any, kind: str | None) -> dict:

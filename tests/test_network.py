@@ -179,6 +179,9 @@ def test_forged_records_are_refused_by_every_validating_node(pool, models):
         for via in (a, c):
             assert dht_store(via, records.EXPERTS_KEY, subkey, forged) is False, why
 
+    # The genuine record itself, replayed to live past what its signing time allows.
+    assert dht_store(a, records.EXPERTS_KEY, subkey, genuine, ttl=records.MAX_LIFETIME + 3600) is False
+
     for node in (a, b, c):
         held = stored_values(node, records.EXPERTS_KEY)
         assert all(forged not in held.get(subkey, set()) for forged in forgeries.values()), node.peer_id

@@ -75,6 +75,22 @@ def refused_everywhere(key: str, subkey, value) -> str:
 
 # -- what is accepted -------------------------------------------------------------------
 
+def test_expiry_is_bounded_by_the_signed_issue_time_or_deadline():
+    _, subkey, value = expert_record()  # issued_at 1700000000.5
+    latest = 1700000000.5 + records.MAX_LIFETIME
+    assert is_valid_signed_value(subkey, value, latest)
+    assert is_valid_signed_value(subkey, value, 1700000000.5 + 300)
+    assert not is_valid_signed_value(subkey, value, latest + 0.5)  # a replay kept alive longer than allowed
+    proposal = {
+        "round_id": DELTA, "base_id": BASE, "recipe": {}, "select": {}, "deadline": 1700050000.0, "quorum": 0.5,
+        "proposer": ALICE.public_hex, "issued_at": 1700000000.0,
+    }
+    p_subkey = f"{ALICE.public_hex}/{DELTA}"
+    p_value = make_record(ALICE, "record/proposal", proposal)
+    assert is_valid_signed_value(p_subkey, p_value, 1700050000.0 + records.MAX_LIFETIME)  # from the deadline
+    assert not is_valid_signed_value(p_subkey, p_value, 1700050000.0 + records.MAX_LIFETIME + 1)
+
+
 def test_genuine_records_open_with_their_publisher():
     key, subkey, value = expert_record()
     assert is_valid_signed_value(subkey, value)
