@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import fusion, records, rounds
 from hivemerge.protocol.content import is_content_id
@@ -104,7 +105,7 @@ class FusionRounds:
 
     async def _packs(self, domain: str | None = None) -> list[dict]:
         found = await self.node.network.get_records(records.PACKS_KEY)
-        rows = [r for r in found.values() if r["maddrs"] and (domain is None or r["domain"] == domain)]
+        rows = [r for r in found.values() if r["maddrs"] and is_bound(r) and (domain is None or r["domain"] == domain)]
         return sorted(rows, key=lambda r: (r["domain"], r["pack_id"]))
 
     # -- proposing ------------------------------------------------------------------------

@@ -48,6 +48,16 @@ def peer_id_of(public_key: bytes) -> PeerID:
     return PeerID(b"\x00" + bytes([len(encoded)]) + encoded)  # identity multihash
 
 
+def is_bound(record: dict) -> bool:
+    """A record that names a peer to contact (expert, pack, provider) counts only if that
+    libp2p peer id is the one its signing key derives: nobody can point others at a peer
+    that is not theirs."""
+    try:
+        return str(peer_id_of(bytes.fromhex(record["publisher"]))) == record["peer_id"]
+    except (ValueError, KeyError):
+        return False
+
+
 class SignedRecordValidator(RecordValidatorBase):
     """Accepts a DHT record only if it is a record of :mod:`hivemerge.protocol.records`
     signed by the owner its subkey names. Every node runs it on every store it receives

@@ -26,7 +26,7 @@ from hivemerge.merge.codecs import DEFAULT_CODEC
 from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.network import Network, peer_id_of
+from hivemerge.node.network import Network, is_bound
 from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator, proposal_from_recipe
 from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
@@ -202,7 +202,7 @@ class Node:
 
     def experts(self, domain: str | None = None) -> list[dict]:
         found = self._run(self.network.get_records(records.EXPERTS_KEY), 30)
-        rows = [r for r in found.values() if r["maddrs"] and (domain is None or r["domain"] == domain)]
+        rows = [r for r in found.values() if r["maddrs"] and is_bound(r) and (domain is None or r["domain"] == domain)]
         return sorted(rows, key=lambda r: (r["domain"], r["delta_id"]))
 
     def providers(self, content: str) -> list[dict]:
@@ -211,7 +211,7 @@ class Node:
     async def _providers(self, content: str) -> list[dict]:
         """Live provider records for ``content`` whose peer id is really their signer's key."""
         found = await self.network.get_records(records.providers_key(content))
-        return [r for r in found.values() if r["maddrs"] and _bound(r)]
+        return [r for r in found.values() if r["maddrs"] and is_bound(r)]
 
     # -- fetching ---------------------------------------------------------------------
     def fetch(self, ref: str | None = None, out: str | Path | None = None, base: str | Path | None = None,
@@ -416,10 +416,3 @@ def write_consensus_card(directory: Path, final: dict) -> None:
     ])
     (directory / "README.md").write_text(card)
 
-
-def _bound(record: dict) -> bool:
-    """A provider's libp2p peer id must be the one its signing key derives."""
-    try:
-        return str(peer_id_of(bytes.fromhex(record["publisher"]))) == record["peer_id"]
-    except (ValueError, KeyError):
-        return False

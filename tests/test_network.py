@@ -188,6 +188,14 @@ def test_forged_records_are_refused_by_every_validating_node(pool, models):
         assert raw_records(node, records.EXPERTS_KEY)[subkey] == genuine
         assert node.experts() == expected  # B's genuine record, still pointing at B
 
+    # C's own, validly signed expert record that points readers at B's peer: stored (its
+    # signature and schema are fine) but listed by nobody, since C's key does not derive B's id.
+    other = {**fields, "delta_id": "cd" * 32, "issued_at": time.time()}
+    misbound = canonical_json(sign_manifest(c.identity, "record/expert", other))
+    assert dht_store(c, records.EXPERTS_KEY, expert_subkey(c.identity, "cd" * 32), misbound) is True
+    assert expert_subkey(c.identity, "cd" * 32) in raw_records(a, records.EXPERTS_KEY)
+    assert a.experts() == expected
+
 
 def test_forgeries_relayed_by_a_node_without_validator_are_ignored(pool, models, tmp_path):
     """An attacker runs a plain hivemind DHTNode (no validator) and stores forged records
