@@ -138,8 +138,11 @@ class ContentStore:
         target = self.objects / f"{cid}{suffix}"
         if not target.exists():
             staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-            shutil.copyfile(path, staging)
-            os.replace(staging, target)
+            try:
+                shutil.copyfile(path, staging)
+                os.replace(staging, target)
+            finally:
+                staging.unlink(missing_ok=True)  # after a failed copy: no half file left behind
         self.write_bundle(cid)
         return cid
 
@@ -156,11 +159,14 @@ class ContentStore:
             staging = self.models / f".{cid}.partial-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            for item in directory.iterdir():
-                # The weights and the files in the model's id; a model card is written on export.
-                if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES):
-                    shutil.copyfile(item, staging / item.name)
-            os.replace(staging, target)
+            try:
+                for item in directory.iterdir():
+                    # The weights and the files in the model's id; a model card is written on export.
+                    if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES):
+                        shutil.copyfile(item, staging / item.name)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # after a failed copy: no half model left behind
         self.write_bundle(cid)
         return cid
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,23 @@ def test_store_refuses_a_corrupt_delta_and_keeps_nothing(tmp_path, delta_file):
     with pytest.raises(DeltaError, match="fails its hash check"):
         store.add_delta(path)
     assert not (tmp_path / "home" / "store" / "objects").exists() or not any((tmp_path / "home" / "store" / "objects").iterdir())
+
+
+def test_a_failed_copy_into_the_store_leaves_no_partial_object(tmp_path, delta_file, monkeypatch):
+    path, delta_id = delta_file
+    model_dir = path.parent / "expert"
+    store = ContentStore(tmp_path / "home")
+
+    def disk_full(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"half")  # a copy cut short
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.add_delta(path)
+    with pytest.raises(OSError, match="No space"):
+        store.add_model(model_dir)
+    leftovers = [p.name for p in (tmp_path / "home" / "store").rglob("*") if p.is_file() and "partial" in p.name]
+    assert leftovers == [] and not any((tmp_path / "home" / "store" / "models").iterdir())
+    monkeypatch.undo()
+    assert store.add_delta(path) == delta_id  # and a later attempt succeeds
