@@ -12,8 +12,6 @@ progress is kept in ``HOME/rounds/<round id>.json`` for ``round status``.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
+from hivemerge.node.local_state import JsonStates
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import rounds
 from hivemerge.protocol.errors import UserInputError
@@ -37,7 +36,7 @@ SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
 FETCH_WINDOW = 60.0  # how long a committed delta may take to arrive before it is excluded
 
 
-class RoundCoordinator:
+class RoundCoordinator(JsonStates):
     def __init__(self, node: "Node", poll: float = POLL_SECONDS, device: str = "auto"):
         self.node = node
         self.poll = poll
@@ -46,20 +45,6 @@ class RoundCoordinator:
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/fusion_rounds.py)
-
-    # -- local state --------------------------------------------------------------------
-    def state(self, round_id: str) -> dict | None:
-        path = self.dir / f"{round_id}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def save(self, state: dict) -> None:
-        path = self.dir / f"{state['proposal']['round_id']}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
-
-    def states(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
 
     # -- the loop -----------------------------------------------------------------------
     async def run_forever(self) -> None:

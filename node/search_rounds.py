@@ -17,11 +17,10 @@ round (``select: {deltas: [...]}``, the searched per-layer tables as
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from typing import TYPE_CHECKING
 
+from hivemerge.node.local_state import JsonStates
 from hivemerge.protocol import rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
@@ -32,27 +31,13 @@ if TYPE_CHECKING:
 FETCH_WINDOW = 60.0
 
 
-class SearchCoordinator:
+class SearchCoordinator(JsonStates):
     def __init__(self, node: "Node", poll: float = 2.0):
         self.node = node
         self.poll = poll
         self.dir = node.home / "searches"
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
-
-    # -- local state --------------------------------------------------------------------
-    def state(self, sid: str) -> dict | None:
-        path = self.dir / f"{sid}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def save(self, state: dict) -> None:
-        path = self.dir / f"{state['proposal']['round_id']}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
-
-    def states(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
 
     # -- proposing (called from the node's thread, not its loop) -----------------------------
     def propose(self, document: dict, base_id: str) -> dict:
