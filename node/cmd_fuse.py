@@ -184,20 +184,15 @@ def list_packs(
     peer: Annotated[Optional[list[str]], typer.Option("--peer", help="Multiaddr of a peer to join through (repeatable).")] = None,
 ) -> None:
     """The logit packs the network offers, from the DHT."""
-    from rich.table import Table
-
     from hivemerge.node.cmd_network import _node
-    from hivemerge.node.ui import out
+    from hivemerge.node.ui import print_table
 
     with _node(home, peer) as node:
         rows = node.packs(domain=domain)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} pack(s)")
-    for column in ("domain", "pack", "probe", "model", "top-k", "size", "publisher"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["domain"], r["pack_id"][:12], r["probe_id"][:12], r["model_id"][:12], str(r["top_k"]),
-                      f"{r['size']:,}", r["publisher"][:16])
-    out.print(table)
+    print_table(f"{len(rows)} pack(s)", ("domain", "pack", "probe", "model", "top-k", "size", "publisher"), [
+        (r["domain"], r["pack_id"][:12], r["probe_id"][:12], r["model_id"][:12], str(r["top_k"]), f"{r['size']:,}", r["publisher"][:16])
+        for r in rows
+    ])

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from hivemerge.node.cmd_identity import HomeOption
-from hivemerge.node.ui import err, out
+from hivemerge.node.ui import err, print_table
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import default_home
 
@@ -112,17 +111,13 @@ def experts(
     if as_json:
         print(json.dumps(rows + packs, indent=2))
         return
-    table = Table(title=f"{len(rows)} expert(s), {len(packs)} pack(s)")
-    for column in ("kind", "domain", "id", "model", "base / probe", "codecs / top-k", "size", "publisher"):
-        table.add_column(column)
-    for r in rows:
-        codecs = ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items()))
-        table.add_row("expert", r["domain"], r["delta_id"][:12], r["expert_id"][:12], r["base_id"][:12], codecs,
-                      f"{r['size']:,}", r["publisher"][:16])
-    for r in packs:
-        table.add_row("pack", r["domain"], r["pack_id"][:12], r["model_id"][:12], r["probe_id"][:12], f"top-{r['top_k']}",
-                      f"{r['size']:,}", r["publisher"][:16])
-    out.print(table)
+    columns = ("kind", "domain", "id", "model", "base / probe", "codecs / top-k", "size", "publisher")
+    print_table(f"{len(rows)} expert(s), {len(packs)} pack(s)", columns, [
+        *[("expert", r["domain"], r["delta_id"][:12], r["expert_id"][:12], r["base_id"][:12],
+           ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items())), f"{r['size']:,}", r["publisher"][:16]) for r in rows],
+        *[("pack", r["domain"], r["pack_id"][:12], r["model_id"][:12], r["probe_id"][:12], f"top-{r['top_k']}",
+           f"{r['size']:,}", r["publisher"][:16]) for r in packs],
+    ])
 
 
 def fetch(

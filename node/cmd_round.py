@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hivemerge.node.cmd_identity import HomeOption
-from hivemerge.node.ui import err, out
+from hivemerge.node.ui import err, print_table
 
 app = typer.Typer(help="Merge rounds: agree on a merge, compute it everywhere, attest the result.", no_args_is_help=True)
 
@@ -62,17 +61,12 @@ def status(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} round(s)")
-    for column in ("round", "phase", "participants", "attested", "final", "result", "excluded"):
-        table.add_column(column)
-    for r in rows:
-        excluded = "\n".join(f"{d[:12]}: {why}" for d, why in (r.get("excluded") or {}).items()) or "-"
-        table.add_row(
-            r["proposal"]["round_id"][:12], r["phase"] + (f" ({r['error']})" if r.get("error") else ""),
-            str(len(r["commitments"])), str(len(r["attestations"])), "yes" if r["final"] else "no",
-            (r["final_result"] or r.get("result_id") or "-")[:12], excluded,
-        )
-    out.print(table)
+    print_table(f"{len(rows)} round(s)", ("round", "phase", "participants", "attested", "final", "result", "excluded"), [(
+        r["proposal"]["round_id"][:12], r["phase"] + (f" ({r['error']})" if r.get("error") else ""),
+        str(len(r["commitments"])), str(len(r["attestations"])), "yes" if r["final"] else "no",
+        (r["final_result"] or r.get("result_id") or "-")[:12],
+        "\n".join(f"{d[:12]}: {why}" for d, why in (r.get("excluded") or {}).items()) or "-",
+    ) for r in rows])
     _print_fusions(rows)
     _print_searches(home)
 
@@ -88,12 +82,7 @@ def _print_fusions(rows: list[dict]) -> None:
     found = fusion_rows(rows)
     if not found:
         return
-    table = Table(title=f"{len(found)} fusion step(s)")
-    for column in ("round", "fuser", "fused delta", "replay", "verdict"):
-        table.add_column(column)
-    for row in found:
-        table.add_row(*row)
-    out.print(table)
+    print_table(f"{len(found)} fusion step(s)", ("round", "fuser", "fused delta", "replay", "verdict"), found)
 
 
 def _print_searches(home) -> None:
@@ -103,15 +92,9 @@ def _print_searches(home) -> None:
     states = [json.loads(p.read_text()) for p in sorted((default_home(home) / "searches").glob("*.json"))]
     if not states:
         return
-    table = Table(title=f"{len(states)} search round(s)")
-    for column in ("search", "phase", "roles", "generations", "best score", "final round"):
-        table.add_column(column)
-    for s in states:
-        history = s.get("history") or []
-        best = s.get("best", {}).get("score")
-        table.add_row(
-            s["proposal"]["round_id"][:12], s["phase"] + (f" ({s['error']})" if s.get("error") else ""), ", ".join(s["roles"]),
-            f"{len(history)}/{s['proposal']['search']['generations']}", "-" if best is None else f"{best:.4f}",
-            (s.get("final_round") or "-")[:12],
-        )
-    out.print(table)
+    columns = ("search", "phase", "roles", "generations", "best score", "final round")
+    print_table(f"{len(states)} search round(s)", columns, [(
+        s["proposal"]["round_id"][:12], s["phase"] + (f" ({s['error']})" if s.get("error") else ""), ", ".join(s["roles"]),
+        f"{len(s.get('history') or [])}/{s['proposal']['search']['generations']}",
+        "-" if s.get("best", {}).get("score") is None else f"{s['best']['score']:.4f}", (s.get("final_round") or "-")[:12],
+    ) for s in states])
