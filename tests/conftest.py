@@ -32,16 +32,22 @@ def make_llama(directory: Path, seed: int, base: Path | None = None, scale: floa
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     torch.manual_seed(seed)
-    if base is None:
-        model = LlamaForCausalLM(config)
-    else:
-        model = LlamaForCausalLM.from_pretrained(base)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * scale)
+    model = LlamaForCausalLM(config) if base is None else perturbed_copy(base, scale)
     model.save_pretrained(directory)
     save_tokenizer(directory)
     return directory
+
+
+def perturbed_copy(base: Path, scale: float):
+    """The Llama saved in ``base`` with Gaussian noise of std ``scale`` added to every
+    weight (from torch's current seed): a stand-in expert."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:

@@ -5,23 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import perturbed_copy
 
 
 def char_model(directory: Path, seed: int, base: Path | None = None, scale: float = 0.05) -> Path:
     """A tiny 4-layer Llama on the tasks' character tokenizer (an 'expert': a perturbed base)."""
-    from transformers import LlamaForCausalLM
-
     from hivemerge.merge.training import build_tokenizer, new_model
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    if base is None:
-        model = new_model(len(tokenizer), seed, hidden=32, layers=4)
-    else:
-        model = LlamaForCausalLM.from_pretrained(base)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * scale)
+    model = new_model(len(tokenizer), seed, hidden=32, layers=4) if base is None else perturbed_copy(base, scale)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
