@@ -192,3 +192,19 @@ def family_merges(tiny_family, tmp_path_factory) -> dict:
     results = {key: runner(*argv) for key, argv in argvs.items()}
     results.update(run_cli_many(fresh))
     return {key: (recipes[key[0]], outs[key], results[key]) for key in results}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The session's forked CLI runner (tests/cli_runner.py); a module may define its own."""
+    from delta_fixtures import shared_runner
+
+    return shared_runner(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """The delta tests' tiny base and expert (delta_fixtures.shared_family)."""
+    from delta_fixtures import shared_family
+
+    return shared_family(tmp_path_factory)

@@ -9,22 +9,12 @@ import os
 
 import pytest
 from conftest import run_cli
-from delta_fixtures import assert_user_error, load_dir_tensors, resign, rewrite_signed, shared_family, shared_runner
+from delta_fixtures import assert_user_error, load_dir_tensors, resign, rewrite_signed
 
 from hivemerge.merge.delta import extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.protocol.identity import KEY_FILE
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    return shared_runner(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return shared_family(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

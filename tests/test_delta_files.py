@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from delta_fixtures import read_container, resign, rewrite_signed, shared_family, tiny_pair, write_container
+from delta_fixtures import read_container, resign, rewrite_signed, tiny_pair, write_container
 
 from hivemerge.merge.delta import METADATA_KEY, DeltaError, DeltaFile, DeltaSource, apply_delta, check_base, extract_delta
 from hivemerge.merge.manifest import model_id
@@ -19,11 +19,6 @@ from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.signing import sign_manifest
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return shared_family(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

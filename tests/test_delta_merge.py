@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import pytest
 from conftest import write_recipe
-from delta_fixtures import assert_user_error, shared_family, shared_runner
+from delta_fixtures import assert_user_error
 
 from hivemerge.merge.delta import apply_delta, extract_delta
 from hivemerge.node.store import ContentStore
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    return shared_runner(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return shared_family(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from delta_fixtures import assert_user_error, shared_runner
+from delta_fixtures import assert_user_error
 from fuse_fixtures import shared_hetero
 
 from hivemerge.merge.packs import PackFile
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    return shared_runner(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

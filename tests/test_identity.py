@@ -8,16 +8,11 @@ import os
 import stat
 
 import pytest
-from delta_fixtures import assert_user_error, shared_runner
+from delta_fixtures import assert_user_error
 
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import KEY_FILE, Identity, fingerprint, verify_signature
 from hivemerge.protocol.signing import SignatureError, sign_manifest, signed_id, signing_message, verify_signed
-
-
-@pytest.fixture(scope="session")
-def cli(tmp_path_factory):
-    return shared_runner(tmp_path_factory)
 
 
 def mode(path) -> int:
