@@ -1,7 +1,9 @@
-"""Per-round state files a coordinator keeps in the node's home."""
+"""What the merge and search coordinators share: per-round state files in the node's
+home, and the polling loop that drives them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -25,3 +27,23 @@ class JsonStates:
 
     def states(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+
+class Coordinator(JsonStates):
+    """Calls ``tick`` every ``poll`` seconds for as long as the node runs."""
+
+    label: str
+    poll: float
+
+    async def tick(self) -> None:
+        raise NotImplementedError
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad moment must not end participation
+                self.node.log(f"{self.label}: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.poll)

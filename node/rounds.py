@@ -22,7 +22,7 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
-from hivemerge.node.local_state import JsonStates
+from hivemerge.node.local_state import Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import rounds
 from hivemerge.protocol.errors import UserInputError
@@ -36,7 +36,9 @@ SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
 FETCH_WINDOW = 60.0  # how long a committed delta may take to arrive before it is excluded
 
 
-class RoundCoordinator(JsonStates):
+class RoundCoordinator(Coordinator):
+    label = "round coordinator"
+
     def __init__(self, node: "Node", poll: float = POLL_SECONDS, device: str = "auto"):
         self.node = node
         self.poll = poll
@@ -47,16 +49,6 @@ class RoundCoordinator(JsonStates):
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/fusion_rounds.py)
 
     # -- the loop -----------------------------------------------------------------------
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # one bad moment must not end participation
-                self.node.log(f"round coordinator: {type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.poll)
-
     async def tick(self) -> None:
         now = time.time()
         published = self.node.published()

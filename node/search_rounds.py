@@ -20,7 +20,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from hivemerge.node.local_state import JsonStates
+from hivemerge.node.local_state import Coordinator
 from hivemerge.protocol import rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 FETCH_WINDOW = 60.0
 
 
-class SearchCoordinator(JsonStates):
+class SearchCoordinator(Coordinator):
+    label = "search coordinator"
+
     def __init__(self, node: "Node", poll: float = 2.0):
         self.node = node
         self.poll = poll
@@ -61,16 +63,6 @@ class SearchCoordinator(JsonStates):
         return max(self.node.record_ttl, proposal["deadline"] - time.time() + span + 3600)
 
     # -- the loop -----------------------------------------------------------------------
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # one bad moment must not end participation
-                self.node.log(f"search coordinator: {type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.poll)
-
     async def proposals(self, base_id: str) -> list[dict]:
         found = await self.node.network.get_records(search.searches_key(base_id))
         valid = []
