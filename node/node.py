@@ -287,7 +287,7 @@ class Node:
         rows = []
         for state in self.rounds.states():
             proposal = state["proposal"]
-            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"]), 30)
+            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             rows.append({
                 **state,
@@ -306,7 +306,7 @@ class Node:
         proposals = self._run(self.rounds.proposals(base_id), 30)
         valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= time.time()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
-            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"]), 30)
+            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             if result is not None:
                 return {"proposal": proposal, "result_id": result, "attesters": attesters,

@@ -91,7 +91,7 @@ class RoundCoordinator(Coordinator):
             await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
             state["phase"] = "merging"
             self.save(state)
-            commitments, _ = await self.round_records(round_id)
+            commitments, _ = await self.round_records(round_id, proposal["deadline"])
             state["participants"] = sorted(commitments)
             norms, excluded = await self.gather_deltas(proposal, commitments)
             fusion_excluded, fused = await self.fusion.judge(proposal, commitments, norms)
@@ -115,10 +115,10 @@ class RoundCoordinator(Coordinator):
             self.save(state)
             self._running.pop(round_id, None)
 
-    async def round_records(self, round_id: str) -> tuple[dict[str, dict], dict[str, dict]]:
-        """(commitments, attestations) of a round, by the node that signed them."""
+    async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""
         found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
-        return ({r["publisher"]: r for r in found if "delta_ids" in r},
+        return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
                 {r["publisher"]: r for r in found if "result_id" in r})
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:

@@ -110,7 +110,7 @@ class SearchCoordinator(Coordinator):
             await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
             state["phase"] = "fetching"
             self.save(state)
-            commitments, _ = await self.node.rounds.round_records(sid)
+            commitments, _ = await self.node.rounds.round_records(sid, proposal["deadline"])
             window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
             norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
             excluded.update(rounds.norm_outliers(norms))

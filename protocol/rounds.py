@@ -65,6 +65,12 @@ def matches(select: dict, expert: dict) -> bool:
     return expert["domain"] in select.get("domains", [])
 
 
+def on_time(commitments: dict[str, dict], deadline: float) -> dict[str, dict]:
+    """The commitments signed by the deadline. One signed after it is ignored by every
+    node, instead of joining the round only at the nodes that happened to read it."""
+    return {node: c for node, c in commitments.items() if c["issued_at"] <= deadline}
+
+
 def quorum_size(committed: int, quorum: float) -> int:
     return max(1, math.ceil(quorum * committed - 1e-9))
 

@@ -275,3 +275,15 @@ def test_every_node_follows_the_same_of_competing_proposals(net, tmp_path):
     time.sleep(max(0.0, late["deadline"] - time.time()))  # bounded: at most a second past the winner's deadline
     latest = a.latest(base_id)
     assert latest["proposal"]["round_id"] == winner["round_id"] and latest["result_id"] == states[0]["result_id"]
+
+
+def test_commitments_signed_after_the_deadline_count_nowhere():
+    commitments = {
+        "early": {"issued_at": 99.0}, "at": {"issued_at": 100.0}, "late": {"issued_at": 100.001},
+    }
+    assert sorted(rounds.on_time(commitments, 100.0)) == ["at", "early"]
+    assert rounds.on_time(commitments, 50.0) == {}
+    # so a late committer can neither join the merge nor move the quorum
+    attestations = {n: {"result_id": "r"} for n in ("early", "late")}
+    assert rounds.final_result(rounds.on_time(commitments, 100.0), attestations, 1.0) == (None, [])
+    assert rounds.final_result(rounds.on_time(commitments, 100.0), attestations, 0.5) == ("r", ["early"])
