@@ -32,7 +32,7 @@ from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import describe_mismatch
 from hivemerge.protocol.identity import Identity, fingerprint
-from hivemerge.protocol.manifests import FILE_PART_PREFIX, ManifestError, check_delta_manifest, delta_manifest, part_name
+from hivemerge.protocol.manifests import FILE_PART_PREFIX, check_delta_manifest, delta_manifest, part_name
 from hivemerge.protocol.signing import sign_manifest
 
 METADATA_KEY = "hivemerge.delta"

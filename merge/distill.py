@@ -154,7 +154,9 @@ def distill(model, examples: list[PivotExample], config: DistillConfig, pad: int
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     opt, sched = optimizer(model, config.steps, config.lr)
-    pools = [(examples, config.batch - (n_replay := round(config.batch * config.replay_share) if replay else 0))]
+    # At least one probe example per batch: round() could give the whole batch to the replay set.
+    n_replay = min(round(config.batch * config.replay_share), config.batch - 1) if replay else 0
+    pools = [(examples, config.batch - n_replay)]
     if replay:
         pools.append((replay, n_replay))
     orders: list[list[int]] = [[] for _ in pools]

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from hivemerge.merge.align import VocabMap, align_tokens
 from hivemerge.merge.packs import ExampleDistributions
+from hivemerge.protocol.fusion import METHODS  # a round's fusion block names them: one list for both
 
 Dist = dict[int, float]  # pivot token id -> probability (sums to 1)
-METHODS = ("mince", "avgce")
 EPS = 1e-6  # probability floor: a source that never proposed the reference token has CE ~13.8, not inf
 
 

@@ -31,7 +31,9 @@ from hivemerge.merge.writer import AppendingWriter
 from hivemerge.protocol.content import canonical_json, content_id, sha256_hex
 from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.manifests import FILE_PART_PREFIX
-from hivemerge.protocol.packs import PACK_KIND, PACK_TENSORS, PIECES_FILE, PackError, check_pack_manifest, pack_manifest
+from hivemerge.protocol.packs import (
+    MAX_PIECE_CHARS, PACK_KIND, PACK_TENSORS, PIECES_FILE, PackError, check_pack_manifest, pack_manifest,
+)
 from hivemerge.protocol.signing import sign_manifest
 
 METADATA_KEY = "hivemerge.pack"
@@ -161,7 +163,11 @@ def make_pack(model_dir: str | Path, probe: ProbeSet, out_file: str | Path, iden
     }
     mentioned = sorted(set(tensors["ids"].flatten().tolist()) | set(tensors["targets"].tolist()))
     special = sorted(set(tokenizer.all_special_ids) & set(mentioned))
-    pieces = canonical_json({"pieces": {str(t): token_text(tokenizer, t) for t in mentioned}, "special": special})
+    texts = {str(t): token_text(tokenizer, t) for t in mentioned}
+    too_long = [t for t, text in texts.items() if len(text) > MAX_PIECE_CHARS]
+    if too_long:
+        raise PackError(f"token {too_long[0]} of {model_dir} is longer than {MAX_PIECE_CHARS} characters, more than a pack may carry")
+    pieces = canonical_json({"pieces": texts, "special": special})
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +236,8 @@ class PackFile:
             special = {int(t) for t in data["special"]}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PackError(f"{self.path}: {PIECES_FILE} is malformed") from None
+        if any(len(text) > MAX_PIECE_CHARS for text in pieces.values()):
+            raise PackError(f"{self.path}: a token text is longer than {MAX_PIECE_CHARS} characters")
         return pieces, special
 
     def load(self) -> list[ExampleDistributions]:

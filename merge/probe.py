@@ -37,8 +37,12 @@ def load_probe(path: str | Path) -> ProbeSet:
     path = Path(path)
     if not path.is_file():
         raise PackError(f"{path}: no such probe file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PackError(f"{path}: not a readable probe file ({exc})") from None
     pairs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

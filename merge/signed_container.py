@@ -40,7 +40,7 @@ class SignedContainer:
         try:
             self.signed = json.loads(meta[metadata_key])
             self.manifest = verify_signed(self.signed, kind, expected_signer)
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: the metadata value is not a string
             raise error(f"{self.path}: the signed manifest is not valid JSON") from None
         except UserInputError as exc:
             raise error(f"{self.path}: {exc}") from None

@@ -12,6 +12,7 @@ from hivemerge.node.cmd_identity import HomeOption
 from hivemerge.node.ui import err, tensor_progress
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity, default_home
+from hivemerge.protocol.packs import MAX_TOP_K
 
 app = typer.Typer(
     help="Logit packs: a heterogeneous expert's top-k next-token log-probabilities on a probe set, signed.",
@@ -26,7 +27,7 @@ def make(
     model_dir: Annotated[Path, typer.Argument(help="The expert: any causal LM directory (safetensors) with its own tokenizer.")],
     probe: ProbeOption,
     out: Annotated[Path, typer.Option("--out", help="The pack file to write (*.pack.safetensors).")],
-    top_k: Annotated[int, typer.Option("--top-k", help="Next tokens kept per response token.", min=1, max=256)] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Next tokens kept per response token.", min=1, max=MAX_TOP_K)] = 8,
     home: HomeOption = None,
 ) -> None:
     """Compute the expert's pack on the probe set, sign it with the home's identity, write it."""

@@ -57,9 +57,10 @@ def search(
     suites = validation_suites(suite, count)
     if out_path.resolve() == recipe.resolve():
         raise UserInputError("--out: would overwrite the start recipe; choose another file")
-    start = load_recipe(recipe, resolver=ContentStore(default_home(home)).resolve)
+    store = ContentStore(default_home(home))
+    start = load_recipe(recipe, resolver=store.resolve)
     space = SearchSpace(start, blocks=blocks, max_weight=max_weight, recipe_dir=recipe.parent)
-    fitness = ValidationFitness(suites, loss_weight, recipe_dir=recipe.parent, resolver=ContentStore(default_home(home)).resolve)
+    fitness = ValidationFitness(suites, loss_weight, recipe_dir=recipe.parent, resolver=store.resolve)
     pop, generations = plan(settings, space.dimension)
     err.print(
         f"searching {space.dimension} values ({len(space.params)} parameter(s) x {len(start.inputs)} models x "

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hivemerge.node.local_state import write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import fusion, records, rounds
@@ -62,7 +63,7 @@ class FusionRounds:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _save(self, round_id: str, state: dict) -> None:
-        _write_json(self.dir / f"{round_id}.json", state)
+        write_json(self.dir / f"{round_id}.json", state)
 
     def watched_bases(self) -> set[str]:
         path = self.node.home / WATCH_FILE
@@ -91,7 +92,7 @@ class FusionRounds:
             "probe_bundle_id": self.node.store.bundle_of(probe_id), "size": Path(pack_file).stat().st_size,
         }
         published = [p for p in self.published_packs() if p["pack_id"] != pack_id] + [fields]
-        _write_json(self.node.home / PACKS_FILE, published)
+        write_json(self.node.home / PACKS_FILE, published)
         self.node._run(self.node.announce(), 60)  # the pack record, and provider records of both files
         return {**fields, "publisher": self.node.identity.public_hex}
 
@@ -147,7 +148,7 @@ class FusionRounds:
                 self.node.store.add_model(Path(base_ref))  # the fuser distils into the base
             if not self.node.store.has(base_id):
                 raise UserInputError("base_model: this node is the fuser and needs the base; give its directory")
-            _write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
+            write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
         return {**document, "fusion": block}
 
     def _store_replay(self, path: Path) -> str:
@@ -257,6 +258,7 @@ class FusionRounds:
         """(exclusions, every delta committed as fused): the verdict on each fused delta
         that passed screening (those in ``norms``)."""
         from hivemerge.merge.fusion_check import measure_fused
+        from hivemerge.node.rounds import FETCH_WINDOW
 
         committed = fusion.fused_deltas(commitments)
         raw = proposal["recipe"].get("fusion")
@@ -272,7 +274,7 @@ class FusionRounds:
             return {d: f"fusion: the proposal's fusion block is malformed: {exc}"[:300] for d in pending}, set(committed)
         found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
         record = next((r for r in found if "before" in r and r["publisher"] == block["fuser"]), None)
-        window = float(proposal["recipe"].get("fetch_window", 60.0))
+        window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
         for delta_id, committer in sorted(pending.items()):
             reason = fusion.record_reason(block, committer, delta_id, record)
             if reason is None:
@@ -343,9 +345,3 @@ def _check_domain(domain: str) -> None:
 def _without_path(exc: Exception) -> str:
     head, sep, tail = str(exc).partition(": ")
     return tail if sep and "/" in head else str(exc)
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)

@@ -9,6 +9,13 @@ import os
 from pathlib import Path
 
 
+def write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON atomically: a crash leaves the former file, never half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
 class JsonStates:
     """One JSON file per round in ``self.dir``, each written atomically (a crash leaves the
     former state, never half a file). Used by the merge and the search coordinators."""
@@ -20,10 +27,7 @@ class JsonStates:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save(self, state: dict) -> None:
-        path = self.dir / f"{state['proposal']['round_id']}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
+        write_json(self.dir / f"{state['proposal']['round_id']}.json", state)
 
     def states(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hivemerge.merge.delta import DeltaError
@@ -148,7 +147,8 @@ class RoundCoordinator(Coordinator):
         return norms, excluded
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
-        domains = {d: c["domains"].get(d, "") for c in commitments.values() for d in c["delta_ids"]}
+        # In committer order: a delta two nodes commit under different domains gets the same one at every node.
+        domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
         document = build_recipe(proposal, included, domains)
         recipe = validate_recipe(document, resolver=self.node.store.resolve)
         out = self.node.store.partial / f"round-{proposal['round_id']}"

@@ -21,14 +21,13 @@ import time
 from typing import TYPE_CHECKING
 
 from hivemerge.node.local_state import Coordinator
+from hivemerge.node.rounds import FETCH_WINDOW
 from hivemerge.protocol import rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
 if TYPE_CHECKING:
     from hivemerge.node.node import Node
-
-FETCH_WINDOW = 60.0
 
 
 class SearchCoordinator(Coordinator):
@@ -114,7 +113,7 @@ class SearchCoordinator(Coordinator):
             window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
             norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
             excluded.update(rounds.norm_outliers(norms))
-            domains = {d: c["domains"].get(d, "") for c in commitments.values() for d in c["delta_ids"]}
+            domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
             included = []
             for delta_id in sorted(d for d in norms if d not in excluded):
                 if any(domains[d] == domains[delta_id] for d in included):  # searched values are per domain

@@ -20,6 +20,9 @@ VERSION = 1
 PROBE_KIND = "probe"
 PACK_KIND = "pack"
 MAX_TOP_K = 256
+# Longest token text a pack may carry: alignment costs grow with it, and a signed pack
+# is still untrusted input to every participant that checks a fusion.
+MAX_PIECE_CHARS = 128
 
 # What a pack stores per response token (rows), and how wide each row is.
 PACK_TENSORS = {

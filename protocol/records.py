@@ -15,6 +15,7 @@ from typing import Any
 from hivemerge.protocol.content import canonical_json, is_content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
+from hivemerge.protocol.packs import MAX_TOP_K
 from hivemerge.protocol.signing import verify_signed
 
 MAX_RECORD_BYTES = 8 * 1024
@@ -155,8 +156,8 @@ def _check_fields(kind: str, fields: Any) -> None:
         if not (check_figures(fields["before"], replay) and check_figures(fields["after"], replay)) or not fields["packs"]:
             raise RecordError(f"{kind}: before and after must be finite figures {{lm, fused}} (and replay exactly when "
                               "a replay set is named); packs not empty")
-    if kind == "record/pack" and not 1 <= fields["top_k"] <= 256:
-        raise RecordError(f"{kind}: top_k must be in [1, 256]")
+    if kind == "record/pack" and not 1 <= fields["top_k"] <= MAX_TOP_K:
+        raise RecordError(f"{kind}: top_k must be in [1, {MAX_TOP_K}]")
 
 
 def open_record(key: str, subkey: str, value: bytes) -> dict:

@@ -57,7 +57,7 @@ def check_settings(settings: object) -> dict:
         kind, low, high = SETTINGS[name]
         ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
         if ok and kind is int:
-            ok = float(value).is_integer()
+            ok = isinstance(value, int)  # 3.0 would pass a range check but break range() and the strategy
         if not ok or not low <= value <= high:
             raise UserInputError(f"search.{name}: must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}")
     return settings

@@ -134,6 +134,11 @@ def test_signature_checks_when_opening(family, tmp_path):
     assert other.signer == family.bob.public_hex and other.id == DeltaFile(path).id
     with pytest.raises(DeltaError, match="not by"):
         DeltaFile(resigned, expected_signer=family.alice.fingerprint)
+    # The signed manifest stored as a JSON object instead of a string: refused, not a TypeError.
+    header, data = read_container(path)
+    header["__metadata__"][METADATA_KEY] = json.loads(header["__metadata__"][METADATA_KEY])
+    with pytest.raises(DeltaError, match="not valid JSON"):
+        DeltaFile(write_container(tmp_path / "object.delta.safetensors", header, data))
 
 
 def _forge(path, dst, identity, change_manifest=None, change_header=None):

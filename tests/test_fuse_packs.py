@@ -181,3 +181,23 @@ def test_replay_keeps_the_pivot_where_it_should_not_move(setup, tmp_path):
                            config=DistillConfig(**config, replay_share=0.0), replay=replay)
     drift = lambda r: r.after["replay"] - r.before["replay"]  # noqa: E731
     assert drift(held) < 0.5 * drift(free), (drift(held), drift(free))
+
+
+def test_token_texts_longer_than_the_protocol_allows_are_refused(setup, tmp_path, monkeypatch):
+    from hivemerge.merge import packs
+    from hivemerge.merge.probe import make_probe
+
+    small = make_probe(setup.probe.pairs[:4])
+    # making: a tokenizer whose token texts are too long cannot be packed
+    monkeypatch.setattr(packs, "token_text", lambda tokenizer, t: "7" * (packs.MAX_PIECE_CHARS + 1))
+    with pytest.raises(PackError, match=f"longer than {packs.MAX_PIECE_CHARS} characters"):
+        packs.make_pack(setup.expert, small, tmp_path / "long.pack.safetensors", setup.alice)
+    assert not (tmp_path / "long.pack.safetensors").exists()
+    monkeypatch.undo()
+    # reading: a signed pack is refused when its longest token text passes the limit
+    longest = max(len(text) for text in PackFile(setup.pack).pieces()[0].values())
+    assert longest >= 2  # the BPE merged characters
+    monkeypatch.setattr(packs, "MAX_PIECE_CHARS", longest - 1)
+    assert f"longer than {longest - 1} characters" in _refused(setup.pack)
+    monkeypatch.setattr(packs, "MAX_PIECE_CHARS", longest)
+    assert len(PackFile(setup.pack).load()) == len(setup.probe)

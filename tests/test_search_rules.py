@@ -90,6 +90,7 @@ def test_slot_end():
     ({"generations": 2, "popsize": 4}, "search.blocks: required"),
     ({"generations": 0, "popsize": 4, "blocks": 1}, "search.generations: must be an integer in \\[1, 100\\], got 0"),
     ({"generations": 2, "popsize": 4.5, "blocks": 1}, "search.popsize: must be an integer"),
+    ({"generations": 2.0, "popsize": 4, "blocks": 1}, "search.generations: must be an integer"),
     ({"generations": 2, "popsize": 4, "blocks": 1, "sigma": float("inf")}, "search.sigma"),
     ({"generations": 2, "popsize": 4, "blocks": 1, "speed": 3}, "search.speed: unknown setting"),
 ])
