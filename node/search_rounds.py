@@ -58,7 +58,7 @@ class SearchCoordinator(Coordinator):
 
     def ttl(self, proposal: dict) -> float:
         settings = proposal["search"]
-        span = settings["generations"] * settings.get("generation_seconds", 120.0) + FETCH_WINDOW
+        span = settings["generations"] * settings["generation_seconds"] + FETCH_WINDOW
         return max(self.node.record_ttl, proposal["deadline"] - time.time() + span + 3600)
 
     # -- the loop -----------------------------------------------------------------------
@@ -67,8 +67,9 @@ class SearchCoordinator(Coordinator):
         valid = []
         for p in found.values():
             try:
-                if p["round_id"] == search.search_id(p) and p["proposer"] == p["publisher"]:
-                    search.check_settings(p["search"])
+                # complete settings only: every node must run on the values the proposal states
+                if p["round_id"] == search.search_id(p) and p["proposer"] == p["publisher"] \
+                        and search.check_settings(p["search"]) == p["search"]:
                     valid.append(p)
             except UserInputError:
                 continue
@@ -181,10 +182,10 @@ class SearchCoordinator(Coordinator):
         settings = proposal["search"]
         document = build_recipe(proposal, included, domains)
         recipe = validate_recipe(document, resolver=self.node.store.resolve)
-        space = SearchSpace(recipe, blocks=settings["blocks"], max_weight=settings.get("max_weight", 2.0))
+        space = SearchSpace(recipe, blocks=settings["blocks"], max_weight=settings["max_weight"])
         popsize, generations = settings["popsize"], settings["generations"]
         seed = settings.get("seed", int(proposal["round_id"][:7], 16))
-        return space, SearchSettings(budget=1 + popsize * generations, seed=seed, popsize=popsize, sigma=settings.get("sigma", 0.2))
+        return space, SearchSettings(budget=1 + popsize * generations, seed=seed, popsize=popsize, sigma=settings["sigma"])
 
     def _fitness(self, proposal: dict, state: dict, included: list[str]):
         """This owner's private validation data for its included experts' domains (None: not an owner here)."""
@@ -200,10 +201,10 @@ class SearchCoordinator(Coordinator):
             if private.is_file():
                 suites[domain] = tasks.load_suite(str(private))
             elif domain in tasks.SUITES:
-                suites[domain] = tasks.validation(domain, int(settings.get("count", 100)))
+                suites[domain] = tasks.validation(domain, int(settings["count"]))
         if not suites:
             return None
-        return ValidationFitness(suites, settings.get("loss_weight", 0.25), resolver=self.node.store.resolve)
+        return ValidationFitness(suites, settings["loss_weight"], resolver=self.node.store.resolve)
 
     async def generation_records(self, sid: str, generation: int) -> tuple[dict[str, dict], dict[str, dict]]:
         """(score records, candidate records) of one generation, by the node that signed them."""
@@ -228,7 +229,7 @@ class SearchCoordinator(Coordinator):
 
         template = {k: v for k, v in proposal["recipe"].items() if k != "domain_parameters"}
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
-                    "deadline": proposal["search"].get("final_deadline", 10), "quorum": proposal["quorum"]}
+                    "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
         final = proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
         ttl = max(self.node.record_ttl, final["deadline"] - time.time() + 3600)
         await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)

@@ -32,6 +32,9 @@ SETTINGS = {
     "generation_seconds": (float, 1.0, 86400.0),  # how long owners have to score a generation
     "final_deadline": (float, 1.0, 86400.0),  # commit window of the final merge round
 }
+# Filled in by check_settings, so a proposal states every value the nodes must agree on
+# (the seed, when absent, comes from the search id: see node/search_rounds.py).
+DEFAULTS = {"sigma": 0.2, "max_weight": 2.0, "count": 100, "loss_weight": 0.25, "generation_seconds": 120.0, "final_deadline": 10.0}
 SETTLE_SECONDS = 1.5
 
 
@@ -60,13 +63,13 @@ def check_settings(settings: object) -> dict:
             ok = isinstance(value, int)  # 3.0 would pass a range check but break range() and the strategy
         if not ok or not low <= value <= high:
             raise UserInputError(f"search.{name}: must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}")
-    return settings
+    return {**DEFAULTS, **settings}
 
 
 def slot_end(proposal: dict, generation: int, fetch_window: float) -> float:
     """When generation ``generation``'s scores are due: the commit deadline, the time to
     fetch the deltas, then one slot of ``generation_seconds`` per generation."""
-    seconds = float(proposal["search"].get("generation_seconds", 120.0))
+    seconds = float(proposal["search"]["generation_seconds"])
     return proposal["deadline"] + SETTLE_SECONDS + fetch_window + (generation + 1) * seconds
 
 

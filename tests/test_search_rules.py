@@ -98,4 +98,5 @@ def test_settings_are_checked(settings, message):
     with pytest.raises(UserInputError, match=message):
         search.check_settings(settings)
     assert search.check_settings({"generations": 2, "popsize": 4, "blocks": 1, "sigma": 0.3}) == {
-        "generations": 2, "popsize": 4, "blocks": 1, "sigma": 0.3}
+        "generations": 2, "popsize": 4, "blocks": 1, "sigma": 0.3, "max_weight": 2.0, "count": 100, "loss_weight": 0.25,
+        "generation_seconds": 120.0, "final_deadline": 10.0}
