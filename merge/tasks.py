@@ -141,8 +141,12 @@ def load_suite(name: str, count: int = 200) -> list[Example]:
     path = Path(name)
     if not path.is_file():
         raise UserInputError(f"--suite: {name!r} is neither a built-in suite {sorted(SUITES)} nor a JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text (a JSONL suite is expected)") from None
     found = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -239,3 +239,10 @@ def test_load_suite_rejects_missing_and_empty_files(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(UserInputError, match="no examples"):
             load_suite(str(tmp_path / name))
+
+
+def test_load_suite_rejects_a_binary_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x80\x00\xff\xfe{}")
+    with pytest.raises(UserInputError, match="not UTF-8 text"):
+        load_suite(str(path))
