@@ -173,7 +173,8 @@ class FusionRounds:
                 continue
             rid = winner["round_id"]
             state = self.state(rid)
-            if state is None and rid not in self._running:
+            # "fusing" with no task in this process: a restart cut the fusion short; start over
+            if (state is None or state["phase"] == "fusing") and rid not in self._running:
                 self._running[rid] = asyncio.create_task(self._fuse(winner))
             elif state and state["phase"] == "fused":
                 await self._commit(winner, state)

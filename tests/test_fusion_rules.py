@@ -161,3 +161,39 @@ def test_record_reason_checks_the_fuser_the_delta_and_the_inputs():
     commitments = {"n1": {"delta_ids": [DELTA, PACK], "domains": {DELTA: "fused", PACK: "math"}},
                    "n2": {"delta_ids": [MODEL], "domains": {MODEL: "fused"}}}
     assert fusion.fused_deltas(commitments) == {DELTA: "n1", MODEL: "n2"}
+
+
+def test_a_fusion_cut_short_by_a_restart_is_started_again(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemerge.node.fusion_rounds import FusionRounds
+
+    me = "ab" * 32
+    proposal = {"round_id": "cd" * 32, "base_id": "ef" * 32, "deadline": 2e9, "issued_at": 1.0, "recipe": {"fusion": {"fuser": me}}}
+    node = SimpleNamespace(home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [{"base_id": "ef" * 32}])
+
+    async def proposals(base_id):
+        return [proposal]
+
+    fusions = FusionRounds(SimpleNamespace(node=node, proposals=proposals))
+    started = []
+
+    async def fuse(p):
+        started.append(p["round_id"])
+
+    fusions._fuse = fuse
+
+    async def tick():
+        await fusions.tick(now=1000.0)
+        await asyncio.gather(*fusions._running.values())
+
+    fusions._save(proposal["round_id"], {"phase": "fusing", "started": 1.0})  # left by a node that died mid-fusion
+    asyncio.run(tick())
+    assert started == [proposal["round_id"]]
+    for phase in ("failed", "fused"):  # a finished fusion is not run again
+        fusions._running.clear()
+        fusions._save(proposal["round_id"], {"phase": phase})
+        fusions._commit = lambda *a: asyncio.sleep(0)
+        asyncio.run(tick())
+    assert started == [proposal["round_id"]]
