@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemerge.merge.jsonl import read_records
 from hivemerge.protocol.packs import PackError, probe_id
 
 
@@ -37,20 +38,7 @@ def load_probe(path: str | Path) -> ProbeSet:
     path = Path(path)
     if not path.is_file():
         raise PackError(f"{path}: no such probe file")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PackError(f"{path}: not a readable probe file ({exc})") from None
-    pairs = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            pairs.append((item["prompt"], item["response"]))
-        except (ValueError, KeyError, TypeError):
-            raise PackError(f"{path}:{i}: expected a JSON object with prompt and response") from None
-    return make_probe(pairs, path)
+    return make_probe(read_records(path, ("prompt", "response"), "a JSONL probe set", PackError), path)
 
 
 def probe_bytes(pairs: list[tuple[str, str]]) -> bytes:

@@ -16,12 +16,12 @@ training (``training_only``) never does, so held-out accuracy is not memorizatio
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemerge.merge.jsonl import read_records
 from hivemerge.protocol.errors import UserInputError
 
 ALPHABET = "0123456789+= maxrev\n"
@@ -141,19 +141,7 @@ def load_suite(name: str, count: int = 200) -> list[Example]:
     path = Path(name)
     if not path.is_file():
         raise UserInputError(f"--suite: {name!r} is neither a built-in suite {sorted(SUITES)} nor a JSONL file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserInputError(f"{path}: not UTF-8 text (a JSONL suite is expected)") from None
-    found = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            found.append(Example(str(item["prompt"]), str(item["answer"])))
-        except (ValueError, KeyError, TypeError):
-            raise UserInputError(f"{path}:{i}: expected a JSON object with prompt and answer") from None
+    found = [Example(str(p), str(a)) for p, a in read_records(path, ("prompt", "answer"), "a JSONL suite")]
     if not found:
         raise UserInputError(f"{path}: no examples")
     return found

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from cli_runner import CliResult, CliRunner  # noqa: F401  (re-exported for the tests)
 from delta_fixtures import family_shapes, perturbed, random_tensors, save_model
@@ -70,6 +71,13 @@ def check_no_leftover_p2pd(under: Path) -> None:
         except ProcessLookupError:
             pass
     assert not left, f"p2pd processes left running by the tests: {left}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_daemons(tmp_path_factory):
+    """Autouse in every test module that imports it: no p2pd outlives the module."""
+    yield
+    check_no_leftover_p2pd(tmp_path_factory.getbasetemp())
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from network_fixtures import check_no_leftover_p2pd, p2pd_pids, wait_p2pd_gone
+from network_fixtures import no_leftover_daemons, p2pd_pids, wait_p2pd_gone  # noqa: F401 (autouse)
 
 from hivemerge.merge import tasks
 from hivemerge.merge.experts import SPEC, build_experts
@@ -27,12 +27,6 @@ COUNT = 20
 DEADLINE = 3  # seconds until a round's commitments close (the demo's own is 6)
 STAGES = ["base", *tasks.DOMAINS]
 ROWS = ["base", *tasks.DOMAINS, "consensus"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leftover_daemons(tmp_path_factory):
-    yield
-    check_no_leftover_p2pd(tmp_path_factory.getbasetemp())
 
 
 def file_times(models: Path) -> dict[str, int]:

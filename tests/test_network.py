@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from network_fixtures import (
-    NodePool, build_models, check_no_leftover_p2pd, kill_daemon, model_manifest, sha256_file, tensors_equal, wait_until,
+    NodePool, build_models, kill_daemon, model_manifest, sha256_file, tensors_equal, wait_until,
 )
+from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
 from hivemerge.merge.delta import DeltaFile, apply_delta
 from hivemerge.node.network import peer_id_of
@@ -28,12 +29,6 @@ from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.signing import sign_manifest
 
 CHUNK = 1024  # small chunks: a ~40 KB lossless delta is ~40 of them
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leftover_daemons(tmp_path_factory):
-    yield
-    check_no_leftover_p2pd(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +148,13 @@ def test_fetch_of_unknown_or_malformed_ids_fails_cleanly(pool, tmp_path):
     with pytest.raises(Exception, match="not a content id"):
         b.fetch("not-an-id", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def assert_fetched_intact(fetcher, provider, delta_id: str, got: dict) -> None:
+    """The fetched delta, in the fetcher's store and at --out, is the provider's to the byte."""
+    stored = fetcher.store.resolve(delta_id)
+    assert sha256_file(stored) == sha256_file(provider.store.resolve(delta_id)) == sha256_file(Path(got["out"]))
+    assert DeltaFile(stored).id == delta_id
 
 
 # -- 2. forged records -----------------------------------------------------------------------
@@ -363,9 +365,7 @@ def test_a_lying_provider_is_caught_and_avoided(pool, big_models, tmp_path):
     lied_about = lies.calls[2][:2]
     assert lied_about in [c[:2] for c in slow.calls]  # the honest provider served that chunk instead
     assert got["failed"] == {}
-    stored = fetcher.store.resolve(delta_id)
-    assert sha256_file(stored) == sha256_file(honest.store.resolve(delta_id)) == sha256_file(Path(got["out"]))
-    assert DeltaFile(stored).id == delta_id
+    assert_fetched_intact(fetcher, honest, delta_id, got)
 
 
 def test_a_fetch_from_liars_only_fails_and_stores_nothing(pool, big_models, tmp_path):
@@ -406,9 +406,7 @@ def test_a_provider_killed_during_a_fetch_is_replaced_by_another(pool, big_model
     assert victim.peer_id in got["failed"]
     assert got["chunks_by_provider"] == {victim.peer_id: 3, other.peer_id: total - 3}
     assert got["liars"] == {}
-    stored = fetcher.store.resolve(delta_id)
-    assert sha256_file(stored) == sha256_file(other.store.resolve(delta_id)) == sha256_file(Path(got["out"]))
-    assert DeltaFile(stored).id == delta_id
+    assert_fetched_intact(fetcher, other, delta_id, got)
 
 
 def test_a_fetch_whose_only_provider_dies_keeps_nothing_visible_and_resumes(pool, big_models, tmp_path):

@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 from network_fixtures import (
-    CliRunner, NodeProcess, build_models, check_no_leftover_p2pd, model_manifest, p2pd_pids, sha256_file,
+    CliRunner, NodeProcess, build_models, model_manifest, p2pd_pids, sha256_file,
     tensors_equal, wait_p2pd_gone,
 )
+from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
 from hivemerge.merge.delta import DeltaFile, apply_delta
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leftover_daemons(tmp_path_factory):
-    yield
-    check_no_leftover_p2pd(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
