@@ -6,14 +6,21 @@ partly able; each expert is fine-tuned from it on its own domain at full difficu
 (with a little replay of the base mix, which keeps it in the base's basin so weight
 merging works). The compositional suite needs two domains at full difficulty at once. No model ever trains on a prompt
 of the held-out split (``tasks.training_only``).
+
+The experts are independent of each other, so they train in parallel processes, one
+thread each: the bytes are those of training them one after another.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import queue
 import random
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,42 +57,113 @@ def base_mix(rng: random.Random, hard: float = SPEC["base_hard"]) -> tasks.Examp
     return tasks.compose_task(rng, 2 if full else 1)
 
 
-def build_experts(workdir: Path, progress: Progress | None = None, spec: dict = SPEC) -> dict[str, Path]:
-    """``{"base": dir, "math": dir, ...}``, trained now or reused from ``workdir``."""
-    from transformers import AutoModelForCausalLM
+def expert_mix(domain: str, spec: dict) -> Callable[[random.Random], tasks.Example]:
+    """An expert's training stream: its own domain, and ``replay`` of the base mix."""
+    skill = tasks.DOMAINS[domain]
 
+    def sample(rng: random.Random) -> tasks.Example:
+        return base_mix(rng, spec["base_hard"]) if rng.random() < spec["replay"] else skill(rng)
+
+    return tasks.training_only(sample)
+
+
+def build_experts(workdir: Path, progress: Progress | None = None, spec: dict = SPEC, workers: int | None = None) -> dict[str, Path]:
+    """``{"base": dir, "math": dir, ...}``, trained now or reused from ``workdir``.
+    ``workers``: processes training experts at once (default: one per core, at most one
+    per expert); 1 trains them here, one after another."""
     workdir = Path(workdir)
     marker = workdir / "spec.json"
     if marker.is_file() and json.loads(marker.read_text()) != spec:
         shutil.rmtree(workdir)  # another recipe: start over
     workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(spec, indent=2))
-    torch.manual_seed(spec["seed"])
-    tokenizer = build_tokenizer()
-    paths = {"base": workdir / "base"}
-
-    def report(stage: str) -> Callable[[int, int, float], None] | None:
-        return (lambda done, total, loss: progress(stage, done, total)) if progress else None
-
+    paths = {"base": workdir / "base", **{d: workdir / d for d in tasks.DOMAINS}}
     if not (paths["base"] / "config.json").is_file():
-        model = new_model(len(tokenizer), spec["seed"], spec["hidden"], spec["layers"])
-        mix = lambda rng: base_mix(rng, spec["base_hard"])  # noqa: E731
-        train(model, tokenizer, tasks.training_only(mix), spec["base_steps"], seed=spec["seed"] + 1, lr=spec["base_lr"], progress=report("base"))
-        _save_atomically(model, tokenizer, paths["base"])
-    for i, domain in enumerate(tasks.DOMAINS):
-        paths[domain] = workdir / domain
-        if (paths[domain] / "config.json").is_file():
-            continue
-        model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
-        skill = tasks.DOMAINS[domain]
-
-        def sample(rng: random.Random, skill=skill) -> tasks.Example:
-            return base_mix(rng, spec["base_hard"]) if rng.random() < spec["replay"] else skill(rng)
-
-        train(model, tokenizer, tasks.training_only(sample), spec["expert_steps"], seed=spec["seed"] + 10 + i, lr=spec["expert_lr"],
-              progress=report(domain))
-        _save_atomically(model, tokenizer, paths[domain])
+        _train_base(paths["base"], spec, progress)
+    missing = [d for d in tasks.DOMAINS if not (paths[d] / "config.json").is_file()]
+    workers = workers or min(len(missing), os.cpu_count() or 1)
+    if workers <= 1 or len(missing) <= 1:
+        for domain in missing:
+            _train_expert(domain, paths["base"], paths[domain], spec, progress)
+    else:
+        _train_in_parallel(missing, paths, spec, progress, workers)
     return paths
+
+
+def _reporter(stage: str, progress: Progress | None) -> Callable[[int, int, float], None] | None:
+    return (lambda done, total, loss: progress(stage, done, total)) if progress else None
+
+
+def _train_base(target: Path, spec: dict, progress: Progress | None) -> None:
+    tokenizer = build_tokenizer()
+    model = new_model(len(tokenizer), spec["seed"], spec["hidden"], spec["layers"])
+    mix = tasks.training_only(lambda rng: base_mix(rng, spec["base_hard"]))
+    train(model, tokenizer, mix, spec["base_steps"], seed=spec["seed"] + 1, lr=spec["base_lr"], progress=_reporter("base", progress))
+    _save_atomically(model, tokenizer, target)
+
+
+def _train_expert(domain: str, base: Path, target: Path, spec: dict, progress: Progress | None) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = build_tokenizer()
+    index = list(tasks.DOMAINS).index(domain)
+    train(model, tokenizer, expert_mix(domain, spec), spec["expert_steps"], seed=spec["seed"] + 10 + index,
+          lr=spec["expert_lr"], progress=_reporter(domain, progress))
+    _save_atomically(model, tokenizer, target)
+
+
+_updates = None  # in a worker process: the queue its progress goes to
+
+
+def _worker_init(updates) -> None:
+    global _updates
+    _updates = updates
+    torch.set_num_threads(1)
+
+
+def _worker_train(domain: str, base: str, target: str, spec: dict) -> str:
+    every = max(1, spec["expert_steps"] // 100)  # about a hundred updates per expert
+
+    def report(stage: str, done: int, total: int) -> None:
+        if done % every == 0 or done == total:
+            _updates.put((stage, done, total))
+
+    _train_expert(domain, Path(base), Path(target), spec, report)
+    return domain
+
+
+def _train_in_parallel(domains: list[str], paths: dict, spec: dict, progress: Progress | None, workers: int) -> None:
+    context = multiprocessing.get_context("spawn")  # no forked copy of a parent's threads or open nodes
+    with context.Manager() as manager:
+        updates = manager.Queue()
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(updates,)) as pool:
+            _await_experts(pool, updates, domains, paths, spec, progress)
+
+
+def _await_experts(pool, updates, domains: list[str], paths: dict, spec: dict, progress: Progress | None) -> None:
+    """Relays the workers' progress until every expert is saved; a worker's error, or
+    Ctrl-C, stops the other workers at once and is raised here."""
+    pending = {pool.submit(_worker_train, d, str(paths["base"]), str(paths[d]), spec) for d in domains}
+    try:
+        while pending:
+            try:
+                report = updates.get(timeout=0.5)
+                if progress:
+                    progress(*report)
+            except queue.Empty:
+                pass
+            for future in [f for f in pending if f.done()]:
+                pending.discard(future)
+                future.result()
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        for process in list((pool._processes or {}).values()):  # no public way to stop a busy worker
+            process.terminate()
+        raise
+    while progress and not updates.empty():  # the last reports, sent just before each worker ended
+        progress(*updates.get())
 
 
 def _save_atomically(model, tokenizer, target: Path) -> None:

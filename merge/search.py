@@ -162,7 +162,36 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
             f"--checkpoint {path}: made by a search with other settings (recipe, blocks, suites, seed, popsize or sigma); "
             "use another checkpoint file or the same settings"
         )
+    problem = _checkpoint_problem(data, fingerprint["popsize"])
+    if problem:
+        raise UserInputError(f"--checkpoint {path}: damaged search checkpoint ({problem}); delete it to start over")
     return data
+
+
+def _is_evaluation(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("score"), (int, float)) and not isinstance(value["score"], bool)
+            and isinstance(value.get("suites", {}), dict))
+
+
+def _checkpoint_problem(data: dict, popsize: int) -> str | None:
+    """What is wrong with a checkpoint's stored results, or None: they are trusted as the
+    run's own, so their shape is checked before any is used."""
+    if data.get("start") is not None and not _is_evaluation(data["start"]):
+        return "start is not an evaluation"
+    generations = data.get("generations")
+    if not isinstance(generations, list):
+        return "generations is not a list"
+    if generations and data.get("start") is None:
+        return "generations without a start"
+    for index, generation in enumerate(generations):
+        if not isinstance(generation, dict):
+            return f"generation {index} is not an object"
+        candidates, evaluations = generation.get("candidates"), generation.get("evaluations")
+        if not (isinstance(candidates, list) and isinstance(evaluations, list) and len(candidates) == len(evaluations) == popsize):
+            return f"generation {index} does not hold {popsize} candidates and their evaluations"
+        if not all(_is_evaluation(e) for e in evaluations):
+            return f"generation {index} has an evaluation without a numeric score"
+    return None
 
 
 def _save_checkpoint(path: Path, data: dict) -> None:

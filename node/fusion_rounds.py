@@ -295,6 +295,8 @@ class FusionRounds:
                     reason = fusion.judge(block, record, before, after)
                 except UserInputError as exc:
                     reason = f"fusion: the probe losses could not be measured: {_without_path(exc)}"
+                except Exception as exc:  # verified inputs that still break the measurement: not trusted, not fatal
+                    reason = f"fusion: the probe losses could not be measured: {type(exc).__name__}: {_without_path(exc)}"
             if reason is not None:
                 excluded[delta_id] = reason[:300]
         return excluded, set(committed)

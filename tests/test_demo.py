@@ -149,6 +149,31 @@ def test_a_missing_expert_is_rebuilt_bit_for_bit(demo, tmp_path):
     assert (models / "strings" / "model.safetensors").read_bytes() == original  # training is deterministic
 
 
+def test_experts_trained_in_parallel_are_those_trained_one_by_one(demo, tmp_path):
+    """The demo trained its experts in worker processes; here they are trained again in
+    this process, one after another, from the same base: the same bytes."""
+    models = shutil.copytree(demo["workdir"] / "models", tmp_path / "models")
+    for domain in tasks.DOMAINS:
+        shutil.rmtree(models / domain)
+    trained = []
+    build_experts(models, progress=lambda stage, done, total: trained.append((stage, done)), spec=TINY, workers=1)
+    assert [s for s, _ in trained] == [d for d in tasks.DOMAINS for _ in range(TINY["expert_steps"])]
+    for domain in tasks.DOMAINS:
+        again = (models / domain / "model.safetensors").read_bytes()
+        assert again == (demo["workdir"] / "models" / domain / "model.safetensors").read_bytes(), domain
+
+
+def test_a_failing_expert_stops_the_others_and_leaves_no_model(demo, tmp_path):
+    models = shutil.copytree(demo["workdir"] / "models", tmp_path / "models")
+    bad = {**TINY, "expert_lr": -1.0}  # AdamW refuses a negative learning rate, in the worker
+    (models / "spec.json").write_text(json.dumps(bad, indent=2))  # the same base: only the experts are trained
+    for domain in tasks.DOMAINS:
+        shutil.rmtree(models / domain)
+    with pytest.raises(ValueError, match="learning rate"):
+        build_experts(models, spec=bad, workers=2)
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == ["base"]  # no expert, no partial one
+
+
 def test_another_spec_rebuilds_everything(demo, tmp_path):
     models = shutil.copytree(demo["workdir"] / "models", tmp_path / "models")
     before = {stage: model_id(SafetensorsModel(models / stage)) for stage in STAGES}

@@ -199,6 +199,29 @@ def test_a_fuser_whose_record_names_another_replay_set_is_excluded_with_the_reas
     assert row["fusion"]["verdict"] == f"excluded: {want}" and row["fusion"]["delta_id"] == fused_id
 
 
+def test_a_fusion_check_that_crashes_excludes_the_fused_delta_instead_of_failing_the_round(net, setup, tmp_path, monkeypatch):
+    """Inputs that pass verification but break the measurement (here: every participant's
+    measurement raises RuntimeError) are not trusted and not fatal: each node excludes the
+    fused delta with the reason, and the round ends on the merge of the others."""
+    (a, m, s), published, proposal = start(net, setup)
+    rid = proposal["round_id"]
+    state = wait_fused(a, proposal)  # the fuser has distilled and committed; now the checks break
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (7x64 and 32x64)")
+
+    monkeypatch.setattr("hivemerge.merge.fusion_check.measure_fused", broken)
+    states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
+    want = "fusion: the probe losses could not be measured: RuntimeError: mat1 and mat2 shapes cannot be multiplied (7x64 and 32x64)"
+    homogeneous = sorted(p["delta_id"] for p in published.values())
+    for st in states:
+        assert st["phase"] == "attested", st.get("error")
+        assert st["excluded"] == {state["delta_id"]: want}
+        assert st["included"] == homogeneous
+    assert len({st["result_id"] for st in states}) == 1
+    assert states[0]["result_id"] == offline_merge(tmp_path / "two", setup[0].pivot, delta_files(a, homogeneous), TEMPLATE)
+
+
 def test_pack_publish_and_list_through_the_cli(net, setup, tmp_path, tmp_path_factory):
     from delta_fixtures import assert_user_error, shared_runner
 

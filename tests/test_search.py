@@ -218,6 +218,31 @@ def test_resume_equals_an_uninterrupted_run(quadratic, tmp_path):
     assert longer.history[:13] == whole.history and len(longer.history) == 15
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: d.update(start={"score": "high"}), "start is not an evaluation"),
+    (lambda d: d.update(start=None), "generations without a start"),
+    (lambda d: d.update(generations={"0": 1}), "generations is not a list"),
+    (lambda d: d["generations"].append(["x"]), "generation 2 is not an object"),
+    (lambda d: d["generations"][1]["evaluations"].pop(), "generation 1 does not hold 6 candidates"),
+    (lambda d: d["generations"][0].pop("candidates"), "generation 0 does not hold 6 candidates"),
+    (lambda d: d["generations"][0]["evaluations"][3].pop("score"), "generation 0 has an evaluation without a numeric score"),
+    (lambda d: d["generations"][1]["evaluations"][0].update(score=True), "generation 1 has an evaluation without a numeric score"),
+    (lambda d: d["generations"][1]["evaluations"][0].update(suites=[]), "generation 1 has an evaluation without a numeric score"),
+])
+def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(quadratic, tmp_path, damage, problem):
+    space, target = quadratic
+    settings = SearchSettings(budget=80, seed=5, popsize=6)
+    checkpoint = tmp_path / "search.json"
+    run_search(space, Quadratic(space, target), settings, checkpoint=checkpoint, stop_after=2)
+    data = json.loads(checkpoint.read_text())
+    damage(data)
+    checkpoint.write_text(json.dumps(data))
+    fitness = Quadratic(space, target)
+    with pytest.raises(UserInputError, match=f"damaged search checkpoint \\({problem}"):
+        run_search(space, fitness, settings, checkpoint=checkpoint)
+    assert fitness.calls == 0  # refused before anything was evaluated
+
+
 def test_search_settings_are_checked():
     for settings, message in [
         (SearchSettings(budget=1), "--budget"), (SearchSettings(budget=10, popsize=1), "--popsize"),

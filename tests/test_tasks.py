@@ -148,7 +148,7 @@ def _training_streams(tmp_path, monkeypatch) -> dict[str, list[str]]:
     monkeypatch.setattr(experts, "train", record)
     # the samplers do not depend on the model: a smaller one is quicker to make and save
     monkeypatch.setattr(experts, "new_model", lambda vocab, seed, hidden, layers: training.new_model(vocab, seed, 16, 1))
-    experts.build_experts(tmp_path / "models", spec=experts.SPEC)
+    experts.build_experts(tmp_path / "models", spec=experts.SPEC, workers=1)  # in this process, where train is the recorder
     stages = ["base", *tasks.DOMAINS]
     assert len(recorded) == len(stages)
     streams = {}
