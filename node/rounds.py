@@ -23,7 +23,7 @@ from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
 from hivemerge.node.local_state import Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
-from hivemerge.protocol import rounds
+from hivemerge.protocol import fusion, rounds
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fusion import check_fusion_block
 
@@ -92,7 +92,9 @@ class RoundCoordinator(Coordinator):
             self.save(state)
             commitments, _ = await self.round_records(round_id, proposal["deadline"])
             state["participants"] = sorted(commitments)
-            norms, excluded = await self.gather_deltas(proposal, commitments)
+            excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
+            norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
+            excluded.update(screened_out)
             fusion_excluded, fused = await self.fusion.judge(proposal, commitments, norms)
             excluded.update(fusion_excluded)
             excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
@@ -120,15 +122,17 @@ class RoundCoordinator(Coordinator):
         return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
                 {r["publisher"]: r for r in found if "result_id" in r})
 
-    async def gather_deltas(self, proposal: dict, commitments: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
-        """Fetch what is missing (bounded by the fetch window), then screen every delta."""
+    async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
+                            ) -> tuple[dict[str, float], dict[str, str]]:
+        """Fetch what is missing (bounded by the fetch window), then screen every delta
+        (those in ``skip``, already excluded, are neither fetched nor screened)."""
         norms: dict[str, float] = {}
         excluded: dict[str, str] = {}
         base = self.node.store.model(proposal["base_id"])
         window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
         for committer, commitment in sorted(commitments.items()):
             for delta_id in commitment["delta_ids"]:
-                if delta_id in norms or delta_id in excluded:
+                if delta_id in norms or delta_id in excluded or delta_id in skip:
                     continue
                 try:
                     if not self.node.store.has(delta_id):
@@ -147,9 +151,7 @@ class RoundCoordinator(Coordinator):
         return norms, excluded
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
-        # In committer order: a delta two nodes commit under different domains gets the same one at every node.
-        domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
-        document = build_recipe(proposal, included, domains)
+        document = build_recipe(proposal, included, rounds.committed_domains(commitments))
         recipe = validate_recipe(document, resolver=self.node.store.resolve)
         out = self.node.store.partial / f"round-{proposal['round_id']}"
         run_merge(recipe, out, device=self.device, overwrite=True)

@@ -65,6 +65,29 @@ def matches(select: dict, expert: dict) -> bool:
     return expert["domain"] in select.get("domains", [])
 
 
+def committed_domains(commitments: dict[str, dict]) -> dict[str, str]:
+    """delta id -> the domain it was committed under. Read in committer order (the last
+    claim wins): a delta two nodes commit under different domains gets the same one at
+    every node."""
+    return {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
+
+
+def unselected(select: dict, domains: dict[str, str], exempt: frozenset[str] = frozenset()) -> dict[str, str]:
+    """delta id -> why the proposal's ``select`` leaves it out, for every committed delta
+    it does not name. A commitment is the committer's own word: a delta of another domain
+    (or not in the listed ids) does not join the merge because it was committed. Deltas
+    committed under an ``exempt`` domain are judged by their own rule (the fused delta)."""
+    reasons = {}
+    for delta_id, domain in sorted(domains.items()):
+        if domain in exempt or matches(select, {"delta_id": delta_id, "domain": domain}):
+            continue
+        if "deltas" in select:
+            reasons[delta_id] = "not selected: the proposal lists other delta ids"
+        else:
+            reasons[delta_id] = f"not selected: domain {domain[:64]!r} is not among the proposal's {sorted(select.get('domains', []))}"[:300]
+    return reasons
+
+
 def on_time(commitments: dict[str, dict], deadline: float) -> dict[str, dict]:
     """The commitments signed by the deadline. One signed after it is ignored by every
     node, instead of joining the round only at the nodes that happened to read it."""

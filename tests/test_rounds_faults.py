@@ -5,6 +5,8 @@
 - a participant whose delta is tampered with (served consistently, so the transfer
   itself succeeds) and one whose delta is scaled 50x: both excluded, with the reason,
   and the consensus is the honest participants' merge;
+- a participant that commits, besides its own, a delta of a domain the proposal did not
+  select: that delta is excluded at every node, without being fetched;
 - a round that cannot reach its quorum ends without a consensus model.
 """
 
@@ -14,9 +16,11 @@ import time
 
 import pytest
 from round_fixtures import (
-    RoundNet, build_family, model_id_of, offline_merge, round_document, scaled_expert, tamper_stored_delta,
-    wait_committed, wait_round_done,
+    RoundNet, build_family, model_id_of, offline_merge, round_document, round_records, scaled_expert,
+    tamper_stored_delta, wait_committed, wait_round_done,
 )
+
+from hivemerge.protocol import rounds
 
 from hivemerge.protocol.errors import UserInputError
 
@@ -137,6 +141,38 @@ def test_tampered_and_scaled_deltas_are_excluded_and_the_consensus_is_the_honest
     # and the scaled delta would have changed it
     with_scaled = {**files, scaled: participants["bio"].store.resolve(scaled)}
     assert offline_merge(tmp_path / "with-scaled", family["base"], with_scaled, TEMPLATE) != result_id
+
+
+def test_a_delta_of_a_domain_the_proposal_did_not_select_is_excluded_unfetched(net, family, tmp_path):
+    a, participants, published = start_round(net, family, HONEST, {})
+    rogue = participants["logic"]
+    chem = rogue.publish(family["chem"], "chem", family["base"])["delta_id"]
+    proposal = a.propose({**round_document(family["base"], HONEST, deadline=6), **TEMPLATE})
+    rid = proposal["round_id"]
+    wait_committed(a, rid, [rogue.identity.public_hex])
+    # the rogue restates its commitment with its chem delta added, under its true domain
+    own = published["logic"]["delta_id"]
+    fields = {"round_id": rid, "delta_ids": sorted([own, chem]), "domains": {own: "logic", chem: "chem"},
+              **rogue.contact(), "issued_at": time.time()}
+    # (an expiry later than its first commitment's, or the DHT keeps the first)
+    assert rogue._run(rogue.store_record("record/commitment", rounds.round_key(rid), fields, rogue.rounds.ttl(proposal) + 60), 30)
+    assert time.time() < proposal["deadline"], "the rogue commitment came after the deadline: the test ran too slowly"
+    seen = [r for r in round_records(a, rid).values() if r.get("publisher") == rogue.identity.public_hex]
+    assert seen and chem in seen[0]["delta_ids"]
+
+    nodes = list(participants.values())
+    states = wait_round_done(nodes, rid)
+    want = "not selected: domain 'chem' is not among the proposal's ['code', 'logic', 'math']"
+    honest = sorted(published[d]["delta_id"] for d in HONEST)
+    for dom, state in zip(participants, states):
+        assert state["phase"] == "attested", (dom, state.get("error"))
+        assert state["excluded"] == {chem: want}, dom
+        assert state["included"] == honest, dom
+    assert len({s["result_id"] for s in states}) == 1
+    for dom in ("math", "code"):
+        assert not participants[dom].store.has(chem)  # never fetched
+    files = {published[d]["delta_id"]: participants[d].store.resolve(published[d]["delta_id"]) for d in HONEST}
+    assert offline_merge(tmp_path / "honest", family["base"], files, TEMPLATE) == states[0]["result_id"]
 
 
 def test_a_round_without_quorum_gives_no_consensus(net, family, tmp_path):

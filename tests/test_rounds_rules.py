@@ -204,6 +204,32 @@ def test_bad_round_recipes_are_refused(change, message):
         proposal_from_recipe(document, A, B, 1000.0)
 
 
+def test_unselected_names_every_delta_the_proposal_leaves_out():
+    commitments = {
+        "n1": {"delta_ids": [A, B], "domains": {A: "math", B: "chem"}},
+        "n2": {"delta_ids": [C], "domains": {C: "fused"}},
+    }
+    domains = rounds.committed_domains(commitments)
+    assert domains == {A: "math", B: "chem", C: "fused"}
+    by_domain = {"domains": ["math", "logic"]}
+    assert rounds.unselected(by_domain, domains, frozenset({"fused"})) == {
+        B: "not selected: domain 'chem' is not among the proposal's ['logic', 'math']"}
+    assert rounds.unselected(by_domain, domains) == {
+        B: "not selected: domain 'chem' is not among the proposal's ['logic', 'math']",
+        C: "not selected: domain 'fused' is not among the proposal's ['logic', 'math']"}
+    by_id = {"deltas": [B]}
+    assert rounds.unselected(by_id, domains, frozenset({"fused"})) == {A: "not selected: the proposal lists other delta ids"}
+    assert rounds.unselected({"domains": ["math", "chem"]}, domains, frozenset({"fused"})) == {}
+
+
+def test_committed_domains_read_in_committer_order_agree_everywhere():
+    # two committers name the same delta under different domains: the later one in key order wins, at every node
+    one = {"n1": {"delta_ids": [A], "domains": {A: "math"}}, "n2": {"delta_ids": [A], "domains": {A: "chem"}}}
+    other_order = dict(reversed(list(one.items())))
+    assert rounds.committed_domains(one) == rounds.committed_domains(other_order) == {A: "chem"}
+    assert rounds.committed_domains({"n1": {"delta_ids": [B], "domains": {}}}) == {B: ""}
+
+
 def test_build_recipe_lists_deltas_in_id_order_with_their_domain_parameters():
     template = {**TEMPLATE, "domain_parameters": {"code": {"weight": 0.5}}, "fetch_window": 10, "deadline": 5}
     p = proposal_from_recipe(template, A, B, 1000.0)
