@@ -19,8 +19,8 @@ import os
 import queue
 import random
 import shutil
+import signal
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,10 +67,11 @@ def expert_mix(domain: str, spec: dict) -> Callable[[random.Random], tasks.Examp
     return tasks.training_only(sample)
 
 
-def build_experts(workdir: Path, progress: Progress | None = None, spec: dict = SPEC, workers: int | None = None) -> dict[str, Path]:
+def build_experts(workdir: Path, progress: Progress | None = None, spec: dict = SPEC, workers: int | None = 1) -> dict[str, Path]:
     """``{"base": dir, "math": dir, ...}``, trained now or reused from ``workdir``.
-    ``workers``: processes training experts at once (default: one per core, at most one
-    per expert); 1 trains them here, one after another."""
+    ``workers``: processes training experts at once; 1 (the default) trains them here,
+    one after another; None, one per core. More than one starts fresh interpreters
+    (multiprocessing "spawn"), so a calling script needs ``if __name__ == "__main__":``."""
     workdir = Path(workdir)
     marker = workdir / "spec.json"
     if marker.is_file() and json.loads(marker.read_text()) != spec:
@@ -113,57 +114,62 @@ def _train_expert(domain: str, base: Path, target: Path, spec: dict, progress: P
     _save_atomically(model, tokenizer, target)
 
 
-_updates = None  # in a worker process: the queue its progress goes to
-
-
-def _worker_init(updates) -> None:
-    global _updates
-    _updates = updates
+def _worker(domain: str, base: str, target: str, spec: dict, updates) -> None:
+    """One expert in a worker process; its progress, its end or its error go to ``updates``."""
     torch.set_num_threads(1)
-
-
-def _worker_train(domain: str, base: str, target: str, spec: dict) -> str:
     every = max(1, spec["expert_steps"] // 100)  # about a hundred updates per expert
 
     def report(stage: str, done: int, total: int) -> None:
         if done % every == 0 or done == total:
-            _updates.put((stage, done, total))
+            updates.put(("progress", stage, done, total))
 
-    _train_expert(domain, Path(base), Path(target), spec, report)
-    return domain
+    try:
+        _train_expert(domain, Path(base), Path(target), spec, report)
+    except BaseException as exc:  # KeyboardInterrupt included: the parent decides what follows
+        updates.put(("error", domain, f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    updates.put(("done", domain))
 
 
 def _train_in_parallel(domains: list[str], paths: dict, spec: dict, progress: Progress | None, workers: int) -> None:
-    context = multiprocessing.get_context("spawn")  # no forked copy of a parent's threads or open nodes
-    with context.Manager() as manager:
-        updates = manager.Queue()
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(updates,)) as pool:
-            _await_experts(pool, updates, domains, paths, spec, progress)
-
-
-def _await_experts(pool, updates, domains: list[str], paths: dict, spec: dict, progress: Progress | None) -> None:
-    """Relays the workers' progress until every expert is saved; a worker's error, or
+    """Trains ``domains`` in at most ``workers`` processes at once. A worker's error, or
     Ctrl-C, stops the other workers at once and is raised here."""
-    pending = {pool.submit(_worker_train, d, str(paths["base"]), str(paths[d]), spec) for d in domains}
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked copy of threads or open nodes
+    updates = context.Queue()
+    waiting, running = list(domains), {}
     try:
-        while pending:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                domain = waiting.pop(0)
+                running[domain] = context.Process(target=_worker, args=(domain, str(paths["base"]), str(paths[domain]), spec, updates),
+                                                  name=f"hivemerge-expert-{domain}", daemon=True)
+                running[domain].start()
             try:
-                report = updates.get(timeout=0.5)
-                if progress:
-                    progress(*report)
+                message = updates.get(timeout=1.0)
             except queue.Empty:
-                pass
-            for future in [f for f in pending if f.done()]:
-                pending.discard(future)
-                future.result()
-    except BaseException:
-        for future in pending:
-            future.cancel()
-        for process in list((pool._processes or {}).values()):  # no public way to stop a busy worker
-            process.terminate()
-        raise
-    while progress and not updates.empty():  # the last reports, sent just before each worker ended
-        progress(*updates.get())
+                dead = [d for d, p in running.items() if p.exitcode not in (None, 0)]
+                if dead:  # killed without a word (out of memory, a signal)
+                    raise RuntimeError(f"training the {dead[0]} expert: its process ended with exit code {running[dead[0]].exitcode}")
+                continue
+            if message[0] == "progress" and progress:
+                progress(*message[1:])
+            elif message[0] == "done":
+                running.pop(message[1]).join()
+            elif message[0] == "error":
+                raise RuntimeError(f"training the {message[1]} expert: {message[2]}")
+    finally:
+        # Interrupted like a Ctrl-C, a worker ends cleanly (its semaphores released); one
+        # that does not within seconds is terminated.
+        for process in running.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in running.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        updates.close()
+        updates.join_thread()
 
 
 def _save_atomically(model, tokenizer, target: Path) -> None:

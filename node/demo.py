@@ -48,7 +48,7 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
 
     started = time.perf_counter()
     say("building or reusing the base and the domain experts")
-    models = build_experts(workdir / "models", progress=train_progress, spec=spec)
+    models = build_experts(workdir / "models", progress=train_progress, spec=spec, workers=None)  # experts: one process per core
     base_dir = models["base"]
     base_id = model_id(SafetensorsModel(base_dir))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -169,9 +170,67 @@ def test_a_failing_expert_stops_the_others_and_leaves_no_model(demo, tmp_path):
     (models / "spec.json").write_text(json.dumps(bad, indent=2))  # the same base: only the experts are trained
     for domain in tasks.DOMAINS:
         shutil.rmtree(models / domain)
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(RuntimeError, match=r"^training the (math|strings|logic) expert: ValueError: Invalid learning rate: -1.0$"):
         build_experts(models, spec=bad, workers=2)
     assert sorted(p.name for p in models.iterdir() if p.is_dir()) == ["base"]  # no expert, no partial one
+
+
+def running_in_group(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # state, ppid, pgrp
+            found.append(int(entry))
+    return found
+
+
+CTRL_C_SCRIPT = """
+import sys
+from pathlib import Path
+from hivemerge.merge.experts import SPEC, build_experts
+if __name__ == "__main__":
+    spec = {**SPEC, "hidden": 32, "layers": 2, "base_steps": 20, "expert_steps": 100_000}
+    build_experts(Path(sys.argv[1]), spec=spec, workers=2,
+                  progress=lambda stage, done, total: print(stage, done, flush=True))
+"""
+
+
+def test_ctrl_c_while_experts_train_in_parallel_stops_every_worker_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(CTRL_C_SCRIPT)
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "models")], stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not re.search(r"^(math|strings|logic) \d+$", log.read_text(), re.M):  # an expert is training
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        workers = running_in_group(proc.pid)
+        assert len(workers) >= 3  # the script and its two workers (and multiprocessing's tracker)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        started = time.time()
+        assert proc.wait(timeout=30) != 0
+        assert time.time() - started < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "KeyboardInterrupt" in output and "leaked" not in output, output[-2000:]
+    deadline = time.time() + 10  # multiprocessing's resource tracker ends just after the script
+    while running_in_group(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert running_in_group(proc.pid) == []  # no worker left running
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["base", "spec.json"]  # no expert, no partial one
 
 
 def test_another_spec_rebuilds_everything(demo, tmp_path):
