@@ -7,8 +7,9 @@ partly able; each expert is fine-tuned from it on its own domain at full difficu
 merging works). The compositional suite needs two domains at full difficulty at once. No model ever trains on a prompt
 of the held-out split (``tasks.training_only``).
 
-The experts are independent of each other, so they train in parallel processes, one
-thread each: the bytes are those of training them one after another.
+The experts are independent of each other: the demo trains them in parallel processes
+(``build_experts(workers=None)``), one thread each, and the bytes are those of training
+them one after another.
 """
 
 from __future__ import annotations
@@ -125,7 +126,10 @@ def _worker(domain: str, base: str, target: str, spec: dict, updates) -> None:
 
     try:
         _train_expert(domain, Path(base), Path(target), spec, report)
-    except BaseException as exc:  # KeyboardInterrupt included: the parent decides what follows
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the group; the parent decides what follows
+        updates.put(("interrupted", domain))
+        raise SystemExit(1) from None
+    except Exception as exc:
         updates.put(("error", domain, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     updates.put(("done", domain))
@@ -157,6 +161,8 @@ def _train_in_parallel(domains: list[str], paths: dict, spec: dict, progress: Pr
                 running.pop(message[1]).join()
             elif message[0] == "error":
                 raise RuntimeError(f"training the {message[1]} expert: {message[2]}")
+            elif message[0] == "interrupted":
+                raise KeyboardInterrupt
     finally:
         # Interrupted like a Ctrl-C, a worker ends cleanly (its semaphores released); one
         # that does not within seconds is terminated.

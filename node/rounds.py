@@ -25,7 +25,6 @@ from hivemerge.node.local_state import Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import fusion, rounds
 from hivemerge.protocol.errors import UserInputError
-from hivemerge.protocol.fusion import check_fusion_block
 
 if TYPE_CHECKING:
     from hivemerge.node.node import Node
@@ -198,7 +197,7 @@ def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float
     allowed = {"merge_method", "parameters", "dtype", "out_dtype", "seed", "domain_parameters", "fetch_window", "fusion"}
     template = {k: v for k, v in document.items() if k in allowed}
     if "fusion" in template:  # resolved by FusionRounds.prepare: pack ids, probe id, fuser
-        template["fusion"] = check_fusion_block(template["fusion"], resolved=True)
+        template["fusion"] = fusion.check_fusion_block(template["fusion"], resolved=True)
     unknown = set(document) - allowed - {"select", "deadline", "quorum", "base_model"}
     if unknown:
         raise UserInputError(f"{sorted(unknown)[0]}: unknown key in a round recipe; expected {sorted(allowed | {'select', 'deadline', 'quorum', 'base_model'})}")
