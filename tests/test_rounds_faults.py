@@ -21,7 +21,6 @@ from round_fixtures import (
 )
 
 from hivemerge.protocol import rounds
-
 from hivemerge.protocol.errors import UserInputError
 
 TEMPLATE = {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5}}
