@@ -167,11 +167,11 @@ class SearchCoordinator(Coordinator):
             fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scores": scores,
                       "examples": examples, "issued_at": time.time()}
             await self.node.store_record("record/scores", key, fields, ttl)
-        combined, scorers, agrees = await self._combined(proposal, generation, owners, ids, search.slot_end(proposal, generation, window))
+        combined, scorers, agrees, tallied = await self._combined(proposal, "proposer" in roles, generation, owners, ids, window)
         if combined is None:
             raise RuntimeError(f"generation {generation}: no owner published scores in time")
         return {"generation": generation, "candidates": xs, "candidate_ids": ids, "combined": combined,
-                "scorers": scorers, "proposer_agrees": agrees}
+                "scorers": scorers, "proposer_agrees": agrees, "tallied": tallied}
 
     def _space(self, proposal: dict, included: list[str], domains: dict[str, str]):
         from hivemerge.merge.recipe import validate_recipe
@@ -206,22 +206,45 @@ class SearchCoordinator(Coordinator):
             return None
         return ValidationFitness(suites, settings["loss_weight"], resolver=self.node.store.resolve)
 
-    async def generation_records(self, sid: str, generation: int) -> tuple[dict[str, dict], dict[str, dict]]:
-        """(score records, candidate records) of one generation, by the node that signed them."""
+    async def generation_records(self, sid: str, generation: int) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+        """(score records, candidate records, tally records) of one generation, by the node that signed them."""
         found = (await self.node.network.get_records(rounds.round_key(sid))).values()
         mine = [r for r in found if r.get("generation") == generation]
         return ({r["publisher"]: r for r in mine if "scores" in r},
-                {r["publisher"]: r for r in mine if "candidate_ids" in r and "scores" not in r})
+                {r["publisher"]: r for r in mine if "candidate_ids" in r and "scores" not in r and "scorers" not in r},
+                {r["publisher"]: r for r in mine if "scorers" in r})
 
-    async def _combined(self, proposal: dict, generation: int, owners: list[str], ids: list[str], deadline: float):
-        """(combined scores, scorers, whether the proposer published these candidates), once
-        every owner scored this generation or at the slot's end."""
+    async def _combined(self, proposal: dict, proposing: bool, generation: int, owners: list[str], ids: list[str], window: float):
+        """(combined scores, scorers, whether the proposer drew these candidates, whether
+        they follow the proposer's tally). The proposer combines once every owner scored,
+        or at the slot's end, and publishes its tally; every other node combines exactly
+        the tallied scores, so a record that reached it late cannot split the search
+        (protocol/search.py)."""
+        sid, proposer = proposal["round_id"], proposal["proposer"]
+        slot_end, tally_end = search.slot_end(proposal, generation, window), search.tally_end(proposal, generation, window)
         while True:
-            scores, candidates = await self.generation_records(proposal["round_id"], generation)
-            combined, scorers = search.combine_scores(scores, owners, ids)
-            published = candidates.get(proposal["proposer"])
-            if (scorers == owners and published is not None) or time.time() >= deadline:
-                return combined, scorers, None if published is None else published["candidate_ids"] == ids
+            scores, candidates, tallies = await self.generation_records(sid, generation)
+            published = candidates.get(proposer)
+            agrees = None if published is None else published["candidate_ids"] == ids
+            if proposing:
+                combined, scorers = search.combine_scores(scores, owners, ids)
+                if scorers == owners or time.time() >= slot_end:
+                    if scorers:
+                        fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scorers": scorers, "issued_at": time.time()}
+                        await self.node.store_record("record/tally", rounds.round_key(sid), fields, self.ttl(proposal))
+                    return combined, scorers, agrees, bool(scorers)
+            else:
+                tallied = search.tallied_scorers(tallies.get(proposer), owners, ids)
+                if tallied is not None:
+                    missing = [o for o in tallied if o not in search.scored(scores, ids)]
+                    if not missing:
+                        return search.mean_scores(scores, tallied), tallied, agrees, True
+                    if time.time() >= tally_end:
+                        raise RuntimeError(f"generation {generation}: the proposer's tally counts the scores of "
+                                           f"{', '.join(o[:12] for o in missing)}, which never arrived here")
+                elif time.time() >= tally_end:  # no usable tally: the proposer is gone, or draws other candidates
+                    combined, scorers = search.combine_scores(scores, owners, ids)
+                    return combined, scorers, agrees, False
             await asyncio.sleep(self.poll)
 
     async def _propose_final(self, proposal: dict, included: list[str], domain_parameters: dict) -> str:

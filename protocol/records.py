@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from hivemerge.protocol.content import canonical_json, is_content_id
@@ -45,7 +46,8 @@ RECORD_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "round_id": str, "result_id": str, "bundle_id": str, "included": list, "excluded": dict,
         "peer_id": str, "maddrs": list, "issued_at": (int, float),
     },
-    # search rounds (protocol/search.py): the proposal, each generation's candidates, each owner's scores
+    # search rounds (protocol/search.py): the proposal, each generation's candidates, each owner's scores,
+    # and the proposer's tally (whose scores it combined), which every node then combines alike
     "record/search": {
         "round_id": str, "base_id": str, "recipe": dict, "select": dict, "search": dict, "deadline": (int, float),
         "quorum": (int, float), "proposer": str, "issued_at": (int, float),
@@ -54,6 +56,7 @@ RECORD_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "record/scores": {
         "round_id": str, "generation": int, "candidate_ids": list, "scores": list, "examples": int, "issued_at": (int, float),
     },
+    "record/tally": {"round_id": str, "generation": int, "candidate_ids": list, "scorers": list, "issued_at": (int, float)},
     # heterogeneous experts (protocol/packs.py) and a round's fusion step (protocol/fusion.py)
     "record/pack": {
         "domain": str, "pack_id": str, "probe_id": str, "model_id": str, "top_k": int, "bundle_id": str,
@@ -89,6 +92,8 @@ def kind_for_key(key: str, subkey: str = "") -> str | None:
             return "record/scores"
         if "/candidates/" in subkey:
             return "record/candidates"
+        if "/tally/" in subkey:
+            return "record/tally"
         if subkey.endswith("/fusion"):
             return "record/fusion"
         return "record/attestation" if subkey.endswith("/attest") else "record/commitment"
@@ -106,6 +111,7 @@ def expected_subkey(kind: str, owner: str, fields: dict) -> str:
         "record/search": f"{owner}/{fields.get('round_id')}",
         "record/candidates": f"{owner}/candidates/{fields.get('generation')}",
         "record/scores": f"{owner}/scores/{fields.get('generation')}",
+        "record/tally": f"{owner}/tally/{fields.get('generation')}",
         "record/pack": f"{owner}/{fields.get('pack_id')}",
         "record/fusion": f"{owner}/fusion",
     }[kind]
@@ -141,6 +147,10 @@ def _check_fields(kind: str, fields: Any) -> None:
             raise RecordError(f"{kind}: {name} must be content ids")
     if "generation" in fields and fields["generation"] < 0:
         raise RecordError(f"{kind}: generation must be non-negative")
+    if "scorers" in fields:
+        scorers = fields["scorers"]
+        if not all(isinstance(o, str) and re.fullmatch(r"[0-9a-f]{64}", o) for o in scorers) or scorers != sorted(set(scorers)):
+            raise RecordError(f"{kind}: scorers must be sorted, distinct public keys (64 hex digits)")
     if "scores" in fields:
         scores = fields["scores"]
         if len(scores) != len(fields["candidate_ids"]) or not all(

@@ -9,6 +9,13 @@ the candidates' content ids, and each owner scores the candidates on its own pri
 validation data and publishes only the scores, signed. The combined score of a
 candidate is the mean of the owners' scores, in a fixed order; the best candidate of
 the whole search becomes a normal merge round.
+
+Which owners' scores a generation combines must be the same at every node, or the next
+generation's candidates differ. A score record may reach one node before the slot's
+end and another after it, so the proposer publishes a tally (the owners whose scores
+it combined) and every node combines exactly the tallied scores, waiting for any it
+has not yet received (until :func:`tally_end`). A node that sees no usable tally by
+then (the proposer gone, or drawing other candidates) combines what it has.
 """
 
 from __future__ import annotations
@@ -73,18 +80,42 @@ def slot_end(proposal: dict, generation: int, fetch_window: float) -> float:
     return proposal["deadline"] + SETTLE_SECONDS + fetch_window + (generation + 1) * seconds
 
 
+def tally_end(proposal: dict, generation: int, fetch_window: float) -> float:
+    """How long a node waits for the proposer's tally of a generation and for the score
+    records it names: half a slot past the slot's end."""
+    return slot_end(proposal, generation, fetch_window) + float(proposal["search"]["generation_seconds"]) / 2
+
+
+def scored(score_records: dict[str, dict], candidate_ids: list[str]) -> list[str]:
+    """The owners, sorted, whose score record is for exactly these candidates (a record
+    for other candidates comes from a diverging node)."""
+    return sorted(o for o, r in score_records.items() if r["candidate_ids"] == candidate_ids and len(r["scores"]) == len(candidate_ids))
+
+
+def mean_scores(score_records: dict[str, dict], scorers: list[str]) -> list[float]:
+    """Each candidate's mean score over ``scorers``, summed in their (sorted) order."""
+    count = len(score_records[scorers[0]]["scores"])
+    return [math.fsum(score_records[o]["scores"][i] for o in scorers) / len(scorers) for i in range(count)]
+
+
 def combine_scores(score_records: dict[str, dict], participants: list[str], candidate_ids: list[str]) -> tuple[list[float] | None, list[str]]:
     """(the mean score of each candidate over the owners that scored exactly these
     candidates, those owners in sorted order). Only committed participants count; a
     record for other candidates (a diverging node) is ignored. None when nobody scored."""
-    scorers = sorted(
-        owner for owner, record in score_records.items()
-        if owner in participants and record["candidate_ids"] == candidate_ids and len(record["scores"]) == len(candidate_ids)
-    )
+    scorers = [o for o in scored(score_records, candidate_ids) if o in participants]
     if not scorers:
         return None, []
-    combined = [math.fsum(score_records[o]["scores"][i] for o in scorers) / len(scorers) for i in range(len(candidate_ids))]
-    return combined, scorers
+    return mean_scores(score_records, scorers), scorers
+
+
+def tallied_scorers(tally: dict | None, participants: list[str], candidate_ids: list[str]) -> list[str] | None:
+    """The owners the proposer's tally says it combined, when the tally is for these
+    candidates and names only committed participants; else None (the tally is not usable)."""
+    if tally is None or tally["candidate_ids"] != candidate_ids or not tally["scorers"]:
+        return None
+    if not set(tally["scorers"]) <= set(participants):
+        return None
+    return list(tally["scorers"])
 
 
 def best_candidate(history: list[dict]) -> tuple[int, int] | None:

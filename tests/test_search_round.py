@@ -10,6 +10,8 @@ attest.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from network_fixtures import wait_until
 from round_fixtures import RoundNet, round_records, wait_round_done
@@ -66,6 +68,7 @@ def test_every_node_draws_and_combines_alike(search_round):
         assert len(s["history"]) == 2 and all(len(h["candidate_ids"]) == 3 for h in s["history"])
         assert [h["scorers"] for h in s["history"]] == [owners, owners]
         assert [h["proposer_agrees"] for h in s["history"]] == [True, True]  # the proposer drew the same candidates
+        assert [h["tallied"] for h in s["history"]] == [True, True]  # and every node combined its tally
     reference = [(h["candidate_ids"], h["combined"]) for h in states[0]["history"]]
     for s in states[1:]:
         assert [(h["candidate_ids"], h["combined"]) for h in s["history"]] == reference
@@ -82,7 +85,10 @@ def test_scores_are_each_owners_own_and_the_rule_is_reproducible(search_round):
     sid = proposal["round_id"]
     records = round_records(a, sid)
     scores = {(r["publisher"], r["generation"]): r for r in records.values() if "scores" in r}
-    candidates = {r["generation"]: r for r in records.values() if "candidate_ids" in r and "scores" not in r}
+    candidates = {r["generation"]: r for r in records.values() if "candidate_ids" in r and not {"scores", "scorers"} & set(r)}
+    tallies = {(r["publisher"], r["generation"]): r for r in records.values() if "scorers" in r}
+    owners = sorted(n.identity.public_hex for n in (b, c))
+    assert {k: t["scorers"] for k, t in tallies.items()} == {(a.identity.public_hex, g): owners for g in (0, 1)}
     assert sorted(scores) == sorted((n.identity.public_hex, g) for n in (b, c) for g in (0, 1))
     for record in scores.values():  # scores only: no prompts, answers or outputs travel
         assert set(record) == {"round_id", "generation", "candidate_ids", "scores", "examples", "issued_at", "publisher"}
@@ -122,3 +128,62 @@ def test_the_best_recipe_runs_as_a_merge_round(search_round):
     assert states[0]["result_id"] == states[1]["result_id"]
     final = wait_until(lambda: a.latest(final_proposal["base_id"]), 30, what="the final round to be final")
     assert final["result_id"] == states[0]["result_id"] and final["proposal"]["round_id"] == final_id
+
+
+# -- a score record that reaches one node late ------------------------------------------
+
+LATE_SETTINGS = {**SETTINGS, "generation_seconds": 12}
+LATE_WINDOW = 5.0  # the recipe's fetch_window: the deltas are on loopback
+
+
+@pytest.fixture(scope="module")
+def late_score_round(tmp_path_factory):
+    """As above, but ``c`` receives ``b``'s generation-0 scores only after that slot has
+    ended (2 s late). Combining what it had at the slot's end would give ``c`` other
+    combined scores than ``a`` and ``b``, and so other candidates in generation 1."""
+    root = tmp_path_factory.mktemp("late-score-round")
+    family = char_family(root / "models")
+    net = RoundNet(root / "nodes")
+    try:
+        a, b, c = net.start_many(["a", "b", "c"])
+        b.publish(family["a"], "math", family["base"])
+        c.publish(family["b"], "logic", family["base"])
+        document = {
+            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
+            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "fetch_window": LATE_WINDOW,
+            "search": LATE_SETTINGS,
+        }
+        proposal = a.propose(document)
+        sid = proposal["round_id"]
+        hidden_until = search.slot_end(proposal, 0, LATE_WINDOW) + 2.0
+        seen_by_c = c.searches.generation_records
+
+        async def late(search_id, generation):
+            scores, candidates, tallies = await seen_by_c(search_id, generation)
+            if generation == 0 and time.time() < hidden_until:
+                scores.pop(b.identity.public_hex, None)
+            return scores, candidates, tallies
+
+        c.searches.generation_records = late
+
+        def finished():
+            states = [n.searches.state(sid) for n in (a, b, c)]
+            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
+
+        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end at every node")
+        yield {"nodes": (a, b, c), "states": states, "hidden_until": hidden_until}
+    finally:
+        net.close_all()
+
+
+def test_a_late_score_record_does_not_split_the_search(late_score_round):
+    a, b, c = late_score_round["nodes"]
+    states = late_score_round["states"]
+    assert [s["phase"] for s in states] == ["done"] * 3, [s.get("error") for s in states]
+    owners = sorted([b.identity.public_hex, c.identity.public_hex])
+    reference = [(h["candidate_ids"], h["combined"], h["scorers"]) for h in states[0]["history"]]
+    for s in states[1:]:
+        assert [(h["candidate_ids"], h["combined"], h["scorers"]) for h in s["history"]] == reference
+    assert [h["scorers"] for h in states[2]["history"]] == [owners, owners]  # c waited for b's scores
+    assert all(h["tallied"] for s in states for h in s["history"])
+    assert states[0]["best"] == states[1]["best"] == states[2]["best"]

@@ -73,6 +73,50 @@ def test_combined_scores_are_the_mean_over_owners_that_scored_these_candidates()
     assert search.combine_scores({}, [a], [C1]) == (None, [])
 
 
+def tally_fields(**changes) -> dict:
+    fields = {"round_id": SID, "generation": 0, "candidate_ids": [C1, C2],
+              "scorers": sorted([ALICE.public_hex, BOB.public_hex]), "issued_at": 1.0}
+    fields.update(changes)
+    return fields
+
+
+def test_a_tally_record_round_trips_under_its_generation():
+    value = make_record(ALICE, "record/tally", tally_fields())
+    assert records.kind_for_key(round_key(SID), f"{ALICE.public_hex}/tally/0") == "record/tally"
+    assert open_record(round_key(SID), f"{ALICE.public_hex}/tally/0", value)["scorers"] == tally_fields()["scorers"]
+    with pytest.raises(RecordError):
+        open_record(round_key(SID), f"{ALICE.public_hex}/tally/1", value)  # another generation's slot
+    with pytest.raises(RecordError):
+        open_record(round_key(SID), f"{BOB.public_hex}/tally/0", value)  # signed by another key
+
+
+@pytest.mark.parametrize("scorers", [
+    ["B" * 64],  # not lower-case hex
+    ["b" * 63],  # too short
+    ["b" * 64, "a" * 64],  # not sorted
+    ["a" * 64, "a" * 64],  # twice
+    [7],
+])
+def test_a_tally_names_sorted_distinct_keys(scorers):
+    with pytest.raises(RecordError, match="scorers must be sorted, distinct public keys"):
+        make_record(ALICE, "record/tally", tally_fields(scorers=scorers))
+
+
+def test_a_tally_is_followed_only_for_these_candidates_and_committed_owners():
+    a, b, outsider = "a" * 64, "b" * 64, "d" * 64
+    tally = {"candidate_ids": [C1, C2], "scorers": [a, b]}
+    assert search.tallied_scorers(tally, [a, b], [C1, C2]) == [a, b]
+    assert search.tallied_scorers(tally, [a, b], [C2, C1]) is None  # the proposer drew other candidates
+    assert search.tallied_scorers({**tally, "scorers": [a, outsider]}, [a, b], [C1, C2]) is None
+    assert search.tallied_scorers({**tally, "scorers": []}, [a, b], [C1, C2]) is None
+    assert search.tallied_scorers(None, [a, b], [C1, C2]) is None
+    # the tallied scores are combined whatever else arrived: here a's alone, though b scored too
+    found = {a: {"candidate_ids": [C1, C2], "scores": [0.75, 0.0]}, b: {"candidate_ids": [C1, C2], "scores": [0.25, 1.0]}}
+    assert search.mean_scores(found, [a]) == [0.75, 0.0]
+    assert search.mean_scores(found, [a, b]) == [0.5, 0.5]
+    assert search.scored({**found, outsider: {"candidate_ids": [C2, C1], "scores": [1.0, 1.0]}}, [C1, C2]) == [a, b]
+
+
 def test_best_candidate_prefers_the_earliest_of_equals():
     history = [{"combined": [0.1, 0.7, 0.3]}, {"combined": [0.7, 0.2]}, {"combined": [0.65]}]
     assert search.best_candidate(history) == (0, 1)
