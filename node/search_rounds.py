@@ -89,7 +89,9 @@ class SearchCoordinator(Coordinator):
                     await self.commit(proposal, state, mine)
         for state in self.states():
             sid = state["proposal"]["round_id"]
-            if state["phase"] in ("proposed", "committed") and now >= state["proposal"]["deadline"] and sid not in self._running:
+            # "fetching" or "searching" with no task in this process: a restart cut it short; go on
+            if state["phase"] in ("proposed", "committed", "fetching", "searching") and now >= state["proposal"]["deadline"] \
+                    and sid not in self._running:
                 self._running[sid] = asyncio.create_task(self.execute(sid))
 
     async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
@@ -108,27 +110,16 @@ class SearchCoordinator(Coordinator):
         loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
-            state["phase"] = "fetching"
-            self.save(state)
-            commitments, _ = await self.node.rounds.round_records(sid, proposal["deadline"])
             window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
-            norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
-            excluded.update(rounds.norm_outliers(norms))
-            domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
-            included = []
-            for delta_id in sorted(d for d in norms if d not in excluded):
-                if any(domains[d] == domains[delta_id] for d in included):  # searched values are per domain
-                    excluded[delta_id] = f"another delta of domain {domains[delta_id]!r} is in the search"
-                else:
-                    included.append(delta_id)
-            owners = sorted(o for o, c in commitments.items() if set(c["delta_ids"]) & set(included))
-            state.update(participants=sorted(commitments), owners=owners, included=included, excluded=excluded, phase="searching", history=[])
-            self.save(state)
+            if state["phase"] != "searching":  # a restart during the search keeps what was screened and combined
+                commitments, _ = await self.node.rounds.round_records(sid, proposal["deadline"])
+                await self._screen(proposal, state, commitments)
+            included, owners, domains = state["included"], state["owners"], state["domains"]
             if not included:
                 raise RuntimeError("no committed delta passed screening")
             space, settings = await loop.run_in_executor(None, self._space, proposal, included, domains)
             fitness = await loop.run_in_executor(None, self._fitness, proposal, state, included)
-            for generation in range(proposal["search"]["generations"]):
+            for generation in range(len(state["history"]), proposal["search"]["generations"]):
                 entry = await self._generation(proposal, state["roles"], space, settings, fitness, owners, generation, window,
                                                [h["combined"] for h in state["history"]])
                 state["history"].append(entry)
@@ -147,6 +138,24 @@ class SearchCoordinator(Coordinator):
             self.save(state)
             self._running.pop(sid, None)
 
+    async def _screen(self, proposal: dict, state: dict, commitments: dict) -> None:
+        """Fetch and screen the committed deltas as a merge round does; one delta per domain joins."""
+        state["phase"] = "fetching"
+        self.save(state)
+        domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
+        norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
+        excluded.update(rounds.norm_outliers(norms))
+        included = []
+        for delta_id in sorted(d for d in norms if d not in excluded):
+            if any(domains[d] == domains[delta_id] for d in included):  # searched values are per domain
+                excluded[delta_id] = f"another delta of domain {domains[delta_id]!r} is in the search"
+            else:
+                included.append(delta_id)
+        owners = sorted(o for o, c in commitments.items() if set(c["delta_ids"]) & set(included))
+        state.update(participants=sorted(commitments), owners=owners, included=included, excluded=excluded,
+                     domains={d: domains[d] for d in included}, phase="searching", history=[])
+        self.save(state)
+
     async def _generation(self, proposal: dict, roles: list[str], space, settings, fitness, owners: list[str],
                           generation: int, window: float, earlier: list[list[float]]) -> dict:
         """One generation: draw the candidates from the earlier combined scores, publish
@@ -162,7 +171,7 @@ class SearchCoordinator(Coordinator):
         if "proposer" in roles:
             fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "issued_at": time.time()}
             await self.node.store_record("record/candidates", key, fields, ttl)
-        if fitness is not None:
+        if fitness is not None and time.time() < search.slot_end(proposal, generation, window):  # later scores would not count
             scores, examples = await loop.run_in_executor(None, _score_all, fitness, documents)
             fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scores": scores,
                       "examples": examples, "issued_at": time.time()}

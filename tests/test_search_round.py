@@ -187,3 +187,55 @@ def test_a_late_score_record_does_not_split_the_search(late_score_round):
     assert [h["scorers"] for h in states[2]["history"]] == [owners, owners]  # c waited for b's scores
     assert all(h["tallied"] for s in states for h in s["history"])
     assert states[0]["best"] == states[1]["best"] == states[2]["best"]
+
+
+# -- a node restarted during a search ------------------------------------------------------
+
+def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_path):
+    """A state file left in phase "searching" (the node stopped after generation 0) is
+    taken up again by the next tick: generations 1 and 2 run, each drawn from the combined
+    scores before it, and nothing is screened or scored twice."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemerge.node.search_rounds import SearchCoordinator
+
+    me, delta = "ab" * 32, "cd" * 32
+
+    def refetch(*args):
+        raise AssertionError("a resumed search must not fetch and screen again")
+
+    node = SimpleNamespace(home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+                           rounds=SimpleNamespace(round_records=refetch, gather_deltas=refetch))
+    coordinator = SearchCoordinator(node, poll=0.01)
+    proposal = {"round_id": "ef" * 32, "base_id": "12" * 32, "deadline": time.time() - 100, "proposer": "34" * 32,
+                "recipe": {"fetch_window": 5.0}, "select": {}, "quorum": 1.0,
+                "search": {"generations": 3, "popsize": 2, "blocks": 1, "generation_seconds": 10.0}}
+    first = {"generation": 0, "candidates": [[0.1], [0.9]], "candidate_ids": ["c0", "c1"], "combined": [0.5, 0.25]}
+    coordinator.save({"proposal": proposal, "phase": "searching", "roles": ["owner"], "included": [delta], "owners": [me],
+                      "domains": {delta: "math"}, "excluded": {}, "history": [first]})
+    space = SimpleNamespace(recipe=lambda x: {"models": [{"parameters": {"weight": x[0]}}]})
+    coordinator._space = lambda proposal, included, domains: (space, "settings")
+    coordinator._fitness = lambda proposal, state, included: None
+    drawn = []
+
+    async def generation(proposal, roles, space, settings, fitness, owners, g, window, earlier):
+        drawn.append((g, earlier))
+        return {"generation": g, "candidates": [[0.2 * g], [0.3 * g]], "candidate_ids": [f"g{g}a", f"g{g}b"], "combined": [0.1 * g, 0.6]}
+
+    coordinator._generation = generation
+
+    async def tick():
+        await coordinator.tick()
+        await asyncio.gather(*coordinator._running.values())
+
+    asyncio.run(tick())
+    assert drawn == [(1, [[0.5, 0.25]]), (2, [[0.5, 0.25], [0.1, 0.6]])]
+    state = coordinator.state(proposal["round_id"])
+    assert state["phase"] == "done", state.get("error")
+    assert [h["generation"] for h in state["history"]] == [0, 1, 2]
+    # the best of all three generations: 0.6 first drawn in generation 1, candidate [0.3]
+    assert (state["best"]["generation"], state["best"]["index"], state["best"]["score"]) == (1, 1, 0.6)
+    assert state["best"]["domain_parameters"] == {"math": {"weight": 0.3}}
+    asyncio.run(tick())  # a finished search is not run again
+    assert len(drawn) == 2
