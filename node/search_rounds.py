@@ -131,6 +131,12 @@ class SearchCoordinator(Coordinator):
             state["best"]["domain_parameters"] = {domains[d]: best["models"][k]["parameters"] for k, d in enumerate(included)}
             if "proposer" in state["roles"]:
                 state["final_round"] = await self._propose_final(proposal, included, state["best"]["domain_parameters"])
+            elif owners and owners[0] == self.node.identity.public_hex:
+                state["phase"] = "awaiting final round"
+                self.save(state)
+                backup = await self._backup_final(proposal, included, state["best"]["domain_parameters"], window)
+                if backup is not None:
+                    state.update(final_round=backup, final_by="backup")
             state["phase"] = "done"
         except Exception as exc:
             state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -254,6 +260,20 @@ class SearchCoordinator(Coordinator):
                 elif time.time() >= tally_end:  # no usable tally: the proposer is gone, or draws other candidates
                     combined, scorers = search.combine_scores(scores, owners, ids)
                     return combined, scorers, agrees, False
+            await asyncio.sleep(self.poll)
+
+    async def _backup_final(self, proposal: dict, included: list[str], domain_parameters: dict, window: float) -> str | None:
+        """The first owner stands in for a proposer that is gone: if the proposer's final
+        round (these deltas, these parameters) has not appeared by :func:`search.final_end`,
+        it proposes that round itself and returns its id; else None."""
+        ends = search.final_end(proposal, window)
+        while True:
+            for final in await self.node.rounds.proposals(proposal["base_id"]):
+                if final["proposer"] == proposal["proposer"] and final["select"] == {"deltas": included} \
+                        and final["recipe"].get("domain_parameters") == domain_parameters:
+                    return None
+            if time.time() >= ends:
+                return await self._propose_final(proposal, included, domain_parameters)
             await asyncio.sleep(self.poll)
 
     async def _propose_final(self, proposal: dict, included: list[str], domain_parameters: dict) -> str:

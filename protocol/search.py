@@ -15,7 +15,9 @@ generation's candidates differ. A score record may reach one node before the slo
 end and another after it, so the proposer publishes a tally (the owners whose scores
 it combined) and every node combines exactly the tallied scores, waiting for any it
 has not yet received (until :func:`tally_end`). A node that sees no usable tally by
-then (the proposer gone, or drawing other candidates) combines what it has.
+then (the proposer gone, or drawing other candidates) combines what it has. Should the
+proposer be gone at the end, the first owner (in key order) proposes the final merge
+round instead, after :func:`final_end`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def tally_end(proposal: dict, generation: int, fetch_window: float) -> float:
     """How long a node waits for the proposer's tally of a generation and for the score
     records it names: half a slot past the slot's end."""
     return slot_end(proposal, generation, fetch_window) + float(proposal["search"]["generation_seconds"]) / 2
+
+
+def final_end(proposal: dict, fetch_window: float) -> float:
+    """When the first owner stops waiting for the proposer's final merge round and
+    proposes it itself: the last generation's tally wait, then ``final_deadline``."""
+    last = int(proposal["search"]["generations"]) - 1
+    return tally_end(proposal, last, fetch_window) + float(proposal["search"]["final_deadline"])
 
 
 def scored(score_records: dict[str, dict], candidate_ids: list[str]) -> list[str]:

@@ -212,7 +212,7 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
                 "recipe": {"fetch_window": 5.0}, "select": {}, "quorum": 1.0,
                 "search": {"generations": 3, "popsize": 2, "blocks": 1, "generation_seconds": 10.0}}
     first = {"generation": 0, "candidates": [[0.1], [0.9]], "candidate_ids": ["c0", "c1"], "combined": [0.5, 0.25]}
-    coordinator.save({"proposal": proposal, "phase": "searching", "roles": ["owner"], "included": [delta], "owners": [me],
+    coordinator.save({"proposal": proposal, "phase": "searching", "roles": ["owner"], "included": [delta], "owners": ["01" * 32, me],
                       "domains": {delta: "math"}, "excluded": {}, "history": [first]})
     space = SimpleNamespace(recipe=lambda x: {"models": [{"parameters": {"weight": x[0]}}]})
     coordinator._space = lambda proposal, included, domains: (space, "settings")
@@ -239,3 +239,47 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
     assert state["best"]["domain_parameters"] == {"math": {"weight": 0.3}}
     asyncio.run(tick())  # a finished search is not run again
     assert len(drawn) == 2
+
+
+# -- a proposer that is gone after the deadline --------------------------------------------
+
+def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tmp_path):
+    """``a`` proposes and leaves once the commitments are in. ``b`` and ``c`` search on
+    (no candidates or tallies come: each combines what it has when the tally wait ends, and
+    both have both scores), and the first owner in key order proposes the final merge round
+    itself; both owners merge and attest it."""
+    family = char_family(tmp_path / "models")
+    net = RoundNet(tmp_path / "nodes")
+    try:
+        a, b, c = net.start_many(["a", "b", "c"])
+        b.publish(family["a"], "math", family["base"])
+        c.publish(family["b"], "logic", family["base"])
+        document = {
+            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
+            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "fetch_window": LATE_WINDOW,
+            "search": {**LATE_SETTINGS, "generation_seconds": 8},
+        }
+        sid = a.propose(document)["round_id"]
+        wait_until(lambda: all((n.searches.state(sid) or {}).get("phase") == "searching" for n in (b, c)), 30,
+                   what="the owners to start searching")
+        net.close(a)
+
+        def finished():
+            states = [n.searches.state(sid) for n in (b, c)]
+            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
+
+        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end without its proposer")
+        assert [s["phase"] for s in states] == ["done", "done"], [s.get("error") for s in states]
+        assert [(h["candidate_ids"], h["combined"]) for h in states[0]["history"]] == \
+               [(h["candidate_ids"], h["combined"]) for h in states[1]["history"]]
+        assert all(h["tallied"] is False and h["proposer_agrees"] is None for s in states for h in s["history"])
+        first = min((b, c), key=lambda n: n.identity.public_hex)
+        backup, other = (states[0], states[1]) if first is b else (states[1], states[0])
+        assert backup["final_by"] == "backup" and "final_round" not in other
+        finals = wait_round_done([b, c], backup["final_round"])
+        assert [s["phase"] for s in finals] == ["attested", "attested"], [s.get("error") for s in finals]
+        assert finals[0]["proposal"]["proposer"] == first.identity.public_hex
+        assert finals[0]["proposal"]["recipe"]["domain_parameters"] == backup["best"]["domain_parameters"]
+        assert finals[0]["result_id"] == finals[1]["result_id"]
+    finally:
+        net.close_all()
