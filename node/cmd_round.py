@@ -44,7 +44,8 @@ def propose(
         print(json.dumps(proposal, indent=2))
         return
     left = proposal["deadline"] - time.time()
-    err.print(f"proposed round {proposal['round_id'][:12]} for base {proposal['base_id'][:12]}; commitments close in {left:.0f}s")
+    kind = "search round" if "search" in proposal else "round"
+    err.print(f"proposed {kind} {proposal['round_id'][:12]} for base {proposal['base_id'][:12]}; commitments close in {left:.0f}s")
     print(proposal["round_id"])
 
 

@@ -98,3 +98,49 @@ def test_propose_status_and_fetch_the_consensus_from_the_command_line(setup):
 
     assert proc.interrupt() == 0
     assert proc.lines[-1] == "node stopped"
+
+
+def test_a_search_round_proposed_from_the_command_line(setup, tmp_path):
+    """``round propose`` with a ``search:`` block, against a running node process that
+    holds no expert: two in-process owners search, the node process proposes the final
+    merge round, and ``round status`` shows the search and its final round."""
+    from search_fixtures import char_family
+
+    cli, net, proc = setup["cli"], setup["net"], setup["proc"]
+    family = char_family(tmp_path / "chars")
+    home, maddrs = proc.home, proc.maddrs
+    b, c = net.start("b", peers=maddrs), net.start("c", peers=maddrs)
+    b.publish(family["a"], "math", family["base"])
+    c.publish(family["b"], "logic", family["base"])
+    recipe = write_recipe(family["base"].parent / "search.yaml", {
+        "merge_method": "task_arithmetic", "base_model": "base", "select": {"domains": ["math", "logic"]},
+        "parameters": {"weight": 0.5}, "deadline": 5, "quorum": 1.0, "fetch_window": 5,
+        "search": {"generations": 1, "popsize": 2, "blocks": 2, "count": 4, "generation_seconds": 20, "final_deadline": 4},
+    })
+    proposed = cli("round", "propose", recipe, "--home", home)
+    assert proposed.returncode == 0, proposed.stderr
+    sid = proposed.stdout.strip()
+    assert len(sid) == 64 and f"proposed search round {sid[:12]}" in proposed.stderr, proposed.stderr
+
+    def searched():
+        states = [n.searches.state(sid) for n in (b, c)]
+        return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
+
+    states = wait_until(searched, 120, what="the owners to finish the search")
+    assert [s["phase"] for s in states] == ["done", "done"], [s.get("error") for s in states]
+
+    def proposer_done():
+        table = cli("round", "status", "--home", home)
+        return table if "search round(s)" in table.stdout and " done " in table.stdout and "proposer" in table.stdout else None
+
+    table = wait_until(proposer_done, 60, interval=1.0, what="the node process to end the search")
+    assert sid[:8] in table.stdout and "1/1" in table.stdout, table.stdout
+    final = json.loads((home / "searches" / f"{sid}.json").read_text())["final_round"]
+    finals = wait_round_done([b, c], final)
+    assert [s["phase"] for s in finals] == ["attested", "attested"], [s.get("error") for s in finals]
+    assert finals[0]["proposal"]["recipe"]["domain_parameters"] == states[0]["best"]["domain_parameters"]
+    bad = write_recipe(tmp_path / "bad-search.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math"]},
+        "deadline": 5, "search": {"generations": 0, "popsize": 2, "blocks": 1}})
+    refused = cli("round", "propose", bad, "--home", home)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: search.generations: must be an integer"), refused.stderr
