@@ -109,10 +109,17 @@ def new_strategy(start: list[float], seed: int, popsize: int, sigma: float):
         return cma.CMAEvolutionStrategy(list(start), sigma, options)
 
 
+# Candidates are rounded to this many decimals (of their [0, 1] coordinates). The nodes
+# of a network search each run CMA-ES; numpy builds (BLAS) may differ in the last bits of
+# the strategy's linear algebra, and rounding keeps such differences out of the recipes,
+# hence out of the candidates' content ids that every node must agree on.
+CANDIDATE_DECIMALS = 6
+
+
 def ask(es, seed: int, generation: int) -> list[list[float]]:
     with _numpy_seeded(seed, generation, "ask"):
         es._hm_asked = es.ask()
-    return [[float(v) for v in x] for x in es._hm_asked]
+    return [[round(float(v), CANDIDATE_DECIMALS) for v in x] for x in es._hm_asked]
 
 
 def tell(es, seed: int, generation: int, scores: list[float]) -> None:

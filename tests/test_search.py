@@ -188,6 +188,25 @@ def test_same_seed_same_search(quadratic):
     assert runs[2].history != runs[0].history  # the seed matters
 
 
+def test_candidates_do_not_depend_on_the_last_bits_of_the_strategy(quadratic):
+    """Nodes with other numpy/BLAS builds may differ in the last bits of CMA-ES's state;
+    the candidates (hence the recipes and their content ids) are rounded and stay the same."""
+    from hivemerge.merge.search import CANDIDATE_DECIMALS, ask, replay
+
+    space, target = quadratic
+    settings = SearchSettings(budget=60, seed=4, popsize=5)
+    scores = [[-0.5, -0.25, -1.0, -0.75, -0.1], [-0.3, -0.2, -0.6, -0.05, -0.9]]
+    here, there = replay(space, settings, scores), replay(space, settings, scores)
+    there.mean = there.mean * (1 + 1e-14)  # another machine's rounding
+    there.sigma = there.sigma * (1 - 1e-14)
+    drawn = ask(here, settings.seed, 2)
+    assert drawn == ask(there, settings.seed, 2)
+    assert all(v == round(v, CANDIDATE_DECIMALS) for x in drawn for v in x)
+    unrounded = [[float(v) for v in x] for x in here._hm_asked]
+    assert unrounded != [[float(v) for v in x] for x in there._hm_asked]  # the states did differ
+    assert max(abs(a - b) for x, y in zip(drawn, unrounded) for a, b in zip(x, y)) <= 0.5 * 10.0 ** -CANDIDATE_DECIMALS
+
+
 def test_resume_equals_an_uninterrupted_run(quadratic, tmp_path):
     space, target = quadratic
     settings = SearchSettings(budget=80, seed=5, popsize=6)
