@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from local_network import LOOPBACK, local_network
 from safetensors.torch import save_file
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 def make_blob_model(directory: Path, megabytes: int) -> Path:
@@ -116,17 +116,7 @@ def fetch_with(providers: int, work: Path, cid: str, maddrs: list[str]) -> tuple
 
 
 def discovery(nodes: int, work: Path, expert: Path, base: Path) -> float:
-    from hivemerge.node.node import Node
-
-    root = work / "discovery"
-    shutil.rmtree(root, ignore_errors=True)
-    started = []
-    try:
-        first = Node(root / "n0", listen=[LOOPBACK])
-        started.append(first)
-        seed = first.maddrs()
-        for i in range(1, nodes):
-            started.append(Node(root / f"n{i}", listen=[LOOPBACK], peers=seed))
+    with local_network(work / "discovery", nodes) as started:
         print(f"  {nodes} nodes up", flush=True)
         publisher, watcher = started[1], started[-1]
         start = time.perf_counter()
@@ -136,10 +126,6 @@ def discovery(nodes: int, work: Path, expert: Path, base: Path) -> float:
                 raise RuntimeError("expert never discovered")
             time.sleep(0.05)
         return time.perf_counter() - start
-    finally:
-        for n in reversed(started):
-            n.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

@@ -13,26 +13,16 @@ number of participants.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+from local_network import local_network
 
 
 def run_round(n: int, work: Path, base: Path, experts: list[Path], deadline: float) -> dict:
-    from hivemerge.node.node import Node
-
-    root = work / f"round-{n}"
-    shutil.rmtree(root, ignore_errors=True)
-    nodes = []
-    try:
-        nodes.append(Node(root / "n0", listen=LOOPBACK, record_ttl=120, round_poll=0.25))
-        seed = nodes[0].maddrs()
-        for i in range(1, n):
-            nodes.append(Node(root / f"n{i}", listen=LOOPBACK, peers=seed, record_ttl=120, round_poll=0.25))
+    with local_network(work / f"round-{n}", n, record_ttl=120, round_poll=0.25) as nodes:
         for i, node in enumerate(nodes):
             node.publish(experts[i], f"domain{i}", base)
         start = time.perf_counter()
@@ -60,10 +50,6 @@ def run_round(n: int, work: Path, base: Path, experts: list[Path], deadline: flo
             "delta_bytes": statistics.mean(Path(node.store.resolve(p["delta_id"])).stat().st_size
                                            for node in nodes for p in node.published()),
         }
-    finally:
-        for node in reversed(nodes):
-            node.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
