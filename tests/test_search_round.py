@@ -244,7 +244,8 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
 # -- a proposer that is gone after the deadline --------------------------------------------
 
 def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tmp_path):
-    """``a`` proposes and leaves once the commitments are in. ``b`` and ``c`` search on
+    """``a`` proposes and leaves once both owners have committed, before the deadline:
+    it publishes no candidates and no tally. ``b`` and ``c`` search on
     (no candidates or tallies come: each combines what it has when the tally wait ends, and
     both have both scores), and the first owner in key order proposes the final merge round
     itself; both owners merge and attest it."""
@@ -260,8 +261,8 @@ def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tm
             "search": {**LATE_SETTINGS, "generation_seconds": 8},
         }
         sid = a.propose(document)["round_id"]
-        wait_until(lambda: all((n.searches.state(sid) or {}).get("phase") == "searching" for n in (b, c)), 30,
-                   what="the owners to start searching")
+        wait_until(lambda: all((n.searches.state(sid) or {}).get("phase") == "committed" for n in (b, c)), 30,
+                   what="the owners to commit")
         net.close(a)
 
         def finished():
