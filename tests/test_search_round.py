@@ -28,7 +28,30 @@ from hivemerge.protocol.content import content_id
 
 SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, "loss_weight": 0.25,
             "generation_seconds": 60, "final_deadline": 4}
-SEARCH_TIMEOUT = 150.0
+SEARCH_TIMEOUT = 240.0  # past the last tally wait (about 160 s with these settings): a bound, not a pace
+
+
+def start_owners(net: RoundNet, family: dict) -> tuple[tuple, dict]:
+    """``a`` (no expert), ``b`` (a math expert) and ``c`` (a logic expert) on one network:
+    the nodes, and b's and c's expert records by domain."""
+    a, b, c = net.start_many(["a", "b", "c"])
+    published = {"math": b.publish(family["a"], "math", family["base"]),
+                 "logic": c.publish(family["b"], "logic", family["base"])}
+    return (a, b, c), published
+
+
+def search_document(family: dict, settings: dict, **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
+            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "search": settings, **extra}
+
+
+def wait_search_end(nodes, sid: str) -> list[dict]:
+    """Every node's state of the search, once each is done or failed."""
+    def finished():
+        states = [n.searches.state(sid) for n in nodes]
+        return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
+
+    return wait_until(finished, SEARCH_TIMEOUT, what=f"the search to end at {len(nodes)} node(s)")
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +60,9 @@ def search_round(tmp_path_factory):
     family = char_family(root / "models")
     net = RoundNet(root / "nodes")
     try:
-        a, b, c = net.start_many(["a", "b", "c"])
-        published = {"math": b.publish(family["a"], "math", family["base"]),
-                     "logic": c.publish(family["b"], "logic", family["base"])}
-        document = {
-            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
-            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "search": SETTINGS,
-        }
-        proposal = a.propose(document)
-        sid = proposal["round_id"]
-
-        def finished():
-            states = [n.searches.state(sid) for n in (a, b, c)]
-            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
-
-        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end at every node")
+        (a, b, c), published = start_owners(net, family)
+        proposal = a.propose(search_document(family, SETTINGS, fetch_window=LATE_WINDOW))
+        states = wait_search_end((a, b, c), proposal["round_id"])
         yield {"family": family, "nodes": (a, b, c), "published": published, "proposal": proposal, "states": states}
     finally:
         net.close_all()
@@ -145,16 +156,8 @@ def late_score_round(tmp_path_factory):
     family = char_family(root / "models")
     net = RoundNet(root / "nodes")
     try:
-        a, b, c = net.start_many(["a", "b", "c"])
-        b.publish(family["a"], "math", family["base"])
-        c.publish(family["b"], "logic", family["base"])
-        document = {
-            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
-            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "fetch_window": LATE_WINDOW,
-            "search": LATE_SETTINGS,
-        }
-        proposal = a.propose(document)
-        sid = proposal["round_id"]
+        (a, b, c), _ = start_owners(net, family)
+        proposal = a.propose(search_document(family, LATE_SETTINGS, fetch_window=LATE_WINDOW))
         hidden_until = search.slot_end(proposal, 0, LATE_WINDOW) + 2.0
         seen_by_c = c.searches.generation_records
 
@@ -165,12 +168,7 @@ def late_score_round(tmp_path_factory):
             return scores, candidates, tallies
 
         c.searches.generation_records = late
-
-        def finished():
-            states = [n.searches.state(sid) for n in (a, b, c)]
-            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
-
-        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end at every node")
+        states = wait_search_end((a, b, c), proposal["round_id"])
         yield {"nodes": (a, b, c), "states": states, "hidden_until": hidden_until}
     finally:
         net.close_all()
@@ -252,24 +250,12 @@ def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tm
     family = char_family(tmp_path / "models")
     net = RoundNet(tmp_path / "nodes")
     try:
-        a, b, c = net.start_many(["a", "b", "c"])
-        b.publish(family["a"], "math", family["base"])
-        c.publish(family["b"], "logic", family["base"])
-        document = {
-            "merge_method": "task_arithmetic", "base_model": str(family["base"]), "select": {"domains": ["math", "logic"]},
-            "parameters": {"weight": 0.5}, "dtype": "float32", "deadline": 4, "quorum": 1.0, "fetch_window": LATE_WINDOW,
-            "search": {**LATE_SETTINGS, "generation_seconds": 8},
-        }
-        sid = a.propose(document)["round_id"]
+        (a, b, c), _ = start_owners(net, family)
+        sid = a.propose(search_document(family, {**LATE_SETTINGS, "generation_seconds": 8}, fetch_window=LATE_WINDOW))["round_id"]
         wait_until(lambda: all((n.searches.state(sid) or {}).get("phase") == "committed" for n in (b, c)), 30,
                    what="the owners to commit")
         net.close(a)
-
-        def finished():
-            states = [n.searches.state(sid) for n in (b, c)]
-            return states if all(s and s["phase"] in ("done", "failed") for s in states) else None
-
-        states = wait_until(finished, SEARCH_TIMEOUT, what="the search to end without its proposer")
+        states = wait_search_end((b, c), sid)
         assert [s["phase"] for s in states] == ["done", "done"], [s.get("error") for s in states]
         assert [(h["candidate_ids"], h["combined"]) for h in states[0]["history"]] == \
                [(h["candidate_ids"], h["combined"]) for h in states[1]["history"]]
