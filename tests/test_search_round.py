@@ -11,6 +11,8 @@ attest.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from network_fixtures import wait_until
@@ -31,13 +33,19 @@ SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, 
 SEARCH_TIMEOUT = 240.0  # past the last tally wait (about 160 s with these settings): a bound, not a pace
 
 
-def start_owners(net: RoundNet, family: dict) -> tuple[tuple, dict]:
-    """``a`` (no expert), ``b`` (a math expert) and ``c`` (a logic expert) on one network:
-    the nodes, and b's and c's expert records by domain."""
-    a, b, c = net.start_many(["a", "b", "c"])
-    published = {"math": b.publish(family["a"], "math", family["base"]),
-                 "logic": c.publish(family["b"], "logic", family["base"])}
-    return (a, b, c), published
+@contextmanager
+def owners_network(root) -> Iterator[tuple[dict, RoundNet, tuple, dict]]:
+    """(models, network, nodes, expert records by domain): ``a`` holds no expert, ``b`` a
+    math expert and ``c`` a logic expert of one tiny base; every node is closed after."""
+    family = char_family(root / "models")
+    net = RoundNet(root / "nodes")
+    try:
+        a, b, c = net.start_many(["a", "b", "c"])
+        published = {"math": b.publish(family["a"], "math", family["base"]),
+                     "logic": c.publish(family["b"], "logic", family["base"])}
+        yield family, net, (a, b, c), published
+    finally:
+        net.close_all()
 
 
 def search_document(family: dict, settings: dict, **extra) -> dict:
@@ -56,16 +64,10 @@ def wait_search_end(nodes, sid: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def search_round(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search-round")
-    family = char_family(root / "models")
-    net = RoundNet(root / "nodes")
-    try:
-        (a, b, c), published = start_owners(net, family)
+    with owners_network(tmp_path_factory.mktemp("search-round")) as (family, net, (a, b, c), published):
         proposal = a.propose(search_document(family, SETTINGS, fetch_window=LATE_WINDOW))
         states = wait_search_end((a, b, c), proposal["round_id"])
         yield {"family": family, "nodes": (a, b, c), "published": published, "proposal": proposal, "states": states}
-    finally:
-        net.close_all()
 
 
 def test_every_node_draws_and_combines_alike(search_round):
@@ -152,11 +154,7 @@ def late_score_round(tmp_path_factory):
     """As above, but ``c`` receives ``b``'s generation-0 scores only after that slot has
     ended (2 s late). Combining what it had at the slot's end would give ``c`` other
     combined scores than ``a`` and ``b``, and so other candidates in generation 1."""
-    root = tmp_path_factory.mktemp("late-score-round")
-    family = char_family(root / "models")
-    net = RoundNet(root / "nodes")
-    try:
-        (a, b, c), _ = start_owners(net, family)
+    with owners_network(tmp_path_factory.mktemp("late-score-round")) as (family, net, (a, b, c), _):
         proposal = a.propose(search_document(family, LATE_SETTINGS, fetch_window=LATE_WINDOW))
         hidden_until = search.slot_end(proposal, 0, LATE_WINDOW) + 2.0
         seen_by_c = c.searches.generation_records
@@ -170,8 +168,6 @@ def late_score_round(tmp_path_factory):
         c.searches.generation_records = late
         states = wait_search_end((a, b, c), proposal["round_id"])
         yield {"nodes": (a, b, c), "states": states, "hidden_until": hidden_until}
-    finally:
-        net.close_all()
 
 
 def test_a_late_score_record_does_not_split_the_search(late_score_round):
@@ -247,10 +243,7 @@ def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tm
     (no candidates or tallies come: each combines what it has when the tally wait ends, and
     both have both scores), and the first owner in key order proposes the final merge round
     itself; both owners merge and attest it."""
-    family = char_family(tmp_path / "models")
-    net = RoundNet(tmp_path / "nodes")
-    try:
-        (a, b, c), _ = start_owners(net, family)
+    with owners_network(tmp_path) as (family, net, (a, b, c), _):
         sid = a.propose(search_document(family, {**LATE_SETTINGS, "generation_seconds": 8}, fetch_window=LATE_WINDOW))["round_id"]
         wait_until(lambda: all((n.searches.state(sid) or {}).get("phase") == "committed" for n in (b, c)), 30,
                    what="the owners to commit")
@@ -268,5 +261,43 @@ def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tm
         assert finals[0]["proposal"]["proposer"] == first.identity.public_hex
         assert finals[0]["proposal"]["recipe"]["domain_parameters"] == backup["best"]["domain_parameters"]
         assert finals[0]["result_id"] == finals[1]["result_id"]
-    finally:
-        net.close_all()
+
+
+def test_an_owner_does_not_score_a_generation_whose_slot_has_passed(tmp_path, monkeypatch):
+    """A resumed owner reaching a generation after its slot's end publishes no scores
+    (they could not count) and combines from the records; within the slot it scores."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemerge.merge import search as merge_search
+    from hivemerge.node.search_rounds import SearchCoordinator
+
+    stored = []
+
+    async def store_record(kind, key, fields, ttl):
+        stored.append((kind, fields["generation"]))
+
+    node = SimpleNamespace(home=tmp_path, store_record=store_record, record_ttl=60.0)
+    coordinator = SearchCoordinator(node, poll=0.01)
+
+    async def combined(proposal, proposing, generation, owners, ids, window):
+        return [0.5], ["ab" * 32], None, True
+
+    coordinator._combined = combined
+    monkeypatch.setattr(merge_search, "next_candidates", lambda space, settings, earlier: [[0.25]])
+    space = SimpleNamespace(recipe=lambda x: {"models": [{"parameters": {"weight": x[0]}}]})
+    scored = []
+
+    def fitness(document):
+        scored.append(document)
+        return SimpleNamespace(score=0.75)
+
+    fitness.suites = {"math": [1, 2, 3]}  # what _score_all counts as examples
+    now = time.time()
+    for deadline, expected in ((now - 100, []), (now + 100, [("record/scores", 0)])):
+        stored.clear()
+        proposal = {"round_id": "ef" * 32, "deadline": deadline, "proposer": "34" * 32,
+                    "search": {"generations": 1, "generation_seconds": 10.0}}
+        entry = asyncio.run(coordinator._generation(proposal, ["owner"], space, "settings", fitness, ["ab" * 32], 0, 5.0, []))
+        assert stored == expected and entry["combined"] == [0.5] and entry["tallied"] is True
+    assert scored == [{"models": [{"parameters": {"weight": 0.25}}]}]  # scored once: within the slot only
