@@ -40,6 +40,10 @@ DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
 RECORD_TTL = 300.0  # seconds a record lives unless refreshed
 GONE_MARGIN = 0.1  # seconds a "gone" record outlives the live one it replaces
 PUBLISHED_FILE = "published.json"
+# Records announce() re-stores every record_ttl / 3: a failed store is repaired by the next refresh.
+REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack"})
+STORE_ATTEMPTS = 3  # of every other record
+STORE_RETRY_SECONDS = 0.5  # before the second attempt; twice that before the third
 
 Progress = Callable[[int, int, str], None]
 
@@ -133,8 +137,26 @@ class Node:
         return {"peer_id": self.peer_id, "maddrs": self._maddrs}
 
     async def store_record(self, kind: str, key: str, fields: dict, ttl: float) -> bool:
+        """Sign and store a record; whether some DHT node accepted it. A round's one-shot
+        records (a commitment, scores, a tally, ...) are tried again after a failed or
+        refused store, since nothing repairs them later: on a loaded machine a store can
+        time out, and a lost commitment or tally changes what every node merges.
+        Records that :meth:`announce` refreshes are tried once."""
         value = records.make_record(self.identity, kind, fields)
-        return await self.network.store_record(key, records.owner_subkey(self.identity, kind, fields), value, ttl)
+        subkey = records.owner_subkey(self.identity, kind, fields)
+        attempts = 1 if kind in REFRESHED_KINDS else STORE_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                if await self.network.store_record(key, subkey, value, ttl):
+                    return True
+            except Exception as exc:
+                if attempt == attempts:
+                    raise
+                self.log(f"storing a {kind} failed ({type(exc).__name__}: {exc}); trying again")
+            if attempt < attempts:
+                await asyncio.sleep(STORE_RETRY_SECONDS * attempt)
+        self.log(f"storing a {kind} under {key} failed after {attempts} attempt(s): no DHT node accepted it")
+        return False
 
     def _ttl(self, maddrs: list[str]) -> float:
         now = get_dht_time()

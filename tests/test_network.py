@@ -23,7 +23,7 @@ from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 from hivemerge.merge.delta import DeltaFile, apply_delta
 from hivemerge.node.network import peer_id_of
 from hivemerge.node.transfer import FetchError
-from hivemerge.protocol import records
+from hivemerge.protocol import records, rounds
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.signing import sign_manifest
@@ -477,3 +477,64 @@ def test_a_restarted_node_keeps_its_identity_and_is_found_again_at_once(pool, mo
     got = c.fetch(delta_id, out=tmp_path / "out")
     assert got["chunks_by_provider"] == {peer_id: 1}
     assert sha256_file(Path(got["out"])) == sha256_file(b.store.resolve(delta_id))
+
+
+# -- storing records: a round's one-shot records are tried again --------------------------
+class FlakyDHT:
+    """Answers each store with the next of ``outcomes`` (a bool, or an exception to raise)."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.stored = []
+
+    async def store_record(self, key, subkey, value, ttl):
+        self.stored.append((key, subkey, value))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def stub_node(monkeypatch, outcomes):
+    import asyncio
+
+    from hivemerge.node import node as node_module
+
+    monkeypatch.setattr(node_module, "STORE_RETRY_SECONDS", 0.0)
+    node = object.__new__(node_module.Node)  # only what store_record uses: no daemon, no DHT
+    node.identity = Identity.generate()
+    node.network = FlakyDHT(outcomes)
+    node.logged = []
+    node.log = node.logged.append
+    return node, asyncio.run
+
+
+ROUND_KEY = rounds.round_key("ab" * 32)
+COMMITMENT = {"round_id": "ab" * 32, "delta_ids": ["cd" * 32], "domains": {"cd" * 32: "math"},
+              "peer_id": "QmPeer", "maddrs": [], "issued_at": 1.0}
+
+
+def test_a_refused_or_failed_round_record_is_stored_again(monkeypatch):
+    node, run = stub_node(monkeypatch, [False, TimeoutError("dht busy"), True])
+    assert run(node.store_record("record/commitment", ROUND_KEY, COMMITMENT, 30.0)) is True
+    assert len(node.network.stored) == 3  # refused, raised, accepted
+    assert len({value for _, _, value in node.network.stored}) == 1  # the same signed record each time
+    records.open_record(ROUND_KEY, node.network.stored[0][1], node.network.stored[0][2])
+    assert len(node.logged) == 1 and "TimeoutError" in node.logged[0]
+
+
+def test_a_round_record_no_node_accepts_is_reported_after_three_attempts(monkeypatch):
+    node, run = stub_node(monkeypatch, [False, False, False, True])
+    assert run(node.store_record("record/commitment", ROUND_KEY, COMMITMENT, 30.0)) is False
+    assert len(node.network.stored) == 3
+    assert "record/commitment" in node.logged[-1] and "3 attempt(s)" in node.logged[-1]
+    node, run = stub_node(monkeypatch, [False, False, TimeoutError("still busy")])
+    with pytest.raises(TimeoutError):  # the last attempt's error reaches the caller, as without retries
+        run(node.store_record("record/commitment", ROUND_KEY, COMMITMENT, 30.0))
+
+
+def test_a_refreshed_record_is_stored_once(monkeypatch):
+    node, run = stub_node(monkeypatch, [False, True])
+    fields = {"content": "ef" * 32, "bundle_id": "12" * 32, "peer_id": "QmPeer", "maddrs": [], "issued_at": 1.0}
+    assert run(node.store_record("record/provider", records.providers_key("ef" * 32), fields, 30.0)) is False
+    assert len(node.network.stored) == 1  # the next announce() stores it again
