@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from hivemerge.node.node import Node
 
 
+# Phases a restarted node takes up again once the deadline has passed.
+RESUMABLE = ("proposed", "committed", "fetching", "searching", "awaiting final round")
+
+
 class SearchCoordinator(Coordinator):
     label = "search coordinator"
 
@@ -89,8 +93,8 @@ class SearchCoordinator(Coordinator):
                     await self.commit(proposal, state, mine)
         for state in self.states():
             sid = state["proposal"]["round_id"]
-            # "fetching" or "searching" with no task in this process: a restart cut it short; go on
-            if state["phase"] in ("proposed", "committed", "fetching", "searching") and now >= state["proposal"]["deadline"] \
+            # a phase after "committed" with no task in this process: a restart cut it short; go on
+            if state["phase"] in RESUMABLE and now >= state["proposal"]["deadline"] \
                     and sid not in self._running:
                 self._running[sid] = asyncio.create_task(self.execute(sid))
 
@@ -107,34 +111,21 @@ class SearchCoordinator(Coordinator):
     async def execute(self, sid: str) -> None:
         state = self.state(sid)
         proposal = state["proposal"]
-        loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
             window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
-            if state["phase"] != "searching":  # a restart during the search keeps what was screened and combined
-                commitments, _ = await self.node.rounds.round_records(sid, proposal["deadline"])
-                await self._screen(proposal, state, commitments)
-            included, owners, domains = state["included"], state["owners"], state["domains"]
-            if not included:
-                raise RuntimeError("no committed delta passed screening")
-            space, settings = await loop.run_in_executor(None, self._space, proposal, included, domains)
-            fitness = await loop.run_in_executor(None, self._fitness, proposal, state, included)
-            for generation in range(len(state["history"]), proposal["search"]["generations"]):
-                entry = await self._generation(proposal, state["roles"], space, settings, fitness, owners, generation, window,
-                                               [h["combined"] for h in state["history"]])
-                state["history"].append(entry)
-                self.save(state)
-            g, i = search.best_candidate(state["history"])
-            best = space.recipe(state["history"][g]["candidates"][i])
-            state.update(best={"generation": g, "index": i, "score": state["history"][g]["combined"][i],
-                               "candidate_id": state["history"][g]["candidate_ids"][i]})
-            state["best"]["domain_parameters"] = {domains[d]: best["models"][k]["parameters"] for k, d in enumerate(included)}
+            if state["phase"] != "awaiting final round":  # a restart while awaiting it keeps the finished search
+                await self._search(proposal, state, window)
+            included, owners = state["included"], state["owners"]
+            params = state["best"]["domain_parameters"]
             if "proposer" in state["roles"]:
-                state["final_round"] = await self._propose_final(proposal, included, state["best"]["domain_parameters"])
+                # a backup owner's identical round may be out already (this node was slow): join it, add none
+                existing = await self._final_round(proposal, included, params, proposer=None)
+                state["final_round"] = existing or await self._propose_final(proposal, included, params)
             elif owners and owners[0] == self.node.identity.public_hex:
                 state["phase"] = "awaiting final round"
                 self.save(state)
-                backup = await self._backup_final(proposal, included, state["best"]["domain_parameters"], window)
+                backup = await self._backup_final(proposal, included, params, window)
                 if backup is not None:
                     state.update(final_round=backup, final_by="backup")
             state["phase"] = "done"
@@ -143,6 +134,29 @@ class SearchCoordinator(Coordinator):
         finally:
             self.save(state)
             self._running.pop(sid, None)
+
+    async def _search(self, proposal: dict, state: dict, window: float) -> None:
+        """Screen the committed deltas, run (or go on with) the generations, and put the
+        best candidate into ``state``."""
+        loop = asyncio.get_running_loop()
+        if state["phase"] != "searching":  # a restart during the search keeps what was screened and combined
+            commitments, _ = await self.node.rounds.round_records(proposal["round_id"], proposal["deadline"])
+            await self._screen(proposal, state, commitments)
+        included, owners, domains = state["included"], state["owners"], state["domains"]
+        if not included:
+            raise RuntimeError("no committed delta passed screening")
+        space, settings = await loop.run_in_executor(None, self._space, proposal, included, domains)
+        fitness = await loop.run_in_executor(None, self._fitness, proposal, state, included)
+        for generation in range(len(state["history"]), proposal["search"]["generations"]):
+            entry = await self._generation(proposal, state["roles"], space, settings, fitness, owners, generation, window,
+                                           [h["combined"] for h in state["history"]])
+            state["history"].append(entry)
+            self.save(state)
+        g, i = search.best_candidate(state["history"])
+        best = space.recipe(state["history"][g]["candidates"][i])
+        state.update(best={"generation": g, "index": i, "score": state["history"][g]["combined"][i],
+                           "candidate_id": state["history"][g]["candidate_ids"][i]})
+        state["best"]["domain_parameters"] = {domains[d]: best["models"][k]["parameters"] for k, d in enumerate(included)}
 
     async def _screen(self, proposal: dict, state: dict, commitments: dict) -> None:
         """Fetch and screen the committed deltas as a merge round does; one delta per domain joins."""
@@ -268,13 +282,20 @@ class SearchCoordinator(Coordinator):
         it proposes that round itself and returns its id; else None."""
         ends = search.final_end(proposal, window)
         while True:
-            for final in await self.node.rounds.proposals(proposal["base_id"]):
-                if final["proposer"] == proposal["proposer"] and final["select"] == {"deltas": included} \
-                        and final["recipe"].get("domain_parameters") == domain_parameters:
-                    return None
+            if await self._final_round(proposal, included, domain_parameters, proposer=proposal["proposer"]):
+                return None
             if time.time() >= ends:
                 return await self._propose_final(proposal, included, domain_parameters)
             await asyncio.sleep(self.poll)
+
+    async def _final_round(self, proposal: dict, included: list[str], domain_parameters: dict, proposer: str | None) -> str | None:
+        """The id of a final round already proposed for this search's result (these deltas,
+        these parameters; by ``proposer``, or by anyone when None), else None."""
+        for final in await self.node.rounds.proposals(proposal["base_id"]):
+            if (proposer is None or final["proposer"] == proposer) and final["select"] == {"deltas": included} \
+                    and final["recipe"].get("domain_parameters") == domain_parameters:
+                return final["round_id"]
+        return None
 
     async def _propose_final(self, proposal: dict, included: list[str], domain_parameters: dict) -> str:
         from hivemerge.node.rounds import proposal_from_recipe

@@ -235,6 +235,89 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
     assert len(drawn) == 2
 
 
+def final_round_stub(tmp_path, me: str, existing: list[dict]):
+    """A search coordinator whose node records stored records and knows ``existing`` proposals."""
+    from types import SimpleNamespace
+
+    from hivemerge.node.search_rounds import SearchCoordinator
+
+    stored = []
+
+    async def store_record(kind, key, fields, ttl):
+        stored.append((kind, fields))
+
+    async def proposals(base_id):
+        return existing
+
+    node = SimpleNamespace(home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+                           store_record=store_record, rounds=SimpleNamespace(proposals=proposals))
+    return SearchCoordinator(node, poll=0.01), stored
+
+
+FINISHED_SEARCH = {
+    "proposal": {"round_id": "ef" * 32, "base_id": "12" * 32, "deadline": time.time() - 1000, "proposer": "34" * 32,
+                 "recipe": {"merge_method": "ties", "fetch_window": 5.0}, "select": {"domains": ["math"]}, "quorum": 1.0,
+                 "search": {"generations": 1, "popsize": 2, "blocks": 1, "generation_seconds": 10.0, "final_deadline": 30}},
+    "included": ["cd" * 32], "domains": {"cd" * 32: "math"}, "excluded": {}, "history": [],
+    "best": {"generation": 0, "index": 0, "score": 0.5, "candidate_id": "c0", "domain_parameters": {"math": {"weight": 0.5}}},
+}
+
+
+def run_ticks(coordinator) -> None:
+    import asyncio
+
+    async def tick():
+        await coordinator.tick()
+        await asyncio.gather(*coordinator._running.values())
+
+    asyncio.run(tick())
+
+
+def test_a_first_owner_restarted_while_awaiting_the_final_round_still_stands_in(tmp_path):
+    """A state left in "awaiting final round" is taken up again: the search is not rerun,
+    and with no final round from the proposer past its wait the owner proposes it."""
+    me = "01" * 32
+    coordinator, stored = final_round_stub(tmp_path, me, existing=[])
+
+    async def rerun(*args):
+        raise AssertionError("a finished search must not run again")
+
+    coordinator._search = rerun
+    coordinator.save({**FINISHED_SEARCH, "phase": "awaiting final round", "roles": ["owner"], "owners": [me, "02" * 32]})
+    run_ticks(coordinator)
+    state = coordinator.state(FINISHED_SEARCH["proposal"]["round_id"])
+    assert state["phase"] == "done", state.get("error")
+    assert [kind for kind, _ in stored] == ["record/proposal"]
+    final = stored[0][1]
+    assert (final["proposer"], final["select"]) == (me, {"deltas": ["cd" * 32]})
+    assert final["recipe"]["domain_parameters"] == {"math": {"weight": 0.5}}
+    assert state["final_by"] == "backup" and state["final_round"] == final["round_id"]
+
+
+def test_a_late_proposer_joins_the_backup_owners_final_round_instead_of_adding_one(tmp_path):
+    """The proposer finishing after the first owner stood in finds that owner's identical
+    final round and proposes none; a final round of other parameters does not count."""
+    proposer = FINISHED_SEARCH["proposal"]["proposer"]
+    backup = {"round_id": "99" * 32, "proposer": "01" * 32, "select": {"deltas": ["cd" * 32]},
+              "recipe": {"domain_parameters": {"math": {"weight": 0.5}}}}
+    other = {**backup, "round_id": "98" * 32, "recipe": {"domain_parameters": {"math": {"weight": 0.75}}}}
+    for existing, proposes in (([other, backup], False), ([other], True)):
+        home = tmp_path / ("proposes" if proposes else "joins")
+        home.mkdir()
+        coordinator, stored = final_round_stub(home, proposer, existing=existing)
+
+        async def search_done(proposal, state, window):
+            state["best"] = FINISHED_SEARCH["best"]
+
+        coordinator._search = search_done
+        coordinator.save({**FINISHED_SEARCH, "phase": "searching", "roles": ["proposer"], "owners": ["01" * 32]})
+        run_ticks(coordinator)
+        state = coordinator.state(FINISHED_SEARCH["proposal"]["round_id"])
+        assert state["phase"] == "done", state.get("error")
+        assert [kind for kind, _ in stored] == (["record/proposal"] if proposes else [])
+        assert state["final_round"] == (stored[0][1]["round_id"] if proposes else backup["round_id"])
+
+
 # -- a proposer that is gone after the deadline --------------------------------------------
 
 def test_a_search_whose_proposer_is_gone_ends_in_the_first_owners_final_round(tmp_path):
