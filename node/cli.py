@@ -139,7 +139,10 @@ def main() -> None:
     except Exception as exc:  # click's usage errors and friends
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.2x raises the usage errors of its own vendored click copy, whose
+        # classes derive from typer.exceptions.TyperException rather than click's
+        usage_errors = (click.ClickException, getattr(typer.exceptions, "TyperException", click.ClickException))
+        if isinstance(exc, usage_errors) and hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -209,3 +209,18 @@ def test_good_recipe_passes(tiny_family, tmp_path):
     recipe = validate_recipe(good(tiny_family))
     assert recipe.method.name == "ties" and [m.key for m in recipe.inputs] == ["models[0]", "models[1]"]
     assert recipe.num_layers == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["merge"], "Missing argument 'recipe'."),
+    (["merge", "r.yaml", "--bogus"], "No such option: --bogus"),
+    (["fuse", "--pivot", "x"], "Missing option '--packs' / '--pack'."),
+    (["eval", "model", "--count", "many"], "Invalid value for '--count'"),
+])
+def test_a_usage_error_is_a_message_and_exit_2_not_a_traceback(tmp_path_factory, argv, message):
+    """Usage errors raised by typer's own vendored click (typer >= 0.2x) as well as click's."""
+    result = shared_runner(tmp_path_factory)(*argv)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"Error: {message}" in result.stderr, result.stderr
+    assert "Usage: hivemerge " + argv[0] in result.stderr
