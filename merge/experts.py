@@ -127,12 +127,22 @@ def _worker(domain: str, base: str, target: str, spec: dict, updates) -> None:
     try:
         _train_expert(domain, Path(base), Path(target), spec, report)
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the group; the parent decides what follows
+        _ignore_interrupts()
         updates.put(("interrupted", domain))
         raise SystemExit(1) from None
     except Exception as exc:
+        _ignore_interrupts()
         updates.put(("error", domain, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
+    _ignore_interrupts()
     updates.put(("done", domain))
+
+
+def _ignore_interrupts() -> None:
+    """A worker whose work is over only exits. The parent forwards a Ctrl-C to every worker
+    still alive, and a second KeyboardInterrupt during the exit's cleanup would cut short
+    the release of the queue's semaphores ("leaked semaphore" warnings)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _train_in_parallel(domains: list[str], paths: dict, spec: dict, progress: Progress | None, workers: int) -> None:

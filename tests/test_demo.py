@@ -249,3 +249,35 @@ def test_another_spec_rebuilds_everything(demo, tmp_path):
     trained.clear()
     build_experts(models, progress=lambda stage, done, total: trained.append(stage), spec=other)
     assert trained == []
+
+
+@pytest.mark.parametrize("ending", ["done", "interrupted", "error"])
+def test_a_worker_whose_work_is_over_ignores_a_second_ctrl_c(monkeypatch, ending):
+    """The parent forwards Ctrl-C to the workers still alive; one already exiting (after its
+    own KeyboardInterrupt, an error or its last step) must not be interrupted again while
+    multiprocessing releases its semaphores (the cause of a "leaked semaphore" warning)."""
+    import queue
+    import signal
+
+    from hivemerge.merge import experts
+
+    def train(*args):
+        if ending == "interrupted":
+            raise KeyboardInterrupt
+        if ending == "error":
+            raise ValueError("lr must be positive")
+
+    monkeypatch.setattr(experts, "_train_expert", train)
+    previous = signal.getsignal(signal.SIGINT)
+    updates = queue.Queue()
+    try:
+        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        if ending == "done":
+            experts._worker("math", "base", "target", experts.SPEC, updates)
+        else:
+            with pytest.raises(SystemExit):
+                experts._worker("math", "base", "target", experts.SPEC, updates)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert updates.get_nowait()[0] == ending
+    finally:
+        signal.signal(signal.SIGINT, previous)
