@@ -203,9 +203,11 @@ class FuseReport:
 def fuse_into_pivot(pivot_dir: str | Path, packs: list[PackFile], probe: ProbeSet, out_dir: str | Path,
                     method: str = "mince", config: DistillConfig | None = None, identity: Identity | None = None,
                     delta_out: str | Path | None = None, codec: str = DEFAULT_DELTA_CODEC, overwrite: bool = False,
-                    replay: ProbeSet | None = None, progress: Progress | None = None) -> FuseReport:
+                    replay: ProbeSet | None = None, progress: Progress | None = None,
+                    delta_base: str | Path | None = None) -> FuseReport:
     """Align and fuse ``packs`` on ``probe``, distil into the pivot (keeping it as it was on
-    ``replay``), write ``out_dir`` (and, with ``delta_out``, a signed delta against the pivot)."""
+    ``replay``), write ``out_dir`` (and, with ``delta_out``, a signed delta against the pivot,
+    or against ``delta_base``: a round's base when the pivot is its weight merge)."""
     from hivemerge.merge.delta import extract_delta
 
     started = time.perf_counter()
@@ -248,7 +250,7 @@ def fuse_into_pivot(pivot_dir: str | Path, packs: list[PackFile], probe: ProbeSe
         report.seconds = time.perf_counter() - started
         (staging / "fusion.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if delta_out is not None:
-        delta = extract_delta(pivot_dir, out_dir, delta_out, identity, codec)
+        delta = extract_delta(Path(delta_base) if delta_base is not None else pivot_dir, out_dir, delta_out, identity, codec)
         report.delta_path, report.delta_id = delta.path, delta.delta_id
         report.seconds = time.perf_counter() - started
         (out_dir / "fusion.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")

@@ -11,6 +11,11 @@ cross-entropies on the probe's response tokens (``lm``: the reference tokens;
 base's own distribution there as the target) and both measure a third figure,
 ``replay``: the CE to the base's own top-k distribution on the replay responses, whose
 rise from base to fused model is the drift. Everything runs on one thread.
+
+With a round's ``pivot: merge`` the *reference* is the round's weight merge
+(``pivot_dir``) instead of the base: the fuser distils into it, the "before" figures and
+the replay targets are its own, and the delta is still taken against the base, so the
+"after" model is the base with the delta applied, as everywhere else.
 """
 
 from __future__ import annotations
@@ -58,31 +63,37 @@ def measure(model, examples: list[PivotExample], pad: int, replayed: list[PivotE
 
 
 def measure_fused(base_dir: Path, delta_path: Path, packs: list[PackFile], probe: ProbeSet, block: dict,
-                  scratch: Path, replay: ProbeSet | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """(base figures, fused-model figures): what every participant recomputes (with
-    ``replay``, the replay set the block names, the third figure too)."""
-    examples, pad = fused_targets(Path(base_dir), packs, probe, block["method"], float(block["lambda"]))
-    base, tokenizer = load_causal_lm(base_dir)
+                  scratch: Path, replay: ProbeSet | None = None, pivot_dir: Path | None = None
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """(reference figures, fused-model figures): what every participant recomputes (with
+    ``replay``, the replay set the block names, the third figure too). The reference is
+    ``pivot_dir`` (a round's weight merge) if given, else the base; the fused model is
+    always the base with the delta applied."""
+    reference_dir = Path(pivot_dir) if pivot_dir is not None else Path(base_dir)
+    examples, pad = fused_targets(reference_dir, packs, probe, block["method"], float(block["lambda"]))
+    reference, tokenizer = load_causal_lm(reference_dir)
     replayed = None
     if replay is not None:
-        replayed = self_targets(base, pivot_view(tokenizer, replay)[0], pad, distill_config(block).replay_top_k)
+        replayed = self_targets(reference, pivot_view(tokenizer, replay)[0], pad, distill_config(block).replay_top_k)
     try:
         apply_delta(base_dir, delta_path, scratch, overwrite=True)
-        before = measure(base, examples, pad, replayed)
-        del base
+        before = measure(reference, examples, pad, replayed)
+        del reference
         return before, measure(load_causal_lm(scratch)[0], examples, pad, replayed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_fusion(base_dir: Path, packs: list[PackFile], probe: ProbeSet, block: dict, identity: Identity,
-               delta_out: Path, scratch: Path, replay: ProbeSet | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """The fuser's work: distil (holding the base to itself on ``replay``), write the signed
-    delta to ``delta_out``, and return the figures the fusion record states (measured as
-    every participant will measure them)."""
+               delta_out: Path, scratch: Path, replay: ProbeSet | None = None, pivot_dir: Path | None = None
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """The fuser's work: distil into the pivot (the base, or ``pivot_dir``; held to itself on
+    ``replay``), write the signed delta against the base to ``delta_out``, and return the
+    figures the fusion record states (measured as every participant will measure them)."""
     try:
-        fuse_into_pivot(base_dir, packs, probe, scratch / "fused", block["method"], distill_config(block), identity,
-                        delta_out, block["codec"], overwrite=True, replay=replay)
-        return measure_fused(base_dir, delta_out, packs, probe, block, scratch / "applied", replay)
+        fuse_into_pivot(pivot_dir if pivot_dir is not None else base_dir, packs, probe, scratch / "fused", block["method"],
+                        distill_config(block), identity, delta_out, block["codec"], overwrite=True, replay=replay,
+                        delta_base=base_dir)
+        return measure_fused(base_dir, delta_out, packs, probe, block, scratch / "applied", replay, pivot_dir)
     finally:
         shutil.rmtree(scratch / "fused", ignore_errors=True)

@@ -12,7 +12,9 @@ probe set (the same format, store suffix and transfer).
 
 The fuser (designated by the proposal; the proposer by default): when it sees the
 winning proposal it fetches the packs and the probe, distils them into the round's
-base (with the replay set, if named), stores the signed fused delta, stores a signed
+base (with ``pivot: merge``, into the weight merge of the deltas the proposal pinned,
+fetched and merged first; with the replay set, if named), stores the signed fused delta
+(always against the base), stores a signed
 ``record/fusion`` with the probe losses (and the replay figure), and commits the fused
 delta under the domain ``fused`` before the deadline.
 
@@ -20,7 +22,8 @@ Every participant, after the deadline: :meth:`FusionRounds.judge` recomputes the
 probe losses of every delta committed as fused and excludes it, with the reason, when
 the record is missing or does not match (packs, probe, replay set), or when the
 figures are off, show no improvement, or show more drift on the replay set than the
-proposal allows. Fused deltas are left out of the norm-outlier comparison: a distilled
+proposal allows; with ``pivot: merge`` also when the round does not merge exactly the
+pinned deltas, and it measures against the same weight merge, built from the proposal. Fused deltas are left out of the norm-outlier comparison: a distilled
 delta has another scale than a fine-tune, and its quality is judged on the probe.
 """
 
@@ -142,6 +145,8 @@ class FusionRounds:
         block.setdefault("fuser", None)
         if block["fuser"] is None:
             block["fuser"] = self.node.identity.public_hex
+        if block["pivot"] == "merge":
+            block["pivot_deltas"] = self._pin_experts(document.get("select"), base_id)
         block = fusion.check_fusion_block(block, resolved=True)
         if block["fuser"] == self.node.identity.public_hex:
             if not base_ref.startswith("hm://") and not self.node.store.has(base_id):
@@ -150,6 +155,28 @@ class FusionRounds:
                 raise UserInputError("base_model: this node is the fuser and needs the base; give its directory")
             write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
         return {**document, "fusion": block}
+
+    def _pin_experts(self, select, base_id: str) -> dict[str, str]:
+        """delta id -> domain of the live experts the round's ``select`` takes: the weight
+        merge a ``pivot: merge`` fusion step distils into is fixed when proposed."""
+        if not isinstance(select, dict):
+            raise UserInputError("select: required; {domains: [NAME, ...]} or {deltas: [ID, ...]}")
+        pinned = {r["delta_id"]: r["domain"] for r in self.node.experts()
+                  if r["base_id"] == base_id and rounds.matches(select, r)}
+        if not pinned:
+            raise UserInputError("fusion.pivot: merge needs experts on the network that the round's select takes; none are")
+        return pinned
+
+    async def _pivot(self, proposal: dict, scratch: Path, window: float) -> Path:
+        """The round's weight merge of the pinned deltas (fetched if missing), built in ``scratch``."""
+        from hivemerge.node.rounds import pivot_recipe
+
+        scratch.mkdir(parents=True, exist_ok=True)
+        for delta_id in sorted(proposal["recipe"]["fusion"]["pivot_deltas"]):
+            if not self.node.store.has(delta_id):
+                await asyncio.wait_for(self.node.fetch_async(delta_id), max(1.0, window))
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.coordinator.merge_to, pivot_recipe(proposal), scratch / "pivot")
 
     def _store_replay(self, path: Path) -> str:
         """Store a replay file (the probe format) so this node serves it; returns its id."""
@@ -192,9 +219,10 @@ class FusionRounds:
             packs, probe, replay = await self._inputs(block, proposal["deadline"] - time.time())
             base_dir = self.node.store.resolve(proposal["base_id"])
             scratch.mkdir(parents=True, exist_ok=True)
+            pivot_dir = await self._pivot(proposal, scratch, proposal["deadline"] - time.time()) if fusion.merges_pivot(block) else None
             delta_out = scratch / "fused.delta.safetensors"
             before, after = await asyncio.get_running_loop().run_in_executor(
-                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay)
+                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
             delta_id = self.node.store.add_delta(delta_out)
             fields = {
                 "round_id": rid, "delta_id": delta_id, "packs": block["packs"]["ids"], "probe_id": block["probe"],
@@ -255,9 +283,10 @@ class FusionRounds:
         return packs, probe, load_probe(replay_path) if replay_path else None
 
     # -- every participant ------------------------------------------------------------------
-    async def judge(self, proposal: dict, commitments: dict[str, dict], norms: dict[str, float]) -> tuple[dict[str, str], set[str]]:
-        """(exclusions, every delta committed as fused): the verdict on each fused delta
-        that passed screening (those in ``norms``)."""
+    async def judge(self, proposal: dict, commitments: dict[str, dict], norms: dict[str, float], kept: list[str]) -> dict[str, str]:
+        """The exclusions among the fused deltas that passed screening (those in ``norms``),
+        with the reason. ``kept``: the expert deltas the round merges (a ``pivot: merge``
+        fused delta stands only for exactly the merge it was distilled into)."""
         from hivemerge.merge.fusion_check import measure_fused
         from hivemerge.node.rounds import FETCH_WINDOW
 
@@ -266,18 +295,20 @@ class FusionRounds:
         excluded: dict[str, str] = {}
         pending = {d: c for d, c in committed.items() if d in norms}
         if not pending:
-            return excluded, set(committed)
+            return excluded
         if raw is None:
-            return {d: "fusion: committed as fused in a round without a fusion step" for d in pending}, set(committed)
+            return {d: "fusion: committed as fused in a round without a fusion step" for d in pending}
         try:
             block = fusion.check_fusion_block(raw, resolved=True)
         except UserInputError as exc:
-            return {d: f"fusion: the proposal's fusion block is malformed: {exc}"[:300] for d in pending}, set(committed)
+            return {d: f"fusion: the proposal's fusion block is malformed: {exc}"[:300] for d in pending}
         found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
         record = next((r for r in found if "before" in r and r["publisher"] == block["fuser"]), None)
         window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
         for delta_id, committer in sorted(pending.items()):
             reason = fusion.record_reason(block, committer, delta_id, record)
+            if reason is None and fusion.merges_pivot(block):
+                reason = fusion.pivot_reason(block, kept, rounds.committed_domains(commitments))
             if reason is None:
                 try:
                     packs, probe, replay = await self._inputs(block, window)
@@ -290,16 +321,19 @@ class FusionRounds:
                 delta_path = self.node.store.resolve(delta_id)
                 scratch = self.node.store.partial / f"fusion-check-{proposal['round_id']}-{os.getpid()}"
                 try:
+                    pivot_dir = await self._pivot(proposal, scratch, window) if fusion.merges_pivot(block) else None
                     before, after = await asyncio.get_running_loop().run_in_executor(
-                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch, replay)
+                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch / "applied", replay, pivot_dir)
                     reason = fusion.judge(block, record, before, after)
                 except UserInputError as exc:
                     reason = f"fusion: the probe losses could not be measured: {_without_path(exc)}"
                 except Exception as exc:  # verified inputs that still break the measurement: not trusted, not fatal
                     reason = f"fusion: the probe losses could not be measured: {type(exc).__name__}: {_without_path(exc)}"
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
             if reason is not None:
                 excluded[delta_id] = reason[:300]
-        return excluded, set(committed)
+        return excluded
 
     # -- round status ----------------------------------------------------------------------
     async def summary(self, proposal: dict, commitments: dict[str, dict], attestations: dict[str, dict]) -> dict | None:

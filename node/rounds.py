@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hivemerge.merge.delta import DeltaError
@@ -94,9 +95,10 @@ class RoundCoordinator(Coordinator):
             excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
             norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
             excluded.update(screened_out)
-            fusion_excluded, fused = await self.fusion.judge(proposal, commitments, norms)
-            excluded.update(fusion_excluded)
+            fused = set(fusion.fused_deltas(commitments))
             excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
+            kept = sorted(d for d in norms if d not in excluded and d not in fused)  # the expert deltas merged
+            excluded.update(await self.fusion.judge(proposal, commitments, norms, kept))
             included = sorted(d for d in norms if d not in excluded)
             state.update(excluded=excluded, included=included)
             self.save(state)
@@ -150,14 +152,17 @@ class RoundCoordinator(Coordinator):
         return norms, excluded
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
-        document = build_recipe(proposal, included, rounds.committed_domains(commitments))
-        recipe = validate_recipe(document, resolver=self.node.store.resolve)
         out = self.node.store.partial / f"round-{proposal['round_id']}"
-        run_merge(recipe, out, device=self.device, overwrite=True)
+        self.merge_to(build_recipe(proposal, included, rounds.committed_domains(commitments)), out)
         try:
             return self.node.store.add_model(out)
         finally:
             shutil.rmtree(out, ignore_errors=True)
+
+    def merge_to(self, document: dict, out: Path) -> Path:
+        """Run a round's merge recipe document (its ``hm://`` inputs from the store) into ``out``."""
+        run_merge(validate_recipe(document, resolver=self.node.store.resolve), out, device=self.device, overwrite=True)
+        return out
 
 
 def _without_local_path(exc: Exception) -> str:
@@ -169,7 +174,28 @@ def _without_local_path(exc: Exception) -> str:
 
 def build_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
     """The merge recipe of a round: the proposal's template with the included deltas, in
-    delta-id order (every participant builds the same document)."""
+    delta-id order (every participant builds the same document). A kept fused delta of a
+    fusion step with ``pivot: merge`` already holds the weight merge it was distilled
+    into: the result is then the base plus that delta alone."""
+    template = proposal["recipe"]
+    fused = sorted(d for d in included if domains.get(d) == fusion.FUSED_DOMAIN)
+    if fusion.merges_pivot(template.get("fusion")) and fused:
+        document = {k: v for k, v in template.items() if k in ("dtype", "out_dtype")}
+        document.update(merge_method="task_arithmetic", base_model=f"hm://{proposal['base_id']}",
+                        models=[{"model": f"hm://{fused[0]}", "parameters": {"weight": 1.0}}],
+                        name=f"hivemerge round {proposal['round_id'][:12]}")
+        return document
+    return weight_merge_recipe(proposal, included, domains)
+
+
+def pivot_recipe(proposal: dict) -> dict:
+    """The weight merge a ``pivot: merge`` fusion step distils into: the pinned deltas, as
+    the round would merge them without the fusion step."""
+    pinned = proposal["recipe"]["fusion"]["pivot_deltas"]
+    return weight_merge_recipe(proposal, sorted(pinned), pinned)
+
+
+def weight_merge_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
     template = proposal["recipe"]
     per_domain = template.get("domain_parameters", {})
     models = []

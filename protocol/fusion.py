@@ -20,6 +20,16 @@ measures the fused model's drift there: the rise in cross-entropy to the base's 
 (top-k) distribution on the replay responses. A fused delta that drifts by more than
 the proposal's ``max_drift`` is excluded, whatever it gained on the probe.
 
+A round may name the *pivot* the fuser distils into: ``base`` (the default) or
+``merge``, the round's weight merge of the expert deltas the proposal pins
+(``pivot_deltas``: delta id -> domain, resolved from ``select`` when proposed). Then
+the packs heal what the weight merge lost, and the fused delta (still a delta against
+the base) *replaces* the merge: the round's result is the base plus the fused delta.
+Every participant builds the same pivot from the proposal and measures the "before"
+figures on it; a fused delta is excluded unless the round merges exactly the pinned
+deltas (else its pivot is not the round's merge), and the round's result is then the
+plain weight merge.
+
 Pure: no model math, no network. The figures are mean per-token cross-entropies on
 the probe's response tokens, ``lm`` against the reference tokens and ``fused``
 against the fused distributions; the *probe loss* is the distillation objective
@@ -49,8 +59,10 @@ DEFAULTS: dict[str, Any] = {
     # round test's 20-step fusion -0.04 with, 0.22 without. 0.1
     # keeps a held fusion with a 3x margin and excludes one that forgets.
     "replay_share": 0.5, "max_drift": 0.1,
+    "pivot": "base",
 }
-BLOCK_KEYS = {"packs", "probe", "fuser", "replay", *DEFAULTS}
+PIVOTS = ("base", "merge")
+BLOCK_KEYS = {"packs", "probe", "fuser", "replay", "pivot_deltas", *DEFAULTS}
 MAX_STEPS = 100_000
 
 
@@ -68,7 +80,7 @@ def check_fusion_block(block: Any, resolved: bool = False) -> dict:
     the fuser's key), not as a user may write it (packs by domain, probe and fuser left out)."""
     if not isinstance(block, dict):
         raise UserInputError("fusion: must be a mapping (packs, probe, method, lambda, steps, lr, batch, seed, codec, fuser, "
-                             "tolerance, replay, replay_share, max_drift)")
+                             "tolerance, replay, replay_share, max_drift, pivot)")
     unknown = sorted(set(block) - BLOCK_KEYS)
     if unknown:
         raise UserInputError(f"fusion.{unknown[0]}: unknown key; expected {sorted(BLOCK_KEYS)}")
@@ -124,7 +136,49 @@ def check_fusion_block(block: Any, resolved: bool = False) -> dict:
         raise UserInputError(f"fusion.replay_share: must be in [0, 1), got {out['replay_share']!r}")
     if not _number(out["max_drift"]) or not 0 < out["max_drift"] <= 100:
         raise UserInputError(f"fusion.max_drift: must be in (0, 100] (nats per token), got {out['max_drift']!r}")
+    _check_pivot(out, resolved)
     return out
+
+
+def _check_pivot(out: dict, resolved: bool) -> None:
+    if out["pivot"] not in PIVOTS:
+        raise UserInputError(f"fusion.pivot: must be one of {list(PIVOTS)}, got {out['pivot']!r}")
+    pinned = out.get("pivot_deltas")
+    if out["pivot"] == "base":
+        if pinned is not None:
+            raise UserInputError("fusion.pivot_deltas: only with pivot: merge")
+        return
+    if pinned is None and not resolved:
+        return  # the proposer pins them from the round's select
+    if not isinstance(pinned, dict) or not pinned:
+        raise UserInputError("fusion.pivot_deltas: a proposal with pivot: merge names the deltas it merges (delta id -> domain)")
+    for delta_id, domain in pinned.items():
+        if not is_content_id(delta_id):
+            raise UserInputError(f"fusion.pivot_deltas: {delta_id!r} is not a delta id")
+        if not isinstance(domain, str) or not domain or domain == FUSED_DOMAIN:
+            raise UserInputError(f"fusion.pivot_deltas: delta {delta_id[:12]} needs an expert's domain, got {domain!r}")
+
+
+def merges_pivot(block: dict | None) -> bool:
+    """Whether the fusion step distils into the round's weight merge (whose result it then replaces)."""
+    return isinstance(block, dict) and block.get("pivot") == "merge"
+
+
+def pivot_reason(block: dict, kept: list[str], domains: dict[str, str]) -> str | None:
+    """Why a fused delta distilled into the weight merge of ``pivot_deltas`` cannot stand
+    for this round (None: it can). ``kept``: the expert deltas the round merges; they must
+    be exactly the pinned ones, committed under the pinned domains. Otherwise the result
+    is the round's plain weight merge (no expert is silently dropped or added)."""
+    extra = sorted(set(kept) - set(block["pivot_deltas"]))
+    if extra:
+        return f"fusion: this round includes delta {extra[0][:12]}, which the pivot does not merge"
+    for delta_id, domain in sorted(block["pivot_deltas"].items()):
+        if delta_id not in kept:
+            return f"fusion: the pivot merges delta {delta_id[:12]}, which this round does not include"
+        if domains.get(delta_id) != domain:
+            return (f"fusion: the pivot merges delta {delta_id[:12]} as {domain!r}, but it was committed as "
+                    f"{domains.get(delta_id)!r}")
+    return None
 
 
 def check_figures(figures: Any, replay: bool = False) -> bool:

@@ -13,9 +13,8 @@ then evaluates base, experts, merge and healed merge on the held-out suites, and
 states issue 6's goals: each domain within 5 points of its expert, compose above
 every expert.
 
-This is offline (one machine runs the distillation). In a round it would need a fusion
-step whose pivot is the round's weight merge; the round's fusion step distils into the
-base today (README: Fusion in merge rounds).
+This is offline (one machine runs the distillation). In a round, a fusion step with
+``pivot: merge`` does the same (README: Fusion in merge rounds).
 
     python scripts/bench_heal.py [--workdir ~/.cache/hivemerge/heal] [--steps 800] [--lam 0.5]
 """

@@ -10,7 +10,10 @@ its fusion record, and commits it; every participant recomputes the probe losses
   of the three deltas and not the merge of the two; ``round status`` shows the fusion;
 - a fuser whose record lies about the fused model's probe loss, or names another replay
   set than the proposal: the fused delta is excluded at every node with the reason, and
-  the result is the merge of the two.
+  the result is the merge of the two;
+- ``pivot: merge``: the fuser distils into the weight merge of the two deltas the
+  proposal pinned, and every node attests the base plus the fused delta alone, whose
+  record's "before" figures are the weight merge's.
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ def write_replay(path: Path):
     return write_probe([(f"max {a} {b}=", f"{max(a, b)}\n") for a, b in [(3, 7), (12, 5), (40, 41), (9, 90)] * 8], path)
 
 
-def start(net, setup, replay=None):
+def start(net, setup, replay=None, **fusion_settings):
     """a: proposer and fuser (no expert); m, s: homogeneous experts; h: the pack's publisher.
-    ``replay``: a replay file the proposer names in the fusion block."""
+    ``replay``: a replay file the proposer names in the fusion block; ``fusion_settings``:
+    more keys of the block."""
     hetero, experts = setup
     a, m, s, h = net.start_many(["a", "m", "s", "h"])
     published = {dom: node.publish(experts[dom], dom, hetero.pivot) for dom, node in (("add", m), ("sub", s))}
@@ -75,7 +79,7 @@ def start(net, setup, replay=None):
     listed = a.packs("rotate")
     assert [r["pack_id"] for r in listed] == [pack["pack_id"]] and listed[0]["publisher"] == h.identity.public_hex
     document = {**TEMPLATE, "base_model": str(hetero.pivot), "select": {"domains": ["add", "sub"]}, "deadline": DEADLINE,
-                "fusion": {**FUSION, **({"replay": str(replay.path)} if replay else {})}}
+                "fusion": {**FUSION, **({"replay": str(replay.path)} if replay else {}), **fusion_settings}}
     proposal = a.propose(document)
     block = proposal["recipe"]["fusion"]
     assert block["packs"] == {"ids": [pack["pack_id"]]} and block["probe"] == hetero.probe.id
@@ -143,6 +147,62 @@ def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(
     assert shown["verdict"] == "kept" and set(shown["verdicts"]) == set(row["attesters"])
     assert shown["record"]["after"] == record["after"]
     assert fusion_rows([row]) == [(rid[:12], a.identity.public_hex[:12], fused_id[:12], replay.id[:12], "kept")]
+
+
+def test_a_fusion_into_the_weight_merge_replaces_it_with_the_base_plus_the_fused_delta(net, setup, tmp_path):
+    from hivemerge.merge.fusion_check import measure_fused
+    from hivemerge.merge.packs import PackFile
+
+    (a, m, s), published, proposal = start(net, setup, pivot="merge")
+    block = proposal["recipe"]["fusion"]
+    pinned = {p["delta_id"]: domain for domain, p in published.items()}
+    assert block["pivot"] == "merge" and block["pivot_deltas"] == pinned  # fixed when proposed
+    rid = proposal["round_id"]
+    fused_id = wait_fused(a, proposal)["delta_id"]
+    states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
+    for state in states:
+        assert state["phase"] == "attested", state.get("error")
+        assert state["excluded"] == {}
+        assert state["included"] == sorted([*pinned, fused_id])
+    assert len({st["result_id"] for st in states}) == 1
+
+    hetero = setup[0]
+    fused_only = offline_merge(tmp_path / "fused-only", hetero.pivot, delta_files(a, [fused_id]), TEMPLATE)
+    weight_merge = offline_merge(tmp_path / "weight-merge", hetero.pivot, delta_files(a, pinned), TEMPLATE)
+    assert states[0]["result_id"] == fused_only != weight_merge
+
+    # the record's "before" figures are the weight merge's (the pivot), not the base's
+    found = m._run(m.network.get_records(rounds.round_key(rid)), 30)
+    record = next(r for r in found.values() if "before" in r)
+    packs, delta = [PackFile(hetero.pack)], a.store.resolve(fused_id)
+    on_merge, after = measure_fused(hetero.pivot, delta, packs, hetero.probe, block, tmp_path / "m1", pivot_dir=tmp_path / "weight-merge")
+    on_base, _ = measure_fused(hetero.pivot, delta, packs, hetero.probe, block, tmp_path / "m2")
+    for name in fusion.FIGURES:
+        assert abs(record["before"][name] - on_merge[name]) <= block["tolerance"]
+        assert abs(record["after"][name] - after[name]) <= block["tolerance"]
+    assert abs(on_base["fused"] - on_merge["fused"]) > 10 * block["tolerance"]  # the pivot is not the base
+    assert record["after"]["fused"] < record["before"]["fused"] - 0.05
+
+
+def test_an_expert_joining_after_the_proposal_voids_the_fusion_into_the_weight_merge(net, setup, tmp_path):
+    """A third expert published after the proposal commits too: the round's merge is then
+    not the one the fused delta was distilled into, so every node excludes the fused
+    delta with the reason and attests the plain weight merge of all three experts."""
+    (a, m, s), published, proposal = start(net, setup, pivot="merge")
+    hetero = setup[0]
+    late = net.start("late", peers=a.maddrs())
+    joined = late.publish(perturbed(hetero.pivot, tmp_path / "late-expert", 3), "add", hetero.pivot)["delta_id"]
+    assert joined not in proposal["recipe"]["fusion"]["pivot_deltas"]
+    rid = proposal["round_id"]
+    fused_id = wait_fused(a, proposal)["delta_id"]
+    states = wait_round_done([a, m, s, late], rid, timeout=DEADLINE + 90)
+    experts = sorted([*(p["delta_id"] for p in published.values()), joined])
+    reason = f"fusion: this round includes delta {joined[:12]}, which the pivot does not merge"
+    for state in states:
+        assert state["phase"] == "attested", state.get("error")
+        assert state["excluded"] == {fused_id: reason}
+        assert state["included"] == experts
+    assert {st["result_id"] for st in states} == {offline_merge(tmp_path / "three", hetero.pivot, delta_files(a, experts), TEMPLATE)}
 
 
 def test_a_fuser_that_misreports_its_probe_loss_is_excluded_with_the_reason(net, setup, tmp_path):

@@ -197,3 +197,43 @@ def test_a_fusion_cut_short_by_a_restart_is_started_again(tmp_path):
         fusions._commit = lambda *a: asyncio.sleep(0)
         asyncio.run(tick())
     assert started == [proposal["round_id"]]
+
+
+# -- pivot: merge -------------------------------------------------------------------------
+EXPERT_A, EXPERT_B = (hashlib.sha256(n.encode()).hexdigest() for n in ("expert-a", "expert-b"))
+PINNED = {EXPERT_A: "math", EXPERT_B: "logic"}
+
+
+def test_the_pivot_is_the_base_unless_a_proposal_pins_the_merge_it_distils_into():
+    assert block()["pivot"] == "base" and not fusion.merges_pivot(block())
+    merged = block(pivot="merge", pivot_deltas=PINNED)
+    assert fusion.merges_pivot(merged) and merged["pivot_deltas"] == PINNED
+    # as a user writes it the proposer pins the deltas; a proposal must carry them
+    assert fusion.check_fusion_block({"packs": {"domains": ["x"]}, "pivot": "merge"})["pivot"] == "merge"
+    for changes, message in [
+        ({"pivot": "experts"}, "fusion.pivot: must be one of ['base', 'merge']"),
+        ({"pivot": "merge"}, "fusion.pivot_deltas: a proposal with pivot: merge names the deltas"),
+        ({"pivot": "merge", "pivot_deltas": {}}, "fusion.pivot_deltas: a proposal with pivot: merge names the deltas"),
+        ({"pivot": "merge", "pivot_deltas": [EXPERT_A]}, "fusion.pivot_deltas: a proposal with pivot: merge names the deltas"),
+        ({"pivot": "merge", "pivot_deltas": {"not-an-id": "math"}}, "fusion.pivot_deltas: 'not-an-id' is not a delta id"),
+        ({"pivot": "merge", "pivot_deltas": {EXPERT_A: ""}}, "needs an expert's domain"),
+        ({"pivot": "merge", "pivot_deltas": {EXPERT_A: fusion.FUSED_DOMAIN}}, "needs an expert's domain"),
+        ({"pivot_deltas": PINNED}, "fusion.pivot_deltas: only with pivot: merge"),
+    ]:
+        with pytest.raises(UserInputError) as raised:
+            block(**changes)
+        assert message in str(raised.value), raised.value
+
+
+def test_a_merge_pivot_stands_only_for_the_round_that_merges_exactly_its_deltas():
+    merged = block(pivot="merge", pivot_deltas=PINNED)
+    domains = {EXPERT_A: "math", EXPERT_B: "logic", DELTA: fusion.FUSED_DOMAIN}
+    assert fusion.pivot_reason(merged, sorted([EXPERT_A, EXPERT_B]), domains) is None
+    assert fusion.pivot_reason(merged, [EXPERT_A], domains) == (
+        f"fusion: the pivot merges delta {EXPERT_B[:12]}, which this round does not include")
+    assert fusion.pivot_reason(merged, sorted([EXPERT_A, EXPERT_B]), {**domains, EXPERT_A: "strings"}) == (
+        f"fusion: the pivot merges delta {EXPERT_A[:12]} as 'math', but it was committed as 'strings'")
+    # an expert that joined after the proposal makes another merge: the fused delta would drop it
+    late = hashlib.sha256(b"expert-c").hexdigest()
+    assert fusion.pivot_reason(merged, sorted([EXPERT_A, EXPERT_B, late]), {**domains, late: "math"}) == (
+        f"fusion: this round includes delta {late[:12]}, which the pivot does not merge")
