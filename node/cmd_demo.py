@@ -42,7 +42,7 @@ def demo(
     workdir: Annotated[Optional[Path], typer.Option(help="Cache of the trained models and node homes (default ~/.cache/hivemerge/demo).")] = None,
     count: Annotated[int, typer.Option(help="Examples per suite.", min=10)] = 200,
 ) -> None:
-    """The main job: experts, a local network, a merge round, the consensus model, the table."""
+    """The main job: experts, a local network, a merge round healed with the experts' logit packs, the consensus model, the table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hivemerge.merge import tasks

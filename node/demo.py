@@ -1,15 +1,18 @@
 """``hivemerge demo``: the whole mission on this machine, nothing downloaded.
 
 Builds (or reuses) the tiny domain experts, starts a local network of real nodes on
-loopback (one per expert plus one that only fetches), publishes the experts, runs a
-merge round, fetches the consensus model on the fetch-only node, evaluates base,
-experts and consensus on every suite, and writes the table as JSON and a plot.
-Every node it started is stopped on the way out, Ctrl-C included.
+loopback (one per expert plus one that only fetches), publishes the experts and each
+expert's logit pack on a probe of its own domain, runs a merge round whose fusion step
+heals the weight merge with those packs (``pivot: merge``, README: Fusion in merge
+rounds), fetches the consensus model on the fetch-only node, evaluates base, experts
+and consensus on every suite, and writes the table as JSON and a plot. Every node it
+started is stopped on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -19,6 +22,7 @@ from hivemerge.merge import tasks
 from hivemerge.merge.evaluate import evaluate, load_model
 from hivemerge.merge.experts import SPEC, build_experts
 from hivemerge.merge.manifest import model_id
+from hivemerge.merge.packs import make_pack
 from hivemerge.merge.sources import SafetensorsModel
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -32,9 +36,20 @@ ROUND_RECIPE = {
     "domain_parameters": {"math": {"weight": 1.0}},
     "dtype": "float32",
     "out_dtype": "float32",
-    "deadline": 6,
+    "deadline": 75,  # seconds: the fuser's time to merge, distil and commit (52 s on 2 cores)
     "quorum": 2 / 3,
 }
+# The round's fusion step: the fetch-only node (the proposer, so the fuser) distils the
+# experts' packs into the round's weight merge, which the fused delta then replaces. It
+# wins back what the weight merge lost (scripts/bench_heal.py: 400 steps take every
+# domain to within 3 points of its expert). The replay set, prompts of every suite with
+# the base's own answers, holds the merge to itself elsewhere, compose included.
+FUSION = {
+    "packs": {"domains": list(tasks.DOMAINS)}, "pivot": "merge", "method": "mince", "lambda": 0.5, "steps": 300,
+    "lr": 5e-4, "batch": 48, "replay_share": 0.25, "codec": "int8",
+}
+PROBE_PER_DOMAIN = 1000  # training-split examples of its domain each expert's pack covers (300 was too few)
+REPLAY_PROMPTS = 900
 ROUND_TIMEOUT = 300.0
 # int8 deltas rebuild these tiny experts without a measurable loss change; the default
 # ternary codec costs the math expert much of its skill at this scale (see the README).
@@ -65,11 +80,17 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
             node = Node(homes / domain, listen=LOOPBACK, peers=seed, record_ttl=120, round_poll=0.5)
             nodes.append(node)
             experts[domain] = node
+        probe, replay = write_probe_and_replay(workdir / "fusion", base_dir)
         for domain, node in experts.items():
             record = node.publish(models[domain], domain, base_dir, codec=PUBLISH_CODEC)
             say(f"{domain} expert published by {node.identity.fingerprint}: delta {record['delta_id'][:12]} ({record['size']:,} bytes)")
-        proposal = fetcher.propose({**ROUND_RECIPE, "base_model": str(base_dir), "select": {"domains": list(tasks.DOMAINS)}})
-        say(f"round {proposal['round_id'][:12]} proposed: {ROUND_RECIPE['merge_method']}, commitments close in {ROUND_RECIPE['deadline']}s")
+            pack = make_pack(models[domain], probe, workdir / "fusion" / f"{domain}.pack.safetensors", node.identity)
+            node.rounds.fusion.publish_pack(pack.path, probe.path, domain)
+            say(f"{domain} pack published: {pack.tokens:,} tokens of its domain's probe, {pack.bytes:,} bytes")
+        proposal = fetcher.propose({**ROUND_RECIPE, "base_model": str(base_dir), "select": {"domains": list(tasks.DOMAINS)},
+                                    "fusion": {**FUSION, "replay": str(replay.path)}})
+        say(f"round {proposal['round_id'][:12]} proposed: {ROUND_RECIPE['merge_method']}, healed by {FUSION['steps']} fusion "
+            f"steps on the fetch-only node; commitments close in {ROUND_RECIPE['deadline']}s")
         deadline = time.time() + ROUND_RECIPE["deadline"] + ROUND_TIMEOUT
         final = None
         while final is None:
@@ -80,6 +101,10 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
             if final is not None and final["proposal"]["round_id"] != proposal["round_id"]:
                 final = None  # an older round of an earlier run: wait for this one
         say(f"round final: {len(final['attesters'])} of {len(final['commitments'])} participants attest {final['result_id'][:12]}")
+        row = next((r for r in fetcher.round_status() if r["proposal"]["round_id"] == proposal["round_id"]), {})
+        verdict = (row.get("fusion") or {}).get("verdict")
+        say(f"fusion step: {verdict}: " + ("the consensus is the weight merge healed with the experts' packs" if verdict == "kept"
+                                          else "the consensus is the plain weight merge"))
         fetched = fetcher.fetch(None, out=out / "consensus", base=base_dir, overwrite=True)
         say(f"consensus model fetched by the fetch-only node -> {fetched['out']}")
     finally:
@@ -93,13 +118,37 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         model, tokenizer = load_model(path)
         rows[name] = {s: vars(evaluate(model, tokenizer, s, count)) for s in tasks.SUITES}
     result = {
-        "round_id": proposal["round_id"], "consensus_id": final["result_id"], "recipe": ROUND_RECIPE,
-        "results": rows, "seconds": round(time.perf_counter() - started, 1),
+        "round_id": proposal["round_id"], "consensus_id": final["result_id"], "recipe": ROUND_RECIPE, "fusion": FUSION,
+        "fusion_verdict": verdict, "results": rows, "seconds": round(time.perf_counter() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_plot(rows, out / "results.png")
     return result
+
+
+def write_probe_and_replay(directory: Path, base_dir: Path):
+    """The probe every expert's pack covers (training-split examples of each domain, with
+    their answers) and the replay set (prompts of every suite with the base's own greedy
+    answers: no labels). Deterministic: the same files every run."""
+    from hivemerge.merge.evaluate import greedy_answers
+    from hivemerge.merge.experts import base_mix
+    from hivemerge.merge.probe import write_probe
+    from hivemerge.merge.training import single_thread
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random("demo-probe")
+    pairs = []
+    for domain in tasks.DOMAINS:
+        draw = tasks.training_only(tasks.DOMAINS[domain])
+        pairs += [(e.prompt, e.answer + "\n") for e in (draw(rng) for _ in range(PROBE_PER_DOMAIN))]
+    probe = write_probe(pairs, directory / "probe.jsonl")
+    draw = tasks.training_only(lambda r: tasks.compose_task(r) if r.random() < 0.5 else base_mix(r))
+    prompts = [draw(rng).prompt for _ in range(REPLAY_PROMPTS)]
+    model, tokenizer = load_model(base_dir)
+    with single_thread():
+        answers = greedy_answers(model, tokenizer, prompts, max_new=8)
+    return probe, write_probe([(p, a + "\n") for p, a in zip(prompts, answers)], directory / "replay.jsonl")
 
 
 def write_plot(rows: dict, path: Path) -> None:

@@ -21,11 +21,16 @@ from hivemerge.merge import tasks
 from hivemerge.merge.experts import SPEC, build_experts
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.demo import ROUND_RECIPE
+from hivemerge.node import demo as demo_module
+from hivemerge.node.demo import FUSION, ROUND_RECIPE
 
 TINY = {**SPEC, "hidden": 32, "layers": 2, "base_steps": 20, "expert_steps": 10}
 COUNT = 20
-DEADLINE = 3  # seconds until a round's commitments close (the demo's own is 6)
+# seconds until a round's commitments close (the demo's own is 75): time for the fuser to
+# merge and distil the tiny models' packs (TINY_FUSION) on a busy machine
+DEADLINE = 12
+TINY_FUSION = {"steps": 5, "batch": 8}
+TINY_PROBE = 20  # probe examples per domain, and replay prompts
 STAGES = ["base", *tasks.DOMAINS]
 ROWS = ["base", *tasks.DOMAINS, "consensus"]
 
@@ -49,10 +54,15 @@ def demo(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            # Commitments close 3 s after the proposal instead of 6: on loopback every node
-            # commits within about a second (the nodes poll every 0.5 s), and each run is 3 s
-            # shorter. test_consensus_model_is_the_rounds_result checks all three committed.
+            # Commitments close 12 s after the proposal instead of 75, and the fusion step is
+            # scaled to the tiny models: on loopback every node commits within about a second
+            # (the nodes poll every 0.5 s) and the fuser needs a few seconds.
+            # test_consensus_model_is_the_rounds_result checks that all four committed.
             patch.setitem(ROUND_RECIPE, "deadline", DEADLINE)
+            for key, value in TINY_FUSION.items():
+                patch.setitem(FUSION, key, value)
+            patch.setattr(demo_module, "PROBE_PER_DOMAIN", TINY_PROBE)
+            patch.setattr(demo_module, "REPLAY_PROMPTS", TINY_PROBE)
             _run_twice(run_demo, workdir, out, root, runs)
     finally:
         torch.set_num_threads(threads)
@@ -79,7 +89,9 @@ def test_results_table_has_every_model_and_suite(demo):
     for run in demo["runs"]:
         result = run["json"]
         assert result == run["result"]  # results.json is what run_demo returned
-        assert set(result) == {"round_id", "consensus_id", "recipe", "results", "seconds"}
+        assert set(result) == {"round_id", "consensus_id", "recipe", "fusion", "fusion_verdict", "results", "seconds"}
+        assert result["fusion"] == json.loads(json.dumps({**FUSION, **TINY_FUSION}))
+        assert result["fusion_verdict"] == "kept"  # every participant kept the healed merge
         assert list(result["results"]) == ROWS
         for name, row in result["results"].items():
             assert list(row) == list(tasks.SUITES), name
@@ -115,9 +127,9 @@ def test_consensus_model_is_the_rounds_result(demo):
     for run in demo["runs"]:
         card = run["card"]
         assert f"round {run['result']['round_id'][:12]}" in card and f"Content id `{run['consensus_id']}`" in card
-        # every expert's node committed its delta: the consensus merges all three
-        assert re.search(r"attested by [23] of 3 participants", card), card
-        assert card.count("\n| ") == 2 + 3  # the participants table: header, rule, three rows
+        # every expert's node committed its delta, and the fetch-only node (the fuser) the fused one
+        assert re.search(r"attested by [34] of 4 participants", card), card
+        assert card.count("\n| ") == 2 + 4  # the participants table: header, rule, four rows
 
 
 def test_second_run_reuses_the_cached_models(demo):
