@@ -22,9 +22,11 @@ Every participant, after the deadline: :meth:`FusionRounds.judge` recomputes the
 probe losses of every delta committed as fused and excludes it, with the reason, when
 the record is missing or does not match (packs, probe, replay set), or when the
 figures are off, show no improvement, or show more drift on the replay set than the
-proposal allows; with ``pivot: merge`` also when the round does not merge exactly the
-pinned deltas, and it measures against the same weight merge, built from the proposal. Fused deltas are left out of the norm-outlier comparison: a distilled
-delta has another scale than a fine-tune, and its quality is judged on the probe.
+proposal allows. With ``pivot: merge`` it builds the same weight merge from the
+proposal, measures against it, and also excludes the fused delta when the round does
+not merge exactly the pinned deltas. Fused deltas are left out of the norm-outlier
+comparison: a distilled delta has another scale than a fine-tune, and its quality is
+judged on the probe.
 """
 
 from __future__ import annotations
@@ -219,7 +221,9 @@ class FusionRounds:
             packs, probe, replay = await self._inputs(block, proposal["deadline"] - time.time())
             base_dir = self.node.store.resolve(proposal["base_id"])
             scratch.mkdir(parents=True, exist_ok=True)
-            pivot_dir = await self._pivot(proposal, scratch, proposal["deadline"] - time.time()) if fusion.merges_pivot(block) else None
+            pivot_dir = None
+            if fusion.merges_pivot(block):  # distil into the round's weight merge, not its base
+                pivot_dir = await self._pivot(proposal, scratch, proposal["deadline"] - time.time())
             delta_out = scratch / "fused.delta.safetensors"
             before, after = await asyncio.get_running_loop().run_in_executor(
                 None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
