@@ -127,25 +127,29 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
     return result
 
 
-def write_probe_and_replay(directory: Path, base_dir: Path):
-    """The probe every expert's pack covers (training-split examples of each domain, with
-    their answers) and the replay set (prompts of every suite with the base's own greedy
-    answers: no labels). Deterministic: the same files every run."""
+def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int | None = None,
+                           replay_prompts: int | None = None, seed: str = "demo-probe"):
+    """The probe every expert's pack covers (``per_domain`` training-split examples of each
+    domain, with their answers) and the replay set (prompts of every suite, compose
+    included, with the greedy answers of ``answer_with``: no labels). Deterministic: the
+    same files every run. scripts/bench_heal.py writes its sets with this too."""
+    per_domain = PROBE_PER_DOMAIN if per_domain is None else per_domain
+    replay_prompts = REPLAY_PROMPTS if replay_prompts is None else replay_prompts
     from hivemerge.merge.evaluate import greedy_answers
     from hivemerge.merge.experts import base_mix
     from hivemerge.merge.probe import write_probe
     from hivemerge.merge.training import single_thread
 
     directory.mkdir(parents=True, exist_ok=True)
-    rng = random.Random("demo-probe")
+    rng = random.Random(seed)
     pairs = []
     for domain in tasks.DOMAINS:
         draw = tasks.training_only(tasks.DOMAINS[domain])
-        pairs += [(e.prompt, e.answer + "\n") for e in (draw(rng) for _ in range(PROBE_PER_DOMAIN))]
+        pairs += [(e.prompt, e.answer + "\n") for e in (draw(rng) for _ in range(per_domain))]
     probe = write_probe(pairs, directory / "probe.jsonl")
     draw = tasks.training_only(lambda r: tasks.compose_task(r) if r.random() < 0.5 else base_mix(r))
-    prompts = [draw(rng).prompt for _ in range(REPLAY_PROMPTS)]
-    model, tokenizer = load_model(base_dir)
+    prompts = [draw(rng).prompt for _ in range(replay_prompts)]
+    model, tokenizer = load_model(answer_with)
     with single_thread():
         answers = greedy_answers(model, tokenizer, prompts, max_new=8)
     return probe, write_probe([(p, a + "\n") for p, a in zip(prompts, answers)], directory / "replay.jsonl")

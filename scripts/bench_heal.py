@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 from hivemerge.merge import tasks
 from hivemerge.merge.distill import DistillConfig, fuse_into_pivot
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.evaluate import evaluate, greedy_answers
-from hivemerge.merge.experts import base_mix, build_experts
+from hivemerge.merge.evaluate import evaluate
+from hivemerge.merge.experts import build_experts
 from hivemerge.merge.packs import PackFile, load_causal_lm, make_pack
-from hivemerge.merge.probe import write_probe
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.training import single_thread
-from hivemerge.node.demo import ROUND_RECIPE
+from hivemerge.node.demo import ROUND_RECIPE, write_probe_and_replay
 from hivemerge.protocol.identity import Identity
 
 SUITES = list(tasks.SUITES)
@@ -84,18 +81,8 @@ def main() -> None:
     merged = run_merge(validate_recipe(merge_recipe(models)), work / "merged", device="cpu", overwrite=True).out_dir
     say(f"weight merge ({ROUND_RECIPE['merge_method']}, the demo round's weights) in {time.perf_counter() - t:.1f}s")
 
-    rng = random.Random("heal-probe")
-    pairs = []
-    for domain in DOMAINS:
-        draw = tasks.training_only(tasks.DOMAINS[domain])
-        pairs += [(e.prompt, e.answer + "\n") for e in (draw(rng) for _ in range(args.probe))]
-    probe = write_probe(pairs, work / "probe.jsonl")
-    draw = tasks.training_only(lambda r: tasks.compose_task(r) if r.random() < 0.5 else base_mix(r))
-    prompts = [draw(rng).prompt for _ in range(args.replay)]
-    merged_model, merged_tok = load_causal_lm(merged)
-    with single_thread():
-        answers = greedy_answers(merged_model, merged_tok, prompts, max_new=8)
-    replay = write_probe([(p, a + "\n") for p, a in zip(prompts, answers)], work / "replay.jsonl")
+    # the demo's probe and replay writer; the replay answers are the merge's own here
+    probe, replay = write_probe_and_replay(work, merged, args.probe, args.replay, seed="heal-probe")
 
     owner = Identity.generate()  # in a network each expert's owner signs its own pack
     t = time.perf_counter()
