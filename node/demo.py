@@ -36,14 +36,15 @@ ROUND_RECIPE = {
     "domain_parameters": {"math": {"weight": 1.0}},
     "dtype": "float32",
     "out_dtype": "float32",
-    "deadline": 75,  # seconds: the fuser's time to merge, distil and commit (52 s on 2 cores)
+    "deadline": 75,  # seconds: the fuser's time to merge, distil and commit (52-60 s on 2 cores)
     "quorum": 2 / 3,
 }
 # The round's fusion step: the fetch-only node (the proposer, so the fuser) distils the
 # experts' packs into the round's weight merge, which the fused delta then replaces. It
-# wins back what the weight merge lost (scripts/bench_heal.py: 400 steps take every
-# domain to within 3 points of its expert). The replay set, prompts of every suite with
-# the base's own answers, holds the merge to itself elsewhere, compose included.
+# wins back what the weight merge lost (these 300 steps: every domain within 2.5 points
+# of its expert, README; scripts/bench_heal.py measures more settings offline). The
+# replay set, prompts of every suite with the base's own answers, holds the merge to
+# itself elsewhere, compose included.
 FUSION = {
     "packs": {"domains": list(tasks.DOMAINS)}, "pivot": "merge", "method": "mince", "lambda": 0.5, "steps": 300,
     "lr": 5e-4, "batch": 48, "replay_share": 0.25, "codec": "int8",
