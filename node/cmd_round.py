@@ -38,6 +38,9 @@ def propose(
             if candidate.is_file():
                 document["fusion"]["replay"] = str(candidate.resolve())
                 break
+    fusion = document.get("fusion")
+    if isinstance(fusion, dict) and fusion.get("fuser") is None and not as_json:
+        err.print("this node is the round's fuser: it distils the fusion step before it proposes the round")
     with _node(home, None) as node:
         proposal = node.propose(document=document)
     if as_json:

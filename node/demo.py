@@ -36,7 +36,7 @@ ROUND_RECIPE = {
     "domain_parameters": {"math": {"weight": 1.0}},
     "dtype": "float32",
     "out_dtype": "float32",
-    "deadline": 75,  # seconds: the fuser's time to merge, distil and commit (52-60 s on 2 cores)
+    "deadline": 15,  # seconds for the experts' nodes to commit (the fuser distils before it proposes)
     "quorum": 2 / 3,
 }
 # The round's fusion step: the fetch-only node (the proposer, so the fuser) distils the
@@ -88,10 +88,11 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
             pack = make_pack(models[domain], probe, workdir / "fusion" / f"{domain}.pack.safetensors", node.identity)
             node.rounds.fusion.publish_pack(pack.path, probe.path, domain)
             say(f"{domain} pack published: {pack.tokens:,} tokens of its domain's probe, {pack.bytes:,} bytes")
+        say(f"the fetch-only node, the round's fuser, merges the experts ({ROUND_RECIPE['merge_method']}) and heals the "
+            f"merge with their packs ({FUSION['steps']} distillation steps) before it proposes the round")
         proposal = fetcher.propose({**ROUND_RECIPE, "base_model": str(base_dir), "select": {"domains": list(tasks.DOMAINS)},
                                     "fusion": {**FUSION, "replay": str(replay.path)}})
-        say(f"round {proposal['round_id'][:12]} proposed: {ROUND_RECIPE['merge_method']}, healed by {FUSION['steps']} fusion "
-            f"steps on the fetch-only node; commitments close in {ROUND_RECIPE['deadline']}s")
+        say(f"round {proposal['round_id'][:12]} proposed; commitments close in {ROUND_RECIPE['deadline']}s")
         deadline = time.time() + ROUND_RECIPE["deadline"] + ROUND_TIMEOUT
         final = None
         while final is None:

@@ -10,13 +10,16 @@ every distillation setting), so the proposal, not the DHT of the moment, says wh
 fused. A replay set given as a file is stored by the proposer, which serves it like a
 probe set (the same format, store suffix and transfer).
 
-The fuser (designated by the proposal; the proposer by default): when it sees the
-winning proposal it fetches the packs and the probe, distils them into the round's
-base (with ``pivot: merge``, into the weight merge of the deltas the proposal pinned,
-fetched and merged first; with the replay set, if named), stores the signed fused delta
-(always against the base), stores a signed
-``record/fusion`` with the probe losses (and the replay figure), and commits the fused
-delta under the domain ``fused`` before the deadline.
+The fuser (designated by the proposal; the proposer by default) fetches the packs and
+the probe, distils them into the round's base (with ``pivot: merge``, into the weight
+merge of the deltas the proposal pinned, fetched and merged first; with the replay set,
+if named) and stores the signed fused delta (always against the base). When it sees the
+winning proposal it stores a signed ``record/fusion`` with the probe losses (and the
+replay figure) and commits the fused delta under the domain ``fused`` before the
+deadline. A proposer that is its own fuser distils in :meth:`FusionRounds.prepare`,
+before the proposal exists (the result kept under :func:`ahead_key`), so the commitment
+window need not cover the distillation; a fuser named by key distils when it sees the
+proposal, within the window.
 
 Every participant, after the deadline: :meth:`FusionRounds.judge` recomputes the
 probe losses of every delta committed as fused and excludes it, with the reason, when
@@ -32,6 +35,7 @@ judged on the probe.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
 PACKS_FILE = "packs.json"  # the packs this node published
 WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
 COMMIT_MARGIN = 0.5  # seconds before the deadline a fused delta must be committed by
+AHEAD_FETCH_WINDOW = 60.0  # per input fetched when distilling before proposing
+AHEAD_TIMEOUT = 7 * 24 * 3600.0  # distilling before proposing takes what it takes; it reports its own errors
 
 
 class FusionRounds:
@@ -156,6 +162,9 @@ class FusionRounds:
             if not self.node.store.has(base_id):
                 raise UserInputError("base_model: this node is the fuser and needs the base; give its directory")
             write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
+            # Distil now, before the proposal exists: the commitment window then needs to
+            # cover only the commitments, however long the distillation takes here.
+            self.node._run(self._fuse_ahead({**document, "fusion": block}, base_id), AHEAD_TIMEOUT)
         return {**document, "fusion": block}
 
     def _pin_experts(self, select, base_id: str) -> dict[str, str]:
@@ -202,6 +211,8 @@ class FusionRounds:
                 continue
             rid = winner["round_id"]
             state = self.state(rid)
+            if state is None:
+                state = await self._adopt_ahead(winner)  # distilled before it was proposed
             # "fusing" with no task in this process: a restart cut the fusion short; start over
             if (state is None or state["phase"] == "fusing") and rid not in self._running:
                 self._running[rid] = asyncio.create_task(self._fuse(winner))
@@ -210,39 +221,87 @@ class FusionRounds:
 
     async def _fuse(self, proposal: dict) -> None:
         """Fetch, distil, store the delta and the fusion record; the next tick commits it."""
-        from hivemerge.merge.fusion_check import run_fusion
-
         rid = proposal["round_id"]
         state = {"phase": "fusing", "started": time.time()}
         self._save(rid, state)
-        block = fusion.check_fusion_block(proposal["recipe"]["fusion"], resolved=True)
-        scratch = self.node.store.partial / f"fusion-{rid}"
         try:
-            packs, probe, replay = await self._inputs(block, proposal["deadline"] - time.time())
-            base_dir = self.node.store.resolve(proposal["base_id"])
-            scratch.mkdir(parents=True, exist_ok=True)
-            pivot_dir = None
-            if fusion.merges_pivot(block):  # distil into the round's weight merge, not its base
-                pivot_dir = await self._pivot(proposal, scratch, proposal["deadline"] - time.time())
-            delta_out = scratch / "fused.delta.safetensors"
-            before, after = await asyncio.get_running_loop().run_in_executor(
-                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
-            delta_id = self.node.store.add_delta(delta_out)
-            fields = {
-                "round_id": rid, "delta_id": delta_id, "packs": block["packs"]["ids"], "probe_id": block["probe"],
-                "replay_id": block["replay"], "before": before, "after": after, **self.node.contact(),
-                "issued_at": time.time(),
-            }
-            await self.node.store_record("record/fusion", rounds.round_key(rid), fields, self.coordinator.ttl(proposal))
-            state.update(phase="fused", delta_id=delta_id, before=before, after=after)
+            fused = await self._distil(proposal, rid, proposal["deadline"] - time.time())
+            await self._store_fusion_record(proposal, fused)
+            state.update(phase="fused", **fused)
         except Exception as exc:
             state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             self.node.log(f"fusion for round {rid[:12]}: {state['error']}")
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
             state["seconds"] = round(time.time() - state["started"], 3)
             self._save(rid, state)
             self._running.pop(rid, None)
+
+    async def _distil(self, proposal: dict, label: str, window: float) -> dict:
+        """Fetch the inputs (each within ``window`` seconds), distil, and store the signed
+        fused delta: ``{"delta_id", "before", "after"}``. ``proposal`` needs only its
+        ``base_id`` and ``recipe`` (a round not yet proposed has no id or deadline)."""
+        from hivemerge.merge.fusion_check import run_fusion
+
+        block = fusion.check_fusion_block(proposal["recipe"]["fusion"], resolved=True)
+        scratch = self.node.store.partial / f"fusion-{label}"
+        try:
+            packs, probe, replay = await self._inputs(block, window)
+            base_dir = self.node.store.resolve(proposal["base_id"])
+            scratch.mkdir(parents=True, exist_ok=True)
+            pivot_dir = None
+            if fusion.merges_pivot(block):  # distil into the round's weight merge, not its base
+                pivot_dir = await self._pivot(proposal, scratch, window)
+            delta_out = scratch / "fused.delta.safetensors"
+            before, after = await asyncio.get_running_loop().run_in_executor(
+                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
+            return {"delta_id": self.node.store.add_delta(delta_out), "before": before, "after": after}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _store_fusion_record(self, proposal: dict, fused: dict) -> None:
+        block = proposal["recipe"]["fusion"]
+        fields = {
+            "round_id": proposal["round_id"], "delta_id": fused["delta_id"], "packs": block["packs"]["ids"],
+            "probe_id": block["probe"], "replay_id": block["replay"], "before": fused["before"], "after": fused["after"],
+            **self.node.contact(), "issued_at": time.time(),
+        }
+        await self.node.store_record("record/fusion", rounds.round_key(proposal["round_id"]), fields, self.coordinator.ttl(proposal))
+
+    # -- distilling before proposing --------------------------------------------------------
+    async def _fuse_ahead(self, document: dict, base_id: str) -> None:
+        """The proposer that is its own fuser distils before the round exists; the result
+        is kept under :func:`ahead_key`, which the proposal's fusion block and merge
+        settings determine, and adopted when that proposal wins."""
+        started = time.time()
+        key = ahead_key(base_id, document)
+        if self._ahead(key) is not None:
+            return
+        try:
+            fused = await self._distil({"base_id": base_id, "recipe": document, "round_id": f"ahead-{key}"},
+                                       f"ahead-{key[:16]}", AHEAD_FETCH_WINDOW)
+        except UserInputError as exc:
+            raise UserInputError(f"fusion (this node is the fuser and distils before proposing): {exc}") from None
+        except (Exception, asyncio.TimeoutError) as exc:
+            raise UserInputError(f"fusion (this node is the fuser and distils before proposing) failed: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        write_json(self.dir / f"ahead-{key}.json", {**fused, "seconds": round(time.time() - started, 3)})
+
+    def _ahead(self, key: str) -> dict | None:
+        path = self.dir / f"ahead-{key}.json"
+        if not path.is_file():
+            return None
+        fused = json.loads(path.read_text())
+        return fused if self.node.store.has(fused["delta_id"]) else None
+
+    async def _adopt_ahead(self, proposal: dict) -> dict | None:
+        """The "fused" state of a round this node distilled before proposing (None if it did not)."""
+        fused = self._ahead(ahead_key(proposal["base_id"], proposal["recipe"]))
+        if fused is None:
+            return None
+        await self._store_fusion_record(proposal, {k: fused[k] for k in ("delta_id", "before", "after")})
+        state = {"phase": "fused", "ahead": True, **fused}
+        self._save(proposal["round_id"], state)
+        return state
 
     async def _commit(self, proposal: dict, state: dict) -> None:
         """Commit the fused delta with this node's own matching deltas (one commitment per node)."""
@@ -374,6 +433,15 @@ class FusionRounds:
             "record": None if record is None else {k: record[k] for k in ("delta_id", "replay_id", "before", "after")},
             "verdict": verdict, "verdicts": verdicts, "fuser_phase": local.get("phase"),
         }
+
+
+def ahead_key(base_id: str, recipe: dict) -> str:
+    """What a fused delta depends on: the base, the resolved fusion block and the merge
+    settings of the pivot (a round recipe or a proposal's template: the same keys)."""
+    from hivemerge.protocol.content import canonical_json
+
+    merge = {k: recipe[k] for k in ("merge_method", "parameters", "domain_parameters", "dtype", "out_dtype", "seed") if k in recipe}
+    return hashlib.sha256(canonical_json({"base_id": base_id, "fusion": recipe["fusion"], "merge": merge})).hexdigest()
 
 
 def _check_domain(domain: str) -> None:

@@ -297,6 +297,8 @@ class Node:
                 self.store.add_model(Path(ref))  # every node of the search builds the space from the base
             return self.searches.propose(document, base_id)
         if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/fusion_rounds.py)
+            # the rest of the recipe is checked first: its fuser may distil for minutes in prepare
+            proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, time.time())
             document = self.rounds.fusion.prepare(document, ref, base_id)
         proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}

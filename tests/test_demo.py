@@ -54,9 +54,9 @@ def demo(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            # Commitments close 12 s after the proposal instead of 75, and the fusion step is
-            # scaled to the tiny models: on loopback every node commits within about a second
-            # (the nodes poll every 0.5 s) and the fuser needs a few seconds.
+            # Commitments close 12 s after the proposal instead of 15 (on loopback every node
+            # commits within about a second: the nodes poll every 0.5 s), and the fusion step,
+            # done by the fuser before it proposes, is scaled to the tiny models.
             # test_consensus_model_is_the_rounds_result checks that all four committed.
             patch.setitem(ROUND_RECIPE, "deadline", DEADLINE)
             for key, value in TINY_FUSION.items():

@@ -184,6 +184,37 @@ def test_a_fusion_into_the_weight_merge_replaces_it_with_the_base_plus_the_fused
     assert record["after"]["fused"] < record["before"]["fused"] - 0.05
 
 
+def test_a_proposing_fuser_distils_first_so_a_distillation_longer_than_the_window_still_joins(net, setup, tmp_path, monkeypatch):
+    """The proposer is its own fuser: it distils before it proposes, so the commitment
+    window need not cover the distillation. Here the distillation takes longer than the
+    whole window; the fused delta is still committed at once and kept by every node."""
+    from hivemerge.merge import fusion_check
+
+    real = fusion_check.run_fusion
+
+    def slow(*args, **kwargs):
+        time.sleep(DEADLINE + 2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fusion_check, "run_fusion", slow)
+    asked = time.time()
+    (a, m, s), published, proposal = start(net, setup, pivot="merge")
+    assert proposal["deadline"] >= asked + 2 * DEADLINE + 2  # proposed only once the distillation was done
+    state = wait_fused(a, proposal)
+    assert state["ahead"] is True and state["seconds"] >= DEADLINE + 2
+    found = m._run(m.network.get_records(rounds.round_key(proposal["round_id"])), 30)
+    commitment = next(r for r in found.values() if r.get("delta_ids") and r["publisher"] == a.identity.public_hex)
+    assert commitment["delta_ids"] == [state["delta_id"]] and commitment["issued_at"] < proposal["deadline"] - DEADLINE / 2
+    states = wait_round_done([a, m, s], proposal["round_id"], timeout=DEADLINE + 90)
+    pinned = sorted(p["delta_id"] for p in published.values())
+    for st in states:
+        assert st["phase"] == "attested", st.get("error")
+        assert st["excluded"] == {}
+        assert st["included"] == sorted([*pinned, state["delta_id"]])
+    fused_only = offline_merge(tmp_path / "fused-only", setup[0].pivot, delta_files(a, [state["delta_id"]]), TEMPLATE)
+    assert {st["result_id"] for st in states} == {fused_only}
+
+
 def test_an_expert_joining_after_the_proposal_voids_the_fusion_into_the_weight_merge(net, setup, tmp_path):
     """A third expert published after the proposal commits too: the round's merge is then
     not the one the fused delta was distilled into, so every node excludes the fused
