@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hivemerge.merge.align import VocabMap, align_tokens, edit_distance
+from hivemerge.merge.align import Group, VocabMap, _search, align_tokens, edit_distance
 from hivemerge.merge.fuse import fuse_examples, fuse_token, project
 from hivemerge.merge.packs import ExampleDistributions
 
@@ -58,6 +58,24 @@ def test_band_is_widened_when_texts_drift():
     # prefix, and no single group reaches the end: the band widens until one does.
     src, piv = ["x" * 30, *"abcdefgh"], list("abcdefgh")
     assert groups(src, piv, band=2) == [((0, 1), (0, 0), 30)] + [((i + 1, i + 2), (i, i + 1), 0) for i in range(8)]
+
+
+@pytest.mark.parametrize("tokens", [
+    list("47+38=85\n"),  # a character tokenizer: the demo's experts and pivot
+    ["47", "+", "38", "=", "85", "\n"],
+    ["a", "a", "aa", "a", " ", "a"],  # repeats, where many cheap groupings exist
+    ["x"],
+    [],
+])
+def test_identical_tokens_align_one_to_one_as_the_search_does(tokens):
+    expected = [Group((i, i + 1), (i, i + 1), 0) for i in range(len(tokens))]
+    assert align_tokens(tokens, list(tokens)) == expected
+    assert _search(tokens, list(tokens), 8) == expected  # the shortcut gives what the search finds
+
+
+def test_identical_tokens_with_an_empty_one_are_searched():
+    tokens = ["a", "", "b"]  # an empty token could join either neighbour at no cost
+    assert align_tokens(tokens, list(tokens)) == _search(tokens, list(tokens), 8)
 
 
 def test_vocab_map_exact_then_nearest():

@@ -30,6 +30,7 @@ from round_fixtures import RoundNet, offline_merge, wait_round_done
 from safetensors.torch import load_file, save_file
 
 from hivemerge.protocol import fusion, rounds
+from hivemerge.protocol.errors import UserInputError
 
 TEMPLATE = {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0}}
 FUSION = {"packs": {"domains": ["rotate"]}, "lambda": 0.0, "steps": 20, "lr": 3e-3, "batch": 16, "codec": "int8"}
@@ -213,6 +214,17 @@ def test_a_proposing_fuser_distils_first_so_a_distillation_longer_than_the_windo
         assert st["included"] == sorted([*pinned, state["delta_id"]])
     fused_only = offline_merge(tmp_path / "fused-only", setup[0].pivot, delta_files(a, [state["delta_id"]]), TEMPLATE)
     assert {st["result_id"] for st in states} == {fused_only}
+
+
+def test_a_short_lived_client_cannot_be_the_fuser(net, setup):
+    hetero, experts = setup
+    a, h = net.start_many(["a", "h"])
+    h.publish_pack(str(hetero.pack), str(hetero.probe.path), "rotate")
+    client = net.start("client", peers=a.maddrs(), client_mode=True)
+    document = {**TEMPLATE, "base_model": str(hetero.pivot), "select": {"domains": ["add"]}, "deadline": DEADLINE, "fusion": FUSION}
+    with pytest.raises(UserInputError, match="would be the round's fuser, which must keep serving the fused delta"):
+        client.propose(document)
+    assert not (client.home / "fusions").is_dir() or not any((client.home / "fusions").glob("ahead-*"))  # nothing distilled
 
 
 def test_an_expert_joining_after_the_proposal_voids_the_fusion_into_the_weight_merge(net, setup, tmp_path):
