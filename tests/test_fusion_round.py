@@ -13,7 +13,9 @@ its fusion record, and commits it; every participant recomputes the probe losses
   the result is the merge of the two;
 - ``pivot: merge``: the fuser distils into the weight merge of the two deltas the
   proposal pinned, and every node attests the base plus the fused delta alone, whose
-  record's "before" figures are the weight merge's.
+  record's "before" figures are the weight merge's;
+- the proposer, its own fuser, distils before it proposes: a distillation longer than
+  the whole commitment window still joins; a short-lived client cannot be the fuser.
 """
 
 from __future__ import annotations
