@@ -156,10 +156,10 @@ class FusionRounds:
         if block["pivot"] == "merge":
             block["pivot_deltas"] = self._pin_experts(document.get("select"), base_id)
         block = fusion.check_fusion_block(block, resolved=True)
-        if block["fuser"] == self.node.identity.public_hex and self.node.client_mode:
-            raise UserInputError("fusion: this node would be the round's fuser, which must keep serving the fused delta; "
-                                 "propose from a running node (hivemerge node start) or name another node as fusion.fuser")
         if block["fuser"] == self.node.identity.public_hex:
+            if self.node.client_mode:
+                raise UserInputError("fusion: this node would be the round's fuser, which must keep serving the fused delta; "
+                                     "propose from a running node (hivemerge node start) or name another node as fusion.fuser")
             if not base_ref.startswith("hm://") and not self.node.store.has(base_id):
                 self.node.store.add_model(Path(base_ref))  # the fuser distils into the base
             if not self.node.store.has(base_id):
