@@ -1,9 +1,10 @@
 """Reductions and selections whose results do not depend on device or thread count.
 
 Consensus between peers compares hashes of merged bytes, so every number that feeds
-the output must be reproducible bit for bit. Elementwise IEEE operations are; library
-reductions (sum, norm) are not, since their summation order depends on threads, SIMD
-width and device. These helpers only use elementwise operations and integer counts.
+the output must be reproducible bit for bit. Elementwise IEEE operations are (except
+division by a number on CUDA: see :func:`divide`); library reductions (sum, norm) are
+not, since their summation order depends on threads, SIMD width and device. These
+helpers only use elementwise operations and integer counts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ def pairwise_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     while x.shape[-1] > 1:
         x = x[..., 0::2] + x[..., 1::2]
     return x[..., 0]
+
+
+def divide(x: torch.Tensor, divisor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x / divisor`` for a Python number, rounded as the CPU rounds it, on every device.
+
+    Given a number, CUDA multiplies by its reciprocal (two roundings) where the CPU
+    divides (one); a divisor held in a tensor is divided on both. Half types are divided
+    in float32 and rounded once, as the CPU does with a number. ``out`` may be ``x``."""
+    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    d = torch.tensor(divisor, dtype=opmath, device=x.device)
+    if opmath == x.dtype:
+        return torch.div(x, d, out=out)
+    quotient = (x.to(opmath) / d).to(x.dtype)
+    return quotient if out is None else out.copy_(quotient)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:

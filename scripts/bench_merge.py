@@ -39,11 +39,13 @@ takes the CPU wheel, not a CUDA build), then `pip install mergekit==0.1.5`.
 Usage:
     python scripts/bench_merge.py                   # I/O floor and hivemerge only
     python scripts/bench_merge.py --with-mergekit   # all three, plus the output diff
+    python scripts/bench_merge.py --device both     # on a GPU machine: CPU and CUDA runs, bytes compared
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -245,8 +247,8 @@ def child_compare(a_dir: Path, b_dir: Path, result_file: Path) -> None:
     result_file.write_text(json.dumps(out))
 
 
-def child_hivemerge(recipe: Path, out_dir: Path, threads: int) -> None:
-    """What `hivemerge merge RECIPE --out OUT --device cpu --threads N` does, minus the progress bar."""
+def child_hivemerge(recipe: Path, out_dir: Path, threads: int, device: str) -> None:
+    """What `hivemerge merge RECIPE --out OUT --device DEVICE --threads N` does, minus the progress bar."""
     import torch
 
     from hivemerge.merge.engine import run_merge
@@ -254,7 +256,7 @@ def child_hivemerge(recipe: Path, out_dir: Path, threads: int) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    result = run_merge(load_recipe(recipe), out_dir, device="cpu")
+    result = run_merge(load_recipe(recipe), out_dir, device=device)
     print(f"merged {result.tensors} tensors on {result.device} in {result.seconds:.2f}s (in-process)")
 
 
@@ -432,6 +434,10 @@ def warm_cache(models_dir: Path) -> None:
         "all runs below read from the page cache (dropping it needs root), equally")
 
 
+def file_digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*.safetensors"))
 
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         elif mode == "_io_floor":
             child_io_floor(Path(rest[0]), Path(rest[1]), int(rest[2]))
         elif mode == "_hivemerge":
-            child_hivemerge(Path(rest[0]), Path(rest[1]), int(rest[2]))
+            child_hivemerge(Path(rest[0]), Path(rest[1]), int(rest[2]), rest[3])
         elif mode == "_compare":
             child_compare(Path(rest[0]), Path(rest[1]), Path(rest[2]))
         elif mode == "_startup":
@@ -521,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Give expert3 weight 1.0 instead of the gradient [0.9, 1.1]. Tools that place the final norm "
                              "and LM head at different gradient positions (hivemerge: t=1; mergekit 0.1.5: t=0) then agree "
                              "there, and the output diff shows TIES tie-breaking alone.")
+    parser.add_argument("--device", choices=("cpu", "cuda", "both"), default="cpu",
+                        help="Where hivemerge merges. both: once on the CPU and once on CUDA, and checks that the two "
+                             "outputs are byte-identical (the consensus every node computes depends on it). "
+                             "mergekit always runs on the CPU.")
     parser.add_argument("--keep", action="store_true",
                         help="Keep the merged outputs under WORKDIR/out (by default they are deleted; the cached models stay).")
     args = parser.parse_args(argv)
@@ -547,12 +557,15 @@ def main(argv: list[str] | None = None) -> int:
     warm_cache(models_dir)
     threads = args.threads
     if args.cli:
-        def hivemerge_cmd(out: Path) -> list[str]:
-            return [sys.executable, "-m", "hivemerge", "merge", str(recipe), "--device", "cpu", "--threads", str(threads), "--out", str(out)]
+        def hivemerge_cmd(out: Path, device: str) -> list[str]:
+            return [sys.executable, "-m", "hivemerge", "merge", str(recipe), "--device", device, "--threads", str(threads), "--out", str(out)]
     else:
-        def hivemerge_cmd(out: Path) -> list[str]:
-            return [sys.executable, str(SCRIPT), "_hivemerge", str(recipe), str(out), str(threads)]
-    runs: dict[str, list[Run]] = {"startup": [], "io_floor": [], "hivemerge": [], "mergekit": []}
+        def hivemerge_cmd(out: Path, device: str) -> list[str]:
+            return [sys.executable, str(SCRIPT), "_hivemerge", str(recipe), str(out), str(threads), device]
+    # label -> device of each hivemerge run
+    hivemerge_runs = {"cpu": {"hivemerge": "cpu"}, "cuda": {"hivemerge_cuda": "cuda"},
+                      "both": {"hivemerge": "cpu", "hivemerge_cuda": "cuda"}}[args.device]
+    runs: dict[str, list[Run]] = {"startup": [], "io_floor": [], "hivemerge": [], "hivemerge_cuda": [], "mergekit": []}
     for r in range(args.repeat):
         tag = f" (run {r + 1}/{args.repeat})" if args.repeat > 1 else ""
         suffix = f"-{r}" if args.repeat > 1 else ""
@@ -562,9 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         out = out_root / f"io_floor{suffix}"
         runs["io_floor"].append(measure("io_floor", [sys.executable, str(SCRIPT), "_io_floor", str(models_dir), str(out), str(threads)],
                                         log_file=logs / f"io_floor{suffix}.log"))
-        log(f"hivemerge{tag}: " + ("hivemerge merge --device cpu" if args.cli else "run_merge(load_recipe(...), device='cpu')"))
-        out = out_root / f"hivemerge{suffix}"
-        runs["hivemerge"].append(measure("hivemerge", hivemerge_cmd(out), log_file=logs / f"hivemerge{suffix}.log"))
+        for label, device in hivemerge_runs.items():
+            log(f"{label}{tag}: " + (f"hivemerge merge --device {device}" if args.cli else f"run_merge(load_recipe(...), device='{device}')"))
+            out = out_root / f"{label}{suffix}"
+            runs[label].append(measure(label, hivemerge_cmd(out, device), log_file=logs / f"{label}{suffix}.log"))
         if mergekit_exe:
             log(f"mergekit{tag}: mergekit-yaml --lazy-unpickle (CPU)")
             out = out_root / f"mergekit{suffix}"
@@ -573,10 +587,13 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--num-threads", str(threads)]
             runs["mergekit"].append(measure("mergekit", cmd, log_file=logs / f"mergekit{suffix}.log"))
         if r + 1 < args.repeat:
-            for name in ("io_floor", "hivemerge", "mergekit"):
+            for name in ("io_floor", "hivemerge", "hivemerge_cuda", "mergekit"):
                 shutil.rmtree(out_root / f"{name}{suffix}", ignore_errors=True)
 
     last = f"-{args.repeat - 1}" if args.repeat > 1 else ""
+    same_bytes = None
+    if args.device == "both" and runs["hivemerge"][-1].rc == 0 and runs["hivemerge_cuda"][-1].rc == 0:
+        same_bytes = file_digests(out_root / f"hivemerge{last}") == file_digests(out_root / f"hivemerge_cuda{last}")
     diff_lines: list[str] = []
     if mergekit_exe and runs["mergekit"] and runs["mergekit"][-1].rc == 0 and runs["hivemerge"][-1].rc == 0:
         log("comparing hivemerge's output with mergekit's, tensor by tensor")
@@ -601,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     print("=" * 78)
     print(f"hivemerge merge benchmark: TIES (density 0.5), base + 3 experts, {n_params / 1e6:.1f}M params each, "
           f"fp16 files, fp32 math")
-    print(f"inputs {in_gib:.2f} GiB read, output {dir_bytes(out_root / f'hivemerge{last}') / 2**30 if (out_root / f'hivemerge{last}').exists() else 0:.2f} GiB written; "
+    first_out = out_root / f"{next(iter(hivemerge_runs))}{last}"
+    print(f"inputs {in_gib:.2f} GiB read, output {dir_bytes(first_out) / 2**30 if first_out.exists() else 0:.2f} GiB written; "
           f"CPU, {os.cpu_count()} cores, threads={threads or 'default'}; python {sys.version.split()[0]}")
     print("page cache: not dropped (needs root); one warm-up read of all inputs before the runs, so every run reads from cache")
     print("wall = whole process incl. interpreter start and imports; CPU = user+sys seconds of that process;")
@@ -615,9 +633,12 @@ def main(argv: list[str] | None = None) -> int:
         "startup": "python + import torch, hivemerge; nothing else",
         "io_floor": "get_tensor x4 models, copied out; ShardedWriter; no math",
         "hivemerge": "hivemerge merge --device cpu" if args.cli else "engine.run_merge(device='cpu'), fresh process",
+        "hivemerge_cuda": "hivemerge merge --device cuda" if args.cli else "engine.run_merge(device='cuda'), fresh process",
         "mergekit": f"mergekit-yaml {MERGEKIT_VERSION} --lazy-unpickle, cpu",
     }
-    for label in ("startup", "io_floor", "hivemerge", "mergekit"):
+    for label in ("startup", "io_floor", "hivemerge", "hivemerge_cuda", "mergekit"):
+        if label.startswith("hivemerge") and label not in hivemerge_runs:
+            continue
         if label == "mergekit" and not mergekit_exe:
             print(f"{label:10} {'-':>8} {'-':>8} {'-':>9} {'-':>6} {'-':>6} {'-':>5}  not run (pass --with-mergekit)")
             continue
@@ -637,6 +658,13 @@ def main(argv: list[str] | None = None) -> int:
     if hm and io:
         r = hm[0] / io[0]
         print(f"hivemerge / io_floor   wall: {r:6.2f}x   (goal <= 4x)     {verdict(r <= 4):6}  CPU: {hm[2] / io[2]:6.2f}x")
+    gpu = summary("hivemerge_cuda")
+    if gpu and io:
+        print(f"hivemerge_cuda / io_floor wall: {gpu[0] / io[0]:6.2f}x  (includes CUDA start-up)")
+    if gpu and hm:
+        print(f"hivemerge_cuda / hivemerge (cpu) wall: {gpu[0] / hm[0]:6.2f}x")
+    if same_bytes is not None:
+        print(f"cpu and cuda outputs byte-identical: {'yes' if same_bytes else 'NO'}")
     if hm and mk:
         r = hm[0] / mk[0]
         print(f"hivemerge / mergekit   wall: {r:6.2f}x   (goal <= 0.25x)  {verdict(r <= 0.25):6}  CPU: {hm[2] / mk[2]:6.2f}x")
@@ -657,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     print("=" * 78)
 
     failed = [r for rs in runs.values() for r in rs if r.rc != 0]
+    if same_bytes is False:
+        failed.append("cpu/cuda bytes differ")
     if args.keep:
         log(f"outputs kept under {out_root}")
     else:

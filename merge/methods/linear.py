@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register, weighted_sum
 from hivemerge.merge.params import ParamSpec
 
@@ -21,5 +22,5 @@ class Linear(MergeMethod):
         total = weighted_sum(job.models, weights)
         divisor = sum(weights)
         if job.params["normalize"] and abs(divisor) > 1e-8:
-            total = total / divisor
+            total = exact.divide(total, divisor)
         return total

@@ -31,7 +31,7 @@ class ModelStock(MergeMethod):
                 cos = cos.clamp(-1.0, 1.0)
                 cos_sum = cos if cos_sum is None else cos_sum + cos
                 pairs += 1
-        cos = cos_sum / pairs
+        cos = exact.divide(cos_sum, pairs)
         n = len(models)
         ratio = (n * cos) / (1 + (n - 1) * cos)  # float64
         ratio = ratio.to(base.dtype)
@@ -40,5 +40,5 @@ class ModelStock(MergeMethod):
         average = models[0]
         for m in models[1:]:
             average = average + m
-        average = average / n
+        average = exact.divide(average, n)
         return average * ratio + base * (1 - ratio)

@@ -42,7 +42,7 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     total = tensors[0]
     for t in tensors[1:]:
         total = total + t
-    return total / len(tensors)
+    return exact.divide(total, len(tensors))
 
 
 def _median(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _median(deltas: list[torch.Tensor]) -> torch.Tensor:
     n = len(deltas)
     if n % 2:
         return ordered[n // 2]
-    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return exact.divide(ordered[n // 2 - 1] + ordered[n // 2], 2)
 
 
 @register

@@ -63,7 +63,7 @@ class TaskVectorMerge(MergeMethod):
                 if rule is not None:
                     exact.keep_or_zero(delta, rule.keep_bits(delta, start))
                     if rescale:
-                        delta.div_(density)
+                        exact.divide(delta, density, out=delta)
                 weighted.append(delta.mul_(w))
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
         return out.view(job.base.shape)
@@ -78,7 +78,10 @@ class TaskVectorMerge(MergeMethod):
             if abs(divisor) < 1e-8:
                 divisor = 1.0
         if params["normalize"]:
-            mixed.div_(divisor)
+            if isinstance(divisor, torch.Tensor):  # per entry (the elected signs' weights)
+                mixed.div_(divisor)
+            else:
+                exact.divide(mixed, divisor, out=mixed)
         if params["lambda"] != 1:
             mixed.mul_(params["lambda"])
         return mixed

@@ -1,0 +1,122 @@
+"""CPU and GPU merges write the same bytes.
+
+Nodes of one round merge on whatever they have (``--device auto``) and then compare
+hashes of the output, so a merge on CUDA must be bit-identical to the CPU's. Every
+registered method runs on the tiny family and on large random tensors (where GPU
+reductions and selections would take other paths than on the CPU), in the compute
+dtypes a recipe can ask for. Skipped where no CUDA device is present: CI has none,
+run it on a GPU machine (``python -m pytest -q tests/test_device_bytes.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY_RECIPES, write_tensors
+
+from hivemerge.merge.engine import run_merge
+from hivemerge.merge.methods import METHODS
+from hivemerge.merge.recipe import validate_recipe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Parameters that make each method do its real work (densities below 1, trims, clips).
+METHOD_PARAMS = {
+    "linear": ({"normalize": True}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.9}]),
+    "model_stock": ({}, [{}, {}, {}]),
+    "task_arithmetic": ({"lambda": 0.8}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.9}]),
+    "ties": ({"normalize": True}, [{"weight": 1.0, "density": 0.3}, {"weight": 0.6, "density": 0.5}, {"weight": 0.9, "density": 0.7}]),
+    "dare_linear": ({}, [{"weight": 1.0, "density": 0.3}, {"weight": 0.6, "density": 0.5}, {"weight": 0.9, "density": 0.7}]),
+    "dare_ties": ({}, [{"weight": 1.0, "density": 0.3}, {"weight": 0.6, "density": 0.5}, {"weight": 0.9, "density": 0.7}]),
+    "breadcrumbs": ({}, [{"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"weight": 0.6, "density": 0.5, "gamma": 0.1}, {"weight": 0.9, "density": 0.7, "gamma": 0.02}]),
+    "breadcrumbs_ties": ({}, [{"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"weight": 0.6, "density": 0.5, "gamma": 0.1}, {"weight": 0.9, "density": 0.7, "gamma": 0.02}]),
+    "median": ({"lambda": 0.9}, [{}, {}, {}]),
+    "trimmed_mean": ({"trim": 0.34}, [{}, {}, {}]),
+    "centered_clip": ({"tau": 0.01, "iterations": 3}, [{}, {}, {}]),
+    "slerp": ({"t": 0.3}, [{}]),
+}
+
+
+def test_every_registered_method_is_covered():
+    assert set(METHOD_PARAMS) == set(METHODS)
+
+
+def recipe_for(method: str, base: Path, experts: list[Path], dtype: str) -> dict:
+    global_params, model_params = METHOD_PARAMS[method]
+    if method == "slerp":
+        models = [{"model": str(base)}, {"model": str(experts[0])}]
+    else:
+        models = [{"model": str(p), "parameters": params} for p, params in zip(experts, model_params)]
+    return {
+        "merge_method": method, "base_model": str(base), "models": models, "parameters": global_params,
+        "dtype": dtype, "out_dtype": "float32" if dtype == "float32" else dtype, "seed": 11,
+    }
+
+
+def digest(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def merged_on(device: str, document: dict, out: Path) -> str:
+    result = run_merge(validate_recipe(document), out, device=device)
+    assert result.device == device
+    return digest(out)
+
+
+@pytest.fixture(scope="module")
+def large_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A base and three experts holding two large tensors (1M and 300k entries, with
+    exact ties and zeros) and a small one: big enough for the GPU's multi-block paths."""
+    root = tmp_path_factory.mktemp("large")
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"model.layers.0.mlp.weight": (1024, 1024), "model.layers.1.attn.weight": (300, 1000), "model.norm.weight": (64,)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    experts = []
+    for i in range(3):
+        tensors = {}
+        for k, s in shapes.items():
+            delta = torch.randn(s, generator=gen) * 0.01
+            delta[..., ::7] = torch.round(delta[..., ::7] * 256) / 256  # many equal magnitudes
+            delta[..., ::11] = 0.0
+            tensors[k] = base[k] + delta
+        experts.append(write_tensors(root / f"expert{i}", tensors))
+    return write_tensors(root / "base", base), experts
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_large_tensors_same_bytes_on_cpu_and_cuda(large_family, tmp_path, method):
+    base, experts = large_family
+    document = recipe_for(method, base, experts, "float32")
+    assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "linear", "slerp", "median"])
+def test_half_compute_dtypes_same_bytes_on_cpu_and_cuda(large_family, tmp_path, method, dtype):
+    base, experts = large_family
+    document = recipe_for(method, base, experts, dtype)
+    assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY_RECIPES))
+def test_tiny_llama_family_same_bytes_on_cpu_and_cuda(tiny_family, tmp_path, method):
+    document = FAMILY_RECIPES[method](tiny_family)
+    assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
+
+
+@pytest.mark.parametrize("codec", ["lossless", "sparse", "ternary", "sign1"])
+def test_delta_inputs_same_bytes_on_cpu_and_cuda(family, tmp_path, codec):
+    """Deltas are decoded on the CPU and merged on the device, as a node merges a round."""
+    from hivemerge.merge.delta import extract_delta
+
+    delta = tmp_path / f"expert.{codec}.delta.safetensors"
+    extract_delta(family.base, family.expert, delta, family.alice, codec)
+    document = {
+        "merge_method": "ties", "base_model": str(family.base), "dtype": "float32", "parameters": {"normalize": True},
+        "models": [{"model": str(delta), "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": str(family.expert2), "parameters": {"weight": 0.7, "density": 0.5}}],
+    }
+    assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
