@@ -4,8 +4,10 @@ Nodes of one round merge on whatever they have (``--device auto``) and then comp
 hashes of the output, so a merge on CUDA must be bit-identical to the CPU's. Every
 registered method runs on the tiny family and on large random tensors (where GPU
 reductions and selections would take other paths than on the CPU), in the compute
-dtypes a recipe can ask for. Skipped where no CUDA device is present: CI has none,
-run it on a GPU machine (``python -m pytest -q tests/test_device_bytes.py``).
+dtypes a recipe can ask for. Those comparisons are skipped where no CUDA device is
+present: CI has none, run them on a GPU machine (``python -m pytest -q
+tests/test_device_bytes.py``). What runs everywhere is a check of the one pitfall found
+on a GPU: a method that divides a tensor by a Python number.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from conftest import FAMILY_RECIPES, write_tensors
 
 from hivemerge.merge.codecs import CODECS
@@ -22,7 +25,7 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.methods import METHODS
 from hivemerge.merge.recipe import validate_recipe
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Parameters that make each method do its real work (densities below 1, trims, clips).
 METHOD_PARAMS = {
@@ -87,6 +90,47 @@ def large_family(tmp_path_factory) -> tuple[Path, list[Path]]:
     return write_tensors(root / "base", base), experts
 
 
+class NumberDivisions(TorchFunctionMode):
+    """Records every division of a tensor by a Python number. CUDA computes ``x / 3.0``
+    as ``x * (1 / 3.0)``, two roundings where the CPU has one, so such a division gives
+    other bytes on a GPU node (``exact.divide`` divides by a tensor instead)."""
+
+    DIVISIONS = {torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div, torch.Tensor.div_,
+                 torch.Tensor.true_divide, torch.Tensor.true_divide_, torch.div, torch.true_divide}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, float]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.DIVISIONS:
+            divisor = args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
+                self.seen.append((getattr(func, "__name__", str(func)), divisor))
+        return func(*args, **kwargs)
+
+
+def test_the_division_check_sees_divisions_by_numbers():
+    x = torch.ones(4)
+    with NumberDivisions() as mode:
+        x / 3, x.div(2.5), x.div_(1.5), torch.div(x, 7), x / torch.tensor(3.0)
+        x /= 2
+    assert [d for _, d in mode.seen] == [3, 2.5, 1.5, 7, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_no_method_divides_a_tensor_by_a_number(large_family, tmp_path, method, dtype):
+    """Runs on the CPU, so CI keeps the GPU's bytes in step without a GPU."""
+    base, experts = large_family
+    document = recipe_for(method, base, experts, dtype)
+    with NumberDivisions() as mode:
+        run_merge(validate_recipe(document), tmp_path / "out", device="cpu")
+    assert mode.seen == []
+
+
+@needs_cuda
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
 def test_large_tensors_same_bytes_on_cpu_and_cuda(large_family, tmp_path, method):
     base, experts = large_family
@@ -94,6 +138,7 @@ def test_large_tensors_same_bytes_on_cpu_and_cuda(large_family, tmp_path, method
     assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "linear", "slerp", "median"])
 def test_half_compute_dtypes_same_bytes_on_cpu_and_cuda(large_family, tmp_path, method, dtype):
@@ -102,12 +147,14 @@ def test_half_compute_dtypes_same_bytes_on_cpu_and_cuda(large_family, tmp_path, 
     assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
 
 
+@needs_cuda
 @pytest.mark.parametrize("method", sorted(FAMILY_RECIPES))
 def test_tiny_llama_family_same_bytes_on_cpu_and_cuda(tiny_family, tmp_path, method):
     document = FAMILY_RECIPES[method](tiny_family)
     assert merged_on("cpu", document, tmp_path / "cpu") == merged_on("cuda", document, tmp_path / "cuda")
 
 
+@needs_cuda
 @pytest.mark.parametrize("codec", sorted(n for n in CODECS if n != "same"))  # "same" is chosen per tensor, not by name
 def test_delta_inputs_same_bytes_on_cpu_and_cuda(family, tmp_path, codec):
     """Deltas are decoded on the CPU and merged on the device, as a node merges a round."""
