@@ -443,7 +443,7 @@ def ahead_key(base_id: str, recipe: dict) -> str:
     settings of the pivot (a round recipe or a proposal's template: the same keys)."""
     from hivemerge.protocol.content import canonical_json
 
-    merge = {k: recipe[k] for k in ("merge_method", "parameters", "domain_parameters", "dtype", "out_dtype", "seed") if k in recipe}
+    merge = {k: recipe[k] for k in (*rounds.MERGE_KEYS, "domain_parameters") if k in recipe}
     return hashlib.sha256(canonical_json({"base_id": base_id, "fusion": recipe["fusion"], "merge": merge})).hexdigest()
 
 

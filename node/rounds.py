@@ -202,7 +202,7 @@ def weight_merge_recipe(proposal: dict, included: list[str], domains: dict[str, 
     for delta_id in included:
         params = per_domain.get(domains.get(delta_id, ""), {})
         models.append({"model": f"hm://{delta_id}", "parameters": dict(params)} if params else {"model": f"hm://{delta_id}"})
-    document = {k: v for k, v in template.items() if k in ("merge_method", "parameters", "dtype", "out_dtype", "seed")}
+    document = {k: v for k, v in template.items() if k in rounds.MERGE_KEYS}
     document.update(base_model=f"hm://{proposal['base_id']}", models=models, name=f"hivemerge round {proposal['round_id'][:12]}")
     return document
 
@@ -220,7 +220,7 @@ def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float
     quorum = document.get("quorum", rounds.DEFAULT_QUORUM)
     if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 < quorum <= 1:
         raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
-    allowed = {"merge_method", "parameters", "dtype", "out_dtype", "seed", "domain_parameters", "fetch_window", "fusion"}
+    allowed = {*rounds.MERGE_KEYS, "domain_parameters", "fetch_window", "fusion"}
     template = {k: v for k, v in document.items() if k in allowed}
     if "fusion" in template:  # resolved by FusionRounds.prepare: pack ids, probe id, fuser
         template["fusion"] = fusion.check_fusion_block(template["fusion"], resolved=True)

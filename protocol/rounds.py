@@ -20,6 +20,9 @@ from hivemerge.protocol.content import content_id
 DEFAULT_QUORUM = 2 / 3
 OUTLIER_FACTOR = 5.0  # a delta norm beyond 5x (or below 1/5) of the median is excluded
 ROUND_KEYS = {"base_id", "recipe", "select", "deadline", "quorum", "proposer"}
+# A round recipe's keys that the weight merge's own recipe takes; with
+# "domain_parameters" (each expert's parameters) they decide the merged bytes.
+MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "seed")
 
 
 def rounds_key(base_id: str) -> str:
