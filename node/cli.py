@@ -27,6 +27,7 @@ from hivemerge.node import cmd_delta, cmd_demo, cmd_identity, cmd_network, cmd_r
 from hivemerge.node.ui import err, tensor_progress  # noqa: E402
 from hivemerge.node import cmd_search  # noqa: E402
 from hivemerge.node import cmd_fuse  # noqa: E402
+from hivemerge.node import cmd_store  # noqa: E402
 
 
 
@@ -122,6 +123,7 @@ app.command()(cmd_network.publish)
 app.command()(cmd_network.experts)
 app.command()(cmd_network.fetch)
 app.add_typer(cmd_round.app, name="round")
+app.add_typer(cmd_store.app, name="store")
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hivemerge.node.local_state import write_json
+from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import fusion, records, rounds
@@ -53,8 +53,6 @@ from hivemerge.protocol.errors import UserInputError
 if TYPE_CHECKING:
     from hivemerge.node.rounds import RoundCoordinator
 
-PACKS_FILE = "packs.json"  # the packs this node published
-WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
 COMMIT_MARGIN = 0.5  # seconds before the deadline a fused delta must be committed by
 AHEAD_FETCH_WINDOW = 60.0  # per input fetched when distilling before proposing
 AHEAD_TIMEOUT = 7 * 24 * 3600.0  # distilling before proposing takes what it takes; it reports its own errors
@@ -64,7 +62,7 @@ class FusionRounds:
     def __init__(self, coordinator: "RoundCoordinator"):
         self.coordinator = coordinator
         self.node = coordinator.node
-        self.dir = self.node.home / "fusions"
+        self.dir = self.node.home / FUSIONS_DIR
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
 

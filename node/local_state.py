@@ -8,6 +8,14 @@ import json
 import os
 from pathlib import Path
 
+# The node's own files in its home: what it publishes and what it takes part in. They
+# alone decide what its content store keeps (node/retention.py).
+PUBLISHED_FILE = "published.json"  # the experts this node published
+PACKS_FILE = "packs.json"  # the logit packs this node published
+WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
+CONSENSUS_FILE = "consensus.json"  # the consensus results this node fetched
+ROUNDS_DIR, SEARCHES_DIR, FUSIONS_DIR = "rounds", "searches", "fusions"  # one state file per round
+
 
 def write_json(path: Path, value) -> None:
     """Write ``value`` as JSON atomically: a crash leaves the former file, never half a file."""

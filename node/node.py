@@ -26,8 +26,10 @@ from hivemerge.merge.codecs import DEFAULT_CODEC
 from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.node.local_state import PUBLISHED_FILE
 from hivemerge.node.network import Network, is_bound
-from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator, proposal_from_recipe
+from hivemerge.node.retention import record_fetched_consensus
+from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator, proposal_from_recipe
 from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
@@ -39,7 +41,6 @@ from hivemerge.protocol.identity import Identity
 DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
 RECORD_TTL = 300.0  # seconds a record lives unless refreshed
 GONE_MARGIN = 0.1  # seconds a "gone" record outlives the live one it replaces
-PUBLISHED_FILE = "published.json"
 # Records announce() re-stores every record_ttl / 3: a failed store is repaired by the next refresh.
 REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack"})
 STORE_ATTEMPTS = 3  # of every other record
@@ -302,7 +303,7 @@ class Node:
             document = self.rounds.fusion.prepare(document, ref, base_id)
         proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
-        ttl = max(self.record_ttl, proposal["deadline"] - time.time() + 3600)
+        ttl = max(self.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
         self._run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
         return proposal
 
@@ -349,6 +350,8 @@ class Node:
         attesters = set(final["attesters"])
         report = self._run(self.fetch_async(result_id, progress=progress), 3600)  # served by the attesters
         path = self.store.resolve(result_id)  # the fetcher verified its content id
+        proposal = final["proposal"]
+        record_fetched_consensus(self.home, base_id, result_id, proposal["round_id"], proposal["deadline"])  # pruning keeps it
         summary = {
             "content": result_id, "round_id": final["proposal"]["round_id"], "attesters": sorted(attesters),
             "participants": sorted(final["commitments"]), "stored": str(path),

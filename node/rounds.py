@@ -22,7 +22,7 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
-from hivemerge.node.local_state import Coordinator
+from hivemerge.node.local_state import ROUNDS_DIR, Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import fusion, rounds
 from hivemerge.protocol.errors import UserInputError
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 POLL_SECONDS = 2.0
 SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
 FETCH_WINDOW = 60.0  # how long a committed delta may take to arrive before it is excluded
+RECORD_MARGIN = 3600.0  # round records outlive the deadline by this much (see ttl)
+SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
 
 class RoundCoordinator(Coordinator):
@@ -42,9 +44,11 @@ class RoundCoordinator(Coordinator):
         self.node = node
         self.poll = poll
         self.device = device
-        self.dir = node.home / "rounds"
+        self.dir = node.home / ROUNDS_DIR
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
+        self.finality_window = RECORD_MARGIN  # how long after the deadline an attested round may still become final
+        self._next_settle: dict[str, float] = {}  # round id -> when to check its finality again
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/fusion_rounds.py)
 
     # -- the loop -----------------------------------------------------------------------
@@ -64,6 +68,9 @@ class RoundCoordinator(Coordinator):
             rid = state["proposal"]["round_id"]
             if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
                 self._running[rid] = asyncio.create_task(self.execute(rid))
+            elif state["phase"] == "attested" and "final" not in state and now >= self._next_settle.get(rid, 0.0):
+                self._next_settle[rid] = now + SETTLE_EVERY
+                await self.settle(state, now)
         await self.fusion.tick(now)
 
     async def proposals(self, base_id: str) -> list[dict]:
@@ -80,7 +87,23 @@ class RoundCoordinator(Coordinator):
 
     def ttl(self, proposal: dict) -> float:
         # Round records must outlive the round by a margin, so late fetchers can still check it.
-        return max(self.node.record_ttl, proposal["deadline"] - time.time() + 3600)
+        return max(self.node.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
+
+    async def settle(self, state: dict, now: float) -> None:
+        """Record whether an attested round became final with this node's result
+        (``final``: true or false). Until then the store keeps everything the round used
+        (node/retention.py); a round still short of quorum when ``finality_window`` has
+        passed since its deadline is taken as not final."""
+        proposal = state["proposal"]
+        commitments, attestations = await self.round_records(proposal["round_id"], proposal["deadline"])
+        result, _ = rounds.final_result(commitments, attestations, proposal["quorum"])
+        if result is not None:
+            state["final"] = result == state["result_id"]
+        elif now > proposal["deadline"] + self.finality_window:
+            state["final"] = False
+        else:
+            return
+        self.save(state)
 
     # -- after the deadline ---------------------------------------------------------------
     async def execute(self, round_id: str) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from hivemerge.node.local_state import Coordinator
+from hivemerge.node.local_state import SEARCHES_DIR, Coordinator
 from hivemerge.node.rounds import FETCH_WINDOW
 from hivemerge.protocol import rounds, search
 from hivemerge.protocol.content import content_id
@@ -40,7 +40,7 @@ class SearchCoordinator(Coordinator):
     def __init__(self, node: "Node", poll: float = 2.0):
         self.node = node
         self.poll = poll
-        self.dir = node.home / "searches"
+        self.dir = node.home / SEARCHES_DIR
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
 

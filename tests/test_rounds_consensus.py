@@ -158,3 +158,38 @@ def test_fetch_without_id_needs_a_base(first_round):
             e.fetch(None, out=first_round["root"] / "nowhere")
     finally:
         first_round["net"].close(e)
+
+
+def test_pruning_keeps_the_final_consensus_where_fetch_finds_it(first_round):
+    """b learns that the first round became final and that the later one (no quorum) did
+    not: its finality window is shortened here, an hour by default. Pruning b's store then
+    removes the later result and the other experts' deltas, keeps the first result, and a
+    new node fetches that result from b alone."""
+    from hivemerge.node.retention import prune
+
+    net, family, a = first_round["net"], first_round["family"], first_round["a"]
+    b, c = first_round["participants"]["math"], first_round["participants"]["code"]
+    first_rid, first_result = first_round["proposal"]["round_id"], first_round["states"][0]["result_id"]
+    later = next(s for s in b.rounds.states() if s["proposal"]["round_id"] != first_rid)
+    b.rounds.finality_window = 0.0
+    deadline = time.time() + 60
+    while not all("final" in s for s in b.rounds.states()):
+        assert time.time() < deadline, b.rounds.states()
+        time.sleep(0.5)
+    assert b.rounds.state(first_rid)["final"] is True
+    assert b.rounds.state(later["proposal"]["round_id"])["final"] is False
+
+    others = {p["delta_id"] for dom, p in first_round["published"].items() if dom != "math"}
+    removed = prune(b.home)
+    assert {i.cid for i in removed} == others | {later["result_id"]}
+    for cid in (first_result, first_round["published"]["math"]["delta_id"], model_id_of(family["base"])):
+        assert b.store.has(cid)
+
+    net.close(c)  # d left earlier: b is the only node that still holds the consensus
+    e = net.start("e4", peers=a.maddrs(), client_mode=True)
+    try:
+        summary = e.fetch(None, out=first_round["root"] / "after-prune", base=family["base"])
+    finally:
+        net.close(e)
+    assert summary["content"] == first_result and summary["bytes_received"] > 0
+    assert model_id_of(first_round["root"] / "after-prune") == first_result
