@@ -8,7 +8,7 @@ fusion a delta. Pruning removes what nothing on this node still needs. Kept are:
 - everything that a round, search or fusion that has not ended mentions, since it may
   still read it. A round ends when it failed, or when this node attested and then
   learned whether the round became final with its result (``final`` in its state,
-  node/rounds.py); a search ends done or failed;
+  node/rounds.py) or fetched its final result; a search ends done or failed;
 - per base, the ``keep`` newest consensus results (final rounds this node attested, and
   final results it fetched), and that base: ``fetch`` serves the newest consensus from
   the nodes that hold it.
@@ -64,6 +64,8 @@ def inventory(home: Path, keep: int = 1) -> list[StoredItem]:
     if keep < 0:
         raise ValueError("keep must be >= 0")
     home = Path(home)
+    if not home.is_dir():
+        raise UserInputError(f"{home}: no such node home")
     store = ContentStore(home)
     items = _stored(store)
     for cid, reason in _needed(home, keep):
@@ -125,7 +127,8 @@ def _needed(home: Path, keep: int):
         yield cid, "base of fusion rounds this node proposes"
 
     rounds = _states(home / ROUNDS_DIR)
-    ended = {rid for rid, s in rounds.items() if _round_ended(s)}
+    fetched = {e.get("round_id") for e in _read_list(home / CONSENSUS_FILE)}  # final rounds, by construction
+    ended = {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in fetched)}
     for rid, state in rounds.items():
         if rid not in ended:
             phase = state.get("phase") if state.get("phase") != "attested" else "attested, not yet known final"

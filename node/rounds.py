@@ -95,7 +95,11 @@ class RoundCoordinator(Coordinator):
         (node/retention.py); a round still short of quorum when ``finality_window`` has
         passed since its deadline is taken as not final."""
         proposal = state["proposal"]
-        commitments, attestations = await self.round_records(proposal["round_id"], proposal["deadline"])
+        try:
+            commitments, attestations = await self.round_records(proposal["round_id"], proposal["deadline"])
+        except Exception as exc:  # a DHT hiccup: check again later, and let this tick's other work go on
+            self.node.log(f"round {proposal['round_id'][:12]}: finality check: {type(exc).__name__}: {exc}")
+            return
         result, _ = rounds.final_result(commitments, attestations, proposal["quorum"])
         if result is not None:
             state["final"] = result == state["result_id"]

@@ -200,6 +200,22 @@ def test_unreadable_state_keeps_everything_it_mentions(home):
     assert "R_old" in kept
 
 
+def test_a_round_whose_final_result_was_fetched_has_ended(home):
+    """The fetch-only proposer of the demo attests, fetches the consensus and stops before
+    it checks finality: the fetch tells it the round is final."""
+    assert "R_pending" in home.names(i for i in inventory(home.path) if i.kept)
+    record_fetched_consensus(home.path, home.ids["B"], home.ids["R_pending"], rid(260), 260.0)
+    kept = {i.cid: i.reasons for i in inventory(home.path) if i.kept}
+    by_id = {cid: name for name, cid in home.ids.items()}
+    assert {by_id[c] for c in kept} == KEPT - {"R_new", "D_pending"}  # R_pending is now the newest consensus of B
+    assert kept[home.ids["R_pending"]] == [f"consensus of round {260:012x} (newest 1 for base {home.ids['B'][:12]})"]
+
+
+def test_a_missing_home_is_an_error(tmp_path):
+    with pytest.raises(UserInputError, match="no such node home"):
+        inventory(tmp_path / "typo")
+
+
 def test_corrupt_publication_list_is_refused(home):
     (home.path / "published.json").write_text("[{")
     with pytest.raises(UserInputError, match="published.json: not valid JSON"):
