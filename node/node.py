@@ -353,7 +353,7 @@ class Node:
         proposal = final["proposal"]
         record_fetched_consensus(self.home, base_id, result_id, proposal["round_id"], proposal["deadline"])  # pruning keeps it
         summary = {
-            "content": result_id, "round_id": final["proposal"]["round_id"], "attesters": sorted(attesters),
+            "content": result_id, "round_id": proposal["round_id"], "attesters": sorted(attesters),
             "participants": sorted(final["commitments"]), "stored": str(path),
         }
         if report is not None:
