@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -177,6 +178,42 @@ def test_mask_does_not_depend_on_chunking(monkeypatch):
     assert torch.equal(rng.bernoulli_mask(key, 1000, 0.4), whole)
     # elements are addressed by position: a window of the stream equals the same slice
     assert torch.equal(rng.uint32_stream(key, 300, 50), rng.uint32_stream(key, 0, 1000)[300:350])
+
+
+def _lowbias32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_stream_matches_a_plain_integer_reference():
+    """Element i is lowbias32(lowbias32(low32(i) ^ k0) ^ high32(i) ^ k1), computed here with
+    Python integers, including indices past 2**32 where the high word takes part."""
+    key = rng.stream_key(7, "model.layers.3.mlp.down_proj.weight", 2)
+    start = (1 << 32) - 5000
+    got = rng.uint32_stream(key, start, 300_000)
+    for offset in (0, 1, 4999, 5000, 5001, 123_456, 299_999):
+        i = start + offset
+        want = _lowbias32(_lowbias32((i & 0xFFFFFFFF) ^ key[0]) ^ (i >> 32) ^ key[1])
+        assert int(got[offset]) == want, offset
+    # and the bytes of the whole window, so a rewrite of the hash cannot move any mask
+    assert hashlib.sha256(got.numpy().tobytes()).hexdigest().startswith("ade156ed0fa0929f")
+
+
+def test_cpu_masks_hashed_in_steps_equal_one_pass(monkeypatch):
+    """bernoulli_chunk hashes the CPU stream in cache-sized steps; the bits are those of
+    one pass over the whole chunk (an odd start and a partial last step included)."""
+    key = rng.stream_key(7, "model.layers.3.mlp.down_proj.weight", 2)
+    one_pass = rng.uint32_stream(key, 123_457, 200_003) < round(0.9 * (1 << 32))
+    assert torch.equal(rng.bernoulli_chunk(key, 123_457, 200_003, 0.9), one_pass)
+    monkeypatch.setattr(rng, "_CPU_STEP", 1000)
+    assert torch.equal(rng.bernoulli_chunk(key, 123_457, 200_003, 0.9), one_pass)
+    mask = rng.bernoulli_mask(key, 5_000_011, 0.37)
+    assert int(mask.sum()) == 1_849_737
+    assert hashlib.sha256(mask.numpy().tobytes()).hexdigest().startswith("b4a5bdf65b52c0c3")
 
 
 def test_stream_key_is_sha256_of_the_triple():
