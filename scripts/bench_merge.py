@@ -10,7 +10,9 @@ What it does, in order:
    word-level tokenizer (mergekit copies the base's tokenizer; hivemerge does too).
 2. Writes a TIES recipe (density 0.5, weights 1.0, 1.0 and a mild gradient [0.9, 1.1],
    or 1.0 with --no-gradient; dtype float32, out_dtype float16), which both tools read
-   as written.
+   as written. --method dare_ties merges the same recipe with DARE's random drop
+   instead of TIES's magnitude trim: its masks are hivemerge's keyed hash, so its output
+   is not expected to equal mergekit's.
 3. Reads every input file once (a warm-up: the OS page cache cannot be dropped without
    root, so all runs read from a warm cache instead, equally), then times each run in
    its own process under /usr/bin/time, which gives wall and CPU seconds and the peak
@@ -83,7 +85,7 @@ NOISE = 0.002  # std of each expert's perturbation
 MODEL_VERSION = 2  # bump when the generator changes, to rebuild cached models
 
 RECIPE = """\
-merge_method: ties
+merge_method: {method}
 base_model: {base}
 models:
   - model: {expert1}
@@ -525,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli", action="store_true",
                         help="Run hivemerge through its command line (`python -m hivemerge merge ...`) instead of "
                              "calling hivemerge.merge.engine.run_merge in a fresh process (same work, no progress bar).")
+    parser.add_argument("--method", choices=("ties", "dare_ties"), default="ties",
+                        help="The recipe's merge method (default: %(default)s).")
     parser.add_argument("--no-gradient", action="store_true",
                         help="Give expert3 weight 1.0 instead of the gradient [0.9, 1.1]. Tools that place the final norm "
                              "and LM head at different gradient positions (hivemerge: t=1; mergekit 0.1.5: t=0) then agree "
@@ -555,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = workdir / "recipe.yaml"
     weight3 = "1.0" if args.no_gradient else "[0.9, 1.1]    # a mild gradient over the layers"
-    recipe.write_text(RECIPE.format(expert3_weight=weight3, **{m: str(models_dir / m) for m in MODEL_NAMES}))
+    recipe.write_text(RECIPE.format(method=args.method, expert3_weight=weight3, **{m: str(models_dir / m) for m in MODEL_NAMES}))
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir(parents=True)
     logs = out_root / "logs"
@@ -623,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     in_gib = sum(dir_bytes(models_dir / m) for m in MODEL_NAMES) / 2**30
     print()
     print("=" * 78)
-    print(f"hivemerge merge benchmark: TIES (density 0.5), base + 3 experts, {n_params / 1e6:.1f}M params each, "
+    print(f"hivemerge merge benchmark: {args.method} (density 0.5), base + 3 experts, {n_params / 1e6:.1f}M params each, "
           f"fp16 files, fp32 math")
     first_out = out_root / f"{next(iter(hivemerge_runs))}{last}"
     print(f"inputs {in_gib:.2f} GiB read, output {dir_bytes(first_out) / 2**30 if first_out.exists() else 0:.2f} GiB written; "
