@@ -106,7 +106,7 @@ def _stored(store: ContentStore) -> dict[str, StoredItem]:
                 items[path.name] = StoredItem(path.name, "model", [path], size)
     for bundle_id in store.bundle_ids():
         path = store.bundles / f"{bundle_id}.json"
-        try:
+        try:  # read raw, not through store.bundle(): one malformed manifest must not stop the listing
             content = json.loads(path.read_text()).get("content")
         except (OSError, ValueError):
             continue
