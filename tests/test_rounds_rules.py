@@ -313,3 +313,86 @@ def test_commitments_signed_after_the_deadline_count_nowhere():
     attestations = {n: {"result_id": "r"} for n in ("early", "late")}
     assert rounds.final_result(rounds.on_time(commitments, 100.0), attestations, 1.0) == (None, [])
     assert rounds.final_result(rounds.on_time(commitments, 100.0), attestations, 0.5) == ("r", ["early"])
+
+
+# -- learning whether an attested round became final (what the store keeps, node/retention.py)
+
+
+def _settling_coordinator(tmp_path, answers):
+    """A round coordinator over a stub node; ``round_records`` returns (or raises) the
+    next of ``answers`` and counts its calls."""
+    from types import SimpleNamespace
+
+    from hivemerge.node.rounds import RoundCoordinator
+
+    logged = []
+    node = SimpleNamespace(home=tmp_path, published=lambda: [], log=logged.append,
+                           identity=SimpleNamespace(public_hex="aa" * 32))
+    coordinator = RoundCoordinator(node, poll=0.01)
+    calls = []
+
+    async def round_records(round_id, deadline):
+        calls.append(round_id)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    coordinator.round_records = round_records
+    return coordinator, calls, logged
+
+
+def _attested(deadline: float, result: str = "r1") -> dict:
+    return {"proposal": {"round_id": "ef" * 32, "base_id": "12" * 32, "deadline": deadline, "quorum": 0.5},
+            "phase": "attested", "result_id": result}
+
+
+def _records(votes: dict[str, str]):
+    return {k: {"delta_ids": []} for k in votes}, {k: {"result_id": r} for k, r in votes.items()}
+
+
+@pytest.mark.parametrize("votes, final", [
+    ({"a": "r1", "b": "r1", "c": "r2"}, True),   # a quorum with this node's result
+    ({"a": "r2", "b": "r2", "c": "r1"}, False),  # final, with another result
+])
+def test_settle_records_whether_the_round_became_final_with_this_result(tmp_path, votes, final):
+    import asyncio
+
+    coordinator, _, _ = _settling_coordinator(tmp_path, [_records(votes)])
+    state = _attested(time.time() - 10)
+    coordinator.save(state)
+    asyncio.run(coordinator.settle(state, time.time()))
+    assert coordinator.state(state["proposal"]["round_id"])["final"] is final
+
+
+def test_settle_waits_for_quorum_until_the_window_ends(tmp_path):
+    import asyncio
+
+    short = _records({"a": "r1", "b": "r2", "c": "r3"})  # no quorum
+    coordinator, _, _ = _settling_coordinator(tmp_path, [short, short])
+    state = _attested(time.time() - 10)
+    coordinator.save(state)
+    asyncio.run(coordinator.settle(state, time.time()))
+    assert "final" not in coordinator.state(state["proposal"]["round_id"])  # may still become final
+    asyncio.run(coordinator.settle(state, state["proposal"]["deadline"] + coordinator.finality_window + 1))
+    assert coordinator.state(state["proposal"]["round_id"])["final"] is False
+
+
+def test_a_failed_finality_check_is_logged_and_retried_later(tmp_path):
+    """A DHT error does not stop the tick; the round is checked again after SETTLE_EVERY,
+    not at every poll."""
+    import asyncio
+
+    from hivemerge.node import rounds as node_rounds
+
+    coordinator, calls, logged = _settling_coordinator(
+        tmp_path, [RuntimeError("dht down"), _records({"a": "r1", "b": "r1", "c": "r1"})])
+    state = _attested(time.time() - 10)
+    coordinator.save(state)
+    asyncio.run(coordinator.tick())
+    asyncio.run(coordinator.tick())  # within SETTLE_EVERY: no second check
+    assert len(calls) == 1 and logged == [f"round {'ef' * 6}: finality check: RuntimeError: dht down"]
+    assert "final" not in coordinator.state(state["proposal"]["round_id"])
+    coordinator._next_settle[state["proposal"]["round_id"]] -= node_rounds.SETTLE_EVERY
+    asyncio.run(coordinator.tick())
+    assert len(calls) == 2 and coordinator.state(state["proposal"]["round_id"])["final"] is True
