@@ -29,6 +29,10 @@ def start(
     listen: Annotated[Optional[list[str]], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")] = None,
     peer: PeerOption = None,
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives unless refreshed.", min=10)] = 300.0,
+    keep_results: Annotated[Optional[int], typer.Option(
+        "--keep-results", min=0,
+        help="After each round that ends, prune the store as `hivemerge store prune --keep N` does (off by default).",
+    )] = None,
 ) -> None:
     """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly."""
     from hivemerge.node.control import ControlServer
@@ -38,7 +42,7 @@ def start(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl)
+    node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl, keep_results=keep_results)
     try:
         control = ControlServer(home, node)
     except BaseException:

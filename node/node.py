@@ -9,10 +9,12 @@ stores while it runs, so its records expire soon after it leaves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,12 +51,25 @@ STORE_RETRY_SECONDS = 0.5  # before the second attempt; twice that before the th
 Progress = Callable[[int, int, str], None]
 
 
+def adds_content(method):
+    """Commands that bring content into the store hold the node's content lock, so that
+    pruning inside the node (``keep_results``) never removes what they are about to use."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.content_lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Node:
     def __init__(
         self, home: Path, listen: list[str] | None = None, peers: list[str] | None = None,
         client_mode: bool = False, record_ttl: float = RECORD_TTL, round_poll: float = POLL_SECONDS, device: str = "auto",
+        keep_results: int | None = None,
     ):
         self.home = Path(home)
+        self.keep_results = keep_results  # prune the store after each round that ends (None: never)
+        self.content_lock = threading.Lock()  # held by commands that add content (see adds_content)
         self.home.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(self.home)
         self.store = ContentStore(self.home)
@@ -170,6 +185,7 @@ class Node:
         return max(self._live_until + GONE_MARGIN, now + 1.0) - now
 
     # -- publishing -------------------------------------------------------------------
+    @adds_content
     def publish(self, model_dir: Path, domain: str, base_dir: Path, codec: str = DEFAULT_CODEC, progress: Progress | None = None) -> dict:
         """Extract the signed delta, store it, and advertise the expert."""
         if self.client_mode:
@@ -216,6 +232,7 @@ class Node:
         }
 
     # -- discovery --------------------------------------------------------------------
+    @adds_content
     def publish_pack(self, pack_file: str, probe_file: str, domain: str) -> dict:
         """Store a heterogeneous expert's logit pack and its probe set, and advertise the pack."""
         return self.rounds.fusion.publish_pack(Path(pack_file), Path(probe_file), domain)
@@ -237,6 +254,7 @@ class Node:
         return [r for r in found.values() if r["maddrs"] and is_bound(r)]
 
     # -- fetching ---------------------------------------------------------------------
+    @adds_content
     def fetch(self, ref: str | None = None, out: str | Path | None = None, base: str | Path | None = None,
               overwrite: bool = False, progress: Progress | None = None) -> dict:
         """Fetch a delta, expert or any content id into the store, then (with ``out``)
@@ -284,6 +302,7 @@ class Node:
         return report
 
     # -- merge rounds -----------------------------------------------------------------
+    @adds_content
     def propose(self, document: dict, base: str | None = None) -> dict:
         """Announce a merge round from a round recipe (see README)."""
         ref = document.get("base_model") or base

@@ -127,8 +127,7 @@ def _needed(home: Path, keep: int):
         yield cid, "base of fusion rounds this node proposes"
 
     rounds = _states(home / ROUNDS_DIR)
-    fetched = {e.get("round_id") for e in _read_list(home / CONSENSUS_FILE)}  # final rounds, by construction
-    ended = {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in fetched)}
+    ended = _ended_rounds(home, rounds)
     for rid, state in rounds.items():
         if rid not in ended:
             phase = state.get("phase") if state.get("phase") != "attested" else "attested, not yet known final"
@@ -138,6 +137,28 @@ def _needed(home: Path, keep: int):
             yield from ((cid, f"search {short_id(rid)} ({state.get('phase')})") for cid in _mentioned(state))
     yield from _needed_by_fusions(home / FUSIONS_DIR, ended)
     yield from _newest_consensus(home, rounds, keep)
+
+
+def live_work(home: Path) -> str | None:
+    """What is under way on this node (a round or search that has not ended, a fusion
+    being distilled), or None: pruning in a running node waits for None."""
+    rounds = _states(Path(home) / ROUNDS_DIR)
+    ended = _ended_rounds(Path(home), rounds)
+    for rid, state in rounds.items():
+        if rid not in ended:
+            return f"round {short_id(rid)} is {state.get('phase')}"
+    for rid, state in _states(Path(home) / SEARCHES_DIR).items():
+        if state.get("phase") not in ENDED_SEARCH:
+            return f"search {short_id(rid)} is {state.get('phase')}"
+    for name, state in _states(Path(home) / FUSIONS_DIR).items():
+        if state.get("phase") == "fusing":
+            return f"fusion {name[:18]} is distilling"
+    return None
+
+
+def _ended_rounds(home: Path, rounds: dict[str, dict]) -> set[str]:
+    fetched = {e.get("round_id") for e in _read_list(home / CONSENSUS_FILE)}  # final rounds, by construction
+    return {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in fetched)}
 
 
 def _round_ended(state: dict) -> bool:

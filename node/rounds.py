@@ -70,7 +70,8 @@ class RoundCoordinator(Coordinator):
                 self._running[rid] = asyncio.create_task(self.execute(rid))
             elif state["phase"] == "attested" and "final" not in state and now >= self._next_settle.get(rid, 0.0):
                 self._next_settle[rid] = now + SETTLE_EVERY
-                await self.settle(state, now)
+                if await self.settle(state, now) and self.node.keep_results is not None:
+                    await self.auto_prune()
         await self.fusion.tick(now)
 
     async def proposals(self, base_id: str) -> list[dict]:
@@ -89,25 +90,46 @@ class RoundCoordinator(Coordinator):
         # Round records must outlive the round by a margin, so late fetchers can still check it.
         return max(self.node.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
 
-    async def settle(self, state: dict, now: float) -> None:
+    async def settle(self, state: dict, now: float) -> bool:
         """Record whether an attested round became final with this node's result
-        (``final``: true or false). Until then the store keeps everything the round used
-        (node/retention.py); a round still short of quorum when ``finality_window`` has
-        passed since its deadline is taken as not final."""
+        (``final``: true or false); True once it is known. Until then the store keeps
+        everything the round used (node/retention.py); a round still short of quorum when
+        ``finality_window`` has passed since its deadline is taken as not final."""
         proposal = state["proposal"]
         try:
             commitments, attestations = await self.round_records(proposal["round_id"], proposal["deadline"])
         except Exception as exc:  # a DHT hiccup: check again later, and let this tick's other work go on
             self.node.log(f"round {proposal['round_id'][:12]}: finality check: {type(exc).__name__}: {exc}")
-            return
+            return False
         result, _ = rounds.final_result(commitments, attestations, proposal["quorum"])
         if result is not None:
             state["final"] = result == state["result_id"]
         elif now > proposal["deadline"] + self.finality_window:
             state["final"] = False
         else:
-            return
+            return False
         self.save(state)
+        return True
+
+    async def auto_prune(self) -> None:
+        """On a node started with ``--keep-results``, after a round ended: remove what the
+        store no longer needs (node/retention.py), unless a round, search or fusion is
+        under way or a command is adding content (the next round's end tries again)."""
+        from hivemerge.node.retention import live_work, prune
+
+        busy = live_work(self.node.home)
+        if busy is not None:
+            self.node.log(f"store: not pruned now: {busy}")
+            return
+        if not self.node.content_lock.acquire(blocking=False):
+            self.node.log("store: not pruned now: a command is adding content")
+            return
+        try:
+            removed = await asyncio.get_running_loop().run_in_executor(None, prune, self.node.home, self.node.keep_results)
+        finally:
+            self.node.content_lock.release()
+        if removed:
+            self.node.log(f"store: pruned {len(removed)} object(s), {sum(i.size for i in removed):,} bytes")
 
     # -- after the deadline ---------------------------------------------------------------
     async def execute(self, round_id: str) -> None:

@@ -82,7 +82,7 @@ def rid(deadline: float) -> str:
 
 
 def _round(base: str, deadline: float, phase: str, **fields) -> dict:
-    return {"proposal": {"round_id": rid(deadline), "base_id": base, "deadline": deadline,
+    return {"proposal": {"round_id": rid(deadline), "base_id": base, "deadline": deadline, "quorum": 1.0,
                          "recipe": {"merge_method": "ties"}}, "phase": phase, **fields}
 
 
@@ -269,3 +269,86 @@ def test_cli_refuses_to_prune_under_a_running_node(cli, home):
 def test_cli_bad_keep_is_a_usage_error(cli, home):
     result = cli("store", "prune", "--home", str(home.path), "--keep", "-1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# -- pruning inside a running node (node start --keep-results) ------------------------------
+def _pruning_coordinator(home: Home, keep: int = 1):
+    import threading
+
+    from hivemerge.node.rounds import RoundCoordinator
+
+    logged: list[str] = []
+    node = types.SimpleNamespace(home=home.path, published=lambda: [], log=logged.append, keep_results=keep,
+                                 content_lock=threading.Lock(), identity=types.SimpleNamespace(public_hex="aa" * 32))
+    return RoundCoordinator(node, poll=0.01), logged
+
+
+def _end_everything(home: Home) -> None:
+    """The fixture's round 300 fails, round 260 settles not final, search s1 finishes."""
+    i = home.ids
+    home.write(f"rounds/{rid(300)}.json", _round(i["B"], 300, "failed", error="no quorum", committed=[i["D_live"]]))
+    home.write(f"rounds/{rid(260)}.json", _round(i["B"], 260, "attested", result_id=i["R_pending"], final=False,
+                                                 included=[i["D_pending"]]))
+    home.write("searches/s1.json", {"proposal": {"round_id": "s1"}, "phase": "done", "domains": {i["D_search"]: "math"}})
+
+
+def test_live_work_names_what_is_under_way(home):
+    from hivemerge.node.retention import live_work
+
+    assert live_work(home.path) == f"round {260:012x} is attested"  # finality not known yet
+    _end_everything(home)
+    assert live_work(home.path) is None
+    home.write(f"fusions/{rid(400)}.json", {"phase": "fusing", "started": 1.0})
+    assert live_work(home.path) == f"fusion {rid(400)[:18]} is distilling"
+
+
+def test_a_running_node_prunes_only_when_idle_and_unlocked(home):
+    import asyncio
+
+    coordinator, logged = _pruning_coordinator(home)
+    asyncio.run(coordinator.auto_prune())  # a round is under way: nothing goes
+    assert logged == [f"store: not pruned now: round {260:012x} is attested"]
+    assert home.store.has(home.ids["D_failed"])
+
+    _end_everything(home)
+    coordinator.node.content_lock.acquire()  # a command (fetch, publish, propose) is adding content
+    try:
+        asyncio.run(coordinator.auto_prune())
+    finally:
+        coordinator.node.content_lock.release()
+    assert logged[-1] == "store: not pruned now: a command is adding content"
+    assert home.store.has(home.ids["D_failed"])
+
+    asyncio.run(coordinator.auto_prune())
+    gone = REMOVED | {"D_live", "D_search", "R_pending", "D_pending"}  # what the ended work named
+    assert {n for n, cid in home.ids.items() if not home.store.has(cid)} == gone
+    assert logged[-1].startswith(f"store: pruned {len(gone)} object(s), ")
+
+
+def test_the_end_of_a_round_triggers_pruning_in_a_node_that_keeps_results(home):
+    """tick -> settle learns round 260 is final with this node's result -> auto_prune."""
+    import asyncio
+
+    i = home.ids
+    _end_everything(home)
+    home.write(f"rounds/{rid(260)}.json", _round(i["B"], 260, "attested", result_id=i["R_pending"],
+                                                 included=[i["D_pending"]]))
+    coordinator, logged = _pruning_coordinator(home)
+
+    async def round_records(round_id, deadline):
+        return {"a": {"delta_ids": []}}, {"a": {"result_id": i["R_pending"]}}
+
+    coordinator.round_records = round_records
+    proposals_asked = []
+
+    async def proposals(base_id):
+        proposals_asked.append(base_id)
+        return []
+
+    coordinator.proposals = proposals
+    asyncio.run(coordinator.tick())
+    assert coordinator.state(rid(260))["final"] is True
+    # R_pending is now the newest consensus of B; R_new and everything ended work named are gone
+    gone = REMOVED | {"D_live", "D_search", "D_pending", "R_new"}
+    assert {n for n, cid in i.items() if not home.store.has(cid)} == gone
+    assert len(logged) == 1 and logged[0].startswith(f"store: pruned {len(gone)} object(s), "), logged
