@@ -31,7 +31,8 @@ def start(
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives unless refreshed.", min=10)] = 300.0,
     keep_results: Annotated[Optional[int], typer.Option(
         "--keep-results", min=0,
-        help="After each round that ends, prune the store as `hivemerge store prune --keep N` does (off by default).",
+        help="Each time a round this node attested is known final or not, prune the store as "
+             "`hivemerge store prune --keep N` does (off by default).",
     )] = None,
 ) -> None:
     """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly."""

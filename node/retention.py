@@ -44,8 +44,9 @@ ENDED_SEARCH = ("done", "failed")
 class StoredItem:
     cid: str
     kind: str  # model, delta, pack or probe
-    paths: list[Path]  # the content and its bundle manifests
+    content: Path  # the file, or the model's directory
     size: int  # bytes on disk, bundles included
+    bundles: list[Path] = field(default_factory=list)  # its bundle manifests
     reasons: list[str] = field(default_factory=list)  # empty: nothing needs it
 
     @property
@@ -84,11 +85,12 @@ def prune(home: Path, keep: int = 1, dry_run: bool = False) -> list[StoredItem]:
     removable = [i for i in inventory(home, keep) if not i.kept]
     if not dry_run:
         for item in removable:
-            for path in sorted(item.paths, key=lambda p: p.suffix != ".json"):  # bundles first
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+            for bundle in item.bundles:
+                bundle.unlink(missing_ok=True)
+            if item.content.is_dir():
+                shutil.rmtree(item.content)
+            else:
+                item.content.unlink(missing_ok=True)
     return removable
 
 
@@ -100,12 +102,12 @@ def _stored(store: ContentStore) -> dict[str, StoredItem]:
             suffix = next((s for s in FILE_SUFFIXES if path.name.endswith(s)), None)
             cid = path.name[: -len(suffix)] if suffix else ""
             if suffix and _ID.fullmatch(cid):  # skips ".<name>.partial-<pid>" staging files
-                items[cid] = StoredItem(cid, _KIND_OF_SUFFIX[suffix], [path], path.stat().st_size)
+                items[cid] = StoredItem(cid, _KIND_OF_SUFFIX[suffix], path, path.stat().st_size)
     if store.models.is_dir():
         for path in store.models.iterdir():
             if path.is_dir() and _ID.fullmatch(path.name):
                 size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-                items[path.name] = StoredItem(path.name, "model", [path], size)
+                items[path.name] = StoredItem(path.name, "model", path, size)
     for bundle_id in store.bundle_ids():
         path = store.bundles / f"{bundle_id}.json"
         try:  # read raw, not through store.bundle(): one malformed manifest must not stop the listing
@@ -113,7 +115,7 @@ def _stored(store: ContentStore) -> dict[str, StoredItem]:
         except (OSError, ValueError):
             continue
         if content in items:
-            items[content].paths.append(path)
+            items[content].bundles.append(path)
             items[content].size += path.stat().st_size
     return items
 
@@ -129,38 +131,43 @@ def _needed(home: Path, keep: int):
         yield cid, "base of fusion rounds this node proposes"
 
     rounds = _states(home / ROUNDS_DIR)
-    ended = _ended_rounds(home, rounds)
-    for rid, state in rounds.items():
-        if rid not in ended:
-            phase = state.get("phase") if state.get("phase") != "attested" else "attested, not yet known final"
-            yield from ((cid, f"round {short_id(rid)} ({phase})") for cid in _mentioned(state))
-    for rid, state in _states(home / SEARCHES_DIR).items():
-        if state.get("phase") not in ENDED_SEARCH:
-            yield from ((cid, f"search {short_id(rid)} ({state.get('phase')})") for cid in _mentioned(state))
+    fetched = _read_list(home / CONSENSUS_FILE)
+    ended = _ended_rounds(rounds, fetched)
+    for label, phase, state in _unended(home, rounds, ended):
+        shown = "attested, not yet known final" if phase == "attested" else phase
+        yield from ((cid, f"{label} ({shown})") for cid in _mentioned(state))
     yield from _needed_by_fusions(home / FUSIONS_DIR, ended)
-    yield from _newest_consensus(home, rounds, keep)
+    yield from _newest_consensus(rounds, fetched, keep)
 
 
 def live_work(home: Path) -> str | None:
     """What is under way on this node (a round or search that has not ended, a fusion
     being distilled), or None: pruning in a running node waits for None."""
-    rounds = _states(Path(home) / ROUNDS_DIR)
-    ended = _ended_rounds(Path(home), rounds)
-    for rid, state in rounds.items():
-        if rid not in ended:
-            return f"round {short_id(rid)} is {state.get('phase')}"
-    for rid, state in _states(Path(home) / SEARCHES_DIR).items():
-        if state.get("phase") not in ENDED_SEARCH:
-            return f"search {short_id(rid)} is {state.get('phase')}"
-    for name, state in _states(Path(home) / FUSIONS_DIR).items():
+    home = Path(home)
+    rounds = _states(home / ROUNDS_DIR)
+    unended = next(_unended(home, rounds, _ended_rounds(rounds, _read_list(home / CONSENSUS_FILE))), None)
+    if unended is not None:
+        label, phase, _ = unended
+        return f"{label} is {phase}"
+    for name, state in _states(home / FUSIONS_DIR).items():
         if state.get("phase") == "fusing":
             return f"fusion {name[:18]} is distilling"
     return None
 
 
-def _ended_rounds(home: Path, rounds: dict[str, dict]) -> set[str]:
-    fetched = {e.get("round_id") for e in _read_list(home / CONSENSUS_FILE)}  # final rounds, by construction
-    return {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in fetched)}
+def _unended(home: Path, rounds: dict[str, dict], ended: set[str]):
+    """(label, phase, state) of every round and search that has not ended."""
+    for rid, state in rounds.items():
+        if rid not in ended:
+            yield f"round {short_id(rid)}", state.get("phase"), state
+    for rid, state in _states(home / SEARCHES_DIR).items():
+        if state.get("phase") not in ENDED_SEARCH:
+            yield f"search {short_id(rid)}", state.get("phase"), state
+
+
+def _ended_rounds(rounds: dict[str, dict], fetched: list[dict]) -> set[str]:
+    final = {e.get("round_id") for e in fetched}  # the rounds whose consensus this node fetched: final by construction
+    return {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in final)}
 
 
 def _round_ended(state: dict) -> bool:
@@ -179,13 +186,13 @@ def _needed_by_fusions(folder: Path, ended_rounds: set[str]):
             yield from ((cid, f"fusion of round {short_id(name)} ({state.get('phase')})") for cid in _mentioned(state))
 
 
-def _newest_consensus(home: Path, rounds: dict[str, dict], keep: int):
+def _newest_consensus(rounds: dict[str, dict], fetched: list[dict], keep: int):
     results: dict[str, dict[str, tuple[float, str]]] = {}  # base -> result -> (deadline, round)
     for rid, state in rounds.items():
         if state.get("phase") == "attested" and state.get("final") is True:
             proposal = state["proposal"]
             results.setdefault(proposal["base_id"], {})[state["result_id"]] = (proposal["deadline"], rid)
-    for entry in _read_list(home / CONSENSUS_FILE):
+    for entry in fetched:
         if {"base_id", "result_id", "deadline", "round_id"} <= entry.keys():
             results.setdefault(entry["base_id"], {})[entry["result_id"]] = (entry["deadline"], entry["round_id"])
     for base_id, by_result in results.items():

@@ -112,9 +112,10 @@ class RoundCoordinator(Coordinator):
         return True
 
     async def auto_prune(self) -> None:
-        """On a node started with ``--keep-results``, after a round ended: remove what the
-        store no longer needs (node/retention.py), unless a round, search or fusion is
-        under way or a command is adding content (the next round's end tries again)."""
+        """On a node started with ``--keep-results``, after an attested round settled:
+        remove what the store no longer needs (node/retention.py), unless a round, search
+        or fusion is under way or a command is adding content (the next settled round
+        tries again)."""
         from hivemerge.node.retention import live_work, prune
 
         busy = live_work(self.node.home)
