@@ -17,8 +17,9 @@ from hivemind.dht import DHTNode
 from hivemind.dht.crypto import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
-from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils import MSGPackSerializer
 
+from hivemerge.node.dht_storage import BoundedRecordStorage
 from hivemerge.node.loop import LoopThread
 from hivemerge.protocol import records
 from hivemerge.protocol.errors import UserInputError
@@ -107,6 +108,9 @@ class Network:
         self.dht = await DHTNode.create(
             p2p=self.p2p, initial_peers=peers or None, record_validator=SignedRecordValidator(), client_mode=client_mode
         )
+        # What others can make this node store or cache is bounded, newest record first (node/dht_storage.py).
+        protocol = self.dht.protocol
+        protocol.storage, protocol.cache = BoundedRecordStorage(), BoundedRecordStorage()
 
     @property
     def peer_id(self) -> PeerID:
@@ -116,8 +120,8 @@ class Network:
         return [str(m) for m in self.loop.run(self.p2p.get_visible_maddrs(), timeout=10)]
 
     # -- records ----------------------------------------------------------------------
-    async def store_record(self, key: str, subkey: str, value: bytes, ttl: float) -> bool:
-        return await self.dht.store(key, value, get_dht_time() + ttl, subkey=subkey)
+    async def store_record(self, key: str, subkey: str, value: bytes, expires_at: float) -> bool:
+        return await self.dht.store(key, value, expires_at, subkey=subkey)
 
     async def get_records(self, key: str) -> dict[str, dict]:
         """Valid records under ``key``, by subkey (checked again here: never trust the relay)."""

@@ -35,7 +35,7 @@ from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator,
 from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
-from hivemerge.protocol import records, rounds
+from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
@@ -158,12 +158,15 @@ class Node:
         refused store, since nothing repairs them later: on a loaded machine a store can
         time out, and a lost commitment or tally changes what every node merges.
         Records that :meth:`announce` refreshes are tried once."""
+        # The expiry is signed: no relay can keep this record alive longer (protocol/records.py).
+        longest = max(fields["issued_at"], fields.get("deadline", 0.0)) + bounds.MAX_LIFETIME
+        fields = {**fields, "expires_at": round(min(get_dht_time() + ttl, longest), 3)}
         value = records.make_record(self.identity, kind, fields)
         subkey = records.owner_subkey(self.identity, kind, fields)
         attempts = 1 if kind in REFRESHED_KINDS else STORE_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
-                if await self.network.store_record(key, subkey, value, ttl):
+                if await self.network.store_record(key, subkey, value, fields["expires_at"]):
                     return True
             except Exception as exc:
                 if attempt == attempts:

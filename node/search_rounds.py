@@ -315,4 +315,4 @@ def _score_all(fitness, documents: list[dict]) -> tuple[list[float], int]:
 
 
 def _plain(proposal: dict) -> dict:
-    return {k: v for k, v in proposal.items() if k not in ("publisher", "issued_at")}
+    return {k: v for k, v in proposal.items() if k not in ("publisher", "issued_at", "expires_at")}

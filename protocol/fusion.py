@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from hivemerge.protocol import bounds
 from hivemerge.protocol.content import is_content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -63,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
 }
 PIVOTS = ("base", "merge")
 BLOCK_KEYS = {"packs", "probe", "fuser", "replay", "pivot_deltas", *DEFAULTS}
-MAX_STEPS = 100_000
+MAX_STEPS = bounds.MAX_FUSION_STEPS
 
 
 def _number(value: Any) -> bool:
@@ -124,8 +125,10 @@ def check_fusion_block(block: Any, resolved: bool = False) -> dict:
         raise UserInputError(f"fusion.steps: must be an integer in [1, {MAX_STEPS}], got {out['steps']!r}")
     if not _number(out["lr"]) or not 0 < out["lr"] <= 1:
         raise UserInputError(f"fusion.lr: must be in (0, 1], got {out['lr']!r}")
-    if not _count(out["batch"]) or not 1 <= out["batch"] <= 4096:
-        raise UserInputError(f"fusion.batch: must be an integer in [1, 4096], got {out['batch']!r}")
+    if not _count(out["batch"]) or not 1 <= out["batch"] <= bounds.MAX_FUSION_BATCH:
+        raise UserInputError(f"fusion.batch: must be an integer in [1, {bounds.MAX_FUSION_BATCH}], got {out['batch']!r}")
+    if out["steps"] * out["batch"] > bounds.MAX_FUSION_EXAMPLES:  # the distillation work one proposal may ask of its fuser
+        raise UserInputError(f"fusion: steps x batch is {out['steps'] * out['batch']}, more than {bounds.MAX_FUSION_EXAMPLES}")
     if not _count(out["seed"]) or out["seed"] < 0:
         raise UserInputError(f"fusion.seed: must be a non-negative integer, got {out['seed']!r}")
     if not isinstance(out["codec"], str) or not out["codec"]:

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import math
 
+from hivemerge.protocol import bounds
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
 SEARCH_KEYS = {"base_id", "recipe", "select", "search", "deadline", "quorum", "proposer"}
 # settings -> (type, low, high); every node reads them the same way
 SETTINGS = {
-    "generations": (int, 1, 100),
-    "popsize": (int, 2, 64),
+    "generations": (int, 1, bounds.MAX_GENERATIONS),
+    "popsize": (int, 2, bounds.MAX_POPSIZE),
     "blocks": (int, 1, 1024),
     "seed": (int, 0, 2**31 - 1),
     "sigma": (float, 1e-6, 1.0),
     "max_weight": (float, 1e-6, 100.0),
-    "count": (int, 1, 100_000),  # validation examples per owner and domain (built-in suites)
+    "count": (int, 1, bounds.MAX_VALIDATION_COUNT),  # validation examples per owner and domain (built-in suites)
     "loss_weight": (float, 0.0, 100.0),
     "generation_seconds": (float, 1.0, 86400.0),  # how long owners have to score a generation
     "final_deadline": (float, 1.0, 86400.0),  # commit window of the final merge round
@@ -72,7 +73,17 @@ def check_settings(settings: object) -> dict:
             ok = isinstance(value, int)  # 3.0 would pass a range check but break range() and the strategy
         if not ok or not low <= value <= high:
             raise UserInputError(f"search.{name}: must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}")
-    return {**DEFAULTS, **settings}
+    settings = {**DEFAULTS, **settings}
+    # What a proposal can make every owner compute, and how long its records must live.
+    merges = settings["generations"] * settings["popsize"]
+    if merges > bounds.MAX_SEARCH_CANDIDATES:
+        raise UserInputError(f"search: generations x popsize is {merges}, more than the {bounds.MAX_SEARCH_CANDIDATES} "
+                             "candidates a search may ask every owner to merge and score")
+    span = settings["generations"] * settings["generation_seconds"] + settings["final_deadline"]
+    if span > bounds.MAX_SEARCH_SECONDS:
+        raise UserInputError(f"search: generations x generation_seconds + final_deadline is {span:g} s, more than "
+                             f"{bounds.MAX_SEARCH_SECONDS:g} s")
+    return settings
 
 
 def slot_end(proposal: dict, generation: int, fetch_window: float) -> float:

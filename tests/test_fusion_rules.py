@@ -19,14 +19,15 @@ PEER = "12D3KooWCHTsmnFqzECtNepaJp3WordvsVhcq7pgtp1MAY3SUHua"
 
 def pack_fields(**changes) -> dict:
     fields = {"domain": "rotate", "pack_id": PACK, "probe_id": PROBE, "model_id": MODEL, "top_k": 8, "bundle_id": BUNDLE,
-              "probe_bundle_id": BUNDLE, "size": 4096, "peer_id": PEER, "maddrs": [], "issued_at": 1700000000.0}
+              "probe_bundle_id": BUNDLE, "size": 4096, "peer_id": PEER, "maddrs": [], "issued_at": 1700000000.0,
+              "expires_at": 1700000300.0}
     return {**fields, **changes}
 
 
 def fusion_fields(**changes) -> dict:
     fields = {"round_id": ROUND, "delta_id": DELTA, "packs": [PACK], "probe_id": PROBE, "replay_id": None,
               "before": {"lm": 3.5, "fused": 3.25}, "after": {"lm": 2.0, "fused": 1.5}, "peer_id": PEER, "maddrs": [],
-              "issued_at": 1700000000.0}
+              "issued_at": 1700000000.0, "expires_at": 1700000300.0}
     return {**fields, **changes}
 
 

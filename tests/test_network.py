@@ -511,7 +511,7 @@ def stub_node(monkeypatch, outcomes):
 
 ROUND_KEY = rounds.round_key("ab" * 32)
 COMMITMENT = {"round_id": "ab" * 32, "delta_ids": ["cd" * 32], "domains": {"cd" * 32: "math"},
-              "peer_id": "QmPeer", "maddrs": [], "issued_at": 1.0}
+              "peer_id": "12D3KooWCHTsmnFqzECtNepaJp3WordvsVhcq7pgtp1MAY3SUHua", "maddrs": [], "issued_at": 1.0}
 
 
 def test_a_refused_or_failed_round_record_is_stored_again(monkeypatch):
@@ -535,6 +535,6 @@ def test_a_round_record_no_node_accepts_is_reported_after_three_attempts(monkeyp
 
 def test_a_refreshed_record_is_stored_once(monkeypatch):
     node, run = stub_node(monkeypatch, [False, True])
-    fields = {"content": "ef" * 32, "bundle_id": "12" * 32, "peer_id": "QmPeer", "maddrs": [], "issued_at": 1.0}
+    fields = {"content": "ef" * 32, "bundle_id": "12" * 32, "peer_id": "12D3KooWCHTsmnFqzECtNepaJp3WordvsVhcq7pgtp1MAY3SUHua", "maddrs": [], "issued_at": 1.0}
     assert run(node.store_record("record/provider", records.providers_key("ef" * 32), fields, 30.0)) is False
     assert len(node.network.stored) == 1  # the next announce() stores it again

@@ -13,7 +13,7 @@ import json
 import pytest
 from msgpack import packb
 
-from hivemerge.protocol import records
+from hivemerge.protocol import bounds, records
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
@@ -38,13 +38,14 @@ def expert_fields(**changes) -> dict:
         "domain": "math", "base_id": BASE, "architecture": ARCH, "expert_id": EXPERT, "delta_id": DELTA,
         "bundle_id": BUNDLE, "codecs": {"ternary": 4, "fp16": 2}, "size": 5335, "peer_id": PEER,
         "maddrs": [f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"], "issued_at": 1700000000.5,
+        "expires_at": 1700000300.5,
     }
     fields.update(changes)
     return fields
 
 
 def provider_fields(**changes) -> dict:
-    fields = {"content": DELTA, "bundle_id": BUNDLE, "peer_id": PEER, "maddrs": [], "issued_at": 1700000000}
+    fields = {"content": DELTA, "bundle_id": BUNDLE, "peer_id": PEER, "maddrs": [], "issued_at": 1700000000, "expires_at": 1700000300}
     fields.update(changes)
     return fields
 
@@ -75,20 +76,40 @@ def refused_everywhere(key: str, subkey, value) -> str:
 
 # -- what is accepted -------------------------------------------------------------------
 
-def test_expiry_is_bounded_by_the_signed_issue_time_or_deadline():
-    _, subkey, value = expert_record()  # issued_at 1700000000.5
-    latest = 1700000000.5 + records.MAX_LIFETIME
-    assert is_valid_signed_value(subkey, value, latest)
-    assert is_valid_signed_value(subkey, value, 1700000000.5 + 300)
-    assert not is_valid_signed_value(subkey, value, latest + 0.5)  # a replay kept alive longer than allowed
+def test_expiry_is_bounded_by_the_signed_expiry():
+    _, subkey, value = expert_record()  # issued_at 1700000000.5, expires_at 1700000300.5
+    assert is_valid_signed_value(subkey, value, 1700000300.5)
+    assert is_valid_signed_value(subkey, value, 1700000000.5 + 10)  # a relay may keep it for less
+    assert not is_valid_signed_value(subkey, value, 1700000300.5 + 0.5)  # a replay kept alive longer than signed
+
+
+def test_signed_expiry_is_bounded_by_the_issue_time_or_deadline():
+    latest = 1700000000.5 + bounds.MAX_LIFETIME
+    assert is_valid_signed_value(expert_record(expires_at=latest)[1], expert_record(expires_at=latest)[2])
+    for expires_at in (latest + 0.5, 1700000000.0):  # past the longest lifetime; before it was issued
+        with pytest.raises(RecordError, match="expires_at"):
+            make_record(ALICE, "record/expert", expert_fields(expires_at=expires_at))
     proposal = {
-        "round_id": DELTA, "base_id": BASE, "recipe": {}, "select": {}, "deadline": 1700050000.0, "quorum": 0.5,
-        "proposer": ALICE.public_hex, "issued_at": 1700000000.0,
+        "round_id": DELTA, "base_id": BASE, "recipe": {"merge_method": "linear"}, "select": {"domains": ["math"]},
+        "deadline": 1700050000.0, "quorum": 0.5, "proposer": ALICE.public_hex, "issued_at": 1700000000.0,
     }
     p_subkey = f"{ALICE.public_hex}/{DELTA}"
-    p_value = make_record(ALICE, "record/proposal", proposal)
-    assert is_valid_signed_value(p_subkey, p_value, 1700050000.0 + records.MAX_LIFETIME)  # from the deadline
-    assert not is_valid_signed_value(p_subkey, p_value, 1700050000.0 + records.MAX_LIFETIME + 1)
+    from_deadline = 1700050000.0 + bounds.MAX_LIFETIME
+    assert is_valid_signed_value(p_subkey, make_record(ALICE, "record/proposal", {**proposal, "expires_at": from_deadline}))
+    with pytest.raises(RecordError, match="expires_at"):
+        make_record(ALICE, "record/proposal", {**proposal, "expires_at": from_deadline + 1})
+
+
+def test_a_record_dated_in_the_future_is_refused_until_its_time():
+    now = 1700000000.0
+    ahead = now + bounds.MAX_CLOCK_SKEW + 1
+    key, subkey, value = expert_record(issued_at=ahead, expires_at=ahead + 300)
+    assert not is_valid_signed_value(subkey, value, now=now)
+    with pytest.raises(RecordError, match="ahead"):
+        open_record(key, subkey, value, now=now)
+    assert is_valid_signed_value(subkey, value, now=ahead)  # within the skew allowance once its time comes
+    _, subkey, value = expert_record(issued_at=now + bounds.MAX_CLOCK_SKEW - 1, expires_at=now + 300)
+    assert is_valid_signed_value(subkey, value, now=now)
 
 
 def test_genuine_records_open_with_their_publisher():
@@ -280,6 +301,8 @@ def test_records_with_wrong_fields_are_refused_even_when_signed_by_the_owner():
 
 
 def test_make_record_refuses_records_too_big_for_the_dht():
-    many = [f"/ip4/127.0.0.1/tcp/{4000 + i}/p2p/{PEER}" for i in range(200)]
+    reasons = {hashlib.sha256(str(i).encode()).hexdigest(): "x" * bounds.MAX_REASON_CHARS for i in range(40)}
+    attestation = {"round_id": DELTA, "result_id": BASE, "bundle_id": BUNDLE, "included": [], "excluded": reasons,
+                   "peer_id": PEER, "maddrs": [], "issued_at": 1700000000.0, "expires_at": 1700000300.0}
     with pytest.raises(RecordError, match="exceeds"):
-        make_record(ALICE, "record/expert", expert_fields(maddrs=many))
+        make_record(ALICE, "record/attestation", attestation)

@@ -104,7 +104,7 @@ def test_scores_are_each_owners_own_and_the_rule_is_reproducible(search_round):
     assert {k: t["scorers"] for k, t in tallies.items()} == {(a.identity.public_hex, g): owners for g in (0, 1)}
     assert sorted(scores) == sorted((n.identity.public_hex, g) for n in (b, c) for g in (0, 1))
     for record in scores.values():  # scores only: no prompts, answers or outputs travel
-        assert set(record) == {"round_id", "generation", "candidate_ids", "scores", "examples", "issued_at", "publisher"}
+        assert set(record) == {"round_id", "generation", "candidate_ids", "scores", "examples", "issued_at", "expires_at", "publisher"}
         assert record["examples"] == SETTINGS["count"]
 
     included = sorted(p["delta_id"] for p in search_round["published"].values())

@@ -18,7 +18,7 @@ SID, BASE, C1, C2 = (hashlib.sha256(n.encode()).hexdigest() for n in ("search", 
 
 def scores_fields(**changes) -> dict:
     fields = {"round_id": SID, "generation": 1, "candidate_ids": [C1, C2], "scores": [0.5, -0.25], "examples": 100,
-              "issued_at": 1700000000.0}
+              "issued_at": 1700000000.0, "expires_at": 1700000300.0}
     fields.update(changes)
     return fields
 
@@ -47,15 +47,15 @@ def test_malformed_scores_are_refused(changes, message):
 
 def test_search_and_candidates_records():
     proposal = {"base_id": BASE, "recipe": {"merge_method": "ties"}, "select": {"domains": ["math"]},
-                "search": {"generations": 2, "popsize": 4, "blocks": 2}, "deadline": 1700000100.0, "quorum": 1.0,
+                "search": search.check_settings({"generations": 2, "popsize": 4, "blocks": 2}), "deadline": 1700000100.0, "quorum": 1.0,
                 "proposer": ALICE.public_hex}
     proposal["round_id"] = search.search_id(proposal)
-    value = make_record(ALICE, "record/search", {**proposal, "issued_at": 1700000000.0})
+    value = make_record(ALICE, "record/search", {**proposal, "issued_at": 1700000000.0, "expires_at": 1700000300.0})
     opened = open_record(search.searches_key(BASE), f"{ALICE.public_hex}/{proposal['round_id']}", value)
     assert search.search_id(opened) == proposal["round_id"]
     with pytest.raises(RecordError, match="another key"):
         open_record(search.searches_key(SID), f"{ALICE.public_hex}/{proposal['round_id']}", value)
-    cand = make_record(ALICE, "record/candidates", {"round_id": SID, "generation": 0, "candidate_ids": [C1], "issued_at": 1.0})
+    cand = make_record(ALICE, "record/candidates", {"round_id": SID, "generation": 0, "candidate_ids": [C1], "issued_at": 1.0, "expires_at": 2.0})
     assert open_record(round_key(SID), f"{ALICE.public_hex}/candidates/0", cand)["candidate_ids"] == [C1]
     assert records.kind_for_key(round_key(SID), f"{ALICE.public_hex}/commit") == "record/commitment"
 
@@ -75,7 +75,7 @@ def test_combined_scores_are_the_mean_over_owners_that_scored_these_candidates()
 
 def tally_fields(**changes) -> dict:
     fields = {"round_id": SID, "generation": 0, "candidate_ids": [C1, C2],
-              "scorers": sorted([ALICE.public_hex, BOB.public_hex]), "issued_at": 1.0}
+              "scorers": sorted([ALICE.public_hex, BOB.public_hex]), "issued_at": 1.0, "expires_at": 2.0}
     fields.update(changes)
     return fields
 
