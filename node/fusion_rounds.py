@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
-from hivemerge.protocol import fusion, records, rounds
+from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.content import is_content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -206,19 +206,26 @@ class FusionRounds:
         me = self.node.identity.public_hex
         bases = {p["base_id"] for p in self.node.published()} | self.watched_bases()
         for base_id in sorted(bases):
-            proposals = rounds.live_proposals(await self.coordinator.proposals(base_id))
-            winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
-            if winner is None or (winner["recipe"].get("fusion") or {}).get("fuser") != me:
-                continue
-            rid = winner["round_id"]
-            state = self.state(rid)
-            if state is None:
-                state = await self._adopt_ahead(winner)  # distilled before it was proposed
-            # "fusing" with no task in this process: a restart cut the fusion short; start over
-            if (state is None or state["phase"] == "fusing") and rid not in self._running:
-                self._running[rid] = asyncio.create_task(self._fuse(winner))
-            elif state and state["phase"] == "fused":
-                await self._commit(winner, state)
+            await self.coordinator.guarded(f"fusion for base {base_id[:12]}", self._take_part(base_id, me, now))
+
+    async def _take_part(self, base_id: str, me: str, now: float) -> None:
+        """Distil for, or commit to, the winning open proposal for ``base_id`` that names this node its fuser."""
+        proposals = rounds.live_proposals(await self.coordinator.proposals(base_id))
+        winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
+        if winner is None or (winner["recipe"].get("fusion") or {}).get("fuser") != me:
+            return
+        rid = winner["round_id"]
+        state = self.state(rid)
+        if state is None:
+            state = await self._adopt_ahead(winner)  # distilled before it was proposed
+        # "fusing" with no task in this process: a restart cut the fusion short; start over
+        if (state is None or state["phase"] == "fusing") and rid not in self._running:
+            if len(self._running) >= bounds.MAX_ACTIVE_FUSIONS:  # a stranger's proposals cannot queue more distillation
+                self.node.log(f"fusion for round {rid[:12]}: not started: {len(self._running)} fusion(s) under way already")
+                return
+            self._running[rid] = asyncio.create_task(self._fuse(winner))
+        elif state and state["phase"] == "fused":
+            await self._commit(winner, state)
 
     async def _fuse(self, proposal: dict) -> None:
         """Fetch, distil, store the delta and the fusion record; the next tick commits it."""

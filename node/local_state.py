@@ -50,6 +50,16 @@ class Coordinator(JsonStates):
     async def tick(self) -> None:
         raise NotImplementedError
 
+    async def guarded(self, what: str, work) -> None:
+        """Await one record's or one round's work: whatever it raises is logged and
+        skipped, so one malformed record or damaged round never stops the others."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.node.log(f"{self.label}: {what}: {type(exc).__name__}: {exc}"[:500])
+
     async def run_forever(self) -> None:
         while True:
             try:

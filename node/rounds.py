@@ -24,7 +24,7 @@ from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
 from hivemerge.node.local_state import ROUNDS_DIR, Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
-from hivemerge.protocol import fusion, rounds
+from hivemerge.protocol import bounds, fusion, rounds
 from hivemerge.protocol.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -56,23 +56,40 @@ class RoundCoordinator(Coordinator):
         now = time.time()
         published = self.node.published()
         for base_id in sorted({p["base_id"] for p in published}):
-            proposals = rounds.live_proposals(await self.proposals(base_id))
-            winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
-            if winner is None or self.state(winner["round_id"]) is not None:
-                continue
-            mine = [p["delta_id"] for p in published if p["base_id"] == base_id and rounds.matches(winner["select"], p)]
-            if mine:
-                domains = {p["delta_id"]: p["domain"] for p in published}
-                await self.commit(winner, {d: domains[d] for d in sorted(mine)})
+            await self.guarded(f"proposals for base {base_id[:12]}", self.join(base_id, published, now))
         for state in self.states():
-            rid = state["proposal"]["round_id"]
-            if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
-                self._running[rid] = asyncio.create_task(self.execute(rid))
-            elif state["phase"] == "attested" and "final" not in state and now >= self._next_settle.get(rid, 0.0):
-                self._next_settle[rid] = now + SETTLE_EVERY
-                if await self.settle(state, now) and self.node.keep_results is not None:
-                    await self.auto_prune()
+            await self.guarded(f"round {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
         await self.fusion.tick(now)
+
+    async def join(self, base_id: str, published: list[dict], now: float) -> None:
+        """Commit this node's matching experts to the winning open proposal for ``base_id``."""
+        proposals = rounds.live_proposals(await self.proposals(base_id))
+        winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
+        if winner is None or self.state(winner["round_id"]) is not None:
+            return
+        mine = [p["delta_id"] for p in published if p["base_id"] == base_id and rounds.matches(winner["select"], p)]
+        if not mine:
+            return
+        active = self.active()
+        if len(active) >= bounds.MAX_ACTIVE_ROUNDS:  # a stranger's proposals cannot queue more work than this
+            self.node.log(f"round {winner['round_id'][:12]}: not joined: {len(active)} rounds under way already")
+            return
+        domains = {p["delta_id"]: p["domain"] for p in published}
+        await self.commit(winner, {d: domains[d] for d in sorted(mine)})
+
+    def active(self) -> list[str]:
+        """The rounds this node committed to that are not yet attested or failed."""
+        return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in ("committed", "merging")]
+
+    async def advance(self, state: dict, now: float) -> None:
+        """Start a committed round's execution after its deadline; settle an attested one."""
+        rid = state["proposal"]["round_id"]
+        if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
+            self._running[rid] = asyncio.create_task(self.execute(rid))
+        elif state["phase"] == "attested" and "final" not in state and now >= self._next_settle.get(rid, 0.0):
+            self._next_settle[rid] = now + SETTLE_EVERY
+            if await self.settle(state, now) and self.node.keep_results is not None:
+                await self.auto_prune()
 
     async def proposals(self, base_id: str) -> list[dict]:
         found = await self.node.network.get_records(rounds.rounds_key(base_id))
@@ -175,31 +192,47 @@ class RoundCoordinator(Coordinator):
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
                             ) -> tuple[dict[str, float], dict[str, str]]:
-        """Fetch what is missing (bounded by the fetch window), then screen every delta
-        (those in ``skip``, already excluded, are neither fetched nor screened)."""
+        """Fetch what is missing, all at once within one fetch window (N slow deltas
+        cost one window, not N), then screen every delta (those in ``skip``, already
+        excluded, are neither fetched nor screened)."""
         norms: dict[str, float] = {}
-        excluded: dict[str, str] = {}
         base = self.node.store.model(proposal["base_id"])
         window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+        committer_of: dict[str, str] = {}
         for committer, commitment in sorted(commitments.items()):
             for delta_id in commitment["delta_ids"]:
-                if delta_id in norms or delta_id in excluded or delta_id in skip:
-                    continue
-                try:
-                    if not self.node.store.has(delta_id):
-                        await asyncio.wait_for(self.node.fetch_async(delta_id), window)
-                except DeltaError as exc:  # it arrived whole, but is not the delta it claims to be
-                    excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
-                    continue
-                except (Exception, asyncio.TimeoutError) as exc:
-                    excluded[delta_id] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
-                    continue
+                if delta_id not in skip:
+                    committer_of.setdefault(delta_id, committer)
+        excluded = await self._fetch_all(sorted(d for d in committer_of if not self.node.store.has(d)), window)
+        for delta_id, committer in committer_of.items():
+            if delta_id not in excluded:
                 path = self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}"
                 try:
                     norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, committer)
                 except UserInputError as exc:
                     excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
         return norms, excluded
+
+    async def _fetch_all(self, delta_ids: list[str], window: float) -> dict[str, str]:
+        """Fetch ``delta_ids`` side by side; returns delta id -> why it is excluded, for
+        those that failed or had not arrived when ``window`` seconds were up."""
+        tasks = {asyncio.ensure_future(self.node.fetch_async(d)): d for d in delta_ids}
+        excluded: dict[str, str] = {}
+        if not tasks:
+            return excluded
+        done, pending = await asyncio.wait(tasks, timeout=window)
+        for task in pending:
+            task.cancel()
+            excluded[tasks[task]] = f"unavailable: not fetched within the round's fetch window of {window:g} s"
+        if pending:
+            await asyncio.wait(pending, timeout=10)  # let the cancelled fetches clean up before the store is read
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, DeltaError):  # it arrived whole, but is not the delta it claims to be
+                excluded[tasks[task]] = f"failed verification: {_without_local_path(exc)}"[:300]
+            elif exc is not None:
+                excluded[tasks[task]] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        return excluded
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
         out = self.node.store.partial / f"round-{proposal['round_id']}"
@@ -265,10 +298,15 @@ def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float
     ):
         raise UserInputError("select: required; {domains: [NAME, ...]} or {deltas: [ID, ...]}")
     deadline = document.get("deadline", 60)
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 1 <= deadline <= 86400:
-        raise UserInputError(f"deadline: seconds from now until commitments close, 1..86400, got {deadline!r}")
+    if not bounds.finite_number(deadline) or not 1 <= deadline <= bounds.MAX_DEADLINE_SECONDS:
+        raise UserInputError(f"deadline: seconds from now until commitments close, 1..{bounds.MAX_DEADLINE_SECONDS:g}, "
+                             f"got {deadline!r}")
+    window = document.get("fetch_window", FETCH_WINDOW)
+    if not bounds.finite_number(window) or not 1 <= window <= bounds.MAX_FETCH_WINDOW:
+        raise UserInputError(f"fetch_window: seconds the round's deltas have to arrive, 1..{bounds.MAX_FETCH_WINDOW:g}, "
+                             f"got {window!r}")
     quorum = document.get("quorum", rounds.DEFAULT_QUORUM)
-    if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 < quorum <= 1:
+    if not bounds.finite_number(quorum) or not 0 < quorum <= 1:
         raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
     allowed = {*rounds.MERGE_KEYS, "domain_parameters", "fetch_window", "fusion"}
     template = {k: v for k, v in document.items() if k in allowed}

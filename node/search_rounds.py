@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from hivemerge.node.local_state import SEARCHES_DIR, Coordinator
 from hivemerge.node.rounds import FETCH_WINDOW
-from hivemerge.protocol import rounds, search
+from hivemerge.protocol import bounds, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -84,19 +84,31 @@ class SearchCoordinator(Coordinator):
         published = self.node.published()
         for base_id in sorted({p["base_id"] for p in published}):
             for proposal in await self.proposals(base_id):
-                sid = proposal["round_id"]
-                state = self.state(sid)
-                if proposal["deadline"] <= now or (state is not None and "owner" in state["roles"]):
-                    continue
-                mine = {p["delta_id"]: p["domain"] for p in published if p["base_id"] == base_id and rounds.matches(proposal["select"], p)}
-                if mine:
-                    await self.commit(proposal, state, mine)
+                await self.guarded(f"search {proposal['round_id'][:12]}", self.join(proposal, published, now))
         for state in self.states():
-            sid = state["proposal"]["round_id"]
-            # a phase after "committed" with no task in this process: a restart cut it short; go on
-            if state["phase"] in RESUMABLE and now >= state["proposal"]["deadline"] \
-                    and sid not in self._running:
-                self._running[sid] = asyncio.create_task(self.execute(sid))
+            await self.guarded(f"search {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
+
+    async def join(self, proposal: dict, published: list[dict], now: float) -> None:
+        """Commit this node's matching experts to an open search, within the cap on searches at once."""
+        sid = proposal["round_id"]
+        state = self.state(sid)
+        if proposal["deadline"] <= now or (state is not None and "owner" in state["roles"]):
+            return
+        base_id = proposal["base_id"]
+        mine = {p["delta_id"]: p["domain"] for p in published if p["base_id"] == base_id and rounds.matches(proposal["select"], p)}
+        if not mine:
+            return
+        owned = [s for s in self.states() if "owner" in s["roles"] and s["phase"] in RESUMABLE]
+        if len(owned) >= bounds.MAX_ACTIVE_SEARCHES:  # a stranger's proposals cannot queue more scoring than this
+            self.node.log(f"search {sid[:12]}: not joined: {len(owned)} search(es) under way already")
+            return
+        await self.commit(proposal, state, mine)
+
+    async def advance(self, state: dict, now: float) -> None:
+        sid = state["proposal"]["round_id"]
+        # a phase after "committed" with no task in this process: a restart cut it short; go on
+        if state["phase"] in RESUMABLE and now >= state["proposal"]["deadline"] and sid not in self._running:
+            self._running[sid] = asyncio.create_task(self.execute(sid))
 
     async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
         fields = {

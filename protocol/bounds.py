@@ -7,6 +7,15 @@ inputs. The reasons for each number are in docs/security.md.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+
+def finite_number(value: Any) -> bool:
+    """A real number as JSON carries one: int or float, finite, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # -- records ---------------------------------------------------------------------------
 MAX_RECORD_BYTES = 8 * 1024  # one signed record (a DHT value): a few KB by design
 MAX_CLOCK_SKEW = 120.0  # seconds a record's issued_at may lie ahead of the reader's clock
@@ -51,4 +60,5 @@ MAX_ACTIVE_FUSIONS = 1  # fusions this node distils as a designated fuser
 # -- the DHT storage a node keeps for others -------------------------------------------
 MAX_RECORDS_PER_KEY = 384  # x 8 KiB = 3 MiB: a lookup reply stays under p2pd's 4 MiB cap
 MAX_RECORDS_PER_OWNER_KEY = 16  # records one owner keeps under one key with a content-id qualifier
+MAX_RECORDS_PER_OWNER = 1_000  # records one owner keeps on this node, all keys together
 MAX_STORED_RECORDS = 20_000  # all records a node stores or caches for others (<= 160 MiB)

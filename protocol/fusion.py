@@ -40,7 +40,6 @@ replay responses; the drift is ``after.replay - before.replay``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from hivemerge.protocol import bounds
@@ -67,8 +66,7 @@ BLOCK_KEYS = {"packs", "probe", "fuser", "replay", "pivot_deltas", *DEFAULTS}
 MAX_STEPS = bounds.MAX_FUSION_STEPS
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+_number = bounds.finite_number
 
 
 def _count(value: Any) -> bool:
