@@ -9,6 +9,7 @@ its fixture, and the module checks that no p2pd it started outlives it.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -169,7 +170,7 @@ def test_forged_records_are_refused_by_every_validating_node(pool, models):
 
     signed = records.open_record(records.EXPERTS_KEY, subkey, genuine)
     fields = {k: v for k, v in signed.items() if k != "publisher"}
-    hijack = {**fields, "peer_id": c.peer_id, "maddrs": c.maddrs(), "issued_at": time.time()}
+    hijack = {**fields, "peer_id": c.peer_id, "maddrs": c.maddrs(), "issued_at": time.time(), "expires_at": time.time() + 1100}
     flipped = bytearray(genuine)
     flipped[genuine.index(b'"signature":"') + 20] ^= 0x01
     by_c = canonical_json(sign_manifest(c.identity, "record/expert", hijack))
@@ -181,8 +182,8 @@ def test_forged_records_are_refused_by_every_validating_node(pool, models):
         for via in (a, c):
             assert dht_store(via, records.EXPERTS_KEY, subkey, forged) is False, why
 
-    # The genuine record itself, replayed to live past what its signing time allows.
-    assert dht_store(a, records.EXPERTS_KEY, subkey, genuine, ttl=records.MAX_LIFETIME + 3600) is False
+    # The genuine record itself, replayed to live past its signed expiry.
+    assert dht_store(a, records.EXPERTS_KEY, subkey, genuine, ttl=fields["expires_at"] - time.time() + 60) is False
 
     for node in (a, b, c):
         held = stored_values(node, records.EXPERTS_KEY)
@@ -192,11 +193,44 @@ def test_forged_records_are_refused_by_every_validating_node(pool, models):
 
     # C's own, validly signed expert record that points readers at B's peer: stored (its
     # signature and schema are fine) but listed by nobody, since C's key does not derive B's id.
-    other = {**fields, "delta_id": "cd" * 32, "issued_at": time.time()}
+    other = {**fields, "delta_id": "cd" * 32, "issued_at": time.time(), "expires_at": time.time() + 1100}
     misbound = canonical_json(sign_manifest(c.identity, "record/expert", other))
     assert dht_store(c, records.EXPERTS_KEY, expert_subkey(c.identity, "cd" * 32), misbound) is True
     assert expert_subkey(c.identity, "cd" * 32) in raw_records(a, records.EXPERTS_KEY)
     assert a.experts() == expected
+
+
+def test_a_key_flooded_by_one_stranger_stays_readable_and_an_owners_newer_record_wins(pool, models):
+    """Issue 18, findings 9 and 10 on loopback: a stranger's 40 valid expert records under
+    one key are kept 16 at most by every node, honest records stay listed, and a relayed
+    copy of an owner's older record cannot replace its newer one, whatever its expiry."""
+    from hivemerge.protocol import bounds
+
+    a, b, c = three_nodes(pool)
+    delta_id = b.publish(models.expert, "math", models.base)["delta_id"]
+    honest = records.open_record(records.EXPERTS_KEY, expert_subkey(b.identity, delta_id),
+                                 raw_records(a, records.EXPERTS_KEY)[expert_subkey(b.identity, delta_id)])
+    fields = {k: v for k, v in honest.items() if k != "publisher"}
+    now = time.time()
+    flood = [hashlib.sha256(f"flood{i}".encode()).hexdigest() for i in range(40)]
+    for fake in flood:
+        forged = {**fields, "delta_id": fake, "issued_at": now, "expires_at": now + 300}
+        dht_store(c, records.EXPERTS_KEY, expert_subkey(c.identity, fake), records.make_record(c.identity, "record/expert", forged))
+    for node in (a, b, c):
+        held = stored_values(node, records.EXPERTS_KEY)
+        assert sum(s.startswith(c.identity.public_hex) for s in held) <= bounds.MAX_RECORDS_PER_OWNER_KEY, node.peer_id
+    assert [r["delta_id"] for r in a.experts()] == [delta_id]  # c's records point at no peer of c's: listed by nobody
+
+    subkey = expert_subkey(b.identity, "ab" * 32)
+    older = records.make_record(b.identity, "record/expert", {**fields, "delta_id": "ab" * 32, "issued_at": now - 5,
+                                                              "expires_at": now + 600})
+    newer = records.make_record(b.identity, "record/expert", {**fields, "delta_id": "ab" * 32, "maddrs": [],
+                                                              "issued_at": now, "expires_at": now + 100})
+    assert dht_store(b, records.EXPERTS_KEY, subkey, newer, ttl=90) is True
+    dht_store(c, records.EXPERTS_KEY, subkey, older, ttl=500)  # the replay, with the later expiry
+    for node in (a, b):
+        assert stored_values(node, records.EXPERTS_KEY)[subkey] == {newer}, node.peer_id
+    assert raw_records(a, records.EXPERTS_KEY)[subkey] == newer
 
 
 def test_forgeries_relayed_by_a_node_without_validator_are_ignored(pool, models, tmp_path):
@@ -273,16 +307,17 @@ def test_records_that_pass_the_validator_but_not_their_key_or_binding_are_ignore
     mallory = Identity.generate()
     # Signed by Mallory, but claiming B's peer id and addresses: not bound to Mallory's key.
     claims_b = records.make_record(mallory, "record/provider", {
-        "content": delta_id, "bundle_id": bundle_id, "peer_id": b.peer_id, "maddrs": b.maddrs(), "issued_at": time.time()})
+        "content": delta_id, "bundle_id": bundle_id, "peer_id": b.peer_id, "maddrs": b.maddrs(), "issued_at": time.time(),
+        "expires_at": time.time() + 1100})
     # Bound to Mallory, but about another content, stored under this content's key.
     elsewhere = records.make_record(mallory, "record/provider", {
         "content": other, "bundle_id": bundle_id, "peer_id": str(peer_id_of(mallory.public_key)),
-        "maddrs": ["/ip4/127.0.0.1/tcp/9"], "issued_at": time.time()})
+        "maddrs": ["/ip4/127.0.0.1/tcp/9"], "issued_at": time.time(), "expires_at": time.time() + 1100})
     # A provider record under the experts key.
     trudy = Identity.generate()
     wrong_kind = records.make_record(trudy, "record/provider", {
         "content": delta_id, "bundle_id": bundle_id, "peer_id": str(peer_id_of(trudy.public_key)),
-        "maddrs": ["/ip4/127.0.0.1/tcp/9"], "issued_at": time.time()})
+        "maddrs": ["/ip4/127.0.0.1/tcp/9"], "issued_at": time.time(), "expires_at": time.time() + 1100})
 
     assert dht_store(c, key, mallory.public_hex, claims_b) is True
     assert {r["peer_id"] for r in a.providers(delta_id)} == {b.peer_id}
