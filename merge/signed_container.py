@@ -117,9 +117,11 @@ class SignedContainer:
             f.seek(self._data_start + begin)
             left = end - begin
             while left:
-                data = bytearray(f.read(min(block_bytes, left)))
-                if not data:
+                data = bytearray(min(block_bytes, left))
+                got = f.readinto(data)
+                if not got:
                     break
+                del data[got:]
                 left -= len(data)
                 digest.update(data)
                 if len(data) % item:
