@@ -234,10 +234,11 @@ class BundleFetcher:
         size = sum(f["size"] for f in bundle["files"])
         total = sum(len(f["chunks"]) for f in bundle["files"])
         limit = size_limit(bundle, expected_size)
-        if size > limit or total > MAX_CHUNKS:
-            raise lied(f"bundle {bundle_id[:12]} describes {size} bytes in {total} chunks, more than the "
-                       f"{limit} bytes {'its signed record states' if limit == expected_size else 'a fetch may bring'}"
-                       f" or {MAX_CHUNKS} chunks")
+        if total > MAX_CHUNKS:
+            raise lied(f"bundle {bundle_id[:12]} lists {total} chunks, more than the {MAX_CHUNKS} a manifest may")
+        if size > limit:
+            bound = "its signed record states" if limit == expected_size else "a fetch of it may bring in"
+            raise lied(f"bundle {bundle_id[:12]} describes {size} bytes, more than the {limit} bytes {bound}")
         staging = self.store.fetch_staging(bundle_id)
         try:  # refused before a byte is written; no await until the staging files exist
             self.store.make_room(size + len(canonical_json(bundle)) - tree_bytes(staging), self._active | {bundle_id})
@@ -252,6 +253,7 @@ class BundleFetcher:
 
     async def _pull(self, content: str, bundle_id: str, bundle: dict, staging: Path, providers: list[PeerID],
                     report: FetchReport, progress: Progress | None) -> None:
+        report.chunks_by_provider = {}  # who served the bundle that yields the content, not an abandoned one
         done = self._resume(staging, bundle, report)
         pending: collections.deque = collections.deque()
         total = sum(len(f["chunks"]) for f in bundle["files"])
