@@ -34,7 +34,7 @@ from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 from hivemerge.node.network import peer_id_of
 from hivemerge.node.transfer import MAX_STREAMS_PER_PEER, FetchError
 from hivemerge.protocol import records, wire
-from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, bundle_manifest
+from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, bundle_manifest
 from hivemerge.protocol.content import canonical_json, content_id
 from hivemerge.protocol.identity import Identity
 
@@ -213,7 +213,7 @@ def test_a_bundle_over_the_quota_is_refused_before_a_byte_is_written(net, fetche
     got = fetcher.fetch(probe_id)
 
     assert got["chunks_by_provider"] == {honest.peer_id: 3}
-    assert "over its quota" in got["refused"][trudy_bundle]
+    assert "over its quota" in got["refused"].get(trudy_bundle, "not refused")
     assert net.trudy.asked[trudy_bundle] == []
     assert fetcher.store.used_bytes() <= fetcher.store.max_bytes
     assert staging_left(fetcher) == []
@@ -228,6 +228,19 @@ def test_a_bundle_over_the_quota_is_refused_before_a_byte_is_written(net, fetche
     assert fetcher.store.used_bytes() == before <= fetcher.store.max_bytes
     assert staging_left(fetcher) == [] and not fetcher.store.has(other)
     fetcher.store.max_bytes = 200 << 30
+
+
+def test_a_manifest_over_its_cap_is_refused_unread(net, fetcher):
+    """80,000 chunk hashes: a 5 MB manifest, over MAX_MANIFEST_BYTES (it used to be 16 MiB)."""
+    other = hashlib.sha256(b"a long manifest").hexdigest()
+    manifest = bundle_manifest(other, 1, [{"path": f"{other}.probe.jsonl", "size": 80_000,
+                                           "chunks": [os.urandom(32).hex() for _ in range(80_000)]}])
+    assert len(canonical_json(manifest)) > MAX_MANIFEST_BYTES
+    announce_own(net.trudy, other, serve_bundle(net.trudy, manifest, None))
+    wait_until(lambda: fetcher.providers(other), 30, what="Trudy's record")
+    with pytest.raises(FetchError, match=r"announced size \d+ out of range"):
+        fetcher.fetch(other)
+    assert staging_left(fetcher) == [] and not fetcher.store.bundles.exists()
 
 
 # -- 7. slow and abusive peers ----------------------------------------------------------------
