@@ -22,10 +22,8 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from network_fixtures import NodePool, build_models, sha256_file, wait_until
