@@ -32,7 +32,8 @@ from hivemerge.protocol.content import canonical_json, content_id, sha256_hex
 from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.manifests import FILE_PART_PREFIX
 from hivemerge.protocol.packs import (
-    MAX_PIECE_CHARS, PACK_KIND, PACK_TENSORS, PIECES_FILE, PackError, check_pack_manifest, pack_manifest,
+    MAX_PACK_BYTES, MAX_PIECE_CHARS, MAX_PIECES_BYTES, PACK_KIND, PACK_TENSORS, PIECES_FILE, PackError,
+    check_pack_manifest, pack_manifest,
 )
 from hivemerge.protocol.signing import sign_manifest
 
@@ -168,8 +169,21 @@ def make_pack(model_dir: str | Path, probe: ProbeSet, out_file: str | Path, iden
     if too_long:
         raise PackError(f"token {too_long[0]} of {model_dir} is longer than {MAX_PIECE_CHARS} characters, more than a pack may carry")
     pieces = canonical_json({"pieces": texts, "special": special})
+    model = content_id(build_model_manifest(SafetensorsModel(model_dir)))
+    pack_id = write_pack(Path(out_file), tensors, pieces, probe.id, model, tokenizer_id(model_dir), top_k,
+                         dists["lengths"], identity)
+    return PackReport(Path(out_file), pack_id, probe.id, sum(dists["lengths"]), Path(out_file).stat().st_size,
+                      time.perf_counter() - started)
 
-    out_file = Path(out_file)
+
+def write_pack(out_file: Path, tensors: dict[str, torch.Tensor], pieces: bytes, probe: str, model: str, tokenizer: str,
+               top_k: int, lengths: list[int], identity: Identity) -> str:
+    """Sign and write a pack's tensors (:data:`PACK_TENSORS`) and token texts atomically; returns its id."""
+    if sum(t.numel() * t.element_size() for t in tensors.values()) + len(pieces) > MAX_PACK_BYTES:
+        raise PackError(f"the pack would be larger than the {MAX_PACK_BYTES >> 20} MiB a pack may be; use a smaller "
+                        "probe set or --top-k")
+    if len(pieces) > MAX_PIECES_BYTES:
+        raise PackError(f"the pack's token texts exceed {MAX_PIECES_BYTES >> 20} MiB")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     writer = AppendingWriter(out_file)
     try:
@@ -178,16 +192,14 @@ def make_pack(model_dir: str | Path, probe: ProbeSet, out_file: str | Path, iden
             t = tensors[name]
             entries[name] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape), "sha256": writer.add(name, t)}
         files = {PIECES_FILE: writer.add(FILE_PART_PREFIX + PIECES_FILE, torch.frombuffer(bytearray(pieces), dtype=torch.uint8))}
-        manifest = pack_manifest(probe.id, content_id(build_model_manifest(SafetensorsModel(model_dir))),
-                                 tokenizer_id(model_dir), top_k, dists["lengths"], entries, files)
+        manifest = pack_manifest(probe, model, tokenizer, top_k, lengths, entries, files)
         check_pack_manifest(manifest)
         signed = sign_manifest(identity, PACK_KIND, manifest)
         writer.finish({METADATA_KEY: json.dumps(signed, sort_keys=True, separators=(",", ":"))})
     except BaseException:
         writer.abort()
         raise
-    return PackReport(out_file, content_id(manifest), probe.id, sum(dists["lengths"]), out_file.stat().st_size,
-                      time.perf_counter() - started)
+    return content_id(manifest)
 
 
 # -- reading a pack -------------------------------------------------------------------
@@ -205,6 +217,8 @@ class PackFile:
     """A pack, opened and checked: signature, manifest, layout. :meth:`load` checks every hash."""
 
     def __init__(self, path: str | Path, expected_signer: str | None = None):
+        if Path(path).is_file() and Path(path).stat().st_size > MAX_PACK_BYTES:
+            raise PackError(f"{path}: {Path(path).stat().st_size} bytes, more than the {MAX_PACK_BYTES} a pack may be")
         self._container = SignedContainer(Path(path), METADATA_KEY, PACK_KIND, PackError, expected_signer)
         self.path = self._container.path
         try:
@@ -229,6 +243,8 @@ class PackFile:
         return {name: self._container.read_part(name) for name in PACK_TENSORS}
 
     def pieces(self) -> tuple[dict[int, str], set[int]]:
+        if self._container.part_bytes(FILE_PART_PREFIX + PIECES_FILE) > MAX_PIECES_BYTES:
+            raise PackError(f"{self.path}: {PIECES_FILE} is larger than {MAX_PIECES_BYTES} bytes")
         raw = self._container.read_part(FILE_PART_PREFIX + PIECES_FILE).numpy().tobytes()
         try:
             data = json.loads(raw)
@@ -239,6 +255,33 @@ class PackFile:
         if any(len(text) > MAX_PIECE_CHARS for text in pieces.values()):
             raise PackError(f"{self.path}: a token text is longer than {MAX_PIECE_CHARS} characters")
         return pieces, special
+
+    def verify(self, block_bytes: int = 1 << 20) -> None:
+        """What :meth:`load` checks (every hash, log-probs that are log-probabilities, a text
+        for every token id), read as a stream: memory is bounded by ``block_bytes`` and the
+        token texts, not by the pack (a fetched pack is verified before it enters the store).
+        A part's values are judged once its hash held, so damage reads as damage."""
+        pieces, _ = self.pieces()
+        known = torch.tensor(sorted(pieces), dtype=torch.long)
+        missing: set[int] = set()
+        for name in ("ids", "targets"):
+            for block in self._container.stream_part(name, block_bytes):
+                ids = block.long()
+                if len(missing) < 5:
+                    missing.update(ids[~torch.isin(ids, known)][:5].tolist())
+        if missing:
+            raise PackError(f"{self.path}: token ids {sorted(missing)[:5]} have no text in {PIECES_FILE}")
+        nan = positive = False
+        for block in self._container.stream_part("logprobs", block_bytes):
+            values = block.float()
+            nan |= bool(torch.isnan(values).any())  # -inf is fine (probability 0 in fp16)
+            positive |= bool((values > 0.01).any())
+        if nan:
+            raise PackError(f"{self.path}: log-probs have NaN values")
+        if positive:
+            raise PackError(f"{self.path}: log-probs above 0 (not log-probabilities)")
+        for _ in self._container.stream_part("target_logprobs", block_bytes):
+            pass  # its hash
 
     def load(self) -> list[ExampleDistributions]:
         """Every example's distributions (checks every hash; token ids must have a text)."""

@@ -9,6 +9,7 @@ SHA-256); every part's hash is checked when it is read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,6 +103,36 @@ class SignedContainer:
         if not data:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def stream_part(self, key: str, block_bytes: int = 1 << 20):
+        """A part's values as flat tensors of about ``block_bytes`` each, read and hashed a
+        block at a time (memory stays bounded by the block, not the part). Its hash is
+        checked once the last block was read, so a caller must consume every block and may
+        only rely on what it checked once the loop ends."""
+        begin, end, dtype, shape, sha = self._parts[key]
+        item = torch.empty((), dtype=dtype).element_size()
+        block_bytes = max(item, block_bytes - block_bytes % item)
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            f.seek(self._data_start + begin)
+            left = end - begin
+            while left:
+                data = bytearray(min(block_bytes, left))
+                got = f.readinto(data)
+                if not got:
+                    break
+                del data[got:]
+                left -= len(data)
+                digest.update(data)
+                if len(data) % item:
+                    break  # truncated mid-value: the hash check below fails
+                yield torch.frombuffer(data, dtype=dtype)
+        if left or digest.hexdigest() != sha:
+            raise self.error(f"{self.path}: part {key} fails its hash check (corrupted)")
+
+    def part_bytes(self, key: str) -> int:
+        begin, end, *_ = self._parts[key]
+        return end - begin
 
     def parts(self) -> list[str]:
         return list(self._parts)

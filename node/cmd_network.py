@@ -34,16 +34,28 @@ def start(
         help="Each time a round this node attested is known final or not, prune the store as "
              "`hivemerge store prune --keep N` does (off by default).",
     )] = None,
+    max_store: Annotated[Optional[str], typer.Option(
+        "--max-store",
+        help="Most bytes the content store may hold, staging included (e.g. 500GiB, 2000GB); a fetch that "
+             "would exceed it is refused before anything is written. Default 200GiB.",
+    )] = None,
 ) -> None:
     """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly."""
+    from hivemerge.merge.writer import parse_size
     from hivemerge.node.control import ControlServer
     from hivemerge.node.node import DEFAULT_LISTEN, Node
+    from hivemerge.node.store import DEFAULT_MAX_STORE
 
+    try:
+        store_bytes = DEFAULT_MAX_STORE if max_store is None else parse_size(max_store)
+    except (ValueError, OverflowError) as exc:  # OverflowError: "inf"
+        raise UserInputError(f"--max-store: {exc}") from None
     home = default_home(home)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl, keep_results=keep_results)
+    node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl, keep_results=keep_results,
+                max_store=store_bytes)
     try:
         control = ControlServer(home, node)
     except BaseException:
@@ -158,3 +170,5 @@ def fetch(
     err.print(f"fetched {result['content'][:12]} ({how}) -> {result['out']}")
     for peer_id, why in result.get("liars", {}).items():
         err.print(f"  avoided {peer_id}: {why}")
+    for bundle_id, why in result.get("refused", {}).items():
+        err.print(f"  refused bundle {bundle_id[:12]}: {why}")

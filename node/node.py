@@ -33,7 +33,7 @@ from hivemerge.node.network import Network, is_bound
 from hivemerge.node.retention import record_fetched_consensus
 from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator, proposal_from_recipe
 from hivemerge.node.search_rounds import SearchCoordinator
-from hivemerge.node.store import DELTA_SUFFIX, ContentStore
+from hivemerge.node.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
@@ -65,14 +65,14 @@ class Node:
     def __init__(
         self, home: Path, listen: list[str] | None = None, peers: list[str] | None = None,
         client_mode: bool = False, record_ttl: float = RECORD_TTL, round_poll: float = POLL_SECONDS, device: str = "auto",
-        keep_results: int | None = None,
+        keep_results: int | None = None, max_store: int = DEFAULT_MAX_STORE,
     ):
         self.home = Path(home)
         self.keep_results = keep_results  # prune the store after each round that ends (None: never)
         self.content_lock = threading.Lock()  # held by commands that add content (see adds_content)
         self.home.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(self.home)
-        self.store = ContentStore(self.home)
+        self.store = ContentStore(self.home, max_bytes=max_store)  # the quota bounds what peers make it store
         self.record_ttl = record_ttl
         self._live_until = 0.0  # DHT time the latest live record announced by this process expires
         self.client_mode = client_mode
@@ -268,37 +268,40 @@ class Node:
         cid = parse_content_ref(ref)
         if cid is None:
             raise UserInputError(f"{ref}: not a content id (64 hex characters, optionally hm://)")
-        content = cid
+        content, size = cid, None
         if not self.store.has(cid):
-            for expert in self.experts():  # an expert id names the expert: fetch its delta
+            experts = self.experts()
+            for expert in experts:  # an expert id names the expert: fetch its delta
                 if cid == expert["expert_id"]:
                     content = expert["delta_id"]
                     break
-        report = self._run(self.fetch_async(content, progress=progress), 3600)
+            named = [r for r in experts if r["delta_id"] == content] or [r for r in self.packs() if r["pack_id"] == content]
+            size = signed_size(named)
+        report = self._run(self.fetch_async(content, progress=progress, expected_size=size), 3600)
         path = self.store.resolve(content)
         result = {"content": content, "stored": str(path)}
         if report is not None:
             result.update(
                 bytes_received=report.bytes_received, chunks_by_provider=report.chunks_by_provider,
-                liars=report.liars, failed=report.failed, resumed_chunks=report.resumed_chunks,
+                liars=report.liars, failed=report.failed, resumed_chunks=report.resumed_chunks, refused=report.refused,
             )
         if out is not None:
             result["out"] = str(self._export(path, Path(out), Path(base) if base else None, overwrite))
         return result
 
-    async def fetch_async(self, content: str, progress: Progress | None = None):
-        """Bring ``content`` into the store from its providers; None if it was there already."""
+    async def fetch_async(self, content: str, progress: Progress | None = None, expected_size: int | None = None):
+        """Bring ``content`` into the store from its providers; None if it was there already.
+        ``expected_size``: its bytes as a signed record states them (an expert's or a pack's
+        ``size``), which bounds what the fetch accepts."""
         if self.store.has(content):
             return None
         found = await self._providers(content)
         if not found:
             raise FetchError(f"hm://{content}: no provider found on the network")
-        bundle_ids = sorted({r["bundle_id"] for r in found})
-        # Providers may chunk differently: take the bundle most of them serve.
-        bundle_id = max(bundle_ids, key=lambda b: sum(r["bundle_id"] == b for r in found))
-        peers = [r for r in found if r["bundle_id"] == bundle_id]
-        await self._connect(peers)
-        report = await self.fetcher.fetch(content, bundle_id, [PeerID.from_base58(r["peer_id"]) for r in peers], progress)
+        offers = bundle_offers(found, resumable={p.name for p in self.store.resumable()})
+        await self._connect(found)
+        report = await self.fetcher.fetch(
+            content, [(b, [PeerID.from_base58(r["peer_id"]) for r in rs]) for b, rs in offers], progress, expected_size)
         self.bytes_received += report.bytes_received
         if not self.client_mode:
             await self.announce()  # what it fetched, it serves
@@ -387,13 +390,15 @@ class Node:
         return summary
 
     async def _connect(self, peers: list[dict]) -> None:
-        for r in peers:
+        async def connect(r: dict) -> None:
             try:  # routing usually finds them; known addresses make it certain and quick
                 await asyncio.wait_for(
                     self.network.p2p._client.connect(PeerID.from_base58(r["peer_id"]), [Multiaddr(m) for m in r["maddrs"]]), 5
                 )
             except Exception:
                 pass
+
+        await asyncio.gather(*(connect(r) for r in peers))  # side by side: a dead address costs its 5 s once
 
     def _export(self, path: Path, out: Path, base: Path | None, overwrite: bool) -> Path:
         if path.is_file():  # a delta
@@ -423,6 +428,24 @@ class Node:
             pass  # leaving must not fail: the records expire anyway
         finally:
             self.network.close()
+
+
+def bundle_offers(providers: list[dict], resumable: set[str] = frozenset()) -> list[tuple[str, list[dict]]]:
+    """Provider records grouped by the bundle they name, in the order a fetch tries them:
+    one it can resume first, then those most providers serve. Any record may be fake
+    (anyone can sign one), so the order only saves time: every bundle is tried until one
+    yields the content."""
+    groups: dict[str, list[dict]] = {}
+    for r in providers:
+        groups.setdefault(r["bundle_id"], []).append(r)
+    return sorted(groups.items(), key=lambda item: (item[0] not in resumable, -len(item[1]), item[0]))
+
+
+def signed_size(found: list[dict]) -> int | None:
+    """The size that signed expert or pack records state for one object: the largest, so that
+    a forged record can loosen the bound (to the quota), never block an honest fetch."""
+    sizes = [r["size"] for r in found if isinstance(r.get("size"), int) and not isinstance(r["size"], bool) and r["size"] >= 0]
+    return max(sizes) if sizes else None
 
 
 def _check_round_template(document: dict) -> None:

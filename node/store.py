@@ -17,9 +17,18 @@ import shutil
 from pathlib import Path
 
 from hivemerge.merge.delta import DeltaFile
-from hivemerge.protocol.bundles import DEFAULT_CHUNK_SIZE, bundle_manifest, check_bundle, chunk_span
-from hivemerge.protocol.content import canonical_json, content_id
+from hivemerge.protocol.bundles import (
+    DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, bundle_manifest, check_bundle, chunk_count, chunk_span,
+)
+from hivemerge.protocol.content import canonical_json, content_id, is_content_id
 from hivemerge.protocol.errors import UserInputError
+
+# What peers can make this node store is bounded by its quota (``node start --max-store``).
+# 200 GiB holds a few consensus models of 7-13B parameters in 16 bits beside the deltas a
+# round fetches; a node that merges bigger models says so. Whatever the quota, a fetch never
+# leaves less than MIN_FREE_DISK free on the disk (the quota may be larger than the disk).
+DEFAULT_MAX_STORE = 200 << 30
+MIN_FREE_DISK = 1 << 30
 
 DELTA_SUFFIX = ".delta.safetensors"
 PACK_SUFFIX = ".pack.safetensors"
@@ -36,8 +45,8 @@ def verify_file_object(path: Path, suffix: str) -> str:
     if suffix == PACK_SUFFIX:
         from hivemerge.merge.packs import PackFile
 
-        pack = PackFile(path)
-        pack.load()  # every hash, and every token id has its text
+        pack = PackFile(path)  # refuses a pack over MAX_PACK_BYTES before reading it
+        pack.verify()  # as a stream: every hash, and every token id has its text
         return pack.id
     from hivemerge.merge.probe import load_probe, probe_bytes
 
@@ -60,14 +69,79 @@ def _chunk_hashes(path: Path, chunk_size: int) -> list[str]:
     return hashes
 
 
+class StoreFullError(UserInputError):
+    """Storing something would take the store over its quota or the disk below its floor."""
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` as their sizes say (a fetch's staging files are
+    created at their full size, so what a fetch will write is counted from its start)."""
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += tree_bytes(Path(entry.path))
+            else:
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue  # removed meanwhile
+    return total
+
+
 class ContentStore:
-    def __init__(self, home: Path, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, home: Path, chunk_size: int = DEFAULT_CHUNK_SIZE, max_bytes: int = DEFAULT_MAX_STORE):
         self.root = Path(home) / "store"
         self.objects = self.root / "objects"
         self.models = self.root / "models"
         self.bundles = self.root / "bundles"
         self.partial = self.root / "partial"
         self.chunk_size = chunk_size
+        self.max_bytes = max_bytes
+
+    # -- quota ------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        """Everything under the store: objects, models, bundles and staging (store/partial)."""
+        return tree_bytes(self.root)
+
+    def fetch_staging(self, bundle_id: str) -> Path:
+        """Where a fetch of ``bundle_id`` keeps its verified chunks until the object is whole."""
+        return self.partial / bundle_id
+
+    def resumable(self) -> list[Path]:
+        """Staging folders of fetches that failed and may resume, oldest first."""
+        if not self.partial.is_dir():
+            return []
+        found = [p for p in self.partial.iterdir() if p.is_dir() and is_content_id(p.name)]
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def make_room(self, need: int, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Make ``need`` more bytes fit the quota, or raise StoreFullError with nothing removed.
+        Staging kept for resuming is only kept within the quota: the oldest goes first (never
+        the bundles in ``keep``, fetches under way). Returns the bundle ids of staging removed."""
+        used = self.used_bytes()
+        evictable = [(p, tree_bytes(p)) for p in self.resumable() if p.name not in keep]
+        if used + need > self.max_bytes:
+            if used - sum(size for _, size in evictable) + need > self.max_bytes:
+                raise StoreFullError(
+                    f"storing {need} more bytes would take the store to {used + need} bytes, over its quota of "
+                    f"{self.max_bytes} (node start --max-store; hivemerge store prune removes what nothing needs)")
+        removed = []
+        for path, size in evictable:
+            if used + need <= self.max_bytes:
+                break
+            shutil.rmtree(path, ignore_errors=True)
+            used -= size
+            removed.append(path.name)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.partial).free
+        if free - need < MIN_FREE_DISK:
+            raise StoreFullError(f"storing {need} more bytes would leave {max(free - need, 0)} bytes free on the disk "
+                                 f"of {self.root}, less than {MIN_FREE_DISK}")
+        return removed
 
     # -- lookup -----------------------------------------------------------------------
     def resolve(self, cid: str) -> Path:
@@ -177,11 +251,13 @@ class ContentStore:
             paths = [self._file_of(cid).name]
         else:
             paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        files = [
-            {"path": p, "size": (root / p).stat().st_size, "chunks": _chunk_hashes(root / p, self.chunk_size)}
-            for p in paths
-        ]
-        manifest = bundle_manifest(cid, self.chunk_size, files)
+        sizes = {p: (root / p).stat().st_size for p in paths}
+        chunk_size = self.chunk_size
+        # Bigger chunks for a big object: peers refuse manifests of more than MAX_CHUNKS chunks.
+        while sum(chunk_count(n, chunk_size) for n in sizes.values()) > MAX_CHUNKS and chunk_size < MAX_CHUNK_SIZE:
+            chunk_size = min(2 * chunk_size, MAX_CHUNK_SIZE)
+        files = [{"path": p, "size": sizes[p], "chunks": _chunk_hashes(root / p, chunk_size)} for p in paths]
+        manifest = bundle_manifest(cid, chunk_size, files)
         bundle_id = content_id(manifest)
         self.bundles.mkdir(parents=True, exist_ok=True)
         target = self.bundles / f"{bundle_id}.json"

@@ -1,13 +1,23 @@
 """Bundle transfer over libp2p streams: serving from the store, fetching from many peers.
 
-The fetcher takes the bundle manifest from any provider and checks it against the
-bundle id from a signed record; then one worker per provider pulls chunks from a
-shared queue, so faster providers serve more. Every chunk is checked against the
-manifest before it is written. A provider that sends a bad chunk is a liar and is
-dropped for the rest of the fetch; one that fails (killed, timed out) is dropped and
-its chunk goes back to the queue for the others. Verified chunks are recorded in a
-partial folder, so a fetch that fails resumes later without fetching them again. The
-finished object is verified as a whole and moved into the store in one step.
+A fetch is offered one or more bundles of the content (each named by signed provider
+records) and tries them in turn until one yields the content: a fake record can cost a
+fetch some time, never the object. For each bundle the fetcher takes the manifest from
+any of its providers and checks it against the bundle id; it refuses a bundle that
+describes more bytes than the size a signed record states (when the caller knows it),
+than a protocol cap, or than the store's quota allows, before writing a byte. Then up to
+MAX_PARALLEL_PROVIDERS workers pull chunks from a shared queue, so faster providers serve
+more. Every chunk is checked against the manifest before it is written. A provider that
+sends a bad chunk is a liar; one that fails (killed, timed out) is dropped and its chunk
+goes back to the queue for the others; either is dropped for the rest of the fetch.
+Verified chunks are recorded in a staging folder, so a fetch that fails resumes later
+without fetching them again (staging is kept only within the quota, and removed when it
+holds nothing or its bundle proved bad). The finished object is verified as a whole and
+moved into the store in one step.
+
+The server bounds what a peer can hold open: a deadline on every read and write, at
+most MAX_STREAMS_PER_PEER streams per peer (MAX_STREAMS in all), and no error of one
+stream reaches anything else.
 """
 
 from __future__ import annotations
@@ -26,14 +36,20 @@ from hivemind.p2p import P2P, PeerID
 
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.store import FILE_SUFFIXES, ContentStore, verify_file_object
+from hivemerge.node.store import FILE_SUFFIXES, PACK_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
 from hivemerge.protocol import wire
-from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, check_bundle, chunk_span
+from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, check_bundle, chunk_span
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.packs import MAX_PACK_BYTES
 
 REQUEST_TIMEOUT = 30.0  # per request: a stalled provider is dropped after this long
-IDLE_TIMEOUT = 120.0
+IDLE_TIMEOUT = 120.0  # a stream that sends no complete request for this long is closed
+WRITE_TIMEOUT = 30.0  # a reader that accepts no slice of a response for this long is dropped
+WRITE_SLICE = 1 << 20  # a response is written (and its progress timed) a slice at a time
+MAX_STREAMS_PER_PEER = 8  # a fetch opens one per provider; rounds fetch a few deltas at once
+MAX_STREAMS = 128  # all peers together: each stream may hold a chunk in memory
+MAX_PARALLEL_PROVIDERS = 8  # workers of one fetch; a dropped provider makes room for the next
 
 Progress = Callable[[int, int, str], None]
 
@@ -42,46 +58,90 @@ class FetchError(UserInputError):
     pass
 
 
+class _Drop(Exception):
+    """A stream is closed for misbehaving (the reason is recorded)."""
+
+
 class BundleServer:
     """Serves the store's bundles to any peer that asks (content is public)."""
 
     def __init__(self, store: ContentStore):
         self.store = store
         self.read_chunk = store.read_chunk  # replaceable, e.g. by a test's lying provider
+        self.idle_timeout, self.write_timeout = IDLE_TIMEOUT, WRITE_TIMEOUT
+        self.max_streams_per_peer, self.max_streams = MAX_STREAMS_PER_PEER, MAX_STREAMS
+        self.streams: collections.Counter[str] = collections.Counter()  # open streams by peer id
+        self.dropped: collections.deque[tuple[str, str]] = collections.deque(maxlen=256)  # (peer, why), latest last
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(wire.BUNDLE_PROTOCOL, self._serve)
 
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
+        peer = str(getattr(stream_info, "peer_id", "?"))
         try:
-            while True:
-                line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
-                if not line:
-                    break
-                try:
-                    request = wire.parse_request(line)
-                    bundle = self.store.bundle(request["bundle"])
-                    if bundle is None:
-                        raise wire.WireError("unknown bundle")
-                    if request["op"] == "bundle":
-                        payload = canonical_json(bundle)
-                    else:
-                        f, c = request["file"], request["chunk"]
-                        if f >= len(bundle["files"]) or c >= len(bundle["files"][f]["chunks"]):
-                            raise wire.WireError("no such chunk")
-                        payload = await loop.run_in_executor(None, self.read_chunk, bundle, f, c)
-                except (wire.WireError, UserInputError, OSError) as exc:
-                    writer.write(wire.encode_header(error=str(exc)))
-                    await writer.drain()
-                    continue
-                writer.write(wire.encode_header(size=len(payload)))
-                writer.write(payload)
-                await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
+            if self.streams[peer] >= self.max_streams_per_peer or sum(self.streams.values()) >= self.max_streams:
+                self.dropped.append((peer, "too many streams"))
+                writer.write(wire.encode_header(error="too many streams"))
+                await asyncio.wait_for(writer.drain(), self.write_timeout)
+                return
+            self.streams[peer] += 1
+            try:
+                await self._requests(reader, writer)
+            finally:
+                self.streams[peer] -= 1
+                if self.streams[peer] <= 0:
+                    del self.streams[peer]
+        except _Drop as exc:
+            self.dropped.append((peer, str(exc)))
+        except asyncio.TimeoutError:
+            self.dropped.append((peer, "write timed out"))
+            writer.transport.abort()  # at once: close() would wait to flush to a peer that does not read
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the peer left
+        except Exception as exc:  # contained: one stream's error never reaches the node
+            self.dropped.append((peer, f"{type(exc).__name__}: {exc}"[:200]))
         finally:
-            writer.close()
+            writer.close()  # flushes what is left (an answer, at most a slice) ...
+            asyncio.get_running_loop().call_later(self.write_timeout, writer.transport.abort)  # ... if it is read
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+            except asyncio.TimeoutError:
+                raise _Drop("no request within the idle timeout") from None
+            except ValueError:  # past the reader's limit (64 KiB): the stream cannot be read on
+                await self._send(writer, wire.encode_header(error="request line too long"))
+                raise _Drop("request line too long") from None
+            if not line:
+                return
+            try:
+                request = wire.parse_request(line)
+                bundle = self.store.bundle(request["bundle"])
+                if bundle is None:
+                    raise wire.WireError("unknown bundle")
+                if request["op"] == "bundle":
+                    payload = canonical_json(bundle)
+                else:
+                    f, c = request["file"], request["chunk"]
+                    if f >= len(bundle["files"]) or c >= len(bundle["files"][f]["chunks"]):
+                        raise wire.WireError("no such chunk")
+                    payload = await loop.run_in_executor(None, self.read_chunk, bundle, f, c)
+            except (wire.WireError, UserInputError, OSError) as exc:
+                await self._send(writer, wire.encode_header(error=str(exc)))
+                continue
+            await self._send(writer, wire.encode_header(size=len(payload)), payload)
+
+    async def _send(self, writer: asyncio.StreamWriter, header: bytes, payload: bytes = b"") -> None:
+        """Write a response a slice at a time, each within the write timeout: a peer that
+        stops reading holds at most a slice in the transport, and only until the timeout."""
+        writer.write(header)
+        view = memoryview(payload)
+        for begin in range(0, len(view), WRITE_SLICE):
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+            writer.write(view[begin : begin + WRITE_SLICE])
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
 
 
 class _Connection:
@@ -90,12 +150,14 @@ class _Connection:
         self.reader = self.writer = None
 
     async def request(self, message: bytes, max_size: int) -> bytes:
+        """One request and its response, every step within REQUEST_TIMEOUT (a header line
+        over the reader's limit is a ValueError, like any malformed one a WireError)."""
         if self.writer is None:
             _, self.reader, self.writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer, wire.BUNDLE_PROTOCOL), REQUEST_TIMEOUT
             )
         self.writer.write(message)
-        await self.writer.drain()
+        await asyncio.wait_for(self.writer.drain(), REQUEST_TIMEOUT)
         size = wire.parse_header(await asyncio.wait_for(self.reader.readline(), REQUEST_TIMEOUT), max_size)
         return await asyncio.wait_for(self.reader.readexactly(size), REQUEST_TIMEOUT)
 
@@ -113,23 +175,85 @@ class FetchReport:
     liars: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     resumed_chunks: int = 0
+    refused: dict[str, str] = field(default_factory=dict)  # bundle id -> why it was not fetched (size, quota)
+    bundle_id: str | None = None  # the bundle that yielded the content
+
+
+def size_limit(bundle: dict, expected_size: int | None) -> int:
+    """The most bytes a fetch of ``bundle`` may bring in, before the store's quota."""
+    limit = MAX_OBJECT_BYTES if expected_size is None else min(expected_size, MAX_OBJECT_BYTES)
+    files = bundle["files"]
+    if len(files) == 1 and files[0]["path"] == f"{bundle['content']}{PACK_SUFFIX}":
+        limit = min(limit, MAX_PACK_BYTES)  # a node opens no bigger pack
+    return limit
 
 
 class BundleFetcher:
     def __init__(self, p2p: P2P, store: ContentStore):
         self.p2p, self.store = p2p, store
+        self._active: set[str] = set()  # bundles being fetched: their staging is never evicted
 
-    async def fetch(self, content: str, bundle_id: str, providers: list[PeerID], progress: Progress | None = None) -> FetchReport:
+    async def fetch(self, content: str, offers: list[tuple[str, list[PeerID]]], progress: Progress | None = None,
+                    expected_size: int | None = None) -> FetchReport:
+        """Fetch ``content`` from the first of ``offers`` (bundle id, its providers) that
+        yields it. ``expected_size``: the object's bytes as a signed record states them."""
         if self.store.has(content):
             return FetchReport(content, self.store.resolve(content))
-        providers = [p for p in dict.fromkeys(providers) if p != self.p2p.peer_id]
-        if not providers:
-            raise FetchError(f"hm://{content}: no provider is known")
         report = FetchReport(content)
+        errors: list[UserInputError] = []
+        for bundle_id, providers in offers:
+            dropped = set(report.liars) | set(report.failed)
+            peers = [p for p in dict.fromkeys(providers) if p != self.p2p.peer_id and str(p) not in dropped]
+            if not peers:
+                continue
+            try:
+                await self._fetch_bundle(content, bundle_id, peers, report, progress, expected_size)
+                return report
+            except UserInputError as exc:
+                errors.append(exc)
+        if not errors:
+            raise FetchError(f"hm://{content}: no provider is known")
+        if len(errors) == 1:
+            raise errors[0]
+        raise FetchError(f"hm://{content}: none of {len(errors)} bundles offered yielded it: "
+                         + "; ".join(f"{type(e).__name__}: {e}" for e in errors)[:2000])
+
+    async def _fetch_bundle(self, content: str, bundle_id: str, providers: list[PeerID], report: FetchReport,
+                            progress: Progress | None, expected_size: int | None) -> None:
         bundle = await self._manifest(bundle_id, providers, report)
+        providers = [p for p in providers if str(p) not in report.liars and str(p) not in report.failed]
+
+        def lied(why: str) -> FetchError:
+            for p in providers:  # each signed a record that names this bundle for this content
+                report.liars[str(p)] = why
+            report.refused[bundle_id] = why
+            return FetchError(f"hm://{content}: {why}")
+
         if bundle["content"] != content:
-            raise FetchError(f"bundle {bundle_id[:12]} holds {bundle['content'][:12]}, not {content[:12]}")
-        staging = self.store.partial / bundle_id
+            raise lied(f"bundle {bundle_id[:12]} holds {bundle['content'][:12]}, not {content[:12]}")
+        size = sum(f["size"] for f in bundle["files"])
+        total = sum(len(f["chunks"]) for f in bundle["files"])
+        limit = size_limit(bundle, expected_size)
+        if total > MAX_CHUNKS:
+            raise lied(f"bundle {bundle_id[:12]} lists {total} chunks, more than the {MAX_CHUNKS} a manifest may")
+        if size > limit:
+            bound = "its signed record states" if limit == expected_size else "a fetch of it may bring in"
+            raise lied(f"bundle {bundle_id[:12]} describes {size} bytes, more than the {limit} bytes {bound}")
+        staging = self.store.fetch_staging(bundle_id)
+        try:  # refused before a byte is written; no await until the staging files exist
+            self.store.make_room(size + len(canonical_json(bundle)) - tree_bytes(staging), self._active | {bundle_id})
+        except StoreFullError as exc:
+            report.refused[bundle_id] = str(exc)
+            raise FetchError(f"hm://{content}: bundle {bundle_id[:12]} refused: {exc}") from None
+        self._active.add(bundle_id)
+        try:
+            await self._pull(content, bundle_id, bundle, staging, providers, report, progress)
+        finally:
+            self._active.discard(bundle_id)
+
+    async def _pull(self, content: str, bundle_id: str, bundle: dict, staging: Path, providers: list[PeerID],
+                    report: FetchReport, progress: Progress | None) -> None:
+        report.chunks_by_provider = {}  # who served the bundle that yields the content, not an abandoned one
         done = self._resume(staging, bundle, report)
         pending: collections.deque = collections.deque()
         total = sum(len(f["chunks"]) for f in bundle["files"])
@@ -139,6 +263,8 @@ class BundleFetcher:
                     pending.append((i, j))
         state = {"done": len(done), "in_flight": 0}
         settled = asyncio.Event()  # set when an in-flight chunk is done or back in the queue
+        waiting = collections.deque(providers)  # providers not yet given a worker
+        served: set[str] = set()
 
         async def take() -> tuple[int, int] | None:
             # A worker with nothing queued waits while others hold chunks in flight: one of
@@ -185,6 +311,7 @@ class BundleFetcher:
                         raise
                     settle(chunk, ok=True)
                     done.add((i, j))
+                    served.add(str(peer))
                     report.bytes_received += len(data)
                     report.chunks_by_provider[str(peer)] = report.chunks_by_provider.get(str(peer), 0) + 1
                     state["done"] += 1
@@ -193,17 +320,33 @@ class BundleFetcher:
             finally:
                 conn.close()
 
-        await asyncio.gather(*(worker(p) for p in providers if str(p) not in report.liars))
-        self._save_done(staging, done)
+        async def slot() -> None:
+            # One worker at a time; when its provider is dropped, the next waiting one takes over.
+            while waiting and (pending or state["in_flight"]):
+                await worker(waiting.popleft())
+
+        try:
+            await asyncio.gather(*(slot() for _ in range(min(MAX_PARALLEL_PROVIDERS, len(providers)))))
+        finally:
+            if len(done) < total:  # failed or cancelled: keep what was verified, if anything
+                self._keep_for_resume(staging, done)
         if len(done) < total:
             raise FetchError(
                 f"hm://{content}: {total - len(done)} of {total} chunks could not be fetched "
                 f"(liars: {sorted(report.liars) or 'none'}; failed: {sorted(report.failed) or 'none'}); "
                 "verified chunks are kept and a new fetch resumes from them"
             )
-        report.path = await asyncio.get_running_loop().run_in_executor(None, self._finish, staging, bundle)
+        try:
+            report.path = await asyncio.get_running_loop().run_in_executor(None, self._finish, staging, bundle)
+        except UserInputError as exc:
+            # Every chunk matched the manifest, yet the whole is not the content: this bundle
+            # is bad for good, and its staging would only fail again.
+            shutil.rmtree(staging, ignore_errors=True)
+            for peer in served:
+                report.liars[peer] = f"served bundle {bundle_id[:12]}, which is not hm://{content[:12]}"
+            raise exc from None
+        report.bundle_id = bundle_id
         self.store.write_bundle(content)
-        return report
 
     async def _manifest(self, bundle_id: str, providers: list[PeerID], report: FetchReport) -> dict:
         cached = self.store.bundle(bundle_id)
@@ -212,7 +355,7 @@ class BundleFetcher:
         for peer in providers:
             conn = _Connection(self.p2p, peer)
             try:
-                raw = await conn.request(wire.encode_request("bundle", bundle_id), 16 * 1024 * 1024)
+                raw = await conn.request(wire.encode_request("bundle", bundle_id), MAX_MANIFEST_BYTES)
                 return check_bundle(json.loads(raw), bundle_id)
             except UserInputError as exc:
                 report.liars[str(peer)] = str(exc)
@@ -256,8 +399,12 @@ class BundleFetcher:
         finally:
             os.close(fd)
 
-    def _save_done(self, staging: Path, done: set[tuple[int, int]]) -> None:
-        (staging / "done.json").write_text(json.dumps(sorted(done)))
+    def _keep_for_resume(self, staging: Path, done: set[tuple[int, int]]) -> None:
+        """Record the verified chunks for a later fetch; staging with none of them goes."""
+        if done:
+            (staging / "done.json").write_text(json.dumps(sorted(done)))
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _finish(self, staging: Path, bundle: dict) -> Path:
         """Verify the whole object, then move it into the store in one rename."""

@@ -17,6 +17,14 @@ VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 MAX_FILES = 10_000
+# What one fetch may bring in, whatever a manifest claims: a fetch is bounded by the size a
+# signed record states when the caller knows it, by the store quota, and always by this
+# (room for the largest open models in 16 bits).
+MAX_OBJECT_BYTES = 1 << 40
+# A manifest is read whole into memory before anything checks it. Honest ones stay far
+# below: MAX_CHUNKS hashes are ~2.2 MB of JSON, and MAX_FILES entries of short paths ~1.5 MB.
+MAX_CHUNKS = 32_768  # a store cuts big objects into larger chunks to stay under this
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 class BundleError(UserInputError):

@@ -23,6 +23,13 @@ MAX_TOP_K = 256
 # Longest token text a pack may carry: alignment costs grow with it, and a signed pack
 # is still untrusted input to every participant that checks a fusion.
 MAX_PIECE_CHARS = 128
+# Largest pack file a node opens (fetched or local). A pack is verified as a stream, but a
+# fuser still reads every pack it fuses into memory; 256 MiB is ~7M response tokens at top-8
+# (a probe set of 10,000 examples of 200 tokens is 72 MB), or ~250,000 at top-256.
+MAX_PACK_BYTES = 256 * 1024 * 1024
+# The token texts are parsed whole into a dict: every id of a 256k vocabulary with escaped
+# texts fits in a few MB.
+MAX_PIECES_BYTES = 16 * 1024 * 1024
 
 # What a pack stores per response token (rows), and how wide each row is.
 PACK_TENSORS = {

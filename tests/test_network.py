@@ -413,6 +413,7 @@ def test_a_fetch_from_liars_only_fails_and_stores_nothing(pool, big_models, tmp_
     assert liar.peer_id in str(info.value)
     assert len(lies.calls) == 1
     assert not (tmp_path / "out").exists() and not fetcher.store.has(delta_id)
+    assert not fetcher.store.partial.exists() or list(fetcher.store.partial.iterdir()) == []  # no chunk verified: no staging
 
 
 # -- 4. providers that die -------------------------------------------------------------------
