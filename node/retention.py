@@ -14,7 +14,8 @@ fusion a delta. Pruning removes what nothing on this node still needs. Kept are:
   the nodes that hold it.
 
 Only the node's own files decide; nothing from the network does. Interrupted downloads
-(``store/partial``) are left for the fetch that resumes them. A running node may be
+(``store/partial``) are not pruned here: the fetcher keeps them for a resumed fetch
+within the store quota and evicts the oldest first (``ContentStore.make_room``). A running node may be
 fetching what no state names yet, so ``hivemerge store prune`` refuses to run beside
 one; the node itself prunes (``--keep-results``) only when :func:`live_work` finds
 nothing under way and no command that adds content holds its lock (node/rounds.py).

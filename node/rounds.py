@@ -216,7 +216,14 @@ class RoundCoordinator(Coordinator):
     async def _fetch_all(self, delta_ids: list[str], window: float) -> dict[str, str]:
         """Fetch ``delta_ids`` side by side; returns delta id -> why it is excluded, for
         those that failed or had not arrived when ``window`` seconds were up."""
-        tasks = {asyncio.ensure_future(self.node.fetch_async(d)): d for d in delta_ids}
+        # A few at a time: one provider may serve them all, and serves a peer a few streams at once.
+        slots = asyncio.Semaphore(bounds.MAX_PARALLEL_FETCHES)
+
+        async def fetch(delta_id: str) -> None:
+            async with slots:
+                await self.node.fetch_async(delta_id)
+
+        tasks = {asyncio.ensure_future(fetch(d)): d for d in delta_ids}
         excluded: dict[str, str] = {}
         if not tasks:
             return excluded

@@ -30,6 +30,7 @@ MAX_OBJECT_BYTES = 2**40  # a delta, pack or model a record may announce (1 TiB)
 # -- rounds ----------------------------------------------------------------------------
 MAX_DEADLINE_SECONDS = 86_400.0  # a commit window: from the proposal to its deadline
 MAX_FETCH_WINDOW = 3_600.0  # the longest a round may give its deltas to arrive, all together
+MAX_PARALLEL_FETCHES = 4  # a round's deltas fetched at once (a provider serves a peer 8 streams at most)
 MAX_SELECTED = 256  # domains or delta ids a proposal's select names
 MAX_COMMITTED = 16  # deltas one node commits to one round
 MAX_ROUND_DELTAS = 1_024  # deltas an attestation lists as included or excluded
