@@ -132,6 +132,7 @@ def test_non_string_path_and_duplicate_paths_are_refused():
     lambda f: f.update(size=f["size"] + 4),  # the size needs another chunk
     lambda f: f.update(size=-1),
     lambda f: f.update(size=10.0),
+    lambda f: f.update(size=True, chunks=f["chunks"][:1]),  # True == 1 in Python, not in JSON
     lambda f: f.update(chunks=[]),
     lambda f: f.update(chunks="abc"),
     lambda f: f["chunks"].__setitem__(0, f["chunks"][0].upper()),
@@ -139,7 +140,7 @@ def test_non_string_path_and_duplicate_paths_are_refused():
     lambda f: f["chunks"].__setitem__(0, None),
     lambda f: f.pop("size"),
     lambda f: f.pop("chunks"),
-], ids=["fewer-chunks", "more-chunks", "size-needs-more", "negative-size", "float-size", "no-chunks",
+], ids=["fewer-chunks", "more-chunks", "size-needs-more", "negative-size", "float-size", "bool-size", "no-chunks",
         "chunks-string", "uppercase-hash", "short-hash", "null-hash", "missing-size", "missing-chunks"])
 def test_file_entries_whose_chunks_do_not_fit_their_size_are_refused(change):
     m = manifest()
@@ -155,6 +156,13 @@ def test_file_entries_whose_chunks_do_not_fit_their_size_are_refused(change):
 def test_malformed_manifests_are_refused(changes):
     m = manifest()
     m.update(changes)
+    assert "malformed" in refused(m)
+
+
+def test_a_boolean_chunk_size_is_refused():
+    m = manifest(chunk_size=1)
+    assert check_bundle(m, content_id(m))
+    m["chunk_size"] = True  # equal to 1 in Python, another manifest (and id) in JSON
     assert "malformed" in refused(m)
 
 

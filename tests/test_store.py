@@ -348,4 +348,7 @@ def test_the_store_keeps_exactly_the_files_a_model_id_covers(tmp_path):
     (store.models / cid / "extra.py").write_text("x = 1")
     assert [f["path"] for f in store.bundle(store.write_bundle(cid))["files"]] == \
         ["config.json", "model.safetensors", "tokenizer_config.json"]
+    # a bundle id names a file: never a path, even to a valid manifest lying there
+    shutil.copy(store.bundles / f"{bundle_id}.json", store.root / f"{bundle_id}.json")
+    shutil.copy(store.bundles / f"{bundle_id}.json", store.bundles / f"{bundle_id}\n.json")
     assert store.bundle("../" + bundle_id) is None and store.bundle(bundle_id + "\n") is None
