@@ -90,7 +90,8 @@ def _read_weight_map(index: Path) -> dict[str, str]:
         raise UserInputError(f"{index}: malformed index (expected {{metadata, weight_map}} with a non-empty weight_map)")
     for name, fname in weight_map.items():
         if not is_weights_file(fname):
-            raise UserInputError(f"{index}: tensor {name[:80]} is mapped to {str(fname)[:80]!r}, not a shard file name of the folder")
+            raise UserInputError(
+                f"{index}: tensor {name[:80]} is mapped to {str(fname)[:80]!r}, not a shard file name of the folder")
     return weight_map
 
 
@@ -121,7 +122,8 @@ def _check_layout(file: Path, data_start: int, spans: list[tuple[int, int]]) -> 
             raise UserInputError(f"{file}: tensor data has gaps or overlaps")
         position = end
     if file.stat().st_size != data_start + position:
-        raise UserInputError(f"{file}: {file.stat().st_size - data_start - position} bytes after the last tensor's data (or truncated)")
+        extra = file.stat().st_size - data_start - position
+        raise UserInputError(f"{file}: {extra} bytes after the last tensor's data (or truncated)")
 
 
 class SafetensorsModel:

@@ -50,7 +50,8 @@ class JsonStates:
     def _load(self, path: Path) -> dict | None:
         try:
             state = json.loads(path.read_bytes())
-            if not isinstance(state, dict) or not isinstance(state.get("proposal"), dict) or not isinstance(state.get("phase"), str):
+            if not (isinstance(state, dict) and isinstance(state.get("proposal"), dict)
+                    and isinstance(state.get("phase"), str)):
                 raise ValueError("not a round state")
             return state
         except (OSError, ValueError, RecursionError) as exc:

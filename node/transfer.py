@@ -289,7 +289,8 @@ class BundleFetcher:
             # is stored, served again or exported.
             present, covered = sorted(p.name for p in files.iterdir()), model_files(model)
             if present != covered:
-                raise FetchError(f"fetched model holds files its content id does not cover: {sorted(set(present) - set(covered))[:5]}")
+                extra = sorted(set(present) - set(covered))[:5]
+                raise FetchError(f"fetched model holds files its content id does not cover: {extra}")
             if model_id(model) != content:
                 raise FetchError(f"fetched model does not hash to {content[:12]}")
             self.store.models.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,8 @@ def check_delta_manifest(manifest: Any) -> dict:
     _require(isinstance(tensors, dict) and tensors, "no tensors")
     for name, entry in tensors.items():
         _require(_is_tensor_name(name), f"tensor name {name[:200]!r} is not allowed")
-        _require(isinstance(entry, dict) and set(entry) == TENSOR_KEYS, f"tensor {name} is not a mapping of {sorted(TENSOR_KEYS)}")
+        _require(isinstance(entry, dict) and set(entry) == TENSOR_KEYS,
+                 f"tensor {name} is not a mapping of {sorted(TENSOR_KEYS)}")
         _require(isinstance(entry.get("codec"), str), f"tensor {name} has no codec")
         _require(isinstance(entry.get("dtype"), str), f"tensor {name} has no dtype")
         _require(_is_shape(entry.get("shape")), f"tensor {name} has a bad shape")
