@@ -283,6 +283,7 @@ class BundleFetcher:
             self.store.objects.mkdir(parents=True, exist_ok=True)
             target = self.store.objects / f"{content}{suffix}"
             os.replace(path, target)
+            fsync_path(self.store.objects)
         else:
             model = SafetensorsModel(files)
             # Exactly the files the id covers: nothing unverified (code, filler, folders)
@@ -296,5 +297,6 @@ class BundleFetcher:
             self.store.models.mkdir(parents=True, exist_ok=True)
             target = self.store.models / content
             os.replace(files, target)
+            fsync_path(self.store.models)
         shutil.rmtree(staging, ignore_errors=True)
         return target
