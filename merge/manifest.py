@@ -5,21 +5,9 @@ from __future__ import annotations
 from hivemerge.merge.dtypes import SAFETENSORS_CODES
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.protocol.content import content_id, sha256_hex
-from hivemerge.protocol.manifests import model_manifest
+from hivemerge.protocol.manifests import MODEL_FILES, TOKENIZER_FILES, WEIGHTS_INDEX_FILE, model_manifest
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-)
-# The side files that are part of a model's identity (a README is not).
-MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "build_model_manifest", "model_files", "model_id", "side_files"]
 
 
 def side_files(model) -> dict[str, bytes]:
@@ -30,6 +18,15 @@ def side_files(model) -> dict[str, bytes]:
         if data is not None:
             found[name] = data
     return found
+
+
+def model_files(model: SafetensorsModel) -> list[str]:
+    """The names of the files a model's content id covers: the weights it reads (and
+    their index) and its side files. A stored or fetched model holds exactly these."""
+    names = [f.name for f in model.weight_files]
+    if model.index_file is not None:
+        names.append(WEIGHTS_INDEX_FILE)
+    return sorted({*names, *(n for n in MODEL_FILES if model.side_file(n) is not None)})
 
 
 def build_model_manifest(model: SafetensorsModel) -> dict:

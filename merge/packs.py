@@ -252,6 +252,8 @@ class PackFile:
             special = {int(t) for t in data["special"]}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PackError(f"{self.path}: {PIECES_FILE} is malformed") from None
+        if not all(0 <= t < 2**31 for t in (*pieces, *special)):  # ids are I16 or I32: others name no token
+            raise PackError(f"{self.path}: {PIECES_FILE} names token ids outside [0, 2**31)")
         if any(len(text) > MAX_PIECE_CHARS for text in pieces.values()):
             raise PackError(f"{self.path}: a token text is longer than {MAX_PIECE_CHARS} characters")
         return pieces, special

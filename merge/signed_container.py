@@ -41,7 +41,7 @@ class SignedContainer:
         try:
             self.signed = json.loads(meta[metadata_key])
             self.manifest = verify_signed(self.signed, kind, expected_signer)
-        except (ValueError, TypeError):  # TypeError: the metadata value is not a string
+        except (ValueError, TypeError, RecursionError):  # not a string; nested past the parser's stack
             raise error(f"{self.path}: the signed manifest is not valid JSON") from None
         except UserInputError as exc:
             raise error(f"{self.path}: {exc}") from None

@@ -40,7 +40,8 @@ def start(
              "would exceed it is refused before anything is written. Default 200GiB.",
     )] = None,
 ) -> None:
-    """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly."""
+    """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly (or,
+    should its p2p daemon die, say so and stop with exit status 1)."""
     from hivemerge.merge.writer import parse_size
     from hivemerge.node.control import ControlServer
     from hivemerge.node.node import DEFAULT_LISTEN, Node
@@ -66,11 +67,14 @@ def start(
         for maddr in node.maddrs():
             print(f"listening {maddr}", flush=True)
         print("serving; Ctrl-C to stop", flush=True)
-        stop.wait()
+        while not stop.wait(1.0) and not node.daemon_died.is_set():
+            pass
     finally:
         control.close()
         node.close()
         print("node stopped", flush=True)
+    if node.daemon_died.is_set():
+        raise SystemExit(1)  # the node logged why ("p2p daemon died")
 
 
 @contextmanager

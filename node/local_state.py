@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import sys
 from pathlib import Path
+
+from hivemerge.merge.atomic import write_file_atomic
 
 # The node's own files in its home: what it publishes and what it takes part in. They
 # alone decide what its content store keeps (node/retention.py).
@@ -18,27 +20,50 @@ ROUNDS_DIR, SEARCHES_DIR, FUSIONS_DIR = "rounds", "searches", "fusions"  # one s
 
 
 def write_json(path: Path, value) -> None:
-    """Write ``value`` as JSON atomically: a crash leaves the former file, never half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    """Write ``value`` as JSON atomically and durably: a crash leaves the former file, never
+    an empty or half-written one."""
+    write_file_atomic(path, json.dumps(value, indent=2).encode())
 
 
 class JsonStates:
     """One JSON file per round in ``self.dir``, each written atomically (a crash leaves the
-    former state, never half a file). Used by the merge and the search coordinators."""
+    former state, never half a file). Used by the merge and the search coordinators.
+
+    A state file damaged anyway (a full disk, an editor, a crash of an older version) is
+    logged and skipped: one bad file must not stop every tick of the coordinator. It is
+    left in place for its owner to look at (pruning keeps what it mentions,
+    node/retention.py)."""
 
     dir: Path
 
     def state(self, round_id: str) -> dict | None:
         path = self.dir / f"{round_id}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._load(path) if path.is_file() else None
 
     def save(self, state: dict) -> None:
         write_json(self.dir / f"{state['proposal']['round_id']}.json", state)
 
     def states(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+        loaded = (self._load(p) for p in sorted(self.dir.glob("*.json")))
+        return [s for s in loaded if s is not None]
+
+    def _load(self, path: Path) -> dict | None:
+        try:
+            state = json.loads(path.read_bytes())
+            if not (isinstance(state, dict) and isinstance(state.get("proposal"), dict)
+                    and isinstance(state.get("phase"), str)):
+                raise ValueError("not a round state")
+            return state
+        except (OSError, ValueError, RecursionError) as exc:
+            self._log(f"skipping the damaged state file {path} ({type(exc).__name__}: {exc})")
+            return None
+
+    def _log(self, message: str) -> None:
+        node = getattr(self, "node", None)
+        if node is not None:
+            node.log(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
 
 class Coordinator(JsonStates):

@@ -19,11 +19,12 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
+from hivemerge.merge.atomic import write_file_atomic
 from hivemerge.node.dht_storage import BoundedRecordStorage
 from hivemerge.node.loop import LoopThread
 from hivemerge.protocol import records
 from hivemerge.protocol.errors import UserInputError
-from hivemerge.protocol.identity import Identity
+from hivemerge.protocol.identity import Identity, check_private_file
 
 # p2pd shares ports silently with SO_REUSEPORT; a clash must be an error instead.
 os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")
@@ -32,15 +33,15 @@ DHT_TIMEOUT = 15.0
 
 
 def write_p2p_key(identity: Identity, home: Path) -> Path:
-    """The identity in libp2p's key format (what p2pd reads), mode 0600."""
+    """The identity in libp2p's key format (what p2pd reads), mode 0600. It is the same
+    private key as identity.key, so the same rule holds: one that others can read is
+    refused, not silently tightened (it may have leaked already)."""
     path = home / P2P_KEY_FILE
     data = crypto_pb2.PrivateKey(key_type=crypto_pb2.Ed25519, data=identity.private_bytes() + identity.public_key).SerializeToString()
+    if path.exists():
+        check_private_file(path)
     if not path.exists() or path.read_bytes() != data:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_file_atomic(path, data, mode=0o600)
     return path
 
 
@@ -136,16 +137,20 @@ class Network:
                 continue
         return result
 
-    def _daemon_alive(self) -> bool:
+    def daemon_alive(self) -> bool:
         child = getattr(self.p2p, "_child", None)
         return child is not None and child.returncode is None
+
+    def daemon_exit_status(self) -> int | None:
+        child = getattr(self.p2p, "_child", None)
+        return None if child is None else child.returncode
 
     def close(self) -> None:
         async def stop() -> None:
             try:
                 # DHTNode.shutdown unregisters its handlers through p2pd, with no timeout of
                 # its own: if the daemon died (killed, crashed) it would wait forever.
-                if self.dht is not None and self._daemon_alive():
+                if self.dht is not None and self.daemon_alive():
                     await asyncio.wait_for(self.dht.shutdown(), 5)
             except Exception:
                 pass  # the daemon goes below either way

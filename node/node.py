@@ -28,7 +28,7 @@ from hivemerge.merge.codecs import DEFAULT_CODEC
 from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.local_state import PUBLISHED_FILE
+from hivemerge.node.local_state import PUBLISHED_FILE, write_json
 from hivemerge.node.network import Network, is_bound
 from hivemerge.node.retention import record_fetched_consensus
 from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator, proposal_from_recipe
@@ -47,6 +47,7 @@ GONE_MARGIN = 0.1  # seconds a "gone" record outlives the live one it replaces
 REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack"})
 STORE_ATTEMPTS = 3  # of every other record
 STORE_RETRY_SECONDS = 0.5  # before the second attempt; twice that before the third
+DAEMON_CHECK_SECONDS = 1.0  # how often a running node checks that its p2p daemon lives
 
 Progress = Callable[[int, int, str], None]
 
@@ -83,6 +84,10 @@ class Node:
         self.fetcher = BundleFetcher(self.network.p2p, self.store)
         self._refresher: asyncio.Task | None = None
         self._coordinator_task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        # Set when the p2p daemon dies: without it the node neither serves nor reaches the
+        # DHT, so `node start` stops (exit 1) instead of running on deaf and mute.
+        self.daemon_died = threading.Event()
         self.rounds = RoundCoordinator(self, poll=round_poll, device=device)
         self.searches = SearchCoordinator(self, poll=round_poll)
         try:
@@ -91,6 +96,7 @@ class Node:
                 self._run(self.announce(), 60)
                 self._refresher = self._run(self._start(self._refresh_forever()), 5)
                 self._coordinator_task = self._run(self._start(self._coordinate()), 5)
+                self._watchdog = self._run(self._start(self._watch_daemon()), 5)
         except BaseException:
             self.close()
             raise
@@ -104,6 +110,12 @@ class Node:
 
     async def _coordinate(self) -> None:
         await asyncio.gather(self.rounds.run_forever(), self.searches.run_forever())
+
+    async def _watch_daemon(self) -> None:
+        while self.network.daemon_alive():
+            await asyncio.sleep(DAEMON_CHECK_SECONDS)
+        self.log(f"p2p daemon died (exit status {self.network.daemon_exit_status()}); stopping the node")
+        self.daemon_died.set()
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -217,9 +229,7 @@ class Node:
             "size": summary["file_bytes"],
         }
         published = [p for p in self.published() if p["delta_id"] != delta_id] + [fields]
-        tmp = self.home / f".{PUBLISHED_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(published, indent=2))
-        os.replace(tmp, self.home / PUBLISHED_FILE)
+        write_json(self.home / PUBLISHED_FILE, published)
         self._run(self.announce(), 60)
         return {**fields, "publisher": self.identity.public_hex}
 
@@ -419,11 +429,13 @@ class Node:
     def close(self) -> None:
         """Leave: stop refreshing, announce that this node is gone, stop the daemon."""
         try:
-            if self._coordinator_task is not None:
-                self.network.loop.loop.call_soon_threadsafe(self._coordinator_task.cancel)
+            for task in (self._coordinator_task, self._watchdog):
+                if task is not None:
+                    self.network.loop.loop.call_soon_threadsafe(task.cancel)
             if self._refresher is not None:
                 self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
-                self._run(self.announce(gone=True), 20)
+                if self.network.daemon_alive():  # a dead daemon stores nothing: do not wait for it
+                    self._run(self.announce(gone=True), 20)
         except Exception:
             pass  # leaving must not fail: the records expire anyway
         finally:

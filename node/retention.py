@@ -39,6 +39,7 @@ from hivemerge.protocol.errors import UserInputError
 _ID = re.compile(r"[0-9a-f]{64}")
 _KIND_OF_SUFFIX = {DELTA_SUFFIX: "delta", PACK_SUFFIX: "pack", PROBE_SUFFIX: "probe"}
 ENDED_SEARCH = ("done", "failed")
+UNREADABLE = "unreadable"  # the phase given to a damaged state file: its ids are kept, no work runs on it
 
 
 @dataclass
@@ -146,7 +147,10 @@ def live_work(home: Path) -> str | None:
     being distilled), or None: pruning in a running node waits for None."""
     home = Path(home)
     rounds = _states(home / ROUNDS_DIR)
-    unended = next(_unended(home, rounds, _ended_rounds(rounds, _read_list(home / CONSENSUS_FILE))), None)
+    # A damaged state file is skipped by the coordinators (node/local_state.py): no work
+    # runs on it, so it must not hold pruning off forever; what it mentions is kept anyway.
+    unended = next((u for u in _unended(home, rounds, _ended_rounds(rounds, _read_list(home / CONSENSUS_FILE)))
+                    if u[1] != UNREADABLE), None)
     if unended is not None:
         label, phase, _ = unended
         return f"{label} is {phase}"
@@ -218,7 +222,7 @@ def _mentioned(value) -> set[str]:
 
 def _states(folder: Path) -> dict[str, dict]:
     """The JSON state files of a folder by name. One that is not JSON keeps every id in its
-    text (its phase is unknown, so it has not ended)."""
+    text (its phase is unknown, so it has not ended), as JsonStates logs and skips it."""
     states = {}
     if folder.is_dir():
         for path in sorted(folder.glob("*.json")):
@@ -227,7 +231,7 @@ def _states(folder: Path) -> dict[str, dict]:
                 value = json.loads(text)
             except ValueError:
                 value = None
-            states[path.stem] = value if isinstance(value, dict) else {"phase": "unreadable", "text": text}
+            states[path.stem] = value if isinstance(value, dict) else {"phase": UNREADABLE, "text": text}
     return states
 
 

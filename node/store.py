@@ -5,7 +5,10 @@ Deltas, logit packs and probe sets are files (``store/objects/<id>.delta.safeten
 (``store/models/<id>/``). Every object has a bundle manifest (its files cut into
 hashed chunks, :mod:`hivemerge.protocol.bundles`) under ``store/bundles/<bundle id>.json``
 so the node can serve it chunk by chunk. Objects enter only after their id is
-checked, so what the store returns under an id is what that id names.
+checked, so what the store returns under an id is what that id names, and a stored
+model holds exactly the files its id covers (:func:`hivemerge.merge.manifest.model_files`).
+Files enter with their data on disk before their name (fsync, then rename): after a
+crash an object is whole or absent.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
+from hivemerge.merge.atomic import fsync_path, write_file_atomic
 from hivemerge.merge.delta import DeltaFile
-from hivemerge.protocol.bundles import (
-    DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, bundle_manifest, check_bundle, chunk_count, chunk_span,
+from hivemerge.protocol.bundles import (  # noqa: F401  (the suffixes are declared in protocol; imported from here too)
+    DEFAULT_CHUNK_SIZE, DELTA_SUFFIX, FILE_SUFFIXES, MAX_CHUNK_SIZE, MAX_CHUNKS, PACK_SUFFIX, PROBE_SUFFIX, bundle_manifest,
+    check_bundle, chunk_count, chunk_span,
 )
 from hivemerge.protocol.content import canonical_json, content_id, is_content_id
 from hivemerge.protocol.errors import UserInputError
@@ -29,11 +34,6 @@ from hivemerge.protocol.errors import UserInputError
 # leaves less than MIN_FREE_DISK free on the disk (the quota may be larger than the disk).
 DEFAULT_MAX_STORE = 200 << 30
 MIN_FREE_DISK = 1 << 30
-
-DELTA_SUFFIX = ".delta.safetensors"
-PACK_SUFFIX = ".pack.safetensors"
-PROBE_SUFFIX = ".probe.jsonl"
-FILE_SUFFIXES = (DELTA_SUFFIX, PACK_SUFFIX, PROBE_SUFFIX)  # objects that are one file
 
 
 def verify_file_object(path: Path, suffix: str) -> str:
@@ -169,6 +169,8 @@ class ContentStore:
         return SafetensorsModel(path)
 
     def bundle(self, bundle_id: str) -> dict | None:
+        if not is_content_id(bundle_id):  # it names a file: an id, never a path
+            return None
         path = self.bundles / f"{bundle_id}.json"
         if not path.is_file():
             return None
@@ -214,7 +216,9 @@ class ContentStore:
             staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
             try:
                 shutil.copyfile(path, staging)
+                fsync_path(staging)
                 os.replace(staging, target)
+                fsync_path(self.objects)
             finally:
                 staging.unlink(missing_ok=True)  # after a failed copy: no half file left behind
         self.write_bundle(cid)
@@ -222,11 +226,12 @@ class ContentStore:
 
     def add_model(self, directory: Path) -> str:
         """Copy a model directory in under its content id (its weights and side files)."""
-        from hivemerge.merge.manifest import MODEL_FILES, model_id
+        from hivemerge.merge.manifest import model_files, model_id
         from hivemerge.merge.sources import SafetensorsModel
 
         directory = Path(directory)
-        cid = model_id(SafetensorsModel(directory))
+        model = SafetensorsModel(directory)
+        cid = model_id(model)
         target = self.models / cid
         if not target.is_dir():
             self.models.mkdir(parents=True, exist_ok=True)
@@ -234,11 +239,12 @@ class ContentStore:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             try:
-                for item in directory.iterdir():
-                    # The weights and the files in the model's id; a model card is written on export.
-                    if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json") or item.name in MODEL_FILES):
-                        shutil.copyfile(item, staging / item.name)
+                # The files the model's id covers (a model card is written on export).
+                for name in model_files(model):
+                    shutil.copyfile(directory / name, staging / name)
+                    fsync_path(staging / name)
                 os.replace(staging, target)
+                fsync_path(self.models)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # after a failed copy: no half model left behind
         self.write_bundle(cid)
@@ -249,8 +255,11 @@ class ContentStore:
         root = self.content_root(cid)
         if root == self.objects:
             paths = [self._file_of(cid).name]
-        else:
-            paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        else:  # what the id covers, nothing else that may lie in the folder
+            from hivemerge.merge.manifest import model_files
+            from hivemerge.merge.sources import SafetensorsModel
+
+            paths = model_files(SafetensorsModel(root))
         sizes = {p: (root / p).stat().st_size for p in paths}
         chunk_size = self.chunk_size
         # Bigger chunks for a big object: peers refuse manifests of more than MAX_CHUNKS chunks.
@@ -262,9 +271,7 @@ class ContentStore:
         self.bundles.mkdir(parents=True, exist_ok=True)
         target = self.bundles / f"{bundle_id}.json"
         if not target.exists():
-            tmp = target.with_name(f".{target.name}.{os.getpid()}")
-            tmp.write_bytes(canonical_json(manifest))
-            os.replace(tmp, target)
+            write_file_atomic(target, canonical_json(manifest))
         return bundle_id
 
     def bundle_of(self, cid: str) -> str | None:

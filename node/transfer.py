@@ -34,11 +34,15 @@ from pathlib import Path
 
 from hivemind.p2p import P2P, PeerID
 
-from hivemerge.merge.manifest import model_id
+from hivemerge.merge.atomic import fsync_path
+from hivemerge.merge.delta import DeltaError
+from hivemerge.merge.manifest import model_files, model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.store import FILE_SUFFIXES, PACK_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
+from hivemerge.node.store import PACK_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
 from hivemerge.protocol import wire
-from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, check_bundle, chunk_span
+from hivemerge.protocol.bundles import (
+    MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, check_bundle, chunk_span, object_suffix,
+)
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.packs import MAX_PACK_BYTES
@@ -407,9 +411,24 @@ class BundleFetcher:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _finish(self, staging: Path, bundle: dict) -> Path:
-        """Verify the whole object, then move it into the store in one rename."""
+        """Verify the whole object, then move it into the store in one rename. An object
+        that fails is removed with its staging: its chunks matched the bundle, so the
+        bundle itself is bad and fetching it again would not help. A delta that fails keeps
+        its DeltaError (a round excludes it as failing verification, not as unavailable)."""
+        try:
+            return self._verify_and_store(staging, bundle)
+        except DeltaError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except UserInputError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FetchError(f"hm://{bundle['content']}: {exc}") from None
+
+    def _verify_and_store(self, staging: Path, bundle: dict) -> Path:
         content, files = bundle["content"], staging / "files"
-        suffix = next((s for s in FILE_SUFFIXES if len(bundle["files"]) == 1 and bundle["files"][0]["path"] == f"{content}{s}"), None)
+        suffix = object_suffix(bundle)
+        for entry in bundle["files"]:  # on disk before the rename names them (a crash leaves no torn object)
+            fsync_path(files / entry["path"])
         if suffix is not None:  # a delta, a logit pack or a probe set
             path = files / bundle["files"][0]["path"]
             found = verify_file_object(path, suffix)
@@ -418,11 +437,20 @@ class BundleFetcher:
             self.store.objects.mkdir(parents=True, exist_ok=True)
             target = self.store.objects / f"{content}{suffix}"
             os.replace(path, target)
+            fsync_path(self.store.objects)
         else:
-            if model_id(SafetensorsModel(files)) != content:
+            model = SafetensorsModel(files)
+            # Exactly the files the id covers: nothing unverified (code, filler, folders)
+            # is stored, served again or exported.
+            present, covered = sorted(p.name for p in files.iterdir()), model_files(model)
+            if present != covered:
+                extra = sorted(set(present) - set(covered))[:5]
+                raise FetchError(f"fetched model holds files its content id does not cover: {extra}")
+            if model_id(model) != content:
                 raise FetchError(f"fetched model does not hash to {content[:12]}")
             self.store.models.mkdir(parents=True, exist_ok=True)
             target = self.store.models / content
             os.replace(files, target)
+            fsync_path(self.store.models)
         shutil.rmtree(staging, ignore_errors=True)
         return target

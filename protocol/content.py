@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 ID_PREFIX = "hm://"
-_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -30,7 +30,8 @@ def content_id(manifest: dict) -> str:
 
 
 def is_content_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
+    # fullmatch: "$" would also match before a trailing newline, and ids become file names
+    return _ID_RE.fullmatch(text) is not None
 
 
 def parse_content_ref(ref: str) -> str | None:

@@ -43,6 +43,16 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
         return False
 
 
+def check_private_file(path: Path) -> None:
+    """A file that holds a private key must be readable by its owner alone (mode 0600):
+    one that others can read may already have leaked, and the user should know."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise UserInputError(
+            f"{path}: permissions {mode:04o} are too open; the key must be private (chmod 600 {path})"
+        )
+
+
 class Identity:
     def __init__(self, private_key: Ed25519PrivateKey):
         self._key = private_key
@@ -89,11 +99,7 @@ class Identity:
         path = home / KEY_FILE
         if not path.is_file():
             raise UserInputError(f"{home}: no identity (create one with `hivemerge identity new --home {home}`)")
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise UserInputError(
-                f"{path}: permissions {mode:04o} are too open; the key must be private (chmod 600 {path})"
-            )
+        check_private_file(path)
         raw = path.read_bytes()
         if len(raw) != 32:
             raise UserInputError(f"{path}: not an Ed25519 private key ({len(raw)} bytes, expected 32)")

@@ -84,6 +84,19 @@ def rewrite_signed(src: Path, dst: Path, change) -> Path:
     return write_container(dst, header, data)
 
 
+def forge_side_file(src: Path, dst: Path, identity: Identity, old: str, new: str) -> Path:
+    """A copy of delta ``src`` whose side file ``old`` is stored and listed as ``new``, its
+    manifest signed by ``identity``: a publisher's own valid signature over a hostile name."""
+    header, data = read_container(src)
+    signed = json.loads(header["__metadata__"]["hivemerge.delta"])
+    manifest = signed["manifest"]
+    manifest["files"] = {(new if k == old else k): v for k, v in manifest["files"].items()}
+    header = {(f"__files__/{new}" if k == f"__files__/{old}" else k): v for k, v in header.items()}
+    header["__metadata__"]["hivemerge.delta"] = json.dumps(
+        sign_manifest(identity, "delta", manifest), sort_keys=True, separators=(",", ":"))
+    return write_container(dst, header, data)
+
+
 def resign(signed: dict, identity: Identity, keep_signer: bool = False) -> dict:
     """The same manifest signed by ``identity``; with ``keep_signer`` the signer field still names the original key."""
     fresh = sign_manifest(identity, signed["kind"], signed["manifest"])

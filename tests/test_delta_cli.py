@@ -9,9 +9,9 @@ import os
 
 import pytest
 from conftest import run_cli
-from delta_fixtures import assert_user_error, load_dir_tensors, resign, rewrite_signed
+from delta_fixtures import assert_user_error, forge_side_file, load_dir_tensors, resign, rewrite_signed
 
-from hivemerge.merge.delta import extract_delta
+from hivemerge.merge.delta import DeltaFile, extract_delta
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.protocol.identity import KEY_FILE
@@ -272,3 +272,65 @@ def test_apply_refuses_a_non_empty_out(cli, family, lossless, tmp_path):
     assert_user_error(cli("delta", "apply", "--base", family.base, "--delta", tmp_path / "none.delta", "--out", tmp_path / "o"),
                       "no such delta file")
     assert not (tmp_path / "o").exists()
+
+
+# -- names from a signed delta are never paths ---------------------------------------------
+
+def _files_under(root):
+    return sorted(str(p) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "sub/config.json", "evil.py"])
+def test_side_file_names_that_are_not_model_files_are_refused(cli, family, lossless, tmp_path, name):
+    """A delta correctly signed by its publisher whose side file is named ``name``:
+    verify and apply answer exit 2 and write nothing, neither --out nor where the name points."""
+    path, _ = lossless
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "abs")
+    forged = forge_side_file(path, tmp_path / "forged.delta.safetensors", family.alice, "config.json", name)
+    outs = empty_dir(tmp_path / "outs")
+    before = _files_under(tmp_path)
+    line = assert_user_error(cli("delta", "apply", "--base", family.base, "--delta", forged, "--out", outs / "rebuilt"),
+                             f"file {name!r} is not a model side file")
+    assert "signature" not in line  # the signature is fine: the name is what is refused
+    assert_user_error(cli("delta", "verify", forged), f"file {name!r} is not a model side file")
+    assert_user_error(cli("delta", "verify", forged, "--base", family.base), "is not a model side file")
+    # nothing written: no --out, nothing where ../../x (tmp_path/x) or the absolute path lead
+    assert not (outs / "rebuilt").exists() and not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+    assert _files_under(tmp_path) == before
+
+
+def test_extract_refuses_side_files_and_weights_linked_out_of_the_model_folder(cli, family, tmp_path):
+    """A model folder whose config.json is a link to a private file elsewhere: extract
+    (and so publish, which extracts) must not embed that file in a delta."""
+    import shutil
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"api_token": "hunter2"}')
+    expert = tmp_path / "expert"
+    shutil.copytree(family.expert, expert)
+    (expert / "config.json").unlink()
+    (expert / "config.json").symlink_to(secret)
+    out_dir = empty_dir(tmp_path / "out")
+
+    def extract(model):
+        return cli("delta", "extract", "--base", family.base, "--model", model, "--out", out_dir / "d.delta.safetensors",
+                   "--codec", "lossless", "--home", family.alice_home)
+
+    assert_user_error(extract(expert), f"{expert / 'config.json'}: a symbolic link out of the model folder")
+    assert list(out_dir.iterdir()) == []
+    # weights linked out of the folder: refused the same way
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(family.expert / "config.json", expert / "real-config.json")
+    (expert / "config.json").unlink()
+    (expert / "config.json").symlink_to("real-config.json")  # a link inside the folder is its own file
+    shutil.move(expert / "model.safetensors", weights / "model.safetensors")
+    (expert / "model.safetensors").symlink_to(weights / "model.safetensors")
+    assert_user_error(extract(expert), f"{expert / 'model.safetensors'}: a symbolic link out of the model folder")
+    assert list(out_dir.iterdir()) == []
+    (expert / "model.safetensors").unlink()
+    shutil.move(weights / "model.safetensors", expert / "model.safetensors")
+    assert extract(expert).returncode == 0
+    assert json.loads(DeltaFile(out_dir / "d.delta.safetensors").files()["config.json"]) == \
+        json.loads((family.expert / "config.json").read_bytes())

@@ -251,3 +251,57 @@ def test_apply_writes_nothing_on_failure(family, tmp_path):
     with pytest.raises(DeltaError, match="fails its hash check"):
         apply_delta(family.base, path, out_root / "rebuilt")
     assert list(out_root.iterdir()) == []
+
+
+def _forge_renamed(path, dst, identity, rename, part_rename=None):
+    """``path`` with tensor names changed by ``rename`` (and part names by ``part_rename``),
+    stored parts moved along, the architecture made to fit, signed by ``identity``: a
+    publisher's consistent, validly signed file whose only fault is its names."""
+    from hivemerge.protocol.fingerprint import architecture_fingerprint
+
+    part_rename = part_rename or (lambda p: p)
+    header, data = read_container(path)
+    meta = header.pop("__metadata__")
+    manifest = json.loads(meta[METADATA_KEY])["manifest"]
+    tensors, moved = {}, {}
+    for name, entry in manifest["tensors"].items():
+        entry["parts"] = {part_rename(p): info for p, info in entry["parts"].items()}
+        tensors[rename(name)] = entry
+    for key, value in header.items():
+        if "::" in key and not key.startswith("__files__/"):
+            name, part = key.rsplit("::", 1)
+            key = f"{rename(name)}::{part_rename(part)}"
+        moved[key] = value
+    manifest["tensors"] = tensors
+    manifest["architecture"] = architecture_fingerprint({n: e["shape"] for n, e in tensors.items()})
+    meta[METADATA_KEY] = json.dumps(sign_manifest(identity, "delta", manifest), sort_keys=True, separators=(",", ":"))
+    return write_container(dst, {"__metadata__": meta, **moved}, data)
+
+
+def test_names_that_could_spell_another_entry_are_refused(family, tmp_path):
+    """Tensor names make header keys (<tensor>::<part>) and output header entries; a name
+    that spells a side file's key, the metadata key or another part's key is refused."""
+    path = tmp_path / "d.delta.safetensors"
+    extract_delta(family.base, family.expert, path, family.alice, "int8")
+    target = "model.layers.0.self_attn.q_proj.weight"
+    sane = _forge_renamed(path, tmp_path / "sane.delta.safetensors", family.alice, lambda n: n.replace("model.", "m."))
+    DeltaFile(sane).verify_all()  # renaming consistently is fine in itself
+    for hostile in ("__metadata__", "a::b", "__files__/config.json", "", "x" * 2000, "tab\there"):
+        forged = _forge_renamed(path, tmp_path / "forged.delta.safetensors", family.alice,
+                                lambda n: hostile if n == target else n)
+        with pytest.raises(DeltaError, match="is not allowed"):
+            DeltaFile(forged)
+    forged = _forge_renamed(path, tmp_path / "forged.delta.safetensors", family.alice, lambda n: n, lambda p: p.upper())
+    with pytest.raises(DeltaError, match="part Q of .* is malformed"):
+        DeltaFile(forged)
+
+
+def test_the_architecture_field_must_say_what_the_tensors_are(family, tmp_path):
+    """Records group deltas by it: a signed delta may not claim another architecture."""
+    path = tmp_path / "d.delta.safetensors"
+    extract_delta(family.base, family.expert, path, family.alice, "int8")
+    other = "f" * 64  # a well-formed id of no architecture
+    forged = _forge(path, tmp_path / "forged.delta.safetensors", family.alice,
+                    change_manifest=lambda m: m.update(architecture=other))
+    with pytest.raises(DeltaError, match="architecture does not match its tensors' names and shapes"):
+        DeltaFile(forged)

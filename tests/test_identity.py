@@ -190,3 +190,39 @@ def test_identity_new_show_and_refusals(cli, tmp_path):
     assert cli("identity", "show", "--home", home).returncode == 0
 
     assert_user_error(cli("identity", "show", "--home", tmp_path / "nobody"), "no identity")
+
+
+# -- p2p.key: the same private key in libp2p's format, the same rule -------------------------
+
+@pytest.mark.parametrize("loose", [0o644, 0o640, 0o604])
+def test_a_p2p_key_others_can_read_is_refused(tmp_path, loose):
+    """Refused, not repaired: a key file others could read may have been copied already,
+    so its owner must know (as for identity.key); tightening it silently would hide that."""
+    from hivemerge.node.network import P2P_KEY_FILE, write_p2p_key
+
+    identity = Identity.generate()
+    identity.save(tmp_path)
+    path = write_p2p_key(identity, tmp_path)
+    assert mode(path) == 0o600
+    written = path.read_bytes()
+    assert identity.private_bytes() in written
+    os.chmod(path, loose)
+    with pytest.raises(UserInputError) as info:
+        write_p2p_key(identity, tmp_path)
+    assert f"{tmp_path / P2P_KEY_FILE}: permissions {loose:04o} are too open" in str(info.value)
+    assert "chmod 600" in str(info.value)
+    assert path.read_bytes() == written and mode(path) == loose  # left as found, for its owner to look at
+    os.chmod(path, 0o600)
+    assert write_p2p_key(identity, tmp_path) == path
+
+
+def test_node_start_refuses_a_loose_p2p_key(cli, tmp_path):
+    from hivemerge.node.network import P2P_KEY_FILE
+
+    home = tmp_path / "home"
+    Identity.generate().save(home)
+    (home / P2P_KEY_FILE).write_bytes(b"stale")
+    os.chmod(home / P2P_KEY_FILE, 0o644)
+    result = cli("node", "start", "--home", home, "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert_user_error(result, str(home / P2P_KEY_FILE), "permissions 0644 are too open")
+    assert (home / P2P_KEY_FILE).read_bytes() == b"stale"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_parse_content_ref():
     assert parse_content_ref("hm://" + "ab" * 31) is None
     assert parse_content_ref("./model") is None
     assert short_id(cid) == cid[:12]
+    # "$" also matches before a final newline: an id with one would name another file
+    assert parse_content_ref(cid + "\n") is None and parse_content_ref(f"hm://{cid}\n") is None
 
 
 # -- model manifests ------------------------------------------------------------------
@@ -208,3 +211,144 @@ def test_a_failed_copy_into_the_store_leaves_no_partial_object(tmp_path, delta_f
     assert leftovers == [] and not any((tmp_path / "home" / "store" / "models").iterdir())
     monkeypatch.undo()
     assert store.add_delta(path) == delta_id  # and a later attempt succeeds
+
+
+# -- model folders from elsewhere: names, links, layout ------------------------------------
+
+def _sharded(root: Path, weight_map_of=None) -> Path:
+    """A model in two shards with an index (``weight_map_of(weight_map)`` may change its map)."""
+    tensors = _tensors()
+    names = sorted(tensors)
+    directory = save_model(root, {n: tensors[n] for n in names[:2]})
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[2:]}, str(directory / "model-00002-of-00002.safetensors"))
+    weight_map = {n: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, n in enumerate(names)}
+    if weight_map_of is not None:
+        weight_map = weight_map_of(weight_map)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    return directory
+
+
+@pytest.mark.parametrize("target", ["../other.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors",
+                                    ".hidden.safetensors", "model-00002-of-00002.bin"])
+def test_an_index_naming_a_path_is_refused(tmp_path, target):
+    """weight_map values are plain shard names of the folder; one that leads elsewhere is
+    refused even though the file it names exists and is a fine safetensors file."""
+    tensors = _tensors()
+    names = sorted(tensors)
+    elsewhere = tmp_path / "other.safetensors"
+    save_file({n: tensors[n] for n in names[2:]}, str(elsewhere))
+    target = str(elsewhere) if target == "ABSOLUTE" else target
+    directory = _sharded(tmp_path / "m", lambda wm: {n: (target if f.startswith("model-00002") else f) for n, f in wm.items()})
+    (directory / "sub").mkdir()
+    shutil.copy(elsewhere, directory / "sub" / "model-00002-of-00002.safetensors")
+    shutil.copy(elsewhere, directory / ".hidden.safetensors")
+    shutil.copy(elsewhere, directory / "model-00002-of-00002.bin")
+    with pytest.raises(UserInputError, match=f"is mapped to {re.escape(repr(target))}, not a shard file name"):
+        SafetensorsModel(directory)
+
+
+def test_an_index_must_list_exactly_what_its_shards_hold(tmp_path):
+    assert len(SafetensorsModel(_sharded(tmp_path / "ok")).tensors) == 4
+    for i, change in enumerate([
+        lambda wm: {n: f for n, f in list(wm.items())[1:]},  # a tensor of the shards left out
+        lambda wm: {**wm, "ghost.weight": "model-00001-of-00002.safetensors"},  # one no shard holds
+        lambda wm: {n: "model-00001-of-00002.safetensors" for n in wm},  # tensors in another shard than it says
+    ]):
+        directory = _sharded(tmp_path / f"bad{i}", change)
+        with pytest.raises(UserInputError, match="the index does not list what its shards hold"):
+            SafetensorsModel(directory)
+    for document in ("[]", "{}", '{"weight_map": {}}', '{"weight_map": {"a": 1}}', '{"weight_map": {"a": "model.safetensors"}, "x": 1}',
+                     "[" * 100_000):
+        directory = _sharded(tmp_path / f"doc{len(document)}-{hash(document) % 1000}")
+        (directory / "model.safetensors.index.json").write_text(document)
+        with pytest.raises(UserInputError, match="index"):
+            SafetensorsModel(directory)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    directory = save_model(tmp_path / "m", _tensors())
+    save_file({"position_ids": torch.arange(5) + 1}, str(directory / "b.safetensors"))
+    (directory / "model.safetensors").rename(directory / "a.safetensors")  # shards found by glob
+    with pytest.raises(UserInputError, match="tensor position_ids is also in a.safetensors"):
+        SafetensorsModel(directory)
+
+
+@pytest.mark.parametrize("damage", ["gap", "trailing", "overlap", "bad-offsets", "not-a-dict", "deep-json"])
+def test_shard_bytes_no_tensor_covers_are_refused(tmp_path, damage):
+    """Every byte of a shard's data belongs to one tensor (as the safetensors format
+    requires): bytes no tensor hash covers could carry anything past the content id."""
+    import struct
+
+    directory = save_model(tmp_path / "m", _tensors())
+    path = directory / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    first = next(k for k in header if k != "__metadata__")
+    if damage == "gap":
+        for k, e in header.items():
+            if k != "__metadata__":
+                e["data_offsets"] = [e["data_offsets"][0] + 8, e["data_offsets"][1] + 8]
+        data = b"FILLER!!" + data
+    elif damage == "trailing":
+        data += b"#!/bin/sh\n"
+    elif damage == "overlap":
+        header[first]["data_offsets"] = [0, header[first]["data_offsets"][1] - header[first]["data_offsets"][0]]
+        for k, e in header.items():
+            if k not in ("__metadata__", first):
+                e["data_offsets"] = [0, e["data_offsets"][1] - e["data_offsets"][0]]
+    elif damage == "bad-offsets":
+        header[first]["data_offsets"] = ["0", 8]
+    elif damage == "not-a-dict":
+        header[first] = [1, 2]
+    blob = json.dumps(header).encode() if damage != "deep-json" else b"[" * 100_000
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(UserInputError):
+        SafetensorsModel(directory)
+
+
+def test_files_linked_out_of_the_model_folder_are_refused(tmp_path):
+    directory = save_model(tmp_path / "m", _tensors())
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    (directory / "tokenizer.json").symlink_to(secret)
+    model = SafetensorsModel(directory)  # weights are its own
+    with pytest.raises(UserInputError, match="tokenizer.json: a symbolic link out of the model folder"):
+        build_model_manifest(model)
+    with pytest.raises(UserInputError, match="a symbolic link out of the model folder"):
+        model.read_file("tokenizer.json")
+    (directory / "tokenizer.json").unlink()
+    (directory / "tokenizer.json").symlink_to("tokenizer_config.json")  # a link inside the folder: its own file
+    assert SafetensorsModel(directory).read_file("tokenizer.json") == (directory / "tokenizer_config.json").read_bytes()
+    (directory / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    (directory / "model.safetensors").symlink_to(tmp_path / "weights.safetensors")
+    with pytest.raises(UserInputError, match="model.safetensors: a symbolic link out of the model folder"):
+        SafetensorsModel(directory)
+
+
+def test_the_store_keeps_exactly_the_files_a_model_id_covers(tmp_path):
+    """Beside its weights and side files, a model folder may hold anything: code, notes,
+    weights it does not use. None of it enters the store or its bundle."""
+    from hivemerge.protocol.bundles import check_bundle
+
+    directory = save_model(tmp_path / "m", _tensors())
+    save_file({"x": torch.zeros(3)}, str(directory / "unused.safetensors"))  # model.safetensors is what is read
+    (directory / "modeling_evil.py").write_text("import os")
+    (directory / "notes.index.json").write_text("{}")
+    (directory / "sub").mkdir()
+    (directory / "sub" / "config.json").write_text("{}")
+    store = ContentStore(tmp_path / "home")
+    cid = store.add_model(directory)
+    assert sorted(p.name for p in (store.models / cid).iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json"]
+    bundle_id = store.bundle_of(cid)
+    assert [f["path"] for f in check_bundle(store.bundle(bundle_id), bundle_id)["files"]] == \
+        ["config.json", "model.safetensors", "tokenizer_config.json"]
+    # and a file that lands in the stored folder later is not served either
+    (store.models / cid / "extra.py").write_text("x = 1")
+    assert [f["path"] for f in store.bundle(store.write_bundle(cid))["files"]] == \
+        ["config.json", "model.safetensors", "tokenizer_config.json"]
+    # a bundle id names a file: never a path, even to a valid manifest lying there
+    shutil.copy(store.bundles / f"{bundle_id}.json", store.root / f"{bundle_id}.json")
+    shutil.copy(store.bundles / f"{bundle_id}.json", store.bundles / f"{bundle_id}\n.json")
+    assert store.bundle("../" + bundle_id) is None and store.bundle(bundle_id + "\n") is None
