@@ -6,8 +6,9 @@ hold records until lookups exceed p2pd's reply cap (and the key is unreadable fo
 everyone), and a relayed copy of an owner's old record could override its newer one.
 :class:`BoundedRecordStorage` replaces the storage and cache of a ``DHTNode``:
 
-- at most ``MAX_RECORDS_PER_KEY`` records under one key, ``MAX_RECORDS_PER_OWNER_KEY``
-  records with a content-id qualifier per owner and key (experts, packs, proposals),
+- at most ``MAX_KEY_BYTES`` under one key (shared fairly: see :meth:`_fair_share`),
+  ``MAX_RECORDS_PER_OWNER_KEY`` records with a content-id qualifier per owner and key
+  (experts, packs, proposals),
   ``MAX_RECORDS_PER_OWNER`` records per owner in all, ``MAX_STORED_RECORDS`` in all;
   a refresh of a record already stored always fits;
 - per subkey, the record with the later signed ``issued_at`` wins, whatever the expiries
@@ -41,6 +42,11 @@ def issued_at(value: bytes) -> float | None:
     return float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
 
 
+def _cost(subkey: str, value: bytes) -> int:
+    """What a record adds to a lookup reply: its value, its subkey and msgpack's framing."""
+    return len(value) + len(subkey) + 16
+
+
 def owner_of(subkey: Any) -> str | None:
     return subkey.split("/", 1)[0] if isinstance(subkey, str) else None
 
@@ -58,6 +64,7 @@ class BoundedRecordStorage(DHTLocalStorage):
         # (key, subkey) pairs stored, by owner; pruned of expired entries when a cap is reached
         self._by_owner: dict[str, set[tuple[DHTID, str]]] = {}
         self.refused = 0  # stores refused by a cap or the newest-wins rule (for logs and tests)
+        self.evicted = 0  # records given up for a fair share of a full key
 
     def store(self, key: DHTID, value: Any, expiration_time: float, subkey: Any = None) -> bool:
         if subkey is None:
@@ -81,7 +88,7 @@ class BoundedRecordStorage(DHTLocalStorage):
                 return False  # an older record of the owner's never replaces a newer one
             if previous is not None and stamp > previous:
                 del dictionary[subkey]  # the newer record wins even with an earlier expiry
-        elif not self._has_room(key, dictionary, owner, subkey):
+        elif not self._has_room(key, dictionary, owner, subkey, _cost(subkey, value)):
             self.refused += 1
             return False
         stored = super().store_subkey(key, subkey, value, expiration_time)
@@ -90,8 +97,8 @@ class BoundedRecordStorage(DHTLocalStorage):
         return stored
 
     # -- caps ---------------------------------------------------------------------------
-    def _has_room(self, key: DHTID, dictionary: DictionaryDHTValue | None, owner: str, subkey: str) -> bool:
-        if dictionary is not None and len(dictionary) >= bounds.MAX_RECORDS_PER_KEY:
+    def _has_room(self, key: DHTID, dictionary: DictionaryDHTValue | None, owner: str, subkey: str, cost: int) -> bool:
+        if dictionary is not None and not self._fair_share(key, dictionary, owner, cost):
             return False
         if _counted_per_owner_and_key(subkey) and dictionary is not None:
             mine = sum(1 for s, _ in dictionary.items() if owner_of(s) == owner and _counted_per_owner_and_key(s))
@@ -103,6 +110,32 @@ class BoundedRecordStorage(DHTLocalStorage):
         total = sum(len(s) for s in self._by_owner.values())
         if total >= self.max_records and self._prune_all() >= self.max_records:
             return False
+        return True
+
+    def _fair_share(self, key: DHTID, dictionary: DictionaryDHTValue, owner: str, cost: int) -> bool:
+        """Room under one key for ``cost`` more bytes of ``owner``'s: while the key is full,
+        the owner holding the most bytes there gives up its record that expires first, as
+        long as it would still hold more than ``owner`` then does. A key full of one
+        stranger's records thus still takes everyone else's; one full of many owners'
+        single records takes no more (who may write is the charter's business)."""
+        held: dict[str, list[tuple[float, str, int]]] = {}
+        for s, item in dictionary.items():
+            held.setdefault(owner_of(s), []).append((item.expiration_time, s, _cost(s, item.value)))
+        total = sum(c for entries in held.values() for *_, c in entries)
+        mine = sum(c for *_, c in held.get(owner, []))
+        while total + cost > bounds.MAX_KEY_BYTES:
+            others = [o for o in held if o != owner and held[o]]
+            if not others:
+                return False
+            largest = max(others, key=lambda o: (sum(c for *_, c in held[o]), o))
+            theirs = sum(c for *_, c in held[largest])
+            if theirs - min(held[largest])[2] < mine + cost:
+                return False
+            _, victim, freed = held[largest].pop(held[largest].index(min(held[largest])))
+            del dictionary[victim]
+            self._by_owner.get(largest, set()).discard((key, victim))
+            self.evicted += 1
+            total -= freed
         return True
 
     @property

@@ -43,12 +43,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, write_json
+from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, guarded, write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.content import is_content_id
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.record_schemas import check_domain
 
 if TYPE_CHECKING:
     from hivemerge.node.rounds import RoundCoordinator
@@ -89,7 +90,7 @@ class FusionRounds:
 
         if self.node.client_mode:
             raise UserInputError("publishing a pack needs a running node (hivemerge node start) to keep serving it")
-        _check_domain(domain)
+        check_domain(domain)
         probe = load_probe(probe_file)
         pack = PackFile(pack_file)
         pack.check_probe(probe)
@@ -206,7 +207,7 @@ class FusionRounds:
         me = self.node.identity.public_hex
         bases = {p["base_id"] for p in self.node.published()} | self.watched_bases()
         for base_id in sorted(bases):
-            await self.coordinator.guarded(f"fusion for base {base_id[:12]}", self._take_part(base_id, me, now))
+            await guarded(self.node.log, f"fusion for base {base_id[:12]}", self._take_part(base_id, me, now))
 
     async def _take_part(self, base_id: str, me: str, now: float) -> None:
         """Distil for, or commit to, the winning open proposal for ``base_id`` that names this node its fuser."""
@@ -451,12 +452,6 @@ def ahead_key(base_id: str, recipe: dict) -> str:
     merge = {k: recipe[k] for k in (*rounds.MERGE_KEYS, "domain_parameters") if k in recipe}
     return hashlib.sha256(canonical_json({"base_id": base_id, "fusion": recipe["fusion"], "merge": merge})).hexdigest()
 
-
-def _check_domain(domain: str) -> None:
-    if not domain or len(domain) > 64 or not domain.replace("-", "").replace("_", "").isalnum():
-        raise UserInputError(f"--domain: {domain!r} must be 1-64 letters, digits, - or _")
-    if domain == fusion.FUSED_DOMAIN:
-        raise UserInputError(f"--domain: {domain!r} is reserved for fused deltas")
 
 
 def _without_path(exc: Exception) -> str:

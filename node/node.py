@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,6 +38,7 @@ from hivemerge.node.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
+from hivemerge.protocol.record_schemas import check_domain
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -171,8 +173,8 @@ class Node:
         time out, and a lost commitment or tally changes what every node merges.
         Records that :meth:`announce` refreshes are tried once."""
         # The expiry is signed: no relay can keep this record alive longer (protocol/records.py).
-        longest = max(fields["issued_at"], fields.get("deadline", 0.0)) + bounds.MAX_LIFETIME
-        fields = {**fields, "expires_at": round(min(get_dht_time() + ttl, longest), 3)}
+        longest = bounds.longest_expiry(fields["issued_at"], fields.get("deadline", 0.0))
+        fields = {**fields, "expires_at": math.floor(min(get_dht_time() + ttl, longest) * 1000) / 1000}  # ms, never past
         value = records.make_record(self.identity, kind, fields)
         subkey = records.owner_subkey(self.identity, kind, fields)
         attempts = 1 if kind in REFRESHED_KINDS else STORE_ATTEMPTS
@@ -206,8 +208,7 @@ class Node:
         if self.client_mode:
             raise UserInputError("publish needs a running node (hivemerge node start) to keep serving the delta")
         model_dir, base_dir = Path(model_dir), Path(base_dir)
-        if not domain or len(domain) > 64 or not domain.replace("-", "").replace("_", "").isalnum():
-            raise UserInputError(f"--domain: {domain!r} must be 1-64 letters, digits, - or _")
+        check_domain(domain)
         self.store.partial.mkdir(parents=True, exist_ok=True)
         scratch = self.store.partial / f"publish-{os.getpid()}{DELTA_SUFFIX}"
         try:

@@ -40,6 +40,7 @@ from hivemerge.merge.manifest import model_files, model_id
 from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.node.store import PACK_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
 from hivemerge.protocol import wire
+from hivemerge.protocol.bounds import MAX_STREAMS, MAX_STREAMS_PER_PEER
 from hivemerge.protocol.bundles import (
     MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, check_bundle, chunk_span, object_suffix,
 )
@@ -51,8 +52,6 @@ REQUEST_TIMEOUT = 30.0  # per request: a stalled provider is dropped after this 
 IDLE_TIMEOUT = 120.0  # a stream that sends no complete request for this long is closed
 WRITE_TIMEOUT = 30.0  # a reader that accepts no slice of a response for this long is dropped
 WRITE_SLICE = 1 << 20  # a response is written (and its progress timed) a slice at a time
-MAX_STREAMS_PER_PEER = 8  # a fetch opens one per provider; rounds fetch a few deltas at once
-MAX_STREAMS = 128  # all peers together: each stream may hold a chunk in memory
 MAX_PARALLEL_PROVIDERS = 8  # workers of one fetch; a dropped provider makes room for the next
 
 Progress = Callable[[int, int, str], None]

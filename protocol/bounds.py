@@ -20,6 +20,11 @@ def finite_number(value: Any) -> bool:
 MAX_RECORD_BYTES = 8 * 1024  # one signed record (a DHT value): a few KB by design
 MAX_CLOCK_SKEW = 120.0  # seconds a record's issued_at may lie ahead of the reader's clock
 MAX_LIFETIME = 2 * 24 * 3600.0  # a record's signed expiry, past its issued_at (or its round's deadline)
+
+
+def longest_expiry(issued_at: float, deadline: float = 0.0) -> float:
+    """The latest ``expires_at`` a record signed at ``issued_at`` (for a round closing at ``deadline``) may carry."""
+    return max(issued_at, deadline) + MAX_LIFETIME
 MAX_MADDRS = 16  # addresses in one record
 MAX_MADDR_CHARS = 256
 MAX_REASON_CHARS = 300  # an exclusion reason in an attestation
@@ -30,13 +35,17 @@ MAX_OBJECT_BYTES = 2**40  # a delta, pack or model a record may announce (1 TiB)
 # -- rounds ----------------------------------------------------------------------------
 MAX_DEADLINE_SECONDS = 86_400.0  # a commit window: from the proposal to its deadline
 MAX_FETCH_WINDOW = 3_600.0  # the longest a round may give its deltas to arrive, all together
-MAX_PARALLEL_FETCHES = 4  # a round's deltas fetched at once (a provider serves a peer 8 streams at most)
+MAX_PARALLEL_FETCHES = 4  # a round's deltas fetched at once
+# Bundle streams one peer may hold open at a node: room for the fetches of MAX_ACTIVE_ROUNDS
+# rounds from one provider (2 x MAX_PARALLEL_FETCHES) beside a fusion's and a user's own.
+MAX_STREAMS_PER_PEER = 16
+MAX_STREAMS = 128  # all peers together: each stream may hold a chunk in memory
 MAX_SELECTED = 256  # domains or delta ids a proposal's select names
 MAX_COMMITTED = 16  # deltas one node commits to one round
 MAX_ROUND_DELTAS = 1_024  # deltas an attestation lists as included or excluded
 MAX_PARAMETERS = 64  # parameters in one recipe mapping
 MAX_DOMAINS = 64  # domains with their own parameters in one round recipe
-MAX_LAYERS = 1_024  # entries of a per-layer gradient or table
+MAX_LAYERS = 1_024  # entries of a per-layer gradient or table (and layer blocks of a search)
 MAX_FILTERS = 64  # {filter, value} entries in one parameter
 MAX_FILTER_CHARS = 256
 
@@ -59,7 +68,7 @@ MAX_ACTIVE_SEARCHES = 1  # searches this node scores as an owner
 MAX_ACTIVE_FUSIONS = 1  # fusions this node distils as a designated fuser
 
 # -- the DHT storage a node keeps for others -------------------------------------------
-MAX_RECORDS_PER_KEY = 384  # x 8 KiB = 3 MiB: a lookup reply stays under p2pd's 4 MiB cap
-MAX_RECORDS_PER_OWNER_KEY = 16  # records one owner keeps under one key with a content-id qualifier
+MAX_KEY_BYTES = 3 * 1024 * 1024  # records under one key: a lookup reply stays under p2pd's 4 MiB cap (~3,000 experts)
+MAX_RECORDS_PER_OWNER_KEY = 64  # records one owner keeps under one key with a content-id qualifier
 MAX_RECORDS_PER_OWNER = 1_000  # records one owner keeps on this node, all keys together
 MAX_STORED_RECORDS = 20_000  # all records a node stores or caches for others (<= 160 MiB)

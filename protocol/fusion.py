@@ -92,6 +92,8 @@ def check_fusion_block(block: Any, resolved: bool = False) -> dict:
     names = packs.get("ids", packs.get("domains"))
     if not names or not all(isinstance(n, str) and n for n in names):
         raise UserInputError("fusion.packs: list at least one pack id or domain")
+    if len(names) > bounds.MAX_PACKS:
+        raise UserInputError(f"fusion.packs: at most {bounds.MAX_PACKS} packs or domains")
     if "ids" in packs:
         bad = [n for n in names if not is_content_id(n)]
         if bad:

@@ -10,6 +10,7 @@ its window, a commitment's domains naming exactly its deltas) are model validato
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -28,6 +29,15 @@ Maddr = Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]*$", max_length=
 Reason = Annotated[str, StringConstraints(max_length=bounds.MAX_REASON_CHARS)]
 Timestamp = Annotated[float, Field(ge=0.0, le=1e11)]  # seconds since the epoch (1e11: year 5138)
 Count = Annotated[int, Field(ge=0)]
+
+
+def check_domain(domain: Any) -> str:
+    """An expert's or a pack's domain as every record states it (raises UserInputError)."""
+    if not isinstance(domain, str) or re.fullmatch(DOMAIN_PATTERN, domain) is None:
+        raise UserInputError(f"--domain: {domain!r} must be 1-64 ASCII letters, digits, - or _")
+    if domain == fusion.FUSED_DOMAIN:
+        raise UserInputError(f"--domain: {domain!r} is reserved for fused deltas")
+    return domain
 
 
 class Strict(BaseModel):
@@ -96,8 +106,7 @@ class Signed(Strict):
 
     @model_validator(mode="after")
     def _expiry_within_lifetime(self) -> "Signed":
-        start = max(self.issued_at, getattr(self, "deadline", 0.0))
-        if not self.issued_at <= self.expires_at <= start + bounds.MAX_LIFETIME:
+        if not self.issued_at <= self.expires_at <= bounds.longest_expiry(self.issued_at, getattr(self, "deadline", 0.0)):
             raise ValueError("expires_at must lie between issued_at and the record's longest lifetime")
         return self
 

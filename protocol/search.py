@@ -33,14 +33,14 @@ SEARCH_KEYS = {"base_id", "recipe", "select", "search", "deadline", "quorum", "p
 SETTINGS = {
     "generations": (int, 1, bounds.MAX_GENERATIONS),
     "popsize": (int, 2, bounds.MAX_POPSIZE),
-    "blocks": (int, 1, 1024),
+    "blocks": (int, 1, bounds.MAX_LAYERS),
     "seed": (int, 0, 2**31 - 1),
     "sigma": (float, 1e-6, 1.0),
     "max_weight": (float, 1e-6, 100.0),
     "count": (int, 1, bounds.MAX_VALIDATION_COUNT),  # validation examples per owner and domain (built-in suites)
     "loss_weight": (float, 0.0, 100.0),
-    "generation_seconds": (float, 1.0, 86400.0),  # how long owners have to score a generation
-    "final_deadline": (float, 1.0, 86400.0),  # commit window of the final merge round
+    "generation_seconds": (float, 1.0, bounds.MAX_SEARCH_SECONDS),  # how long owners have to score a generation
+    "final_deadline": (float, 1.0, bounds.MAX_DEADLINE_SECONDS),  # commit window of the final merge round
 }
 # Filled in by check_settings, so a proposal states every value the nodes must agree on
 # (the seed, when absent, comes from the search id: see node/search_rounds.py).

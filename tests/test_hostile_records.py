@@ -312,17 +312,41 @@ def test_one_owner_keeps_at_most_its_share_under_a_key_and_a_refresh_always_fits
     assert len(held) == bounds.MAX_RECORDS_PER_OWNER_KEY + 1
 
 
-def test_a_key_holds_at_most_its_cap_and_the_node_at_most_its_total(monkeypatch):
-    monkeypatch.setattr(bounds, "MAX_RECORDS_PER_KEY", 6)
+def record_cost() -> int:
+    """The bytes one expert record of these tests adds under its key (all have the same size)."""
+    value = stored_value(ALICE, "record/expert", expert_fields(DELTA, issued_at=time.time(), expires_at=time.time() + 300))
+    return len(value) + len(f"{ALICE.public_hex}/{DELTA}") + 16
+
+
+def held_by(storage, identity) -> int:
+    held = storage.get(DHTID.generate(source=EXPERTS_KEY)).value
+    return sum(1 for s, _ in held.items() if s.startswith(identity.public_hex))
+
+
+def test_a_full_key_is_shared_fairly_not_frozen(monkeypatch):
+    """A key holds MAX_KEY_BYTES. One stranger who filled it gives up its records as others
+    arrive (it keeps more than any newcomer); a key full of many owners' single records
+    takes no more, and the node-wide total counts every key."""
+    monkeypatch.setattr(bounds, "MAX_KEY_BYTES", 6 * record_cost() + 50)  # sizes differ by a byte or two (timestamps)
     storage = BoundedRecordStorage()
-    sybils = [Identity.generate() for _ in range(8)]
-    assert [store_expert(storage, s, DELTA) for s in sybils] == [True] * 6 + [False] * 2
-    monkeypatch.setattr(bounds, "MAX_RECORDS_PER_KEY", 1000)
+    assert [store_expert(storage, MALLORY, d) for d in ids(8)] == [True] * 6 + [False] * 2  # its own records: no eviction
+    honest = [Identity.generate() for _ in range(3)]
+    assert [store_expert(storage, h, DELTA) for h in honest] == [True] * 3  # the stranger makes room
+    assert held_by(storage, MALLORY) == 3 and all(held_by(storage, h) == 1 for h in honest)
+    assert storage.evicted == 3
+    fourth = Identity.generate()
+    assert store_expert(storage, fourth, DELTA)  # Mallory still holds the most (3 > 1): one more of its goes
+    assert held_by(storage, MALLORY) == 2
+    sybils = [Identity.generate() for _ in range(3)]
+    assert [store_expert(storage, s, DELTA) for s in sybils] == [True, False, False]  # 1 each: nobody holds more
+    assert len(storage.get(DHTID.generate(source=EXPERTS_KEY)).value) == 6
+
+    monkeypatch.setattr(bounds, "MAX_KEY_BYTES", 3 * 1024 * 1024)
     monkeypatch.setattr(bounds, "MAX_STORED_RECORDS", 9)
     key_b = DHTID.generate(source="hivemerge/packs")  # another key: the node-wide total counts them all
     now = time.time()
     stored = []
-    for s in sybils:
+    for s in [Identity.generate() for _ in range(8)]:
         fields = {"domain": "x", "pack_id": OTHER, "probe_id": OTHER, "model_id": OTHER, "top_k": 8, "bundle_id": OTHER,
                   "probe_bundle_id": OTHER, "size": 1, "peer_id": PEER, "maddrs": [], "issued_at": now, "expires_at": now + 60}
         stored.append(storage.store(key_b, stored_value(s, "record/pack", fields), now + 60, subkey=f"{s.public_hex}/{OTHER}"))
