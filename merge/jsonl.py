@@ -22,6 +22,6 @@ def read_records(path: Path, fields: tuple[str, ...], what: str, error: type[Use
         try:
             item = json.loads(line)
             found.append(tuple(item[f] for f in fields))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nesting past the parser's stack
             raise error(f"{path}:{i}: expected a JSON object with {' and '.join(fields)}") from None
     return found

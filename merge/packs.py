@@ -250,7 +250,7 @@ class PackFile:
             data = json.loads(raw)
             pieces = {int(k): str(v) for k, v in data["pieces"].items()}
             special = {int(t) for t in data["special"]}
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise PackError(f"{self.path}: {PIECES_FILE} is malformed") from None
         if not all(0 <= t < 2**31 for t in (*pieces, *special)):  # ids are I16 or I32: others name no token
             raise PackError(f"{self.path}: {PIECES_FILE} names token ids outside [0, 2**31)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivemerge.merge.jsonl import read_records
-from hivemerge.protocol.packs import PackError, probe_id
+from hivemerge.protocol.packs import MAX_PROBE_BYTES, PackError, probe_id
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ def load_probe(path: str | Path) -> ProbeSet:
     path = Path(path)
     if not path.is_file():
         raise PackError(f"{path}: no such probe file")
+    if path.stat().st_size > MAX_PROBE_BYTES:  # it is parsed whole
+        raise PackError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_PROBE_BYTES} a probe set may be")
     return make_probe(read_records(path, ("prompt", "response"), "a JSONL probe set", PackError), path)
 
 

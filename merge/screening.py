@@ -9,6 +9,7 @@ excludes the same deltas. The outlier rule itself lives in protocol/rounds.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 from hivemerge.merge import exact
@@ -27,10 +28,12 @@ def delta_norm(source: DeltaSource) -> float:
     return math.sqrt(math.fsum(squares))
 
 
-def screen_delta(path: Path, base: SafetensorsModel, committer: str) -> float:
-    """The delta's norm if it passes every check; raises UserInputError saying why not."""
+def screen_delta(path: Path, base: SafetensorsModel, committers: Collection[str]) -> float:
+    """The delta's norm if it passes every check; raises UserInputError saying why not.
+    ``committers``: every participant that committed this delta id; its signer must be
+    one of them (a stranger who commits someone else's delta id cannot get it excluded)."""
     delta = DeltaFile(path)
-    if delta.signer != committer:
+    if delta.signer not in committers:
         raise UserInputError(f"signed by {delta.signer[:16]}, not by the participant that committed it")
     source = DeltaSource(delta, base)  # base id, shapes, every hash
     norm = delta_norm(source)  # decodes every tensor: non-finite values raise here

@@ -24,7 +24,7 @@ from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
 from hivemerge.node.local_state import ROUNDS_DIR, Coordinator
 from hivemerge.node.store import DELTA_SUFFIX
-from hivemerge.protocol import bounds, fusion, rounds
+from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -173,8 +173,9 @@ class RoundCoordinator(Coordinator):
             bundle_id = self.node.store.bundle_of(result_id)
             fields = {
                 "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
-                "excluded": excluded, **self.node.contact(), "issued_at": time.time(),
+                "excluded": {}, **self.node.contact(), "issued_at": time.time(),
             }
+            fields["excluded"] = records.fitting_reasons(excluded, fields)
             await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
             await self.node.announce()
             state.update(phase="attested", result_id=result_id)
@@ -198,17 +199,17 @@ class RoundCoordinator(Coordinator):
         norms: dict[str, float] = {}
         base = self.node.store.model(proposal["base_id"])
         window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
-        committer_of: dict[str, str] = {}
+        committers: dict[str, set[str]] = {}
         for committer, commitment in sorted(commitments.items()):
             for delta_id in commitment["delta_ids"]:
                 if delta_id not in skip:
-                    committer_of.setdefault(delta_id, committer)
-        excluded = await self._fetch_all(sorted(d for d in committer_of if not self.node.store.has(d)), window)
-        for delta_id, committer in committer_of.items():
+                    committers.setdefault(delta_id, set()).add(committer)
+        excluded = await self._fetch_all(sorted(d for d in committers if not self.node.store.has(d)), window)
+        for delta_id, by in sorted(committers.items()):
             if delta_id not in excluded:
                 path = self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}"
                 try:
-                    norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, committer)
+                    norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, by)
                 except UserInputError as exc:
                     excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
         return norms, excluded
@@ -233,6 +234,9 @@ class RoundCoordinator(Coordinator):
             excluded[tasks[task]] = f"unavailable: not fetched within the round's fetch window of {window:g} s"
         if pending:
             await asyncio.wait(pending, timeout=10)  # let the cancelled fetches clean up before the store is read
+        for task in pending:  # stored, but cut short after (announcing it): it arrived in time
+            if self.node.store.has(tasks[task]):
+                del excluded[tasks[task]]
         for task in done:
             exc = task.exception()
             if isinstance(exc, DeltaError):  # it arrived whole, but is not the delta it claims to be

@@ -73,6 +73,19 @@ class StoreFullError(UserInputError):
     """Storing something would take the store over its quota or the disk below its floor."""
 
 
+def unwritten_bytes(path: Path) -> int:
+    """Bytes the sparse files under ``path`` will still take on disk (their size past their blocks)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += max(0, st.st_size - st.st_blocks * 512)
+    return total
+
+
 def tree_bytes(path: Path) -> int:
     """Bytes of the files under ``path`` as their sizes say (a fetch's staging files are
     created at their full size, so what a fetch will write is counted from its start)."""
@@ -137,7 +150,9 @@ class ContentStore:
             used -= size
             removed.append(path.name)
         self.partial.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.partial).free
+        # Staging files are sparse until their chunks arrive: what they will still take counts
+        # as used already, or fetches side by side would each pass this check and fill the disk.
+        free = shutil.disk_usage(self.partial).free - unwritten_bytes(self.partial)
         if free - need < MIN_FREE_DISK:
             raise StoreFullError(f"storing {need} more bytes would leave {max(free - need, 0)} bytes free on the disk "
                                  f"of {self.root}, less than {MIN_FREE_DISK}")

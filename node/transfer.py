@@ -34,11 +34,11 @@ from pathlib import Path
 
 from hivemind.p2p import P2P, PeerID
 
-from hivemerge.merge.atomic import fsync_path
+from hivemerge.merge.atomic import fsync_path, write_file_atomic
 from hivemerge.merge.delta import DeltaError
 from hivemerge.merge.manifest import model_files, model_id
 from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.store import PACK_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
+from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
 from hivemerge.protocol import wire
 from hivemerge.protocol.bounds import MAX_STREAMS, MAX_STREAMS_PER_PEER
 from hivemerge.protocol.bundles import (
@@ -46,13 +46,14 @@ from hivemerge.protocol.bundles import (
 )
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
-from hivemerge.protocol.packs import MAX_PACK_BYTES
+from hivemerge.protocol.packs import MAX_PACK_BYTES, MAX_PROBE_BYTES
 
 REQUEST_TIMEOUT = 30.0  # per request: a stalled provider is dropped after this long
 IDLE_TIMEOUT = 120.0  # a stream that sends no complete request for this long is closed
 WRITE_TIMEOUT = 30.0  # a reader that accepts no slice of a response for this long is dropped
 WRITE_SLICE = 1 << 20  # a response is written (and its progress timed) a slice at a time
 MAX_PARALLEL_PROVIDERS = 8  # workers of one fetch; a dropped provider makes room for the next
+PARSED_BUNDLES = 256  # bundle manifests a server keeps parsed
 
 Progress = Callable[[int, int, str], None]
 
@@ -75,9 +76,22 @@ class BundleServer:
         self.max_streams_per_peer, self.max_streams = MAX_STREAMS_PER_PEER, MAX_STREAMS
         self.streams: collections.Counter[str] = collections.Counter()  # open streams by peer id
         self.dropped: collections.deque[tuple[str, str]] = collections.deque(maxlen=256)  # (peer, why), latest last
+        self._parsed: dict[str, dict | None] = {}  # bundle id -> its manifest, oldest first
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(wire.BUNDLE_PROTOCOL, self._serve)
+
+    def _bundle(self, bundle_id: str) -> dict | None:
+        """A stored bundle manifest, parsed and checked once (up to 4 MiB to hash, on the
+        loop): a peer repeating requests costs a stat each, not a parse."""
+        if not (self.store.bundles / f"{bundle_id}.json").is_file():  # pruned since, or never here
+            self._parsed.pop(bundle_id, None)
+            return None
+        if bundle_id not in self._parsed:
+            self._parsed[bundle_id] = self.store.bundle(bundle_id)
+            while len(self._parsed) > PARSED_BUNDLES:
+                self._parsed.pop(next(iter(self._parsed)))
+        return self._parsed[bundle_id]
 
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(getattr(stream_info, "peer_id", "?"))
@@ -121,7 +135,7 @@ class BundleServer:
                 return
             try:
                 request = wire.parse_request(line)
-                bundle = self.store.bundle(request["bundle"])
+                bundle = self._bundle(request["bundle"])
                 if bundle is None:
                     raise wire.WireError("unknown bundle")
                 if request["op"] == "bundle":
@@ -188,7 +202,22 @@ def size_limit(bundle: dict, expected_size: int | None) -> int:
     files = bundle["files"]
     if len(files) == 1 and files[0]["path"] == f"{bundle['content']}{PACK_SUFFIX}":
         limit = min(limit, MAX_PACK_BYTES)  # a node opens no bigger pack
+    if len(files) == 1 and files[0]["path"] == f"{bundle['content']}{PROBE_SUFFIX}":
+        limit = min(limit, MAX_PROBE_BYTES)  # nor a bigger probe or replay set
     return limit
+
+
+def _claimed_chunks(marker: Path, bundle: dict) -> list[tuple[int, int]]:
+    """The (file, chunk) pairs an earlier attempt recorded as verified; nothing when the
+    record is missing, torn or names chunks the bundle does not have (each is re-hashed anyway)."""
+    try:
+        claimed = json.loads(marker.read_text()) if marker.is_file() else []
+    except (OSError, ValueError, RecursionError):
+        return []
+    files = bundle["files"]
+    return [(i, j) for i, j in (c for c in claimed if isinstance(c, list) and len(c) == 2)
+            if type(i) is int and type(j) is int and 0 <= i < len(files) and 0 <= j < len(files[i]["chunks"])] \
+        if isinstance(claimed, list) else []
 
 
 class BundleFetcher:
@@ -214,6 +243,8 @@ class BundleFetcher:
                 return report
             except UserInputError as exc:
                 errors.append(exc)
+            except (ValueError, LookupError, TypeError, RecursionError) as exc:  # a reader's gap: still this bundle's fault
+                errors.append(FetchError(f"bundle {bundle_id[:12]}: {type(exc).__name__}: {exc}"[:300]))
         if not errors:
             raise FetchError(f"hm://{content}: no provider is known")
         if len(errors) == 1:
@@ -374,9 +405,7 @@ class BundleFetcher:
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "bundle.json").write_bytes(canonical_json(bundle))
         done: set[tuple[int, int]] = set()
-        marker = staging / "done.json"
-        claimed = json.loads(marker.read_text()) if marker.is_file() else []
-        for i, j in claimed:
+        for i, j in _claimed_chunks(staging / "done.json", bundle):
             entry = bundle["files"][i]
             path = staging / "files" / entry["path"]
             begin, end = chunk_span(entry["size"], bundle["chunk_size"], j)
@@ -405,7 +434,7 @@ class BundleFetcher:
     def _keep_for_resume(self, staging: Path, done: set[tuple[int, int]]) -> None:
         """Record the verified chunks for a later fetch; staging with none of them goes."""
         if done:
-            (staging / "done.json").write_text(json.dumps(sorted(done)))
+            write_file_atomic(staging / "done.json", json.dumps(sorted(done)).encode())
         else:
             shutil.rmtree(staging, ignore_errors=True)
 

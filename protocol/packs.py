@@ -30,6 +30,8 @@ MAX_PACK_BYTES = 256 * 1024 * 1024
 # The token texts are parsed whole into a dict: every id of a 256k vocabulary with escaped
 # texts fits in a few MB.
 MAX_PIECES_BYTES = 16 * 1024 * 1024
+# A probe set is parsed whole (every pair into memory): 10,000 examples of a few KB each.
+MAX_PROBE_BYTES = 64 * 1024 * 1024
 
 # What a pack stores per response token (rows), and how wide each row is.
 PACK_TENSORS = {

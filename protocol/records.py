@@ -99,6 +99,30 @@ def _check_fields(kind: str, fields: Any) -> None:
         raise RecordError(f"{kind}: {describe(exc.errors())}"[:300]) from None
 
 
+# What the signed envelope adds to a record's fields: kind, signer (64 hex), signature (128 hex),
+# the keys around them, and expires_at (added when the record is stored).
+ENVELOPE_BYTES = 400
+
+
+def fitting_reasons(excluded: dict[str, str], fields: dict) -> dict[str, str]:
+    """An attestation's exclusion reasons, cut to fit one record: whole while they fit,
+    else each reduced to its kind (``unavailable``, ``failed verification``, ...), else the
+    first ones by delta id. Strangers can commit many made-up delta ids, and a round must
+    still attest (the reasons inform; the result id is what counts). ``fields``: the rest
+    of the attestation. The node's round state keeps every reason."""
+    budget = MAX_RECORD_BYTES - ENVELOPE_BYTES - len(canonical_json({**fields, "excluded": {}}))
+    for reasons in (excluded, {d: why.split(":", 1)[0][:40] for d, why in excluded.items()}):
+        if len(canonical_json(reasons)) <= budget:
+            return dict(reasons)
+    kept: dict[str, str] = {}
+    for delta_id in sorted(excluded):
+        entry = {delta_id: excluded[delta_id].split(":", 1)[0][:40]}
+        if len(canonical_json({**kept, **entry})) > budget:
+            break
+        kept.update(entry)
+    return kept
+
+
 def open_record(key: str, subkey: str, value: bytes, now: float | None = None) -> dict:
     """Check a record found under ``key``/``subkey``; returns its fields (plus
     ``publisher``), or raises RecordError (a UserInputError) and nothing else."""

@@ -84,6 +84,10 @@ HOSTILE = [None, True, False, -1, 0, 2**70, -1e308, 1e308, 0.5, "", "x", "../../
            H[7], [H[7]], {H[7]: "x"}]
 
 
+FIXED_NESTED = {"select", "domains", "codecs", "before", "after", "excluded", "delta_ids", "candidate_ids", "scores",
+                "scorers", "included", "packs", "maddrs", "search"}
+
+
 def paths(value, prefix=()):
     """Every path into a JSON value (dict keys and list indexes)."""
     yield prefix
@@ -122,11 +126,15 @@ def mutate(fields: dict, rng: random.Random) -> tuple[dict, str, bool]:
     if not where:
         return out, "nothing nested", False
     path = rng.choice(where)
-    parent = out
+    parent, original = out, fields
     for part in path[:-1]:
-        parent = parent[part]
-    parent[path[-1]] = rng.choice(HOSTILE)
-    return out, f"nested {path} ", False
+        parent, original = parent[part], original[part]
+    new = rng.choice(HOSTILE)
+    parent[path[-1]] = new
+    # Below these fields every value has one JSON type (ids and domains are strings, counts
+    # and figures numbers): another type must be refused. (Recipes take unions: no oracle.)
+    typed = path[0] in FIXED_NESTED and category(new) != category(original[path[-1]])
+    return out, f"nested {path} = {new!r:.40}", typed
 
 
 def subkey_for(kind: str, fields: dict, fallback: dict) -> str:

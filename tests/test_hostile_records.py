@@ -265,6 +265,7 @@ def test_a_rounds_deltas_are_fetched_side_by_side_under_one_window(tmp_path):
 
     coordinator, _, _ = stub_coordinator(tmp_path, [], {})
     coordinator.node.fetch_async = fetch_async
+    coordinator.node.store = SimpleNamespace(has=lambda delta_id: False)
     started = time.monotonic()
     excluded = asyncio.run(coordinator._fetch_all(ids, window=1.0))
     took = time.monotonic() - started
@@ -272,6 +273,60 @@ def test_a_rounds_deltas_are_fetched_side_by_side_under_one_window(tmp_path):
     assert set(excluded) == {*slow, forged} and fine not in excluded
     assert all("not fetched within the round's fetch window of 1 s" in excluded[d] for d in slow)
     assert excluded[forged].startswith("failed verification")
+
+
+def test_a_delta_stored_before_the_window_ends_is_not_excluded(tmp_path):
+    """fetch_async stores the delta, then announces it: a window that ends during the
+    announcement must not exclude a delta this node holds (others would include it)."""
+    stored = set()
+
+    async def fetch_async(delta_id):
+        stored.add(delta_id)
+        await asyncio.sleep(60)  # announcing what it fetched, slowly
+
+    coordinator, _, _ = stub_coordinator(tmp_path, [], {})
+    coordinator.node.fetch_async = fetch_async
+    coordinator.node.store = SimpleNamespace(has=lambda delta_id: delta_id in stored)
+    assert asyncio.run(coordinator._fetch_all([DELTA], window=0.5)) == {}
+
+
+def test_an_attestation_fits_one_record_however_many_deltas_strangers_commit():
+    """Three free keys commit 16 made-up delta ids each: every honest participant excludes
+    them as unavailable with a long reason. The attestation must still be a record."""
+    fake = ids(48, "fake")
+    excluded = {d: f"unavailable: FetchError: hm://{d}: no provider found on the network" for d in fake}
+    included = ids(20, "real")
+    fields = {"round_id": ROUND, "result_id": BASE, "bundle_id": BUNDLE, "included": sorted(included), "excluded": {},
+              "peer_id": PEER, "maddrs": ["/ip4/127.0.0.1/tcp/4001"] * 4, "issued_at": NOW}
+    with pytest.raises(RecordError, match="exceeds"):
+        make_record(ALICE, "record/attestation", {**fields, "excluded": excluded, "expires_at": NOW + 60})
+    fitted = records.fitting_reasons(excluded, fields)
+    value = make_record(ALICE, "record/attestation", {**fields, "excluded": fitted, "expires_at": NOW + 60})
+    assert len(value) <= bounds.MAX_RECORD_BYTES
+    assert fitted == {d: "unavailable" for d in excluded}  # each reduced to its kind
+    many = {d: f"unavailable: FetchError: hm://{d}: no provider" for d in ids(120, "more")}
+    cut = records.fitting_reasons(many, fields)
+    assert 0 < len(cut) < len(many) and list(cut) == sorted(many)[:len(cut)]  # the same first ones at every node
+    assert len(make_record(ALICE, "record/attestation", {**fields, "excluded": cut, "expires_at": NOW + 60})) \
+        <= bounds.MAX_RECORD_BYTES
+    few = dict(list(excluded.items())[:3])
+    assert records.fitting_reasons(few, fields) == few  # whole while they fit
+
+
+def test_a_stranger_committing_someone_elses_delta_cannot_get_it_excluded(tmp_path):
+    from delta_fixtures import tiny_pair
+
+    from hivemerge.merge.delta import extract_delta
+    from hivemerge.merge.screening import screen_delta
+    from hivemerge.merge.sources import SafetensorsModel
+
+    base, expert = tiny_pair(tmp_path)
+    delta = extract_delta(base, expert, tmp_path / "x.delta.safetensors", ALICE, "lossless").path
+    # MALLORY's key sorts first in this test or not: either way ALICE, who signed it, committed it too
+    norm = screen_delta(delta, SafetensorsModel(base), {MALLORY.public_hex, ALICE.public_hex})
+    assert norm > 0
+    with pytest.raises(UserInputError, match="not by the participant"):
+        screen_delta(delta, SafetensorsModel(base), {MALLORY.public_hex})
 
 
 def test_proposal_from_recipe_refuses_sizes_past_the_bounds():

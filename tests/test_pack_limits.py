@@ -45,6 +45,25 @@ def test_a_pack_over_the_size_cap_is_refused_before_it_is_read(tmp_path, alice, 
     assert not (tmp_path / "made.pack.safetensors").exists()
 
 
+def test_probe_sets_are_capped_and_deep_lines_refused(tmp_path, monkeypatch):
+    from hivemerge.merge import probe as probe_module
+    from hivemerge.merge.probe import load_probe
+    from hivemerge.protocol.packs import MAX_PROBE_BYTES, PackError
+
+    deep = tmp_path / "deep.probe.jsonl"
+    deep.write_text("[" * 100_000 + "\n")  # nesting past the parser's stack: a PackError, not a RecursionError
+    with pytest.raises(PackError, match="expected a JSON object"):
+        load_probe(deep)
+    big = tmp_path / "big.probe.jsonl"
+    big.write_text('{"prompt": "a", "response": "b"}\n' * 100)
+    monkeypatch.setattr(probe_module, "MAX_PROBE_BYTES", 1000)
+    with pytest.raises(PackError, match="more than the 1000"):
+        load_probe(big)
+    probe = "34" * 32
+    bundle = {"content": probe, "files": [{"path": f"{probe}.probe.jsonl", "size": 10 * MAX_PROBE_BYTES}]}
+    assert size_limit(bundle, None) == MAX_PROBE_BYTES
+
+
 def test_a_fetch_of_a_pack_is_bounded_by_the_pack_cap():
     pack = "12" * 32
     bundle = {"content": pack, "files": [{"path": f"{pack}{PACK_SUFFIX}", "size": 10 * MAX_PACK_BYTES}]}

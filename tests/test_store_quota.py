@@ -69,6 +69,31 @@ def test_a_fetch_never_leaves_the_disk_below_its_floor(store, monkeypatch):
         store.make_room(free - store_module.MIN_FREE_DISK + 1)
 
 
+def test_sparse_staging_counts_as_taken_on_the_disk(store):
+    """Fetches side by side each create their staging at full size before writing a chunk:
+    the disk floor must count what those sparse files will still take."""
+    path = store.partial / ("cd" * 32) / "files" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as f:
+        f.truncate(3 << 30)  # 3 GiB promised, nothing written
+    assert store_module.unwritten_bytes(store.partial) >= (3 << 30) - 4096
+    store.max_bytes = 1 << 60
+    free = store_module.shutil.disk_usage(store.root).free
+    with pytest.raises(StoreFullError, match="free on the disk"):
+        store.make_room(free - store_module.MIN_FREE_DISK - (2 << 30))  # fits the disk, not beside the staging
+
+
+def test_a_torn_resume_record_is_ignored_not_fatal(tmp_path):
+    from hivemerge.node.transfer import _claimed_chunks
+
+    bundle = {"files": [{"chunks": ["aa" * 32, "bb" * 32]}, {"chunks": ["cc" * 32]}]}
+    marker = tmp_path / "done.json"
+    for text, claimed in (("[[0, 1], [1, 0]]", [(0, 1), (1, 0)]), ("[[0, 1], [1", []), ("", []), ("{}", []),
+                          ("[[0, 5], [9, 0], [-1, 0], [true, 0], [0], 3, [0, 0]]", [(0, 0)]), ("[" * 5000, [])):
+        marker.write_text(text)
+        assert _claimed_chunks(marker, bundle) == claimed, text
+
+
 def test_a_big_object_gets_chunks_big_enough_for_a_manifest_peers_accept(tmp_path, monkeypatch):
     s = ContentStore(tmp_path / "home", chunk_size=1 * KIB)
     cid = "ab" * 32
