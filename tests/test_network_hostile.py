@@ -101,10 +101,11 @@ def dead_maddr() -> str:
 def announce(via, identity: Identity, content: str, bundle_id: str, maddrs: list[str]) -> None:
     """Store a provider record signed by ``identity`` (bound to its own peer id) through ``via``."""
     fields = {"content": content, "bundle_id": bundle_id, "peer_id": str(peer_id_of(identity.public_key)),
-              "maddrs": maddrs, "issued_at": time.time()}
+              "maddrs": maddrs, "issued_at": time.time(), "expires_at": time.time() + 300.0}
     value = records.make_record(identity, "record/provider", fields)
     subkey = records.owner_subkey(identity, "record/provider", fields)
-    assert via.network.loop.run(via.network.store_record(records.providers_key(content), subkey, value, 300.0), 30)
+    stored = via.network.store_record(records.providers_key(content), subkey, value, fields["expires_at"])
+    assert via.network.loop.run(stored, 30)
 
 
 def announce_own(node, content: str, bundle_id: str) -> None:
@@ -201,9 +202,10 @@ def test_fake_providers_that_outnumber_and_sort_first_do_not_stop_a_fetch(net, f
 def test_a_bundle_over_the_quota_is_refused_before_a_byte_is_written(net, fetcher):
     probe_id, honest = net.probe_id, net.honest
     probe_size = honest.store.resolve(probe_id).stat().st_size
-    # No signed record states a probe set's size: the quota bounds the fetch.
+    # No signed record states a probe set's size: the quota bounds the fetch (32 MiB: under the
+    # probe cap, MAX_PROBE_BYTES, which refuses anything larger before the quota is asked).
     fetcher.store.max_bytes = fetcher.store.used_bytes() + probe_size + (1 << 20)
-    trudy_bundle = serve_bundle(net.trudy, huge_manifest(probe_id, f"{probe_id}.probe.jsonl", 100 << 30), None)
+    trudy_bundle = serve_bundle(net.trudy, huge_manifest(probe_id, f"{probe_id}.probe.jsonl", 32 << 20), None)
     announce_own(net.trudy, probe_id, trudy_bundle)
     unreachable_providers(net.trudy, probe_id, trudy_bundle, 2)  # tried before the honest bundle
     wait_until(lambda: len(fetcher.providers(probe_id)) == 4, 30, what="every provider record")
@@ -218,7 +220,7 @@ def test_a_bundle_over_the_quota_is_refused_before_a_byte_is_written(net, fetche
 
     # Only Trudy offers this one: refused, and the store is as it was.
     other = hashlib.sha256(b"nobody has this").hexdigest()
-    announce_own(net.trudy, other, serve_bundle(net.trudy, huge_manifest(other, f"{other}.probe.jsonl", 100 << 30), None))
+    announce_own(net.trudy, other, serve_bundle(net.trudy, huge_manifest(other, f"{other}.probe.jsonl", 32 << 20), None))
     wait_until(lambda: fetcher.providers(other), 30, what="Trudy's record")
     before = fetcher.store.used_bytes()
     with pytest.raises(FetchError, match="over its quota"):
