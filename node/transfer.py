@@ -383,10 +383,14 @@ class BundleFetcher:
         self.store.write_bundle(content)
 
     async def _manifest(self, bundle_id: str, providers: list[PeerID], report: FetchReport) -> dict:
+        """The bundle manifest from the first provider that serves a valid one. Several are
+        asked at once: providers that stall (fake records at dead addresses) cost one
+        request timeout together, not one each in turn."""
         cached = self.store.bundle(bundle_id)
         if cached is not None:
             return cached
-        for peer in providers:
+
+        async def ask(peer: PeerID) -> dict | None:
             conn = _Connection(self.p2p, peer)
             try:
                 raw = await conn.request(wire.encode_request("bundle", bundle_id), MAX_MANIFEST_BYTES)
@@ -397,6 +401,21 @@ class BundleFetcher:
                 report.failed[str(peer)] = f"{type(exc).__name__}: {exc}"[:200]
             finally:
                 conn.close()
+            return None
+
+        waiting, asking = list(providers), set()
+        try:
+            while waiting or asking:
+                while waiting and len(asking) < MAX_PARALLEL_PROVIDERS:
+                    asking.add(asyncio.ensure_future(ask(waiting.pop(0))))
+                answered, asking = await asyncio.wait(asking, return_when=asyncio.FIRST_COMPLETED)
+                for task in answered:
+                    if task.result() is not None:
+                        return task.result()
+        finally:
+            for task in asking:
+                task.cancel()
+            await asyncio.gather(*asking, return_exceptions=True)
         raise FetchError(f"no provider served bundle {bundle_id[:12]} (failed: {report.failed}, liars: {report.liars})")
 
     # -- staging ----------------------------------------------------------------------
