@@ -188,15 +188,13 @@ Candidates = Annotated[list[ContentId], Field(min_length=1, max_length=bounds.MA
 
 
 class CandidateList(Signed):
+    """A search generation's candidates (the proposer's); scores and tallies name them too."""
     round_id: ContentId
     generation: Generation
     candidate_ids: Candidates
 
 
-class Scores(Signed):
-    round_id: ContentId
-    generation: Generation
-    candidate_ids: Candidates
+class Scores(CandidateList):
     scores: Annotated[list[float], Field(min_length=1, max_length=bounds.MAX_POPSIZE + 1)]
     examples: Annotated[int, Field(ge=0, le=bounds.MAX_EXAMPLES)]
 
@@ -207,10 +205,7 @@ class Scores(Signed):
         return self
 
 
-class Tally(Signed):
-    round_id: ContentId
-    generation: Generation
-    candidate_ids: Candidates
+class Tally(CandidateList):
     scorers: Annotated[list[PublicKey], Field(max_length=bounds.MAX_SCORERS)]
 
     @model_validator(mode="after")
