@@ -207,7 +207,7 @@ class FusionRounds:
         me = self.node.identity.public_hex
         bases = {p["base_id"] for p in self.node.published()} | self.watched_bases()
         for base_id in sorted(bases):
-            await guarded(self.node.log, f"fusion for base {base_id[:12]}", self._take_part(base_id, me, now))
+            await guarded(self.node, f"fusion for base {base_id[:12]}", self._take_part(base_id, me, now))
 
     async def _take_part(self, base_id: str, me: str, now: float) -> None:
         """Distil for, or commit to, the winning open proposal for ``base_id`` that names this node its fuser."""

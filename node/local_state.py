@@ -25,15 +25,15 @@ def write_json(path: Path, value) -> None:
     write_file_atomic(path, json.dumps(value, indent=2).encode())
 
 
-async def guarded(log, what: str, work) -> None:
-    """Await one record's or one round's work: whatever it raises is logged and skipped,
-    so one malformed record or damaged round never stops a coordinator's other work."""
+async def guarded(node, what: str, work) -> None:
+    """Await one record's or one round's work: whatever it raises is logged (by ``node``)
+    and skipped, so one malformed record or damaged round never stops a coordinator's other work."""
     try:
         await work
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log(f"{what}: {type(exc).__name__}: {exc}"[:500])
+        node.log(f"{what}: {type(exc).__name__}: {exc}"[:500])
 
 
 class JsonStates:
@@ -87,7 +87,7 @@ class Coordinator(JsonStates):
         raise NotImplementedError
 
     async def guarded(self, what: str, work) -> None:
-        await guarded(self.node.log, f"{self.label}: {what}", work)
+        await guarded(self.node, f"{self.label}: {what}", work)
 
     async def run_forever(self) -> None:
         while True:
