@@ -254,11 +254,13 @@ class BundleFetcher:
 
     async def _fetch_bundle(self, content: str, bundle_id: str, providers: list[PeerID], report: FetchReport,
                             progress: Progress | None, expected_size: int | None) -> None:
+        offered = providers
         bundle = await self._manifest(bundle_id, providers, report)
         providers = [p for p in providers if str(p) not in report.liars and str(p) not in report.failed]
 
         def lied(why: str) -> FetchError:
-            for p in providers:  # each signed a record that names this bundle for this content
+            for p in offered:  # each signed a record that names this bundle for this content, reachable or not
+                report.failed.pop(str(p), None)
                 report.liars[str(p)] = why
             report.refused[bundle_id] = why
             return FetchError(f"hm://{content}: {why}")
