@@ -41,9 +41,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, guarded, write_json
+from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, NodeServices, guarded, write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
@@ -51,8 +51,17 @@ from hivemerge.protocol.content import is_content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.record_schemas import check_domain
 
-if TYPE_CHECKING:
-    from hivemerge.node.rounds import RoundCoordinator
+class RoundHost(Protocol):
+    """What the fusion step uses of the round coordinator (node/rounds.py) it belongs to."""
+
+    node: NodeServices
+
+    async def proposals(self, base_id: str) -> list[dict]: ...
+    def ttl(self, proposal: dict) -> float: ...
+    def state(self, round_id: str) -> dict | None: ...
+    def save(self, state: dict) -> None: ...
+    def merge_to(self, document: dict, out: Path) -> Path: ...
+
 
 COMMIT_MARGIN = 0.5  # seconds before the deadline a fused delta must be committed by
 AHEAD_FETCH_WINDOW = 60.0  # per input fetched when distilling before proposing
@@ -60,7 +69,7 @@ AHEAD_TIMEOUT = 7 * 24 * 3600.0  # distilling before proposing takes what it tak
 
 
 class FusionRounds:
-    def __init__(self, coordinator: "RoundCoordinator"):
+    def __init__(self, coordinator: "RoundHost"):
         self.coordinator = coordinator
         self.node = coordinator.node
         self.dir = self.node.home / FUSIONS_DIR
@@ -103,16 +112,16 @@ class FusionRounds:
         }
         published = [p for p in self.published_packs() if p["pack_id"] != pack_id] + [fields]
         write_json(self.node.home / PACKS_FILE, published)
-        self.node._run(self.node.announce(), 60)  # the pack record, and provider records of both files
+        self.node.run(self.node.announce(), 60)  # the pack record, and provider records of both files
         return {**fields, "publisher": self.node.identity.public_hex}
 
     async def announce(self, maddrs: list[str]) -> None:
         for fields in self.published_packs():
             fields = {**fields, "peer_id": self.node.peer_id, "maddrs": maddrs, "issued_at": time.time()}
-            await self.node.store_record("record/pack", records.PACKS_KEY, fields, self.node._ttl(maddrs))
+            await self.node.store_record("record/pack", records.PACKS_KEY, fields, self.node.live_ttl(maddrs))
 
     def packs(self, domain: str | None = None) -> list[dict]:
-        return self.node._run(self._packs(domain), 30)
+        return self.node.run(self._packs(domain), 30)
 
     async def _packs(self, domain: str | None = None) -> list[dict]:
         found = await self.node.network.get_records(records.PACKS_KEY)
@@ -166,7 +175,7 @@ class FusionRounds:
             write_json(self.node.home / WATCH_FILE, sorted(self.watched_bases() | {base_id}))
             # Distil now, before the proposal exists: the commitment window then needs to
             # cover only the commitments, however long the distillation takes here.
-            self.node._run(self._fuse_ahead({**document, "fusion": block}, base_id), AHEAD_TIMEOUT)
+            self.node.run(self._fuse_ahead({**document, "fusion": block}, base_id), AHEAD_TIMEOUT)
         return {**document, "fusion": block}
 
     def _pin_experts(self, select, base_id: str) -> dict[str, str]:
@@ -182,14 +191,12 @@ class FusionRounds:
 
     async def _pivot(self, proposal: dict, scratch: Path, window: float) -> Path:
         """The round's weight merge of the pinned deltas (fetched if missing), built in ``scratch``."""
-        from hivemerge.node.rounds import pivot_recipe
-
         scratch.mkdir(parents=True, exist_ok=True)
         for delta_id in sorted(proposal["recipe"]["fusion"]["pivot_deltas"]):
             if not self.node.store.has(delta_id):
                 await asyncio.wait_for(self.node.fetch_async(delta_id), max(1.0, window))
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.coordinator.merge_to, pivot_recipe(proposal), scratch / "pivot")
+            None, self.coordinator.merge_to, rounds.pivot_recipe(proposal), scratch / "pivot")
 
     def _store_replay(self, path: Path) -> str:
         """Store a replay file (the probe format) so this node serves it; returns its id."""
@@ -199,7 +206,7 @@ class FusionRounds:
         if not path.is_file():
             raise UserInputError(f"fusion.replay: {str(path)!r} is neither a replay set id nor a file")
         replay_id = self.node.store.add_probe(path)  # checks the format; canonical bytes under the id
-        self.node._run(self.node.announce(), 60)  # its provider record
+        self.node.run(self.node.announce(), 60)  # its provider record
         return replay_id
 
     # -- the fuser ------------------------------------------------------------------------
@@ -360,7 +367,6 @@ class FusionRounds:
         with the reason. ``kept``: the expert deltas the round merges (a ``pivot: merge``
         fused delta stands only for exactly the merge it was distilled into)."""
         from hivemerge.merge.fusion_check import measure_fused
-        from hivemerge.node.rounds import FETCH_WINDOW
 
         committed = fusion.fused_deltas(commitments)
         raw = proposal["recipe"].get("fusion")
@@ -376,7 +382,7 @@ class FusionRounds:
             return {d: f"fusion: the proposal's fusion block is malformed: {exc}"[:300] for d in pending}
         found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
         record = next((r for r in found if "before" in r and r["publisher"] == block["fuser"]), None)
-        window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+        window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
         for delta_id, committer in sorted(pending.items()):
             reason = fusion.record_reason(block, committer, delta_id, record)
             if reason is None and fusion.merges_pivot(block):

@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 from hivemerge.merge.atomic import write_file_atomic
 
@@ -34,6 +35,32 @@ async def guarded(node, what: str, work) -> None:
         raise
     except Exception as exc:
         node.log(f"{what}: {type(exc).__name__}: {exc}"[:500])
+
+
+class NodeServices(Protocol):
+    """What a node gives its coordinators (rounds, searches, fusions): node/node.py's
+    :class:`Node` implements it. Coordinators use only this, never a node's internals."""
+
+    home: Path
+    identity: Any  # protocol.identity.Identity
+    store: Any  # node.store.ContentStore
+    network: Any  # node.network.Network: get_records
+    record_ttl: float
+    keep_results: int | None
+    content_lock: Any  # threading.Lock held by commands that add content
+    client_mode: bool
+    rounds: Any  # the node's RoundCoordinator (searches reuse its fetching and screening)
+    peer_id: str
+
+    def log(self, message: str) -> None: ...
+    def run(self, coro, timeout: float) -> Any: ...
+    def published(self) -> list[dict]: ...
+    def contact(self) -> dict: ...
+    def experts(self, domain: str | None = None) -> list[dict]: ...
+    def live_ttl(self, maddrs: list[str]) -> float: ...
+    async def store_record(self, kind: str, key: str, fields: dict, ttl: float) -> bool: ...
+    async def fetch_async(self, content: str, progress=None, expected_size: int | None = None) -> Any: ...
+    async def announce(self, gone: bool = False) -> None: ...
 
 
 class JsonStates:

@@ -32,7 +32,7 @@ from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.node.local_state import PUBLISHED_FILE, write_json
 from hivemerge.node.network import Network, is_bound
 from hivemerge.node.retention import record_fetched_consensus
-from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator, proposal_from_recipe
+from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator
 from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
@@ -93,18 +93,19 @@ class Node:
         self.rounds = RoundCoordinator(self, poll=round_poll, device=device)
         self.searches = SearchCoordinator(self, poll=round_poll)
         try:
-            self._run(self.server.register(self.network.p2p), 10)
+            self.run(self.server.register(self.network.p2p), 10)
             if not client_mode:
-                self._run(self.announce(), 60)
-                self._refresher = self._run(self._start(self._refresh_forever()), 5)
-                self._coordinator_task = self._run(self._start(self._coordinate()), 5)
-                self._watchdog = self._run(self._start(self._watch_daemon()), 5)
+                self.run(self.announce(), 60)
+                self._refresher = self.run(self._start(self._refresh_forever()), 5)
+                self._coordinator_task = self.run(self._start(self._coordinate()), 5)
+                self._watchdog = self.run(self._start(self._watch_daemon()), 5)
         except BaseException:
             self.close()
             raise
 
     # -- plumbing ---------------------------------------------------------------------
-    def _run(self, coro, timeout: float):
+    def run(self, coro, timeout: float):
+        """Run ``coro`` on the node's event loop from another thread; waits at most ``timeout`` seconds."""
         return self.network.loop.run(coro, timeout)
 
     async def _start(self, coro) -> asyncio.Task:
@@ -156,11 +157,11 @@ class Node:
 
     async def _store_expert(self, fields: dict, maddrs: list[str]) -> bool:
         fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
-        return await self.store_record("record/expert", records.EXPERTS_KEY, fields, self._ttl(maddrs))
+        return await self.store_record("record/expert", records.EXPERTS_KEY, fields, self.live_ttl(maddrs))
 
     async def _store_provider(self, content: str, bundle_id: str, maddrs: list[str]) -> bool:
         fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
-        return await self.store_record("record/provider", records.providers_key(content), fields, self._ttl(maddrs))
+        return await self.store_record("record/provider", records.providers_key(content), fields, self.live_ttl(maddrs))
 
     def contact(self) -> dict:
         """Where this node can be reached (addresses cached at start: callable from the loop)."""
@@ -191,7 +192,9 @@ class Node:
         self.log(f"storing a {kind} under {key} failed after {attempts} attempt(s): no DHT node accepted it")
         return False
 
-    def _ttl(self, maddrs: list[str]) -> float:
+    def live_ttl(self, maddrs: list[str]) -> float:
+        """Seconds a record this node refreshes should live: ``record_ttl`` while it has
+        addresses, else (a "gone" record) just past its latest live one."""
         now = get_dht_time()
         if maddrs:
             self._live_until = max(self._live_until, now + self.record_ttl)
@@ -231,7 +234,7 @@ class Node:
         }
         published = [p for p in self.published() if p["delta_id"] != delta_id] + [fields]
         write_json(self.home / PUBLISHED_FILE, published)
-        self._run(self.announce(), 60)
+        self.run(self.announce(), 60)
         return {**fields, "publisher": self.identity.public_hex}
 
     def status(self) -> dict:
@@ -255,12 +258,12 @@ class Node:
         return self.rounds.fusion.packs(domain)
 
     def experts(self, domain: str | None = None) -> list[dict]:
-        found = self._run(self.network.get_records(records.EXPERTS_KEY), 30)
+        found = self.run(self.network.get_records(records.EXPERTS_KEY), 30)
         rows = [r for r in found.values() if r["maddrs"] and is_bound(r) and (domain is None or r["domain"] == domain)]
         return sorted(rows, key=lambda r: (r["domain"], r["delta_id"]))
 
     def providers(self, content: str) -> list[dict]:
-        return self._run(self._providers(content), 30)
+        return self.run(self._providers(content), 30)
 
     async def _providers(self, content: str) -> list[dict]:
         """Live provider records for ``content`` whose peer id is really their signer's key."""
@@ -288,7 +291,7 @@ class Node:
                     break
             named = [r for r in experts if r["delta_id"] == content] or [r for r in self.packs() if r["pack_id"] == content]
             size = signed_size(named)
-        report = self._run(self.fetch_async(content, progress=progress, expected_size=size), 3600)
+        report = self.run(self.fetch_async(content, progress=progress, expected_size=size), 3600)
         path = self.store.resolve(content)
         result = {"content": content, "stored": str(path)}
         if report is not None:
@@ -335,12 +338,12 @@ class Node:
             return self.searches.propose(document, base_id)
         if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/fusion_rounds.py)
             # the rest of the recipe is checked first: its fuser may distil for minutes in prepare
-            proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, time.time())
+            rounds.proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, time.time())
             document = self.rounds.fusion.prepare(document, ref, base_id)
-        proposal = proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
+        proposal = rounds.proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
         ttl = max(self.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
-        self._run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
+        self.run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
         return proposal
 
     def round_status(self) -> list[dict]:
@@ -348,7 +351,7 @@ class Node:
         rows = []
         for state in self.rounds.states():
             proposal = state["proposal"]
-            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
+            commitments, attestations = self.run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             rows.append({
                 **state,
@@ -358,16 +361,16 @@ class Node:
                 "final_result": result,
                 "attesters": attesters,
                 # a round with a fusion step: fuser, fused delta, verdict (node/fusion_rounds.py)
-                "fusion": self._run(self.rounds.fusion.summary(proposal, commitments, attestations), 30),
+                "fusion": self.run(self.rounds.fusion.summary(proposal, commitments, attestations), 30),
             })
         return rows
 
     def latest(self, base_id: str) -> dict | None:
         """The newest final round for a base: proposal, commitments, attestations, result."""
-        proposals = self._run(self.rounds.proposals(base_id), 30)
+        proposals = self.run(self.rounds.proposals(base_id), 30)
         valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= time.time()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
-            commitments, attestations = self._run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
+            commitments, attestations = self.run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
             result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
             if result is not None:
                 return {"proposal": proposal, "result_id": result, "attesters": attesters,
@@ -384,7 +387,7 @@ class Node:
             raise UserInputError(f"no final consensus model for base {base_id[:12]} yet")
         result_id = final["result_id"]
         attesters = set(final["attesters"])
-        report = self._run(self.fetch_async(result_id, progress=progress), 3600)  # served by the attesters
+        report = self.run(self.fetch_async(result_id, progress=progress), 3600)  # served by the attesters
         path = self.store.resolve(result_id)  # the fetcher verified its content id
         proposal = final["proposal"]
         record_fetched_consensus(self.home, base_id, result_id, proposal["round_id"], proposal["deadline"])  # pruning keeps it
@@ -436,7 +439,7 @@ class Node:
             if self._refresher is not None:
                 self.network.loop.loop.call_soon_threadsafe(self._refresher.cancel)
                 if self.network.daemon_alive():  # a dead daemon stores nothing: do not wait for it
-                    self._run(self.announce(gone=True), 20)
+                    self.run(self.announce(gone=True), 20)
         except Exception:
             pass  # leaving must not fail: the records expire anyway
         finally:

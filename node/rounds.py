@@ -15,24 +15,19 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hivemerge.merge.delta import DeltaError
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
-from hivemerge.node.local_state import ROUNDS_DIR, Coordinator
+from hivemerge.node.local_state import ROUNDS_DIR, Coordinator, NodeServices
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
 
-if TYPE_CHECKING:
-    from hivemerge.node.node import Node
-
 POLL_SECONDS = 2.0
 SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
-FETCH_WINDOW = 60.0  # how long a committed delta may take to arrive before it is excluded
 RECORD_MARGIN = 3600.0  # round records outlive the deadline by this much (see ttl)
 SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
@@ -40,7 +35,7 @@ SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 class RoundCoordinator(Coordinator):
     label = "round coordinator"
 
-    def __init__(self, node: "Node", poll: float = POLL_SECONDS, device: str = "auto"):
+    def __init__(self, node: NodeServices, poll: float = POLL_SECONDS, device: str = "auto"):
         self.node = node
         self.poll = poll
         self.device = device
@@ -198,7 +193,7 @@ class RoundCoordinator(Coordinator):
         excluded, are neither fetched nor screened)."""
         norms: dict[str, float] = {}
         base = self.node.store.model(proposal["base_id"])
-        window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+        window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
         committers: dict[str, set[str]] = {}
         for committer, commitment in sorted(commitments.items()):
             for delta_id in commitment["delta_ids"]:
@@ -247,7 +242,7 @@ class RoundCoordinator(Coordinator):
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
         out = self.node.store.partial / f"round-{proposal['round_id']}"
-        self.merge_to(build_recipe(proposal, included, rounds.committed_domains(commitments)), out)
+        self.merge_to(rounds.build_recipe(proposal, included, rounds.committed_domains(commitments)), out)
         try:
             return self.node.store.add_model(out)
         finally:
@@ -264,71 +259,3 @@ def _without_local_path(exc: Exception) -> str:
     attestations, and every participant should state the same one."""
     head, sep, tail = str(exc).partition(f"{DELTA_SUFFIX}: ")
     return tail if sep and "/" in head else str(exc)
-
-
-def build_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
-    """The merge recipe of a round: the proposal's template with the included deltas, in
-    delta-id order (every participant builds the same document). A kept fused delta of a
-    fusion step with ``pivot: merge`` already holds the weight merge it was distilled
-    into: the result is then the base plus that delta alone."""
-    template = proposal["recipe"]
-    fused = sorted(d for d in included if domains.get(d) == fusion.FUSED_DOMAIN)
-    if fusion.merges_pivot(template.get("fusion")) and fused:
-        document = {k: v for k, v in template.items() if k in ("dtype", "out_dtype")}
-        document.update(merge_method="task_arithmetic", base_model=f"hm://{proposal['base_id']}",
-                        models=[{"model": f"hm://{fused[0]}", "parameters": {"weight": 1.0}}],
-                        name=f"hivemerge round {proposal['round_id'][:12]}")
-        return document
-    return weight_merge_recipe(proposal, included, domains)
-
-
-def pivot_recipe(proposal: dict) -> dict:
-    """The weight merge a ``pivot: merge`` fusion step distils into: the pinned deltas, as
-    the round would merge them without the fusion step."""
-    pinned = proposal["recipe"]["fusion"]["pivot_deltas"]
-    return weight_merge_recipe(proposal, sorted(pinned), pinned)
-
-
-def weight_merge_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
-    template = proposal["recipe"]
-    per_domain = template.get("domain_parameters", {})
-    models = []
-    for delta_id in included:
-        params = per_domain.get(domains.get(delta_id, ""), {})
-        models.append({"model": f"hm://{delta_id}", "parameters": dict(params)} if params else {"model": f"hm://{delta_id}"})
-    document = {k: v for k, v in template.items() if k in rounds.MERGE_KEYS}
-    document.update(base_model=f"hm://{proposal['base_id']}", models=models, name=f"hivemerge round {proposal['round_id'][:12]}")
-    return document
-
-
-def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float) -> dict:
-    """A proposal's fields from a round recipe file (see README: Merge rounds)."""
-    select = document.get("select")
-    if not isinstance(select, dict) or not (
-        isinstance(select.get("domains"), list) or isinstance(select.get("deltas"), list)
-    ):
-        raise UserInputError("select: required; {domains: [NAME, ...]} or {deltas: [ID, ...]}")
-    deadline = document.get("deadline", 60)
-    if not bounds.finite_number(deadline) or not 1 <= deadline <= bounds.MAX_DEADLINE_SECONDS:
-        raise UserInputError(f"deadline: seconds from now until commitments close, 1..{bounds.MAX_DEADLINE_SECONDS:g}, "
-                             f"got {deadline!r}")
-    window = document.get("fetch_window", FETCH_WINDOW)
-    if not bounds.finite_number(window) or not 1 <= window <= bounds.MAX_FETCH_WINDOW:
-        raise UserInputError(f"fetch_window: seconds the round's deltas have to arrive, 1..{bounds.MAX_FETCH_WINDOW:g}, "
-                             f"got {window!r}")
-    quorum = document.get("quorum", rounds.DEFAULT_QUORUM)
-    if not bounds.finite_number(quorum) or not 0 < quorum <= 1:
-        raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
-    allowed = {*rounds.MERGE_KEYS, "domain_parameters", "fetch_window", "fusion"}
-    template = {k: v for k, v in document.items() if k in allowed}
-    if "fusion" in template:  # resolved by FusionRounds.prepare: pack ids, probe id, fuser
-        template["fusion"] = fusion.check_fusion_block(template["fusion"], resolved=True)
-    unknown = set(document) - allowed - {"select", "deadline", "quorum", "base_model"}
-    if unknown:
-        raise UserInputError(f"{sorted(unknown)[0]}: unknown key in a round recipe; expected {sorted(allowed | {'select', 'deadline', 'quorum', 'base_model'})}")
-    proposal = {
-        "base_id": base_id, "recipe": template, "select": select, "deadline": round(now + deadline, 3),
-        "quorum": float(quorum), "proposer": proposer,
-    }
-    proposal["round_id"] = rounds.round_id(proposal)
-    return proposal

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
-from hivemerge.node.local_state import SEARCHES_DIR, Coordinator
-from hivemerge.node.rounds import FETCH_WINDOW
+from hivemerge.node.local_state import SEARCHES_DIR, Coordinator, NodeServices
 from hivemerge.protocol import bounds, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
-
-if TYPE_CHECKING:
-    from hivemerge.node.node import Node
 
 
 # Phases a restarted node takes up again once the deadline has passed.
@@ -37,7 +32,7 @@ RESUMABLE = ("proposed", "committed", "fetching", "searching", "awaiting final r
 class SearchCoordinator(Coordinator):
     label = "search coordinator"
 
-    def __init__(self, node: "Node", poll: float = 2.0):
+    def __init__(self, node: NodeServices, poll: float = 2.0):
         self.node = node
         self.poll = poll
         self.dir = node.home / SEARCHES_DIR
@@ -46,23 +41,21 @@ class SearchCoordinator(Coordinator):
 
     # -- proposing (called from the node's thread, not its loop) -----------------------------
     def propose(self, document: dict, base_id: str) -> dict:
-        from hivemerge.node.rounds import proposal_from_recipe
-
         settings = search.check_settings(document.get("search"))
         rest = {k: v for k, v in document.items() if k != "search"}
         rest.setdefault("deadline", 30)
-        merge_part = proposal_from_recipe(rest, base_id, self.node.identity.public_hex, time.time())
+        merge_part = rounds.proposal_from_recipe(rest, base_id, self.node.identity.public_hex, time.time())
         proposal = {k: merge_part[k] for k in ("base_id", "recipe", "select", "deadline", "quorum", "proposer")}
         proposal["search"] = settings
         proposal["round_id"] = search.search_id(proposal)
         ttl = self.ttl(proposal)
-        self.node._run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": time.time()}, ttl), 30)
+        self.node.run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": time.time()}, ttl), 30)
         self.save({"proposal": proposal, "phase": "proposed", "roles": ["proposer"]})
         return proposal
 
     def ttl(self, proposal: dict) -> float:
         settings = proposal["search"]
-        span = settings["generations"] * settings["generation_seconds"] + FETCH_WINDOW
+        span = settings["generations"] * settings["generation_seconds"] + rounds.FETCH_WINDOW
         return max(self.node.record_ttl, proposal["deadline"] - time.time() + span + 3600)
 
     # -- the loop -----------------------------------------------------------------------
@@ -125,7 +118,7 @@ class SearchCoordinator(Coordinator):
         proposal = state["proposal"]
         try:
             await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
-            window = float(proposal["recipe"].get("fetch_window", FETCH_WINDOW))
+            window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
             if state["phase"] != "awaiting final round":  # a restart while awaiting it keeps the finished search
                 await self._search(proposal, state, window)
             included, owners = state["included"], state["owners"]
@@ -218,10 +211,9 @@ class SearchCoordinator(Coordinator):
         from hivemerge.merge.recipe import validate_recipe
         from hivemerge.merge.search import SearchSettings
         from hivemerge.merge.search_space import SearchSpace
-        from hivemerge.node.rounds import build_recipe
 
         settings = proposal["search"]
-        document = build_recipe(proposal, included, domains)
+        document = rounds.build_recipe(proposal, included, domains)
         recipe = validate_recipe(document, resolver=self.node.store.resolve)
         space = SearchSpace(recipe, blocks=settings["blocks"], max_weight=settings["max_weight"])
         popsize, generations = settings["popsize"], settings["generations"]
@@ -310,12 +302,10 @@ class SearchCoordinator(Coordinator):
         return None
 
     async def _propose_final(self, proposal: dict, included: list[str], domain_parameters: dict) -> str:
-        from hivemerge.node.rounds import proposal_from_recipe
-
         template = {k: v for k, v in proposal["recipe"].items() if k != "domain_parameters"}
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
                     "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
-        final = proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
+        final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
         ttl = max(self.node.record_ttl, final["deadline"] - time.time() + 3600)
         await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
         return final["round_id"]

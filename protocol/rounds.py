@@ -15,7 +15,9 @@ import math
 import statistics
 from typing import Any
 
+from hivemerge.protocol import bounds, fusion
 from hivemerge.protocol.content import content_id
+from hivemerge.protocol.errors import UserInputError
 
 DEFAULT_QUORUM = 2 / 3
 OUTLIER_FACTOR = 5.0  # a delta norm beyond 5x (or below 1/5) of the median is excluded
@@ -23,6 +25,7 @@ ROUND_KEYS = {"base_id", "recipe", "select", "deadline", "quorum", "proposer"}
 # A round recipe's keys that the weight merge's own recipe takes; with
 # "domain_parameters" (each expert's parameters) they decide the merged bytes.
 MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "seed")
+FETCH_WINDOW = 60.0  # default: how long a round's committed deltas, all together, may take to arrive
 
 
 def rounds_key(base_id: str) -> str:
@@ -125,3 +128,73 @@ def norm_outliers(norms: dict[str, float], factor: float = OUTLIER_FACTOR) -> di
         if median > 0 and (norm > factor * median or norm < median / factor):
             excluded[delta_id] = f"norm outlier: {norm:.4g} vs median {median:.4g} (allowed x{factor:g})"
     return excluded
+
+
+# -- a round's recipes: the proposal from a round recipe file, the merge every participant runs --
+
+def build_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
+    """The merge recipe of a round: the proposal's template with the included deltas, in
+    delta-id order (every participant builds the same document). A kept fused delta of a
+    fusion step with ``pivot: merge`` already holds the weight merge it was distilled
+    into: the result is then the base plus that delta alone."""
+    template = proposal["recipe"]
+    fused = sorted(d for d in included if domains.get(d) == fusion.FUSED_DOMAIN)
+    if fusion.merges_pivot(template.get("fusion")) and fused:
+        document = {k: v for k, v in template.items() if k in ("dtype", "out_dtype")}
+        document.update(merge_method="task_arithmetic", base_model=f"hm://{proposal['base_id']}",
+                        models=[{"model": f"hm://{fused[0]}", "parameters": {"weight": 1.0}}],
+                        name=f"hivemerge round {proposal['round_id'][:12]}")
+        return document
+    return weight_merge_recipe(proposal, included, domains)
+
+
+def pivot_recipe(proposal: dict) -> dict:
+    """The weight merge a ``pivot: merge`` fusion step distils into: the pinned deltas, as
+    the round would merge them without the fusion step."""
+    pinned = proposal["recipe"]["fusion"]["pivot_deltas"]
+    return weight_merge_recipe(proposal, sorted(pinned), pinned)
+
+
+def weight_merge_recipe(proposal: dict, included: list[str], domains: dict[str, str]) -> dict:
+    template = proposal["recipe"]
+    per_domain = template.get("domain_parameters", {})
+    models = []
+    for delta_id in included:
+        params = per_domain.get(domains.get(delta_id, ""), {})
+        models.append({"model": f"hm://{delta_id}", "parameters": dict(params)} if params else {"model": f"hm://{delta_id}"})
+    document = {k: v for k, v in template.items() if k in MERGE_KEYS}
+    document.update(base_model=f"hm://{proposal['base_id']}", models=models, name=f"hivemerge round {proposal['round_id'][:12]}")
+    return document
+
+
+def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float) -> dict:
+    """A proposal's fields from a round recipe file (see README: Merge rounds)."""
+    select = document.get("select")
+    if not isinstance(select, dict) or not (
+        isinstance(select.get("domains"), list) or isinstance(select.get("deltas"), list)
+    ):
+        raise UserInputError("select: required; {domains: [NAME, ...]} or {deltas: [ID, ...]}")
+    deadline = document.get("deadline", 60)
+    if not bounds.finite_number(deadline) or not 1 <= deadline <= bounds.MAX_DEADLINE_SECONDS:
+        raise UserInputError(f"deadline: seconds from now until commitments close, 1..{bounds.MAX_DEADLINE_SECONDS:g}, "
+                             f"got {deadline!r}")
+    window = document.get("fetch_window", FETCH_WINDOW)
+    if not bounds.finite_number(window) or not 1 <= window <= bounds.MAX_FETCH_WINDOW:
+        raise UserInputError(f"fetch_window: seconds the round's deltas have to arrive, 1..{bounds.MAX_FETCH_WINDOW:g}, "
+                             f"got {window!r}")
+    quorum = document.get("quorum", DEFAULT_QUORUM)
+    if not bounds.finite_number(quorum) or not 0 < quorum <= 1:
+        raise UserInputError(f"quorum: a fraction in (0, 1], got {quorum!r}")
+    allowed = {*MERGE_KEYS, "domain_parameters", "fetch_window", "fusion"}
+    template = {k: v for k, v in document.items() if k in allowed}
+    if "fusion" in template:  # resolved by FusionRounds.prepare: pack ids, probe id, fuser
+        template["fusion"] = fusion.check_fusion_block(template["fusion"], resolved=True)
+    unknown = set(document) - allowed - {"select", "deadline", "quorum", "base_model"}
+    if unknown:
+        raise UserInputError(f"{sorted(unknown)[0]}: unknown key in a round recipe; expected {sorted(allowed | {'select', 'deadline', 'quorum', 'base_model'})}")
+    proposal = {
+        "base_id": base_id, "recipe": template, "select": select, "deadline": round(now + deadline, 3),
+        "quorum": float(quorum), "proposer": proposer,
+    }
+    proposal["round_id"] = round_id(proposal)
+    return proposal

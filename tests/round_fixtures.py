@@ -109,7 +109,7 @@ def wait_round_done(nodes: list, round_id: str, timeout: float = ROUND_TIMEOUT) 
 
 def round_records(node, round_id: str) -> dict[str, dict]:
     """The round's commitments and attestations as ``node`` sees them on the DHT, by subkey."""
-    return node._run(node.network.get_records(rounds.round_key(round_id)), 30)
+    return node.run(node.network.get_records(rounds.round_key(round_id)), 30)
 
 
 def wait_committed(observer, round_id: str, publishers: list[str], timeout: float = 30.0) -> dict[str, dict]:
@@ -137,7 +137,7 @@ def store_proposal(node, proposal: dict) -> None:
     """Announces a ready-made proposal (as Node.propose does, with a chosen deadline)."""
     fields = {**proposal, "issued_at": time.time()}
     ttl = max(node.record_ttl, proposal["deadline"] - time.time() + 3600)
-    assert node._run(node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), fields, ttl), 30)
+    assert node.run(node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), fields, ttl), 30)
 
 
 # -- offline reference merges ------------------------------------------------------------
@@ -189,4 +189,4 @@ def tamper_stored_delta(node, delta_id: str) -> None:
     (node.store.bundles / f"{old}.json").unlink()  # only the new bundle is served and announced
     new = node.store.write_bundle(delta_id)
     assert new != old
-    node._run(node.announce(), 30)
+    node.run(node.announce(), 30)

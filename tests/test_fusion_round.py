@@ -126,7 +126,7 @@ def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(
     result_id = states[0]["result_id"]
 
     # the fusion record, as every node reads it: the fused model is better on the probe
-    found = m._run(m.network.get_records(rounds.round_key(rid)), 30)
+    found = m.run(m.network.get_records(rounds.round_key(rid)), 30)
     record = next(r for r in found.values() if "before" in r)
     assert record["publisher"] == a.identity.public_hex and record["delta_id"] == fused_id
     assert record["packs"] == proposal["recipe"]["fusion"]["packs"]["ids"] and record["probe_id"] == setup[0].probe.id
@@ -175,7 +175,7 @@ def test_a_fusion_into_the_weight_merge_replaces_it_with_the_base_plus_the_fused
     assert states[0]["result_id"] == fused_only != weight_merge
 
     # the record's "before" figures are the weight merge's (the pivot), not the base's
-    found = m._run(m.network.get_records(rounds.round_key(rid)), 30)
+    found = m.run(m.network.get_records(rounds.round_key(rid)), 30)
     record = next(r for r in found.values() if "before" in r)
     packs, delta = [PackFile(hetero.pack)], a.store.resolve(fused_id)
     on_merge, after = measure_fused(hetero.pivot, delta, packs, hetero.probe, block, tmp_path / "m1", pivot_dir=tmp_path / "weight-merge")
@@ -205,7 +205,7 @@ def test_a_proposing_fuser_distils_first_so_a_distillation_longer_than_the_windo
     assert proposal["deadline"] >= asked + 2 * DEADLINE + 2  # proposed only once the distillation was done
     state = wait_fused(a, proposal)
     assert state["ahead"] is True and state["seconds"] >= DEADLINE + 2
-    found = m._run(m.network.get_records(rounds.round_key(proposal["round_id"])), 30)
+    found = m.run(m.network.get_records(rounds.round_key(proposal["round_id"])), 30)
     commitment = next(r for r in found.values() if r.get("delta_ids") and r["publisher"] == a.identity.public_hex)
     assert commitment["delta_ids"] == [state["delta_id"]] and commitment["issued_at"] < proposal["deadline"] - DEADLINE / 2
     states = wait_round_done([a, m, s], proposal["round_id"], timeout=DEADLINE + 90)
@@ -255,13 +255,13 @@ def test_a_fuser_that_misreports_its_probe_loss_is_excluded_with_the_reason(net,
     rid = proposal["round_id"]
     state = wait_fused(a, proposal)
     # The fuser restates its record: the fused model claimed better on the probe than it is.
-    found = a._run(a.network.get_records(rounds.round_key(rid)), 30)
+    found = a.run(a.network.get_records(rounds.round_key(rid)), 30)
     honest = next(r for r in found.values() if "before" in r)
     lie = {k: v for k, v in honest.items() if k != "publisher"}
     lie["after"] = {**honest["after"], "lm": honest["after"]["lm"] - 0.25}
     lie["issued_at"] = time.time()
     assert time.time() < proposal["deadline"], "the fuser finished too late for the test to restate its record"
-    assert a._run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
+    assert a.run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
 
     states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
     fused_id = state["delta_id"]
@@ -283,13 +283,13 @@ def test_a_fuser_whose_record_names_another_replay_set_is_excluded_with_the_reas
     rid = proposal["round_id"]
     state = wait_fused(a, proposal)
     # The fuser restates its record: the same delta and figures, but another replay set named.
-    found = a._run(a.network.get_records(rounds.round_key(rid)), 30)
+    found = a.run(a.network.get_records(rounds.round_key(rid)), 30)
     honest = next(r for r in found.values() if "before" in r)
     assert honest["replay_id"] == replay.id
     other = setup[0].other_probe.id
     lie = {**{k: v for k, v in honest.items() if k != "publisher"}, "replay_id": other, "issued_at": time.time()}
     assert time.time() < proposal["deadline"], "the fuser finished too late for the test to restate its record"
-    assert a._run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
+    assert a.run(a.store_record("record/fusion", rounds.round_key(rid), lie, a.rounds.ttl(proposal) + 60), 30)
 
     states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
     fused_id = state["delta_id"]

@@ -22,7 +22,8 @@ from hivemind.utils import MSGPackSerializer
 
 from hivemerge.merge.delta import DeltaError
 from hivemerge.node.dht_storage import BoundedRecordStorage
-from hivemerge.node.rounds import RoundCoordinator, proposal_from_recipe
+from hivemerge.node.rounds import RoundCoordinator
+from hivemerge.protocol.rounds import proposal_from_recipe
 from hivemerge.protocol import bounds, fusion, records, rounds, search
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError

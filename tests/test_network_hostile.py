@@ -252,7 +252,7 @@ class Streams:
         self.client, self.peer = client, server.network.peer_id
         self.open: list = []
 
-    def _run(self, coro, timeout: float = 30):
+    def run(self, coro, timeout: float = 30):
         return self.client.network.loop.run(coro, timeout)
 
     def connect(self) -> int:
@@ -260,24 +260,24 @@ class Streams:
             _, reader, writer = await self.client.network.p2p.call_binary_stream_handler(self.peer, wire.BUNDLE_PROTOCOL)
             self.open.append((reader, writer))
             return len(self.open) - 1
-        return self._run(go())
+        return self.run(go())
 
     def send(self, i: int, data: bytes) -> None:
         async def go():
             self.open[i][1].write(data)  # no drain: this peer does not wait for anything
-        self._run(go())
+        self.run(go())
 
     def read_line(self, i: int, timeout: float = 20) -> bytes:
-        return self._run(asyncio.wait_for(self.open[i][0].readline(), timeout), timeout + 5)
+        return self.run(asyncio.wait_for(self.open[i][0].readline(), timeout), timeout + 5)
 
     def read_rest(self, i: int, timeout: float = 20) -> bytes:
-        return self._run(asyncio.wait_for(self.open[i][0].read(), timeout), timeout + 5)
+        return self.run(asyncio.wait_for(self.open[i][0].read(), timeout), timeout + 5)
 
     def close_all(self) -> None:
         async def go():
             for _, writer in self.open:
                 writer.close()
-        self._run(go())
+        self.run(go())
         self.open = []
 
 

@@ -154,7 +154,7 @@ def test_a_delta_of_a_domain_the_proposal_did_not_select_is_excluded_unfetched(n
     fields = {"round_id": rid, "delta_ids": sorted([own, chem]), "domains": {own: "logic", chem: "chem"},
               **rogue.contact(), "issued_at": time.time()}
     # (an expiry later than its first commitment's, or the DHT keeps the first)
-    assert rogue._run(rogue.store_record("record/commitment", rounds.round_key(rid), fields, rogue.rounds.ttl(proposal) + 60), 30)
+    assert rogue.run(rogue.store_record("record/commitment", rounds.round_key(rid), fields, rogue.rounds.ttl(proposal) + 60), 30)
     assert time.time() < proposal["deadline"], "the rogue commitment came after the deadline: the test ran too slowly"
     seen = [r for r in round_records(a, rid).values() if r.get("publisher") == rogue.identity.public_hex]
     assert seen and chem in seen[0]["delta_ids"]

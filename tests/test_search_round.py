@@ -24,7 +24,7 @@ from hivemerge.merge.fitness import ValidationFitness
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search import SearchSettings, next_candidates
 from hivemerge.merge.search_space import SearchSpace
-from hivemerge.node.rounds import build_recipe
+from hivemerge.protocol.rounds import build_recipe
 from hivemerge.protocol import search
 from hivemerge.protocol.content import content_id
 
