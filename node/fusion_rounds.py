@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, NodeServices, guarded, write_json
+from hivemerge.node.local_state import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, NodeServices, Phase, guarded, write_json
 from hivemerge.node.network import is_bound
 from hivemerge.node.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
@@ -227,25 +227,25 @@ class FusionRounds:
         if state is None:
             state = await self._adopt_ahead(winner)  # distilled before it was proposed
         # "fusing" with no task in this process: a restart cut the fusion short; start over
-        if (state is None or state["phase"] == "fusing") and rid not in self._running:
+        if (state is None or state["phase"] == Phase.FUSING) and rid not in self._running:
             if len(self._running) >= bounds.MAX_ACTIVE_FUSIONS:  # a stranger's proposals cannot queue more distillation
                 self.node.log(f"fusion for round {rid[:12]}: not started: {len(self._running)} fusion(s) under way already")
                 return
             self._running[rid] = asyncio.create_task(self._fuse(winner))
-        elif state and state["phase"] == "fused":
+        elif state and state["phase"] == Phase.FUSED:
             await self._commit(winner, state)
 
     async def _fuse(self, proposal: dict) -> None:
         """Fetch, distil, store the delta and the fusion record; the next tick commits it."""
         rid = proposal["round_id"]
-        state = {"phase": "fusing", "started": time.time()}
+        state = {"phase": Phase.FUSING, "started": time.time()}
         self._save(rid, state)
         try:
             fused = await self._distil(proposal, rid, proposal["deadline"] - time.time())
             await self._store_fusion_record(proposal, fused)
-            state.update(phase="fused", **fused)
+            state.update(phase=Phase.FUSED, **fused)
         except Exception as exc:
-            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
             self.node.log(f"fusion for round {rid[:12]}: {state['error']}")
         finally:
             state["seconds"] = round(time.time() - state["started"], 3)
@@ -315,7 +315,7 @@ class FusionRounds:
         if fused is None:
             return None
         await self._store_fusion_record(proposal, {k: fused[k] for k in ("delta_id", "before", "after")})
-        state = {"phase": "fused", "ahead": True, **fused}
+        state = {"phase": Phase.FUSED, "ahead": True, **fused}
         self._save(proposal["round_id"], state)
         return state
 
@@ -323,7 +323,7 @@ class FusionRounds:
         """Commit the fused delta with this node's own matching deltas (one commitment per node)."""
         rid = proposal["round_id"]
         if time.time() > proposal["deadline"] - COMMIT_MARGIN:
-            state.update(phase="failed", error="fusion finished after the commitment deadline")
+            state.update(phase=Phase.FAILED, error="fusion finished after the commitment deadline")
             self._save(rid, state)
             return
         published = {p["delta_id"]: p["domain"] for p in self.node.published()}
@@ -336,8 +336,8 @@ class FusionRounds:
         }
         # A second commitment of this node replaces its first only if it expires later.
         await self.node.store_record("record/commitment", rounds.round_key(rid), fields, self.coordinator.ttl(proposal) + 1.0)
-        self.coordinator.save({"proposal": proposal, "phase": "committed", "committed": sorted(domains)})
-        state["phase"] = "committed"
+        self.coordinator.save({"proposal": proposal, "phase": Phase.COMMITTED, "committed": sorted(domains)})
+        state["phase"] = Phase.COMMITTED
         self._save(rid, state)
 
     async def _inputs(self, block: dict, window: float):

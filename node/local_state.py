@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from enum import StrEnum
 from typing import Any, Protocol
 
 from hivemerge.merge.atomic import write_file_atomic
@@ -35,6 +36,22 @@ async def guarded(node, what: str, work) -> None:
         raise
     except Exception as exc:
         node.log(f"{what}: {type(exc).__name__}: {exc}"[:500])
+
+
+class Phase(StrEnum):
+    """Where a round, search or fusion stands in this node's state file (written as its text)."""
+
+    PROPOSED = "proposed"  # a search this node proposed
+    COMMITTED = "committed"  # signed a commitment; waiting for the deadline
+    FETCHING = "fetching"  # a search's deltas being fetched and screened
+    SEARCHING = "searching"  # a search's generations under way
+    AWAITING_FINAL = "awaiting final round"  # a search's first owner, standing in for a proposer that may be gone
+    MERGING = "merging"  # a round's deltas being fetched, screened and merged
+    ATTESTED = "attested"  # the result's id attested; finality settled later
+    FUSING = "fusing"  # the designated fuser distilling
+    FUSED = "fused"  # the fused delta stored; to commit
+    DONE = "done"  # a search that ended
+    FAILED = "failed"  # with the error, for round status
 
 
 class NodeServices(Protocol):

@@ -32,7 +32,7 @@ from hivemerge.merge.sources import SafetensorsModel
 from hivemerge.node.local_state import PUBLISHED_FILE, write_json
 from hivemerge.node.network import Network, is_bound
 from hivemerge.node.retention import record_fetched_consensus
-from hivemerge.node.rounds import POLL_SECONDS, RECORD_MARGIN, RoundCoordinator
+from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator
 from hivemerge.node.search_rounds import SearchCoordinator
 from hivemerge.node.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
 from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
@@ -342,7 +342,7 @@ class Node:
             document = self.rounds.fusion.prepare(document, ref, base_id)
         proposal = rounds.proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
-        ttl = max(self.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
+        ttl = rounds.records_ttl(proposal["deadline"], time.time(), self.record_ttl)
         self.run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
         return proposal
 

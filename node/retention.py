@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivemerge.node.local_state import (
-    CONSENSUS_FILE, FUSIONS_DIR, PACKS_FILE, PUBLISHED_FILE, ROUNDS_DIR, SEARCHES_DIR, WATCH_FILE, write_json,
+    CONSENSUS_FILE, FUSIONS_DIR, PACKS_FILE, PUBLISHED_FILE, ROUNDS_DIR, SEARCHES_DIR, WATCH_FILE, Phase, write_json,
 )
 from hivemerge.node.store import DELTA_SUFFIX, FILE_SUFFIXES, PACK_SUFFIX, PROBE_SUFFIX, ContentStore
 from hivemerge.protocol.content import short_id
@@ -38,7 +38,7 @@ from hivemerge.protocol.errors import UserInputError
 
 _ID = re.compile(r"[0-9a-f]{64}")
 _KIND_OF_SUFFIX = {DELTA_SUFFIX: "delta", PACK_SUFFIX: "pack", PROBE_SUFFIX: "probe"}
-ENDED_SEARCH = ("done", "failed")
+ENDED_SEARCH = (Phase.DONE, Phase.FAILED)
 UNREADABLE = "unreadable"  # the phase given to a damaged state file: its ids are kept, no work runs on it
 
 
@@ -136,7 +136,7 @@ def _needed(home: Path, keep: int):
     fetched = _read_list(home / CONSENSUS_FILE)
     ended = _ended_rounds(rounds, fetched)
     for label, phase, state in _unended(home, rounds, ended):
-        shown = "attested, not yet known final" if phase == "attested" else phase
+        shown = "attested, not yet known final" if phase == Phase.ATTESTED else phase
         yield from ((cid, f"{label} ({shown})") for cid in _mentioned(state))
     yield from _needed_by_fusions(home / FUSIONS_DIR, ended)
     yield from _newest_consensus(rounds, fetched, keep)
@@ -155,7 +155,7 @@ def live_work(home: Path) -> str | None:
         label, phase, _ = unended
         return f"{label} is {phase}"
     for name, state in _states(home / FUSIONS_DIR).items():
-        if state.get("phase") == "fusing":
+        if state.get("phase") == Phase.FUSING:
             return f"fusion {name[:18]} is distilling"
     return None
 
@@ -172,29 +172,29 @@ def _unended(home: Path, rounds: dict[str, dict], ended: set[str]):
 
 def _ended_rounds(rounds: dict[str, dict], fetched: list[dict]) -> set[str]:
     final = {e.get("round_id") for e in fetched}  # the rounds whose consensus this node fetched: final by construction
-    return {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == "attested" and rid in final)}
+    return {rid for rid, s in rounds.items() if _round_ended(s) or (s.get("phase") == Phase.ATTESTED and rid in final)}
 
 
 def _round_ended(state: dict) -> bool:
-    return state.get("phase") == "failed" or (state.get("phase") == "attested" and "final" in state)
+    return state.get("phase") == Phase.FAILED or (state.get("phase") == Phase.ATTESTED and "final" in state)
 
 
 def _needed_by_fusions(folder: Path, ended_rounds: set[str]):
     states = _states(folder)
     # A fused delta adopted by a round that ended is that round's; its "ahead" copy is not needed.
-    spent = {s.get("delta_id") for rid, s in states.items() if rid in ended_rounds or s.get("phase") == "failed"}
+    spent = {s.get("delta_id") for rid, s in states.items() if rid in ended_rounds or s.get("phase") == Phase.FAILED}
     for name, state in states.items():
         if name.startswith("ahead-"):  # distilled before proposing, for a round not proposed yet
             if state.get("delta_id") not in spent:
                 yield from ((cid, "fusion distilled before proposing") for cid in _mentioned(state))
-        elif name not in ended_rounds and state.get("phase") != "failed":
+        elif name not in ended_rounds and state.get("phase") != Phase.FAILED:
             yield from ((cid, f"fusion of round {short_id(name)} ({state.get('phase')})") for cid in _mentioned(state))
 
 
 def _newest_consensus(rounds: dict[str, dict], fetched: list[dict], keep: int):
     results: dict[str, dict[str, tuple[float, str]]] = {}  # base -> result -> (deadline, round)
     for rid, state in rounds.items():
-        if state.get("phase") == "attested" and state.get("final") is True:
+        if state.get("phase") == Phase.ATTESTED and state.get("final") is True:
             proposal = state["proposal"]
             results.setdefault(proposal["base_id"], {})[state["result_id"]] = (proposal["deadline"], rid)
     for entry in fetched:

@@ -21,14 +21,13 @@ from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.screening import screen_delta
 from hivemerge.node.fusion_rounds import FusionRounds
-from hivemerge.node.local_state import ROUNDS_DIR, Coordinator, NodeServices
+from hivemerge.node.local_state import ROUNDS_DIR, Coordinator, NodeServices, Phase
 from hivemerge.node.store import DELTA_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
 
 POLL_SECONDS = 2.0
 SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
-RECORD_MARGIN = 3600.0  # round records outlive the deadline by this much (see ttl)
 SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
 
@@ -42,7 +41,7 @@ class RoundCoordinator(Coordinator):
         self.dir = node.home / ROUNDS_DIR
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
-        self.finality_window = RECORD_MARGIN  # how long after the deadline an attested round may still become final
+        self.finality_window = rounds.RECORD_MARGIN  # how long after the deadline an attested round may still become final
         self._next_settle: dict[str, float] = {}  # round id -> when to check its finality again
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/fusion_rounds.py)
 
@@ -74,14 +73,14 @@ class RoundCoordinator(Coordinator):
 
     def active(self) -> list[str]:
         """The rounds this node committed to that are not yet attested or failed."""
-        return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in ("committed", "merging")]
+        return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in (Phase.COMMITTED, Phase.MERGING)]
 
     async def advance(self, state: dict, now: float) -> None:
         """Start a committed round's execution after its deadline; settle an attested one."""
         rid = state["proposal"]["round_id"]
-        if state["phase"] == "committed" and now >= state["proposal"]["deadline"] and rid not in self._running:
+        if state["phase"] == Phase.COMMITTED and now >= state["proposal"]["deadline"] and rid not in self._running:
             self._running[rid] = asyncio.create_task(self.execute(rid))
-        elif state["phase"] == "attested" and "final" not in state and now >= self._next_settle.get(rid, 0.0):
+        elif state["phase"] == Phase.ATTESTED and "final" not in state and now >= self._next_settle.get(rid, 0.0):
             self._next_settle[rid] = now + SETTLE_EVERY
             if await self.settle(state, now) and self.node.keep_results is not None:
                 await self.auto_prune()
@@ -96,11 +95,11 @@ class RoundCoordinator(Coordinator):
             **self.node.contact(), "issued_at": time.time(),
         }
         await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
-        self.save({"proposal": proposal, "phase": "committed", "committed": sorted(domains)})
+        self.save({"proposal": proposal, "phase": Phase.COMMITTED, "committed": sorted(domains)})
 
     def ttl(self, proposal: dict) -> float:
         # Round records must outlive the round by a margin, so late fetchers can still check it.
-        return max(self.node.record_ttl, proposal["deadline"] - time.time() + RECORD_MARGIN)
+        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl)
 
     async def settle(self, state: dict, now: float) -> bool:
         """Record whether an attested round became final with this node's result
@@ -150,7 +149,7 @@ class RoundCoordinator(Coordinator):
         proposal = state["proposal"]
         try:
             await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
-            state["phase"] = "merging"
+            state["phase"] = Phase.MERGING
             self.save(state)
             commitments, _ = await self.round_records(round_id, proposal["deadline"])
             state["participants"] = sorted(commitments)
@@ -173,9 +172,9 @@ class RoundCoordinator(Coordinator):
             fields["excluded"] = records.fitting_reasons(excluded, fields)
             await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
             await self.node.announce()
-            state.update(phase="attested", result_id=result_id)
+            state.update(phase=Phase.ATTESTED, result_id=result_id)
         except Exception as exc:
-            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}")
+            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.save(state)
             self._running.pop(round_id, None)

@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hivemerge.node.local_state import SEARCHES_DIR, Coordinator, NodeServices
+from hivemerge.node.local_state import SEARCHES_DIR, Coordinator, NodeServices, Phase
 from hivemerge.protocol import bounds, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
 
 # Phases a restarted node takes up again once the deadline has passed.
-RESUMABLE = ("proposed", "committed", "fetching", "searching", "awaiting final round")
+RESUMABLE = (Phase.PROPOSED, Phase.COMMITTED, Phase.FETCHING, Phase.SEARCHING, Phase.AWAITING_FINAL)
 
 
 class SearchCoordinator(Coordinator):
@@ -50,13 +50,13 @@ class SearchCoordinator(Coordinator):
         proposal["round_id"] = search.search_id(proposal)
         ttl = self.ttl(proposal)
         self.node.run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": time.time()}, ttl), 30)
-        self.save({"proposal": proposal, "phase": "proposed", "roles": ["proposer"]})
+        self.save({"proposal": proposal, "phase": Phase.PROPOSED, "roles": ["proposer"]})
         return proposal
 
     def ttl(self, proposal: dict) -> float:
         settings = proposal["search"]
         span = settings["generations"] * settings["generation_seconds"] + rounds.FETCH_WINDOW
-        return max(self.node.record_ttl, proposal["deadline"] - time.time() + span + 3600)
+        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl, span)
 
     # -- the loop -----------------------------------------------------------------------
     async def proposals(self, base_id: str) -> list[dict]:
@@ -110,7 +110,7 @@ class SearchCoordinator(Coordinator):
         }
         await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
         roles = (state or {}).get("roles", []) + ["owner"]
-        self.save({"proposal": _plain(proposal), "phase": "committed", "roles": roles, "committed": domains})
+        self.save({"proposal": _plain(proposal), "phase": Phase.COMMITTED, "roles": roles, "committed": domains})
 
     # -- after the deadline ---------------------------------------------------------------
     async def execute(self, sid: str) -> None:
@@ -119,7 +119,7 @@ class SearchCoordinator(Coordinator):
         try:
             await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
             window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
-            if state["phase"] != "awaiting final round":  # a restart while awaiting it keeps the finished search
+            if state["phase"] != Phase.AWAITING_FINAL:  # a restart while awaiting it keeps the finished search
                 await self._search(proposal, state, window)
             included, owners = state["included"], state["owners"]
             params = state["best"]["domain_parameters"]
@@ -128,14 +128,14 @@ class SearchCoordinator(Coordinator):
                 existing = await self._final_round(proposal, included, params, proposer=None)
                 state["final_round"] = existing or await self._propose_final(proposal, included, params)
             elif owners and owners[0] == self.node.identity.public_hex:
-                state["phase"] = "awaiting final round"
+                state["phase"] = Phase.AWAITING_FINAL
                 self.save(state)
                 backup = await self._backup_final(proposal, included, params, window)
                 if backup is not None:
                     state.update(final_round=backup, final_by="backup")
-            state["phase"] = "done"
+            state["phase"] = Phase.DONE
         except Exception as exc:
-            state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.save(state)
             self._running.pop(sid, None)
@@ -144,7 +144,7 @@ class SearchCoordinator(Coordinator):
         """Screen the committed deltas, run (or go on with) the generations, and put the
         best candidate into ``state``."""
         loop = asyncio.get_running_loop()
-        if state["phase"] != "searching":  # a restart during the search keeps what was screened and combined
+        if state["phase"] != Phase.SEARCHING:  # a restart during the search keeps what was screened and combined
             commitments, _ = await self.node.rounds.round_records(proposal["round_id"], proposal["deadline"])
             await self._screen(proposal, state, commitments)
         included, owners, domains = state["included"], state["owners"], state["domains"]
@@ -165,7 +165,7 @@ class SearchCoordinator(Coordinator):
 
     async def _screen(self, proposal: dict, state: dict, commitments: dict) -> None:
         """Fetch and screen the committed deltas as a merge round does; one delta per domain joins."""
-        state["phase"] = "fetching"
+        state["phase"] = Phase.FETCHING
         self.save(state)
         domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
         norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
@@ -178,7 +178,7 @@ class SearchCoordinator(Coordinator):
                 included.append(delta_id)
         owners = sorted(o for o, c in commitments.items() if set(c["delta_ids"]) & set(included))
         state.update(participants=sorted(commitments), owners=owners, included=included, excluded=excluded,
-                     domains={d: domains[d] for d in included}, phase="searching", history=[])
+                     domains={d: domains[d] for d in included}, phase=Phase.SEARCHING, history=[])
         self.save(state)
 
     async def _generation(self, proposal: dict, roles: list[str], space, settings, fitness, owners: list[str],
@@ -306,7 +306,7 @@ class SearchCoordinator(Coordinator):
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
                     "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
         final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
-        ttl = max(self.node.record_ttl, final["deadline"] - time.time() + 3600)
+        ttl = rounds.records_ttl(final["deadline"], time.time(), self.node.record_ttl)
         await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
         return final["round_id"]
 

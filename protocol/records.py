@@ -15,66 +15,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from hivemerge.protocol import bounds
-from hivemerge.protocol.content import canonical_json, is_content_id
+from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
+from hivemerge.protocol.keys import (  # noqa: F401  (readers of records name keys through here too)
+    EXPERTS_KEY, PACKS_KEY, expected_subkey, key_field, kind_for_key, providers_key,
+)
 from hivemerge.protocol.record_schemas import RECORD_SCHEMAS, describe
 from hivemerge.protocol.signing import sign_manifest, verify_signed
 
 MAX_RECORD_BYTES = bounds.MAX_RECORD_BYTES
 
-EXPERTS_KEY = "hivemerge/experts"  # subkey: <publisher>/<delta id>
-PACKS_KEY = "hivemerge/packs"  # subkey: <publisher>/<pack id>
-
-
-def providers_key(content: str) -> str:
-    return f"hivemerge/providers/{content}"  # subkey: <provider>
-
-
 class RecordError(UserInputError):
     pass
-
-
-def kind_for_key(key: str, subkey: str = "") -> str | None:
-    tail = key.rsplit("/", 1)[-1]
-    if key == EXPERTS_KEY:
-        return "record/expert"
-    if key == PACKS_KEY:
-        return "record/pack"
-    if key.startswith("hivemerge/providers/") and is_content_id(tail):
-        return "record/provider"
-    if key.startswith("hivemerge/rounds/") and is_content_id(tail):
-        return "record/proposal"
-    if key.startswith("hivemerge/searches/") and is_content_id(tail):
-        return "record/search"
-    if key.startswith("hivemerge/round/") and is_content_id(tail):
-        if "/scores/" in subkey:
-            return "record/scores"
-        if "/candidates/" in subkey:
-            return "record/candidates"
-        if "/tally/" in subkey:
-            return "record/tally"
-        if subkey.endswith("/fusion"):
-            return "record/fusion"
-        return "record/attestation" if subkey.endswith("/attest") else "record/commitment"
-    return None
-
-
-# The subkey each kind must be stored under, from its owner and fields.
-def expected_subkey(kind: str, owner: str, fields: dict) -> str:
-    return {
-        "record/expert": f"{owner}/{fields.get('delta_id')}",
-        "record/provider": owner,
-        "record/proposal": f"{owner}/{fields.get('round_id')}",
-        "record/commitment": f"{owner}/commit",
-        "record/attestation": f"{owner}/attest",
-        "record/search": f"{owner}/{fields.get('round_id')}",
-        "record/candidates": f"{owner}/candidates/{fields.get('generation')}",
-        "record/scores": f"{owner}/scores/{fields.get('generation')}",
-        "record/tally": f"{owner}/tally/{fields.get('generation')}",
-        "record/pack": f"{owner}/{fields.get('pack_id')}",
-        "record/fusion": f"{owner}/fusion",
-    }[kind]
 
 
 def owner_subkey(identity: Identity, kind: str, fields: dict) -> str:
@@ -130,10 +83,9 @@ def open_record(key: str, subkey: str, value: bytes, now: float | None = None) -
     if kind is None:
         raise RecordError(f"unknown record key {key!r}")
     fields = _open(subkey, value, kind, now)
-    tail = key.rsplit("/", 1)[-1]
-    home_field = {"record/provider": "content", "record/proposal": "base_id", "record/search": "base_id"}.get(kind, "round_id")
-    if kind not in ("record/expert", "record/pack") and fields[home_field] != tail:
-        raise RecordError(f"{kind} is stored under another key than its {home_field}")
+    field = key_field(kind)
+    if field is not None and fields[field] != key.rsplit("/", 1)[-1]:
+        raise RecordError(f"{kind} is stored under another key than its {field}")
     return fields
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from hivemerge.protocol import bounds, fusion
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.keys import round_key, rounds_key  # noqa: F401  (a round's keys, named with its rules)
 
 DEFAULT_QUORUM = 2 / 3
 OUTLIER_FACTOR = 5.0  # a delta norm beyond 5x (or below 1/5) of the median is excluded
@@ -26,14 +27,14 @@ ROUND_KEYS = {"base_id", "recipe", "select", "deadline", "quorum", "proposer"}
 # "domain_parameters" (each expert's parameters) they decide the merged bytes.
 MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "seed")
 FETCH_WINDOW = 60.0  # default: how long a round's committed deltas, all together, may take to arrive
+RECORD_MARGIN = 3600.0  # a round's records outlive its deadline (and its work) by this much
 
 
-def rounds_key(base_id: str) -> str:
-    return f"hivemerge/rounds/{base_id}"  # proposals; subkey: <proposer>/<round id>
-
-
-def round_key(round_id: str) -> str:
-    return f"hivemerge/round/{round_id}"  # commitments and attestations; subkey: <node>/commit|attest
+def records_ttl(deadline: float, now: float, floor: float, span: float = 0.0) -> float:
+    """Seconds a round's (or a search's) records must live, stored at ``now``: until
+    ``span`` seconds of work past the deadline plus RECORD_MARGIN, so late readers can still
+    check it; never less than the node's own record TTL, ``floor``."""
+    return max(floor, deadline - now + span + RECORD_MARGIN)
 
 
 def round_id(proposal: dict) -> str:

@@ -27,6 +27,7 @@ import math
 from hivemerge.protocol import bounds
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.keys import searches_key  # noqa: F401  (a search's key, named with its rules)
 
 SEARCH_KEYS = {"base_id", "recipe", "select", "search", "deadline", "quorum", "proposer"}
 # settings -> (type, low, high); every node reads them the same way
@@ -46,10 +47,6 @@ SETTINGS = {
 # (the seed, when absent, comes from the search id: see node/search_rounds.py).
 DEFAULTS = {"sigma": 0.2, "max_weight": 2.0, "count": 100, "loss_weight": 0.25, "generation_seconds": 120.0, "final_deadline": 10.0}
 SETTLE_SECONDS = 1.5
-
-
-def searches_key(base_id: str) -> str:
-    return f"hivemerge/searches/{base_id}"  # search proposals; subkey: <proposer>/<search id>
 
 
 def search_id(proposal: dict) -> str:
