@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from hivemerge.node.cmd_identity import HomeOption
-from hivemerge.node.local_state import SEARCHES_DIR
+from hivemerge.node.local_state import SEARCHES_DIR, StateDir
 from hivemerge.node.ui import err, print_table
 
 app = typer.Typer(help="Merge rounds: agree on a merge, compute it everywhere, attest the result.", no_args_is_help=True)
@@ -94,7 +94,7 @@ def _print_searches(home) -> None:
     """Search rounds this node took part in (their local state files), if any."""
     from hivemerge.protocol.identity import default_home
 
-    states = [json.loads(p.read_text()) for p in sorted((default_home(home) / SEARCHES_DIR).glob("*.json"))]
+    states = StateDir(default_home(home) / SEARCHES_DIR).states()  # a damaged file is reported and skipped
     if not states:
         return
     columns = ("search", "phase", "roles", "generations", "best score", "final round")

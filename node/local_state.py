@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 from hivemerge.merge.atomic import write_file_atomic
@@ -119,6 +119,13 @@ class JsonStates:
             node.log(message)
         else:
             print(message, file=sys.stderr, flush=True)
+
+
+class StateDir(JsonStates):
+    """The state files of one folder, read as the coordinators read them (``round status``)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
 
 
 class Coordinator(JsonStates):
