@@ -165,7 +165,7 @@ def publish_pack(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Store the pack and its probe set in the running node and advertise the pack: rounds
-    with a fusion step (README: Fuse heterogeneous experts) name packs by domain or id."""
+    with a fusion step (docs/fusion.md) name packs by domain or id."""
     from hivemerge.node.cmd_network import _node
 
     with _node(home, None) as node:

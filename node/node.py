@@ -324,7 +324,7 @@ class Node:
     # -- merge rounds -----------------------------------------------------------------
     @adds_content
     def propose(self, document: dict, base: str | None = None) -> dict:
-        """Announce a merge round from a round recipe (see README)."""
+        """Announce a merge round from a round recipe (docs/network.md)."""
         ref = document.get("base_model") or base
         if not isinstance(ref, str):
             raise UserInputError("base_model: required (a base model directory or hm://<id>)")

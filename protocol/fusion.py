@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "tolerance": 1e-3,
     # Replay (used only when the block names a replay set): the share of every batch drawn
     # from it, and the most the fused model may drift there, in nats per token. Measured
-    # (README): the benchmark's fusion drifts 0.034 with replay and 1.05 without; the
+    # (docs/fusion.md): the benchmark's fusion drifts 0.034 with replay and 1.05 without; the
     # round test's 20-step fusion -0.04 with, 0.22 without. 0.1
     # keeps a held fusion with a 3x margin and excludes one that forgets.
     "replay_share": 0.5, "max_drift": 0.1,

@@ -169,7 +169,7 @@ def weight_merge_recipe(proposal: dict, included: list[str], domains: dict[str, 
 
 
 def proposal_from_recipe(document: dict, base_id: str, proposer: str, now: float) -> dict:
-    """A proposal's fields from a round recipe file (see README: Merge rounds)."""
+    """A proposal's fields from a round recipe file (docs/network.md: Merge rounds)."""
     select = document.get("select")
     if not isinstance(select, dict) or not (
         isinstance(select.get("domains"), list) or isinstance(select.get("deltas"), list)

@@ -14,7 +14,7 @@ states issue 6's goals: each domain within 5 points of its expert, compose above
 every expert.
 
 This is offline (one machine runs the distillation). In a round, a fusion step with
-``pivot: merge`` does the same (README: Fusion in merge rounds).
+``pivot: merge`` does the same (docs/fusion.md: Fusion in merge rounds).
 
     python scripts/bench_heal.py [--workdir ~/.cache/hivemerge/heal] [--steps 800] [--lam 0.5]
 """
