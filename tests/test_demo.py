@@ -444,3 +444,33 @@ def test_demo_command_passes_retrain_and_prints_both_ids(tmp_path, monkeypatch):
         assert f"\nweight merge id (before healing; the same on every machine): {'a' * 64}\n" in done.output
         assert f"\nconsensus id ({consensus}): {'b' * 64}\n" in done.output
 
+
+def test_the_cli_silences_third_party_progress_bars_and_logs(monkeypatch):
+    """`hivemerge` sets them before any command runs: transformers' "Loading weights" bars
+    and logs, hivemind's INFO logs (transformers and hivemind are imported here already,
+    as in a test's CLI driver: they are told through their APIs)."""
+    import sys
+
+    from hivemind.utils.logging import get_logger
+    from transformers.utils import logging as hf_logging
+
+    from hivemerge.node import cli
+    from hivemerge.node.ui import QUIET_ENVIRONMENT
+
+    bars, verbosity, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), get_logger("hivemind").level
+    for name in QUIET_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    get_logger("hivemind").setLevel("INFO")
+    monkeypatch.setattr(sys, "argv", ["hivemerge", "methods"])
+    try:
+        cli.main()
+        assert {name: os.environ.get(name) for name in QUIET_ENVIRONMENT} == QUIET_ENVIRONMENT  # spawned workers inherit these
+        assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert get_logger("hivemind").level == hf_logging.ERROR
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity(verbosity)
+        get_logger("hivemind").setLevel(level)
