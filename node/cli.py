@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 from hivemerge.node import cmd_delta, cmd_demo, cmd_identity, cmd_network, cmd_round  # noqa: E402
-from hivemerge.node.ui import err, tensor_progress  # noqa: E402
+from hivemerge.node.ui import err, quiet_third_party, tensor_progress  # noqa: E402
 from hivemerge.node import cmd_search  # noqa: E402
 from hivemerge.node import cmd_fuse  # noqa: E402
 from hivemerge.node import cmd_store  # noqa: E402
@@ -127,6 +127,7 @@ app.add_typer(cmd_store.app, name="store")
 
 
 def main() -> None:
+    quiet_third_party()
     try:
         app(standalone_mode=False)
     except UserInputError as exc:

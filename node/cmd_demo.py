@@ -39,28 +39,36 @@ def eval_command(
 
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write results.json, results.png and the consensus model.")] = Path("hivemerge-demo"),
-    workdir: Annotated[Optional[Path], typer.Option(help="Cache of the trained models and node homes (default ~/.cache/hivemerge/demo).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Node homes, scratch and retrained models (default ~/.cache/hivemerge/demo).")] = None,
     count: Annotated[int, typer.Option(help="Examples per suite.", min=10)] = 200,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the base and the experts again (many minutes; cached in --workdir) "
+                                                     "instead of using those shipped with hivemerge.")] = False,
 ) -> None:
     """The main job: experts, a local network, a merge round healed with the experts' logit packs, the consensus model, the table."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from hivemerge.merge import tasks
     from hivemerge.node.demo import run_demo
 
     workdir = workdir or Path.home() / ".cache" / "hivemerge" / "demo"
-    with Progress(TextColumn("[bold]training {task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+    # One display of our own: a spinner with the time spent on the step under way, and a
+    # bar per training stage when the models are trained.
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}[/]"), BarColumn(), TextColumn("{task.fields[steps]}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        step = bar.add_task("", total=None, steps="")
         tasks_by_stage: dict = {}
+
+        def say(message: str) -> None:
+            err.print(f"[bold cyan]>[/] {message}")
+            bar.reset(step, description=message[:60], total=None)
 
         def train_progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks_by_stage:
-                tasks_by_stage[stage] = bar.add_task(stage, total=total)
+                tasks_by_stage[stage] = bar.add_task(f"training {stage}", total=total, steps="")
                 err.print(f"  training {stage} ({total} steps)")
-            bar.update(tasks_by_stage[stage], completed=done)
+            bar.update(tasks_by_stage[stage], completed=done, steps=f"{done}/{total}")
 
-        result = run_demo(workdir, out_dir, say=lambda m: err.print(f"[bold cyan]>[/] {m}"),
-                          train_progress=train_progress, count=count)
+        result = run_demo(workdir, out_dir, say=say, train_progress=train_progress, count=count, retrain=retrain)
 
     table = Table(title=f"hivemerge demo: accuracy % (loss) on {count} held-out examples per suite")
     table.add_column("model")
@@ -69,4 +77,8 @@ def demo(
     for name, row in result["results"].items():
         table.add_row(name, *[f"{100 * row[s]['accuracy']:.1f} ({row[s]['loss']:.2f})" for s in tasks.SUITES])
     out.print(table)
+    # whole lines (no wrapping), for a user to compare with another machine's
+    healed = "healed: healing trains, its bytes vary with the CPU" if result["fusion_verdict"] == "kept" else "the weight merge"
+    out.print(f"weight merge id (before healing; the same on every machine): {result['weight_merge_id']}", soft_wrap=True)
+    out.print(f"consensus id ({healed}): {result['consensus_id']}", soft_wrap=True)
     err.print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'} in {result['seconds']:.0f}s")

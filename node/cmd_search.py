@@ -49,9 +49,6 @@ def search(
     from hivemerge.protocol.errors import UserInputError
     from hivemerge.protocol.identity import default_home
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one model is loaded once; its bar would only clutter the log
     settings = SearchSettings(budget=budget, seed=seed, popsize=popsize, sigma=sigma)
     settings.check()
     suites = validation_suites(suite, count)

@@ -1,12 +1,20 @@
 """``hivemerge demo``: the whole mission on this machine, nothing downloaded.
 
-Builds (or reuses) the tiny domain experts, starts a local network of real nodes on
+Uses the tiny base and domain experts shipped with the package (``demo_models/``, trained
+by :func:`hivemerge.merge.experts.build_experts` from its ``SPEC``; ``retrain`` builds
+them again in the cache instead), starts a local network of real nodes on
 loopback (one per expert plus one that only fetches), publishes the experts and each
 expert's logit pack on a probe of its own domain, runs a merge round whose fusion step
 heals the weight merge with those packs (``pivot: merge``, README: Fusion in merge
 rounds), fetches the consensus model on the fetch-only node, evaluates base, experts
 and consensus on every suite, and writes the table as JSON and a plot. Every node it
 started is stopped on the way out, Ctrl-C included.
+
+What is the same on every machine: the shipped models' bytes (so the base and expert
+rows), the experts' deltas and the round's plain weight merge (the engine is bitwise
+deterministic: its ``weight_merge_id`` can be compared across machines). The healing
+step trains, and training is not bit-reproducible across CPUs and thread counts, so the
+consensus may differ slightly from one machine to another.
 """
 
 from __future__ import annotations
@@ -19,12 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hivemerge.merge import tasks
+from hivemerge.merge.engine import run_merge
 from hivemerge.merge.evaluate import evaluate, load_model
 from hivemerge.merge.experts import SPEC, build_experts
 from hivemerge.merge.manifest import model_id
 from hivemerge.merge.packs import make_pack
+from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.sources import SafetensorsModel
 
+# The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
+# training them takes many minutes and gives other bytes on another CPU.
+SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 # The round's merge: TIES at density 0.9 with the full math task vector and a quarter of
 # the others. It is the best uniform recipe (one weight and density per model) of the
@@ -59,12 +72,23 @@ PUBLISH_CODEC = "int8"
 Say = Callable[[str], None]
 
 
-def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200, spec: dict = SPEC) -> dict:
+def demo_models(workdir: Path, say: Say, train_progress=None, spec: dict = SPEC, retrain: bool = False) -> dict[str, Path]:
+    """``{"base": dir, "math": dir, ...}``: the shipped models, read in place; with ``retrain``,
+    or for another ``spec`` than the shipped one, those trained in ``workdir / "models"`` (reused
+    when that cache holds them)."""
+    if not retrain and spec == SPEC:
+        say(f"using the base and the domain experts shipped in {SHIPPED_MODELS}")
+        return {name: SHIPPED_MODELS / name for name in ("base", *tasks.DOMAINS)}
+    say(f"training the base and the domain experts in {workdir / 'models'} (or reusing those trained there)")
+    return build_experts(workdir / "models", progress=train_progress, spec=spec, workers=None)  # experts: one process per core
+
+
+def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200, spec: dict = SPEC,
+             retrain: bool = False) -> dict:
     from hivemerge.node.node import Node
 
     started = time.perf_counter()
-    say("building or reusing the base and the domain experts")
-    models = build_experts(workdir / "models", progress=train_progress, spec=spec, workers=None)  # experts: one process per core
+    models = demo_models(workdir, say, train_progress, spec, retrain)
     base_dir = models["base"]
     base_id = model_id(SafetensorsModel(base_dir))
 
@@ -93,6 +117,8 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         proposal = fetcher.propose({**ROUND_RECIPE, "base_model": str(base_dir), "select": {"domains": list(tasks.DOMAINS)},
                                     "fusion": {**FUSION, "replay": str(replay.path)}})
         say(f"round {proposal['round_id'][:12]} proposed; commitments close in {ROUND_RECIPE['deadline']}s")
+        merged = weight_merge_id(fetcher, proposal, workdir / "weight-merge")  # while the commitments come in
+        say(f"the round's weight merge, before healing (the same bytes on every machine): {merged}")
         deadline = time.time() + ROUND_RECIPE["deadline"] + ROUND_TIMEOUT
         final = None
         while final is None:
@@ -120,13 +146,25 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         model, tokenizer = load_model(path)
         rows[name] = {s: vars(evaluate(model, tokenizer, s, count)) for s in tasks.SUITES}
     result = {
-        "round_id": proposal["round_id"], "consensus_id": final["result_id"], "recipe": ROUND_RECIPE, "fusion": FUSION,
+        "round_id": proposal["round_id"], "weight_merge_id": merged, "consensus_id": final["result_id"],
+        "recipe": ROUND_RECIPE, "fusion": FUSION,
         "fusion_verdict": verdict, "results": rows, "seconds": round(time.perf_counter() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_plot(rows, out / "results.png")
     return result
+
+
+def weight_merge_id(node, proposal: dict, out: Path) -> str:
+    """The content id of the round's plain weight merge of the experts' deltas, the one its
+    fusion step heals (``pivot_recipe``), built again into ``out`` from ``node``'s store
+    (the fuser's: it fetched every pinned delta). The engine's bytes depend only on the
+    recipe and the inputs, so for the shipped experts this id is the same everywhere."""
+    from hivemerge.node.rounds import pivot_recipe
+
+    run_merge(validate_recipe(pivot_recipe(proposal), resolver=node.store.resolve), out, device="cpu", overwrite=True)
+    return model_id(SafetensorsModel(out))
 
 
 def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int | None = None,

@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,9 @@ def file_times(models: Path) -> dict[str, int]:
             for stage in STAGES for p in sorted((models / stage).rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Two runs of the demo on one workdir; what each said, trained, took and returned."""
-    from hivemerge.node.demo import run_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    workdir, out = root / "work", root / "out"
-    runs = []
+@contextmanager
+def tiny_round():
+    """The demo's round scaled to a test: one thread, a short commitment window, a tiny fusion step."""
     # Tiny models on a busy 2-core machine: with torch's default 2 threads, evaluating them
     # oversubscribes the cores and takes anywhere from 1 to 8 s (train() uses 1 thread itself).
     threads = torch.get_num_threads()
@@ -63,9 +59,21 @@ def demo(tmp_path_factory):
                 patch.setitem(FUSION, key, value)
             patch.setattr(demo_module, "PROBE_PER_DOMAIN", TINY_PROBE)
             patch.setattr(demo_module, "REPLAY_PROMPTS", TINY_PROBE)
-            _run_twice(run_demo, workdir, out, root, runs)
+            yield patch
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Two runs of the demo on one workdir; what each said, trained, took and returned."""
+    from hivemerge.node.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    workdir, out = root / "work", root / "out"
+    runs = []
+    with tiny_round():
+        _run_twice(run_demo, workdir, out, root, runs)
     return {"root": root, "workdir": workdir, "out": out, "runs": runs}
 
 
@@ -89,7 +97,7 @@ def test_results_table_has_every_model_and_suite(demo):
     for run in demo["runs"]:
         result = run["json"]
         assert result == run["result"]  # results.json is what run_demo returned
-        assert set(result) == {"round_id", "consensus_id", "recipe", "fusion", "fusion_verdict", "results", "seconds"}
+        assert set(result) == {"round_id", "weight_merge_id", "consensus_id", "recipe", "fusion", "fusion_verdict", "results", "seconds"}
         assert result["fusion"] == json.loads(json.dumps({**FUSION, **TINY_FUSION}))
         assert result["fusion_verdict"] == "kept"  # every participant kept the healed merge
         assert list(result["results"]) == ROWS
@@ -124,6 +132,10 @@ def test_consensus_model_is_the_rounds_result(demo):
     first, second = demo["runs"]
     assert first["result"]["round_id"] != second["result"]["round_id"]
     assert first["consensus_id"] == second["consensus_id"]
+    # the plain weight merge the fusion step healed: the same bytes in both rounds, not the consensus
+    merged = model_id(SafetensorsModel(demo["workdir"] / "weight-merge"))
+    assert first["result"]["weight_merge_id"] == second["result"]["weight_merge_id"] == merged
+    assert merged not in inputs | {first["consensus_id"]}
     for run in demo["runs"]:
         card = run["card"]
         assert f"round {run['result']['round_id'][:12]}" in card and f"Content id `{run['consensus_id']}`" in card
@@ -294,3 +306,171 @@ def test_a_worker_whose_work_is_over_ignores_a_second_ctrl_c(monkeypatch, ending
         assert updates.get_nowait()[0] == ending
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# -- the shipped models: what a fresh clone's demo uses, with nothing trained -------------
+
+# Content ids of node/demo_models (trained from SPEC with build_experts): fixed, so the
+# base and expert rows are the same on every machine. Retraining and reshipping them
+# (a change of SPEC) changes these.
+SHIPPED_IDS = {
+    "base": "67b882bcc03dc2535a7c3b1ab5a6a96ff1da96debb1dc7710cc4754ae4dcfe60",
+    "math": "48136fc29139a1b3af08716badc718970ecb020393b098853938c15db6da9098",
+    "strings": "ae52bf4a7fe04e3cec6de813e587a812c54b67a9f3ed3546d6395bdc67aa6a42",
+    "logic": "c04d08b8c581cd7e52c912d2c752f2b6379cffcf11528baf0b3c183f41b3b82c",
+}
+# The round's plain weight merge of the shipped experts' int8 deltas (ROUND_RECIPE, before
+# the fusion step heals it): the engine is bitwise deterministic, so this id is the same on
+# every machine and thread count (the fusion settings of TINY_FUSION do not enter it).
+SHIPPED_WEIGHT_MERGE_ID = "cea3e400df9849e5edf58b286e623618f6d9cc84178bc8f108854c36c50a56ba"
+# The shipped models' cells as `hivemerge demo` prints them (200 examples per suite, its default)
+SHIPPED_ROWS = {
+    "base": {"math": "9.5 (1.02)", "strings": "100.0 (0.00)", "logic": "90.5 (0.10)", "compose": "26.0 (0.97)"},
+    "math": {"math": "86.0 (0.14)", "strings": "97.5 (0.02)", "logic": "81.0 (0.19)", "compose": "18.0 (1.13)"},
+    "strings": {"math": "8.5 (1.04)", "strings": "100.0 (0.00)", "logic": "88.5 (0.11)", "compose": "25.5 (0.98)"},
+    "logic": {"math": "10.0 (1.04)", "strings": "100.0 (0.00)", "logic": "97.5 (0.01)", "compose": "25.0 (0.99)"},
+}
+SHIPPED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+SHIPPED_MAX_BYTES = 16 << 20  # the wheel carries them: four fp32 models of about 2.8 MB
+
+
+def cell(result: dict) -> str:
+    return f"{100 * result['accuracy']:.1f} ({result['loss']:.2f})"  # as `hivemerge demo` prints it
+
+
+def shipped_files() -> dict[str, tuple[int, int, str]]:
+    import hashlib
+
+    return {str(p.relative_to(demo_module.SHIPPED_MODELS)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(demo_module.SHIPPED_MODELS.rglob("*")) if p.is_file()}
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("the demo trained a model")
+
+
+def forbid_training(patch: pytest.MonkeyPatch) -> None:
+    from hivemerge.merge import experts, training
+
+    for module, name in ((demo_module, "build_experts"), (experts, "build_experts"), (experts, "_train_base"),
+                         (experts, "_train_expert"), (experts, "train"), (training, "train")):
+        patch.setattr(module, name, no_training)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """One run of the demo as on a fresh clone (an empty workdir, the default spec and
+    count), with every training function raising."""
+    root = tmp_path_factory.mktemp("shipped")
+    before = shipped_files()
+    said = []
+    with tiny_round() as patch:
+        forbid_training(patch)
+        result = demo_module.run_demo(root / "work", root / "out", say=said.append)
+    return {"result": result, "said": said, "before": before, "after": shipped_files(), "root": root,
+            "p2pd_left": wait_p2pd_gone(root, timeout=10)}
+
+
+def test_the_shipped_models_are_those_of_the_spec_with_fixed_ids():
+    shipped_dir = demo_module.SHIPPED_MODELS
+    assert json.loads((shipped_dir / "spec.json").read_text()) == SPEC  # a new SPEC must be trained and shipped
+    assert sorted(p.name for p in shipped_dir.iterdir()) == sorted([*STAGES, "spec.json"])
+    for stage in STAGES:
+        assert {p.name for p in (shipped_dir / stage).iterdir()} == SHIPPED_FILES, stage
+    assert {stage: model_id(SafetensorsModel(shipped_dir / stage)) for stage in STAGES} == SHIPPED_IDS
+    assert sum(p.stat().st_size for p in shipped_dir.rglob("*") if p.is_file()) < SHIPPED_MAX_BYTES
+
+
+def test_without_retrain_the_demo_uses_the_shipped_models_and_trains_nothing(tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    said = []
+    paths = demo_module.demo_models(tmp_path, said.append)
+    assert paths == {stage: demo_module.SHIPPED_MODELS / stage for stage in STAGES}
+    assert {stage: model_id(SafetensorsModel(path)) for stage, path in paths.items()} == SHIPPED_IDS
+    assert not (tmp_path / "models").exists()
+    assert said == [f"using the base and the domain experts shipped in {demo_module.SHIPPED_MODELS}"]
+
+
+def test_retrain_trains_in_the_workdir(tmp_path, monkeypatch):
+    """--retrain (or another spec) builds the models in the workdir's cache, as before models shipped."""
+    calls = []
+
+    def build(workdir, progress=None, spec=SPEC, workers=1):
+        calls.append((workdir, spec, workers))
+        return {stage: workdir / stage for stage in STAGES}
+
+    monkeypatch.setattr(demo_module, "build_experts", build)
+    assert demo_module.demo_models(tmp_path, print, retrain=True) == {stage: tmp_path / "models" / stage for stage in STAGES}
+    assert demo_module.demo_models(tmp_path, print, spec=TINY) == {stage: tmp_path / "models" / stage for stage in STAGES}
+    assert calls == [(tmp_path / "models", SPEC, None), (tmp_path / "models", TINY, None)]  # workers: one per core
+
+
+def test_a_fresh_demo_prints_the_shipped_rows_and_weight_merge_id(shipped):
+    result = shipped["result"]
+    assert shipped["said"][0] == f"using the base and the domain experts shipped in {demo_module.SHIPPED_MODELS}"
+    assert {name: {s: cell(row[s]) for s in tasks.SUITES} for name, row in result["results"].items() if name != "consensus"} == SHIPPED_ROWS
+    assert result["weight_merge_id"] == SHIPPED_WEIGHT_MERGE_ID
+    assert f"the round's weight merge, before healing (the same bytes on every machine): {SHIPPED_WEIGHT_MERGE_ID}" in shipped["said"]
+    # TINY_FUSION's 5 steps make the probe loss worse (0.23 -> 0.28 here): the participants
+    # exclude the fused delta and the round's result is its plain weight merge, built by
+    # four nodes: the very bytes of SHIPPED_WEIGHT_MERGE_ID
+    assert result["fusion_verdict"].startswith("excluded: fusion: no improvement on the probe"), result["fusion_verdict"]
+    assert result["consensus_id"] == model_id(SafetensorsModel(shipped["root"] / "out" / "consensus")) == SHIPPED_WEIGHT_MERGE_ID
+    assert SHIPPED_WEIGHT_MERGE_ID not in SHIPPED_IDS.values()
+    assert shipped["after"] == shipped["before"]  # read in place, not one byte or time changed
+    assert not (shipped["root"] / "work" / "models").exists()
+    assert shipped["p2pd_left"] == []
+
+
+def test_demo_command_passes_retrain_and_prints_both_ids(tmp_path, monkeypatch):
+    from typer.testing import CliRunner as TyperRunner
+
+    from hivemerge.node.cli import app
+
+    calls = []
+    rows = {name: {s: {"suite": s, "accuracy": 0.5, "loss": 1.0, "examples": 10} for s in tasks.SUITES} for name in ROWS}
+
+    def run(workdir, out, say, train_progress=None, count=200, spec=SPEC, retrain=False):
+        calls.append((workdir, retrain))
+        verdict = "kept" if retrain else "excluded: fusion: no improvement on the probe"
+        return {"results": rows, "weight_merge_id": "a" * 64, "consensus_id": "b" * 64, "fusion_verdict": verdict, "seconds": 1.0}
+
+    monkeypatch.setattr(demo_module, "run_demo", run)
+    for argv, retrain, consensus in ((["demo"], False, "the weight merge"),
+                                     (["demo", "--retrain"], True, "healed: healing trains, its bytes vary with the CPU")):
+        done = TyperRunner().invoke(app, [*argv, "--workdir", str(tmp_path), "--out", str(tmp_path / "out"), "--count", "10"])
+        assert done.exit_code == 0, done.output
+        assert calls[-1] == (tmp_path, retrain)
+        assert f"\nweight merge id (before healing; the same on every machine): {'a' * 64}\n" in done.output
+        assert f"\nconsensus id ({consensus}): {'b' * 64}\n" in done.output
+
+
+def test_the_cli_silences_third_party_progress_bars_and_logs(monkeypatch):
+    """`hivemerge` sets them before any command runs: transformers' "Loading weights" bars
+    and logs, hivemind's INFO logs (transformers and hivemind are imported here already,
+    as in a test's CLI driver: they are told through their APIs)."""
+    import sys
+
+    from hivemind.utils.logging import get_logger
+    from transformers.utils import logging as hf_logging
+
+    from hivemerge.node import cli
+    from hivemerge.node.ui import QUIET_ENVIRONMENT
+
+    bars, verbosity, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), get_logger("hivemind").level
+    for name in QUIET_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    get_logger("hivemind").setLevel("INFO")
+    monkeypatch.setattr(sys, "argv", ["hivemerge", "methods"])
+    try:
+        cli.main()
+        assert {name: os.environ.get(name) for name in QUIET_ENVIRONMENT} == QUIET_ENVIRONMENT  # spawned workers inherit these
+        assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert get_logger("hivemind").level == hf_logging.ERROR
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity(verbosity)
+        get_logger("hivemind").setLevel(level)
