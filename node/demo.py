@@ -5,7 +5,7 @@ by :func:`hivemerge.merge.experts.build_experts` from its ``SPEC``; ``retrain`` 
 them again in the cache instead), starts a local network of real nodes on
 loopback (one per expert plus one that only fetches), publishes the experts and each
 expert's logit pack on a probe of its own domain, runs a merge round whose fusion step
-heals the weight merge with those packs (``pivot: merge``, README: Fusion in merge
+heals the weight merge with those packs (``pivot: merge``, docs/fusion.md: Fusion in merge
 rounds), fetches the consensus model on the fetch-only node, evaluates base, experts
 and consensus on every suite, and writes the table as JSON and a plot. Every node it
 started is stopped on the way out, Ctrl-C included.
@@ -55,7 +55,7 @@ ROUND_RECIPE = {
 # The round's fusion step: the fetch-only node (the proposer, so the fuser) distils the
 # experts' packs into the round's weight merge, which the fused delta then replaces. It
 # wins back what the weight merge lost (these 300 steps: every domain within 2.5 points
-# of its expert, README; scripts/bench_heal.py measures more settings offline). The
+# of its expert, docs/benchmarks.md; scripts/bench_heal.py measures more settings offline). The
 # replay set, prompts of every suite with the base's own answers, holds the merge to
 # itself elsewhere, compose included.
 FUSION = {
@@ -66,7 +66,7 @@ PROBE_PER_DOMAIN = 1000  # training-split examples of its domain each expert's p
 REPLAY_PROMPTS = 900
 ROUND_TIMEOUT = 300.0
 # int8 deltas rebuild these tiny experts without a measurable loss change; the default
-# ternary codec costs the math expert much of its skill at this scale (see the README).
+# ternary codec costs the math expert much of its skill at this scale.
 PUBLISH_CODEC = "int8"
 
 Say = Callable[[str], None]
