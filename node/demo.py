@@ -34,6 +34,7 @@ from hivemerge.merge.manifest import model_id
 from hivemerge.merge.packs import make_pack
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.protocol import rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
 # training them takes many minutes and gives other bytes on another CPU.
@@ -161,9 +162,7 @@ def weight_merge_id(node, proposal: dict, out: Path) -> str:
     fusion step heals (``pivot_recipe``), built again into ``out`` from ``node``'s store
     (the fuser's: it fetched every pinned delta). The engine's bytes depend only on the
     recipe and the inputs, so for the shipped experts this id is the same everywhere."""
-    from hivemerge.node.rounds import pivot_recipe
-
-    run_merge(validate_recipe(pivot_recipe(proposal), resolver=node.store.resolve), out, device="cpu", overwrite=True)
+    run_merge(validate_recipe(rounds.pivot_recipe(proposal), resolver=node.store.resolve), out, device="cpu", overwrite=True)
     return model_id(SafetensorsModel(out))
 
 
