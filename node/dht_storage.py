@@ -98,8 +98,8 @@ class BoundedRecordStorage(DHTLocalStorage):
 
     # -- caps ---------------------------------------------------------------------------
     def _has_room(self, key: DHTID, dictionary: DictionaryDHTValue | None, owner: str, subkey: str, cost: int) -> bool:
-        if dictionary is not None and not self._fair_share(key, dictionary, owner, cost):
-            return False
+        """Whether a new record of ``owner``'s fits every cap; the key's fair share comes
+        last, since making room there evicts (a store refused by another cap evicts nothing)."""
         if _counted_per_owner_and_key(subkey) and dictionary is not None:
             mine = sum(1 for s, _ in dictionary.items() if owner_of(s) == owner and _counted_per_owner_and_key(s))
             if mine >= bounds.MAX_RECORDS_PER_OWNER_KEY:
@@ -108,9 +108,9 @@ class BoundedRecordStorage(DHTLocalStorage):
         if len(owned) >= bounds.MAX_RECORDS_PER_OWNER and self._prune(owner) >= bounds.MAX_RECORDS_PER_OWNER:
             return False
         total = sum(len(s) for s in self._by_owner.values())
-        if total >= self.max_records and self._prune_all() >= self.max_records:
+        if total >= bounds.MAX_STORED_RECORDS and self._prune_all() >= bounds.MAX_STORED_RECORDS:
             return False
-        return True
+        return dictionary is None or self._fair_share(key, dictionary, owner, cost)
 
     def _fair_share(self, key: DHTID, dictionary: DictionaryDHTValue, owner: str, cost: int) -> bool:
         """Room under one key for ``cost`` more bytes of ``owner``'s: while the key is full,
@@ -137,10 +137,6 @@ class BoundedRecordStorage(DHTLocalStorage):
             self.evicted += 1
             total -= freed
         return True
-
-    @property
-    def max_records(self) -> int:
-        return bounds.MAX_STORED_RECORDS
 
     def _live(self, key: DHTID, subkey: str) -> bool:
         current = self.get(key)

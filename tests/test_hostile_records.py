@@ -409,6 +409,18 @@ def test_a_full_key_is_shared_fairly_not_frozen(monkeypatch):
     assert stored == [True] * 3 + [False] * 5  # 6 + 3 = 9 records in all
 
 
+def test_a_store_refused_by_another_cap_evicts_nothing(monkeypatch):
+    """Making room under a full key evicts a record: only for a store every other cap allows."""
+    monkeypatch.setattr(bounds, "MAX_KEY_BYTES", 3 * record_cost() + 50)
+    storage = BoundedRecordStorage()
+    assert [store_expert(storage, MALLORY, d) for d in ids(3)] == [True] * 3  # the key is full
+    monkeypatch.setattr(bounds, "MAX_RECORDS_PER_OWNER", 1)
+    assert store_expert(storage, ALICE, ids(1, "a")[0])  # Alice's first: Mallory gives up one
+    assert storage.evicted == 1 and held_by(storage, MALLORY) == 2
+    assert not store_expert(storage, ALICE, ids(2, "a")[1])  # over Alice's own total: refused ...
+    assert storage.evicted == 1 and held_by(storage, MALLORY) == 2  # ... and nothing evicted for it
+
+
 def test_one_owner_keeps_at_most_its_total_across_keys(monkeypatch):
     monkeypatch.setattr(bounds, "MAX_RECORDS_PER_OWNER", 5)
     storage = BoundedRecordStorage()
