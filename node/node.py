@@ -458,10 +458,10 @@ def bundle_offers(providers: list[dict], resumable: set[str] = frozenset()) -> l
 
 
 def signed_size(found: list[dict]) -> int | None:
-    """The size that signed expert or pack records state for one object: the largest, so that
-    a forged record can loosen the bound (to the quota), never block an honest fetch."""
-    sizes = [r["size"] for r in found if isinstance(r.get("size"), int) and not isinstance(r["size"], bool) and r["size"] >= 0]
-    return max(sizes) if sizes else None
+    """The size that signed expert or pack records (schema-checked: a count) state for one
+    object: the largest, so that a forged record can loosen the bound (to the quota), never
+    block an honest fetch."""
+    return max((r["size"] for r in found), default=None)
 
 
 def _check_round_template(document: dict) -> None:

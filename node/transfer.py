@@ -54,6 +54,7 @@ WRITE_TIMEOUT = 30.0  # a reader that accepts no slice of a response for this lo
 WRITE_SLICE = 1 << 20  # a response is written (and its progress timed) a slice at a time
 MAX_PARALLEL_PROVIDERS = 8  # workers of one fetch; a dropped provider makes room for the next
 PARSED_BUNDLES = 256  # bundle manifests a server keeps parsed
+OPENED_WHOLE = {PACK_SUFFIX: MAX_PACK_BYTES, PROBE_SUFFIX: MAX_PROBE_BYTES}  # objects a node reads into memory: their caps
 
 Progress = Callable[[int, int, str], None]
 
@@ -199,12 +200,8 @@ class FetchReport:
 def size_limit(bundle: dict, expected_size: int | None) -> int:
     """The most bytes a fetch of ``bundle`` may bring in, before the store's quota."""
     limit = MAX_OBJECT_BYTES if expected_size is None else min(expected_size, MAX_OBJECT_BYTES)
-    files = bundle["files"]
-    if len(files) == 1 and files[0]["path"] == f"{bundle['content']}{PACK_SUFFIX}":
-        limit = min(limit, MAX_PACK_BYTES)  # a node opens no bigger pack
-    if len(files) == 1 and files[0]["path"] == f"{bundle['content']}{PROBE_SUFFIX}":
-        limit = min(limit, MAX_PROBE_BYTES)  # nor a bigger probe or replay set
-    return limit
+    # a node opens no bigger pack, probe or replay set (they are read into memory)
+    return min(limit, OPENED_WHOLE.get(object_suffix(bundle), limit))
 
 
 def _claimed_chunks(marker: Path, bundle: dict) -> list[tuple[int, int]]:
@@ -214,10 +211,12 @@ def _claimed_chunks(marker: Path, bundle: dict) -> list[tuple[int, int]]:
         claimed = json.loads(marker.read_text()) if marker.is_file() else []
     except (OSError, ValueError, RecursionError):
         return []
+    if not isinstance(claimed, list):
+        return []
     files = bundle["files"]
-    return [(i, j) for i, j in (c for c in claimed if isinstance(c, list) and len(c) == 2)
-            if type(i) is int and type(j) is int and 0 <= i < len(files) and 0 <= j < len(files[i]["chunks"])] \
-        if isinstance(claimed, list) else []
+    return [(c[0], c[1]) for c in claimed
+            if isinstance(c, list) and len(c) == 2 and type(c[0]) is int and type(c[1]) is int
+            and 0 <= c[0] < len(files) and 0 <= c[1] < len(files[c[0]]["chunks"])]
 
 
 class BundleFetcher:
