@@ -64,12 +64,13 @@ def fitting_reasons(excluded: dict[str, str], fields: dict) -> dict[str, str]:
     still attest (the reasons inform; the result id is what counts). ``fields``: the rest
     of the attestation. The node's round state keeps every reason."""
     budget = MAX_RECORD_BYTES - ENVELOPE_BYTES - len(canonical_json({**fields, "excluded": {}}))
-    for reasons in (excluded, {d: why.split(":", 1)[0][:40] for d, why in excluded.items()}):
+    kinds = {d: why.split(":", 1)[0][:40] for d, why in excluded.items()}  # "unavailable", "failed verification", ...
+    for reasons in (excluded, kinds):
         if len(canonical_json(reasons)) <= budget:
             return dict(reasons)
     kept: dict[str, str] = {}
     for delta_id in sorted(excluded):
-        entry = {delta_id: excluded[delta_id].split(":", 1)[0][:40]}
+        entry = {delta_id: kinds[delta_id]}
         if len(canonical_json({**kept, **entry})) > budget:
             break
         kept.update(entry)
