@@ -213,6 +213,13 @@ class ExampleDistributions:
     candidates: list[list[tuple[str, float]]]
 
 
+def _logprob_faults(values: torch.Tensor) -> tuple[bool, bool]:
+    """(any NaN, any value above log 1 by more than fp16 rounding): what no log-probability
+    is. -inf is fine (probability 0 in fp16)."""
+    values = values.float()
+    return bool(torch.isnan(values).any()), bool((values > 0.01).any())
+
+
 class PackFile:
     """A pack, opened and checked: signature, manifest, layout. :meth:`load` checks every hash."""
 
@@ -271,32 +278,32 @@ class PackFile:
                 ids = block.long()
                 if len(missing) < 5:
                     missing.update(ids[~torch.isin(ids, known)][:5].tolist())
-        if missing:
-            raise PackError(f"{self.path}: token ids {sorted(missing)[:5]} have no text in {PIECES_FILE}")
+        self._refuse_missing(missing)
         nan = positive = False
         for block in self._container.stream_part("logprobs", block_bytes):
-            values = block.float()
-            nan |= bool(torch.isnan(values).any())  # -inf is fine (probability 0 in fp16)
-            positive |= bool((values > 0.01).any())
+            faults = _logprob_faults(block)
+            nan, positive = nan or faults[0], positive or faults[1]
+        self._refuse_logprobs(nan, positive)
+        for _ in self._container.stream_part("target_logprobs", block_bytes):
+            pass  # its hash
+
+    def _refuse_logprobs(self, nan: bool, positive: bool) -> None:
         if nan:
             raise PackError(f"{self.path}: log-probs have NaN values")
         if positive:
             raise PackError(f"{self.path}: log-probs above 0 (not log-probabilities)")
-        for _ in self._container.stream_part("target_logprobs", block_bytes):
-            pass  # its hash
+
+    def _refuse_missing(self, missing: set[int]) -> None:
+        if missing:
+            raise PackError(f"{self.path}: token ids {sorted(missing)[:5]} have no text in {PIECES_FILE}")
 
     def load(self) -> list[ExampleDistributions]:
         """Every example's distributions (checks every hash; token ids must have a text)."""
         t = self.tensors()
         pieces, special = self.pieces()
         ids, probs, targets = t["ids"].long(), t["logprobs"].float().exp(), t["targets"].long()
-        if torch.isnan(t["logprobs"].float()).any():  # -inf is fine (probability 0 in fp16)
-            raise PackError(f"{self.path}: log-probs have NaN values")
-        if (t["logprobs"].float() > 0.01).any():
-            raise PackError(f"{self.path}: log-probs above 0 (not log-probabilities)")
-        missing = (set(ids.flatten().tolist()) | set(targets.tolist())) - set(pieces)
-        if missing:
-            raise PackError(f"{self.path}: token ids {sorted(missing)[:5]} have no text in {PIECES_FILE}")
+        self._refuse_logprobs(*_logprob_faults(t["logprobs"]))
+        self._refuse_missing((set(ids.flatten().tolist()) | set(targets.tolist())) - set(pieces))
         found, row = [], 0
         for n in self.manifest["lengths"]:
             cands = []
