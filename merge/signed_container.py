@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hivemerge.merge.dtypes import DTYPE_OF_CODE
-from hivemerge.merge.sources import read_header
+from hivemerge.merge.sources import check_layout, is_count_list, read_header
 from hivemerge.protocol.content import sha256_hex
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.signing import verify_signed
@@ -70,8 +70,8 @@ class SignedContainer:
             try:
                 begin, end = entry["data_offsets"]
                 dtype = DTYPE_OF_CODE[entry["dtype"]]
-                if set(entry) != {"dtype", "shape", "data_offsets"} or not _counts(entry["shape"]) \
-                        or not _counts([begin, end]) or begin > end:
+                if set(entry) != {"dtype", "shape", "data_offsets"} or not is_count_list(entry["shape"]) \
+                        or not is_count_list([begin, end]) or begin > end:
                     raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise fail(f"{self.path}: malformed header entry {key}") from None
@@ -84,14 +84,7 @@ class SignedContainer:
                 raise fail(f"{self.path}: part {key} has a byte range that does not fit its shape")
             self._parts[key] = (begin, end, dtype, entry["shape"], want["sha256"])
             spans.append((begin, end))
-        position = 0
-        for begin, end in sorted(spans):
-            if begin != position:
-                raise fail(f"{self.path}: data section has gaps or overlaps")
-            position = end
-        size = self.path.stat().st_size
-        if size != self._data_start + position:
-            raise fail(f"{self.path}: truncated or padded ({size} bytes, expected {self._data_start + position})")
+        check_layout(self.path, self._data_start, spans, fail)
 
     def read_part(self, key: str) -> torch.Tensor:
         begin, end, dtype, shape, sha = self._parts[key]
@@ -140,6 +133,3 @@ class SignedContainer:
     def data_bytes(self) -> int:
         return sum(end - begin for begin, end, *_ in self._parts.values())
 
-
-def _counts(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)

@@ -95,7 +95,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _is_count_list(value) -> bool:
+def is_count_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
@@ -105,7 +105,7 @@ def _tensor_entry(file: Path, name: str, entry) -> tuple[TensorInfo, int, int]:
     if code not in DTYPE_OF_CODE:
         raise UserInputError(f"{file}: tensor {name} has unsupported dtype {code}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (_is_count_list(shape) and _is_count_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+    if not (is_count_list(shape) and is_count_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise UserInputError(f"{file}: tensor {name} has a malformed header entry")
     info = TensorInfo(DTYPE_OF_CODE[code], tuple(shape))
     if offsets[1] - offsets[0] != math.prod(shape) * info.dtype.itemsize:
@@ -113,17 +113,20 @@ def _tensor_entry(file: Path, name: str, entry) -> tuple[TensorInfo, int, int]:
     return info, offsets[0], offsets[1]
 
 
-def _check_layout(file: Path, data_start: int, spans: list[tuple[int, int]]) -> None:
-    # As the safetensors format requires: the tensors cover the data section exactly,
-    # so a shard carries no bytes that no tensor hash (and so no content id) covers.
+def check_layout(file: Path, data_start: int, spans: list[tuple[int, int]],
+                 error: type[UserInputError] = UserInputError) -> None:
+    """As the safetensors format requires: the tensors' byte ranges cover the data section
+    exactly, so a file carries no bytes that no tensor hash (and so no content id) covers.
+    Shards and signed containers (deltas, packs) alike."""
     position = 0
     for begin, end in sorted(spans):
         if begin != position:
-            raise UserInputError(f"{file}: tensor data has gaps or overlaps")
+            raise error(f"{file}: data section has gaps or overlaps")
         position = end
-    if file.stat().st_size != data_start + position:
-        extra = file.stat().st_size - data_start - position
-        raise UserInputError(f"{file}: {extra} bytes after the last tensor's data (or truncated)")
+    size, expected = file.stat().st_size, data_start + position
+    if size != expected:
+        after = f"; {size - expected} bytes after the last tensor's data" if size > expected else ""
+        raise error(f"{file}: truncated or padded ({size} bytes, expected {expected}){after}")
 
 
 class SafetensorsModel:
@@ -149,7 +152,7 @@ class SafetensorsModel:
                 self.tensors[name] = info
                 self._locations[name] = _Location(file, data_start + begin, data_start + end)
                 spans.append((begin, end))
-            _check_layout(file, data_start, spans)
+            check_layout(file, data_start, spans)
         if weight_map is not None:
             held = {n: loc.file.name for n, loc in self._locations.items()}
             if held != weight_map:
