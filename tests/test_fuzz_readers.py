@@ -135,6 +135,17 @@ def deltas(tmp_path_factory):
     return root, base, identity, paths
 
 
+def _read_counted(path, base, counts: dict):
+    """_read_everything, or None when refused; counts the verdict either way."""
+    try:
+        read = _read_everything(path, base)
+    except UserInputError:
+        counts["refused"] += 1
+        return None
+    counts["accepted"] += 1
+    return read
+
+
 def _read_everything(path: Path, base: SafetensorsModel) -> tuple[DeltaFile, dict]:
     """Open a delta and use all of it as a merge does; raises only what it raises."""
     delta = DeltaFile(path)
@@ -166,12 +177,10 @@ def test_fuzz_delta_bytes(deltas, tmp_path):
         for _ in range(int(1200 * SCALE)):
             mutated = mutate_bytes(rng, original, (0, header_end))
             path.write_bytes(mutated)
-            try:
-                delta, tensors = _read_everything(path, base)
-            except UserInputError:
-                counts["refused"] += 1
+            read = _read_counted(path, base, counts)
+            if read is None:
                 continue
-            counts["accepted"] += 1
+            delta, tensors = read
             assert delta.id == expected_delta.id and delta.signer == expected_delta.signer
             assert delta.files() == expected_delta.files()
             assert tensors.keys() == expected.keys() and all(torch.equal(tensors[n], expected[n]) for n in tensors)
@@ -225,12 +234,10 @@ def test_fuzz_signed_delta_structure(deltas, tmp_path):
     for i in range(int(2400 * SCALE)):
         original = paths[rng.choice(sorted(paths))]
         path = _resigned_container(original, work / "d.delta.safetensors", identity, rng)
-        try:
-            delta, _ = _read_everything(path, base)
-        except UserInputError:
-            counts["refused"] += 1
+        read = _read_counted(path, base, counts)
+        if read is None:
             continue
-        counts["accepted"] += 1
+        delta, _ = read
         _check_accepted(delta)
         out = work / "out"
         try:
