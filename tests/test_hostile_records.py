@@ -345,8 +345,15 @@ def stored_value(identity: Identity, kind: str, fields: dict) -> bytes:
     return MSGPackSerializer.dumps(make_record(identity, kind, fields))
 
 
+def even_stamp() -> float:
+    """Now, with a fixed number of digits: a record's JSON carries its timestamps, so
+    records stamped this way all have the same size (``time.time()``'s repr varies by a
+    digit or two, and the fair-share rule compares bytes)."""
+    return float(int(time.time())) + 0.5
+
+
 def store_expert(storage, identity, delta_id, issued_at=None, expiration=None) -> bool:
-    now = time.time()
+    now = even_stamp()
     fields = expert_fields(delta_id, issued_at=issued_at or now, expires_at=(issued_at or now) + 300)
     value = stored_value(identity, "record/expert", fields)
     return storage.store(DHTID.generate(source=EXPERTS_KEY), value, expiration or now + 200,
@@ -370,7 +377,8 @@ def test_one_owner_keeps_at_most_its_share_under_a_key_and_a_refresh_always_fits
 
 def record_cost() -> int:
     """The bytes one expert record of these tests adds under its key (all have the same size)."""
-    value = stored_value(ALICE, "record/expert", expert_fields(DELTA, issued_at=time.time(), expires_at=time.time() + 300))
+    now = even_stamp()
+    value = stored_value(ALICE, "record/expert", expert_fields(DELTA, issued_at=now, expires_at=now + 300))
     return len(value) + len(f"{ALICE.public_hex}/{DELTA}") + 16
 
 
@@ -383,7 +391,7 @@ def test_a_full_key_is_shared_fairly_not_frozen(monkeypatch):
     """A key holds MAX_KEY_BYTES. One stranger who filled it gives up its records as others
     arrive (it keeps more than any newcomer); a key full of many owners' single records
     takes no more, and the node-wide total counts every key."""
-    monkeypatch.setattr(bounds, "MAX_KEY_BYTES", 6 * record_cost() + 50)  # sizes differ by a byte or two (timestamps)
+    monkeypatch.setattr(bounds, "MAX_KEY_BYTES", 6 * record_cost() + 50)  # room for 6, not 7
     storage = BoundedRecordStorage()
     assert [store_expert(storage, MALLORY, d) for d in ids(8)] == [True] * 6 + [False] * 2  # its own records: no eviction
     honest = [Identity.generate() for _ in range(3)]
