@@ -1,3 +1,3 @@
-from hivemerge.node.cli import main
+from hivemerge.node.cli.app import main
 
 main()

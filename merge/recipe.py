@@ -17,13 +17,13 @@ from typing import Any, Union
 import torch
 import yaml
 
-from hivemerge.merge.delta import DeltaFile, DeltaSource
-from hivemerge.merge.dtypes import parse_dtype
-from hivemerge.merge.manifest import model_id
+from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
+from hivemerge.merge.io.dtypes import parse_dtype
+from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.content import ID_PREFIX, parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import architecture_fingerprint, describe_mismatch

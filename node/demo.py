@@ -1,7 +1,7 @@
 """``hivemerge demo``: the whole mission on this machine, nothing downloaded.
 
 Uses the tiny base and domain experts shipped with the package (``demo_models/``, trained
-by :func:`hivemerge.merge.experts.build_experts` from its ``SPEC``; ``retrain`` builds
+by :func:`hivemerge.merge.toy.experts.build_experts` from its ``SPEC``; ``retrain`` builds
 them again in the cache instead), starts a local network of real nodes on
 loopback (one per expert plus one that only fetches), publishes the experts and each
 expert's logit pack on a probe of its own domain, runs a merge round whose fusion step
@@ -26,14 +26,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hivemerge.merge import tasks
+from hivemerge.merge.toy import tasks
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.evaluate import evaluate, load_model
-from hivemerge.merge.experts import SPEC, build_experts
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.packs import make_pack
+from hivemerge.merge.evaluation.evaluate import evaluate, load_model
+from hivemerge.merge.toy.experts import SPEC, build_experts
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.fusion.packs import make_pack
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol import rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
@@ -174,10 +174,10 @@ def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int |
     same files every run. scripts/bench_heal.py writes its sets with this too."""
     per_domain = PROBE_PER_DOMAIN if per_domain is None else per_domain
     replay_prompts = REPLAY_PROMPTS if replay_prompts is None else replay_prompts
-    from hivemerge.merge.evaluate import greedy_answers
-    from hivemerge.merge.experts import base_mix
-    from hivemerge.merge.probe import write_probe
-    from hivemerge.merge.training import single_thread
+    from hivemerge.merge.evaluation.evaluate import greedy_answers
+    from hivemerge.merge.toy.experts import base_mix
+    from hivemerge.merge.fusion.probe import write_probe
+    from hivemerge.merge.toy.training import single_thread
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

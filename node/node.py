@@ -24,18 +24,18 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
-from hivemerge.merge.atomic import atomic_directory
-from hivemerge.merge.codecs import DEFAULT_CODEC
-from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.local_state import PUBLISHED_FILE, write_json
-from hivemerge.node.network import Network, is_bound
-from hivemerge.node.retention import record_fetched_consensus
-from hivemerge.node.rounds import POLL_SECONDS, RoundCoordinator
-from hivemerge.node.search_rounds import SearchCoordinator
-from hivemerge.node.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
-from hivemerge.node.transfer import BundleFetcher, BundleServer, FetchError
+from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.node.storage.home import PUBLISHED_FILE, write_json
+from hivemerge.node.net.network import Network, is_bound
+from hivemerge.node.storage.retention import record_fetched_consensus
+from hivemerge.node.coordinators.merge_rounds import POLL_SECONDS, RoundCoordinator
+from hivemerge.node.coordinators.search_rounds import SearchCoordinator
+from hivemerge.node.storage.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
+from hivemerge.node.net.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
 from hivemerge.protocol.record_schemas import check_domain
@@ -336,7 +336,7 @@ class Node:
             if not ref.startswith("hm://") and not self.store.has(base_id):
                 self.store.add_model(Path(ref))  # every node of the search builds the space from the base
             return self.searches.propose(document, base_id)
-        if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/fusion_rounds.py)
+        if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/coordinators/fusion_rounds.py)
             # the rest of the recipe is checked first: its fuser may distil for minutes in prepare
             rounds.proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, time.time())
             document = self.rounds.fusion.prepare(document, ref, base_id)
@@ -360,7 +360,7 @@ class Node:
                 "final": result is not None,
                 "final_result": result,
                 "attesters": attesters,
-                # a round with a fusion step: fuser, fused delta, verdict (node/fusion_rounds.py)
+                # a round with a fusion step: fuser, fused delta, verdict (node/coordinators/fusion_rounds.py)
                 "fusion": self.run(self.rounds.fusion.summary(proposal, commitments, attestations), 30),
             })
         return rows

@@ -49,7 +49,7 @@ from hivemerge.protocol.errors import UserInputError
 FUSED_DOMAIN = "fused"  # the domain a fuser commits its fused delta under
 FIGURES = ("lm", "fused")
 REPLAY_FIGURE = "replay"  # only with a replay set
-METHODS = ("mince", "avgce")  # merge/fuse.py's methods; defined here, as protocol/ imports nothing from merge/
+METHODS = ("mince", "avgce")  # merge/fusion/fuse.py's methods; defined here, as protocol/ imports nothing from merge/
 DEFAULTS: dict[str, Any] = {
     "method": "mince", "lambda": 0.5, "steps": 100, "lr": 3e-3, "batch": 16, "seed": 0, "codec": "int8",
     "tolerance": 1e-3,

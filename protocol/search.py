@@ -4,7 +4,7 @@ A search round is a signed proposal (base, a round recipe template as the start 
 which experts may join, the search settings, a commit deadline). The owners of matching
 experts commit their delta ids as in a merge round. Then, generation after generation,
 every node draws the same candidate recipes from the combined scores of the earlier
-generations (CMA-ES seeded by the proposal: merge/search.py), the proposer publishes
+generations (CMA-ES seeded by the proposal: merge/search/cmaes.py), the proposer publishes
 the candidates' content ids, and each owner scores the candidates on its own private
 validation data and publishes only the scores, signed. The combined score of a
 candidate is the mean of the owners' scores, in a fixed order; the best candidate of
@@ -44,7 +44,7 @@ SETTINGS = {
     "final_deadline": (float, 1.0, bounds.MAX_DEADLINE_SECONDS),  # commit window of the final merge round
 }
 # Filled in by check_settings, so a proposal states every value the nodes must agree on
-# (the seed, when absent, comes from the search id: see node/search_rounds.py).
+# (the seed, when absent, comes from the search id: see node/coordinators/search_rounds.py).
 DEFAULTS = {"sigma": 0.2, "max_weight": 2.0, "count": 100, "loss_weight": 0.25, "generation_seconds": 120.0, "final_deadline": 10.0}
 SETTLE_SECONDS = 1.5
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DARE's keyed masks on the CPU: hivemerge's generator against the one-pass form it replaced.
 
-`merge/rng.py` draws each DARE mask element from an integer hash of its position. The
+`merge/numerics/rng.py` draws each DARE mask element from an integer hash of its position. The
 one-pass form (below, as it was) hashed each span it was asked for at once, allocating a
 dozen int64 temporaries of the span's size; the current form hashes 64K elements at a
 time, in place, so its temporaries stay in the cache. Two span sizes are timed: 4M
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from hivemerge.merge import rng
+from hivemerge.merge.numerics import rng
 
 _M32 = 0xFFFFFFFF
 SPANS = {"4M spans (delta codec)": 1 << 22, "256K spans (merge engine)": 1 << 18}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from hivemerge.merge.codecs import DEFAULT_CODEC
-from hivemerge.merge.delta import apply_delta, extract_delta
+from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
+from hivemerge.merge.deltas.delta import apply_delta, extract_delta
 from hivemerge.protocol.identity import Identity
 
 CODECS = ["lossless", "fp16", "int8", "sparse", "sparse:density=0.05,values=int8", "sparse:select=dare,density=0.2", "sign1", "sign1:block=64", "ternary", "ternary:threshold=0.7"]

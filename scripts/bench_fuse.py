@@ -26,14 +26,14 @@ import random
 import time
 from pathlib import Path
 
-from hivemerge.merge import hetero, tasks
-from hivemerge.merge.delta import apply_delta
-from hivemerge.merge.distill import DistillConfig, fuse_into_pivot
-from hivemerge.merge.evaluate import evaluate, greedy_answers
-from hivemerge.merge.experts import build_experts
-from hivemerge.merge.packs import PackFile, load_causal_lm, make_pack
-from hivemerge.merge.probe import write_probe
-from hivemerge.merge.training import single_thread
+from hivemerge.merge.toy import hetero, tasks
+from hivemerge.merge.deltas.delta import apply_delta
+from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
+from hivemerge.merge.evaluation.evaluate import evaluate, greedy_answers
+from hivemerge.merge.toy.experts import build_experts
+from hivemerge.merge.fusion.packs import PackFile, load_causal_lm, make_pack
+from hivemerge.merge.fusion.probe import write_probe
+from hivemerge.merge.toy.training import single_thread
 from hivemerge.protocol.identity import Identity
 
 SUITES = list(tasks.SUITES)

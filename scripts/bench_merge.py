@@ -191,7 +191,7 @@ def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
     from safetensors import safe_open
 
     from hivemerge.merge.layers import natural_key
-    from hivemerge.merge.writer import ShardedWriter
+    from hivemerge.merge.io.writer import ShardedWriter
 
     if threads:
         torch.set_num_threads(threads)

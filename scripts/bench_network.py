@@ -137,7 +137,7 @@ def main() -> None:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from hivemerge.node.store import ContentStore
+    from hivemerge.node.storage.store import ContentStore
 
     blob = make_blob_model(work / "blob-model", args.mb)
     size = (blob / "model.safetensors").stat().st_size

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 MEASURE = r"""
 import json, resource, sys, time
-from hivemerge.merge.packs import PackFile
+from hivemerge.merge.fusion.packs import PackFile
 pack = PackFile(sys.argv[1])
 started = time.perf_counter()
 if sys.argv[2] == "load":

@@ -23,9 +23,9 @@ CLI_ALARM = 90  # seconds a forked CLI command may run before SIGALRM ends it
 
 _DRIVER = r"""
 import json, os, signal, sys, traceback
-import hivemerge.node.cli as cli
-import hivemerge.merge.delta, hivemerge.merge.engine, hivemerge.merge.recipe  # imported once, before forking
-import hivemerge.node.store, hivemerge.node.node, hivemerge.node.control
+import hivemerge.node.cli.app as cli
+import hivemerge.merge.deltas.delta, hivemerge.merge.engine, hivemerge.merge.recipe  # imported once, before forking
+import hivemerge.node.storage.store, hivemerge.node.node, hivemerge.node.control
 exec(sys.argv[1])  # the caller's extra imports
 
 proto = os.fdopen(os.dup(1), "w")

@@ -54,7 +54,7 @@ def save_model(directory: Path, tensors: dict[str, torch.Tensor], config: dict |
 
 
 def load_dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from hivemerge.merge.sources import SafetensorsModel
+    from hivemerge.merge.io.sources import SafetensorsModel
 
     model = SafetensorsModel(directory)
     return {n: model.get(n) for n in model.names()}

@@ -277,8 +277,8 @@ def sha256_file(path: Path) -> str:
 
 
 def model_manifest(directory: Path) -> dict:
-    from hivemerge.merge.manifest import build_model_manifest
-    from hivemerge.merge.sources import SafetensorsModel
+    from hivemerge.merge.io.manifest import build_model_manifest
+    from hivemerge.merge.io.sources import SafetensorsModel
 
     return build_model_manifest(SafetensorsModel(directory))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hivemerge.merge.packs import PACK_TENSORS, write_pack
+from hivemerge.merge.fusion.packs import PACK_TENSORS, write_pack
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.identity import Identity
 

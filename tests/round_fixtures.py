@@ -49,8 +49,8 @@ def build_family(root: Path, names: list[str], base_seed: int = 0) -> dict[str, 
 
 def model_id_of(directory: Path) -> str:
     """The content id of a model directory (a base's id names its network's rounds)."""
-    from hivemerge.merge.manifest import model_id
-    from hivemerge.merge.sources import SafetensorsModel
+    from hivemerge.merge.io.manifest import model_id
+    from hivemerge.merge.io.sources import SafetensorsModel
 
     return model_id(SafetensorsModel(Path(directory)))
 
@@ -170,7 +170,7 @@ def tamper_stored_delta(node, delta_id: str) -> None:
     """Flips one byte in the data of ``node``'s stored delta and re-bundles it, so peers
     fetch the altered bytes without a single chunk failing its hash: only the delta's own
     verification can catch it."""
-    from hivemerge.merge.delta import DeltaFile
+    from hivemerge.merge.deltas.delta import DeltaFile
     from hivemerge.protocol.errors import UserInputError
 
     path = node.store.resolve(delta_id)

@@ -10,7 +10,7 @@ from conftest import perturbed_copy
 
 def char_model(directory: Path, seed: int, base: Path | None = None, scale: float = 0.05) -> Path:
     """A tiny 4-layer Llama on the tasks' character tokenizer (an 'expert': a perturbed base)."""
-    from hivemerge.merge.training import build_tokenizer, new_model
+    from hivemerge.merge.toy.training import build_tokenizer, new_model
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)

@@ -16,16 +16,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"hivemerge": "hivemerge", "protocol": "hivemerge.protocol", "merge": "hivemerge.merge", "node": "hivemerge.node"}
 # The demo's tiny character model, its synthetic tasks and experts, and the heterogeneous test expert.
-TOY = {"hivemerge.merge.training", "hivemerge.merge.tasks", "hivemerge.merge.experts", "hivemerge.merge.hetero"}
-DEMO = {"hivemerge.node.demo", "hivemerge.node.cmd_demo"}  # the demo itself may use them
+TOY = {"hivemerge.merge.toy.training", "hivemerge.merge.toy.tasks", "hivemerge.merge.toy.experts", "hivemerge.merge.toy.hetero"}
+DEMO = {"hivemerge.node.demo", "hivemerge.node.cli.demo"}  # the demo itself may use them
 KNOWN_TOY_IMPORTS = {  # product code that still assumes the toy model (one token per character)
-    ("hivemerge.merge.distill", "hivemerge.merge.training"),
-    ("hivemerge.merge.evaluate", "hivemerge.merge.tasks"),
-    ("hivemerge.merge.evaluate", "hivemerge.merge.training"),
-    ("hivemerge.merge.fitness", "hivemerge.merge.tasks"),
-    ("hivemerge.merge.fitness", "hivemerge.merge.training"),
-    ("hivemerge.merge.packs", "hivemerge.merge.training"),
-    ("hivemerge.node.search_rounds", "hivemerge.merge.tasks"),
+    ("hivemerge.merge.fusion.distill", "hivemerge.merge.toy.training"),
+    ("hivemerge.merge.evaluation.evaluate", "hivemerge.merge.toy.tasks"),
+    ("hivemerge.merge.evaluation.evaluate", "hivemerge.merge.toy.training"),
+    ("hivemerge.merge.evaluation.fitness", "hivemerge.merge.toy.tasks"),
+    ("hivemerge.merge.evaluation.fitness", "hivemerge.merge.toy.training"),
+    ("hivemerge.merge.fusion.packs", "hivemerge.merge.toy.training"),
+    ("hivemerge.node.coordinators.search_rounds", "hivemerge.merge.toy.tasks"),
 }
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from hivemerge.node.store import ContentStore
+from hivemerge.node.storage.store import ContentStore
 from hivemerge.protocol.bundles import (
     MAX_CHUNK_SIZE, BundleError, bundle_manifest, check_bundle, chunk_count, chunk_span,
 )
@@ -176,7 +176,7 @@ def test_store_bundles_describe_what_the_store_serves(tmp_path):
     """A store's bundle passes check_bundle and every chunk it serves hashes to its entry."""
     from delta_fixtures import tiny_pair
 
-    from hivemerge.merge.delta import extract_delta
+    from hivemerge.merge.deltas.delta import extract_delta
     from hivemerge.protocol.identity import Identity
 
     base, expert = tiny_pair(tmp_path)
@@ -199,7 +199,7 @@ def test_store_bundles_describe_what_the_store_serves(tmp_path):
 def _staged(store: ContentStore, content: str, files: dict[str, bytes]) -> tuple:
     """A fetch whose every chunk arrived and matched its bundle (as BundleFetcher leaves it
     before _finish); the bundle passes check_bundle, so _finish is the layer that decides."""
-    from hivemerge.node.transfer import BundleFetcher
+    from hivemerge.node.net.transfer import BundleFetcher
 
     entries = [{"path": p, "size": len(d), "chunks": chunks_of(d, store.chunk_size)} for p, d in sorted(files.items())]
     bundle = bundle_manifest(content, store.chunk_size, entries)
@@ -215,8 +215,8 @@ def _staged(store: ContentStore, content: str, files: dict[str, bytes]) -> tuple
 def honest_model(tmp_path_factory):
     from delta_fixtures import family_shapes, random_tensors, save_model
 
-    from hivemerge.merge.manifest import model_id
-    from hivemerge.merge.sources import SafetensorsModel
+    from hivemerge.merge.io.manifest import model_id
+    from hivemerge.merge.io.sources import SafetensorsModel
 
     directory = save_model(tmp_path_factory.mktemp("honest") / "m", random_tensors(3, family_shapes(8)))
     files = {p.name: p.read_bytes() for p in directory.iterdir()}
@@ -224,8 +224,8 @@ def honest_model(tmp_path_factory):
 
 
 def _refused_by_finish(tmp_path, content, files, *fragments):
-    from hivemerge.merge.delta import DeltaError
-    from hivemerge.node.transfer import FetchError
+    from hivemerge.merge.deltas.delta import DeltaError
+    from hivemerge.node.net.transfer import FetchError
 
     store = ContentStore(tmp_path / "home", chunk_size=1024)
     fetcher, staging, bundle = _staged(store, content, files)
@@ -243,7 +243,7 @@ def test_a_fetched_model_with_files_its_id_does_not_cover_is_refused(honest_mode
     (the filler is not read), but nothing unverified may be stored, served or exported."""
     from safetensors.torch import save as save_bytes
 
-    from hivemerge.node.transfer import BundleFetcher
+    from hivemerge.node.net.transfer import BundleFetcher
 
     content, files = honest_model
     filler = save_bytes({"payload": torch.zeros(64)})
@@ -279,7 +279,7 @@ def test_a_fetched_delta_naming_a_path_is_refused(honest_model, tmp_path):
     neither stored nor written anywhere (fetch EXPERT --base B --out D would apply it)."""
     from delta_fixtures import forge_side_file, read_container, tiny_pair
 
-    from hivemerge.merge.delta import extract_delta
+    from hivemerge.merge.deltas.delta import extract_delta
     from hivemerge.protocol.identity import Identity
 
     base, expert = tiny_pair(tmp_path / "models")

@@ -14,12 +14,12 @@ import pytest
 import torch
 from delta_fixtures import load_dir_tensors, save_model
 
-from hivemerge.merge import rng
-from hivemerge.merge.bits import pack_bits, unpack_bits
-from hivemerge.merge.codecs import CODECS, DEFAULT_CODEC, parse_codec
-from hivemerge.merge.delta import DeltaFile, apply_delta, extract_delta
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.numerics import rng
+from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
+from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC, parse_codec
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 

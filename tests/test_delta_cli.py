@@ -11,9 +11,9 @@ import pytest
 from conftest import run_cli
 from delta_fixtures import assert_user_error, forge_side_file, load_dir_tensors, resign, rewrite_signed
 
-from hivemerge.merge.delta import DeltaFile, extract_delta
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.deltas.delta import DeltaFile, extract_delta
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.identity import KEY_FILE
 
 

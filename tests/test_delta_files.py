@@ -13,9 +13,9 @@ import pytest
 import torch
 from delta_fixtures import read_container, resign, rewrite_signed, tiny_pair, write_container
 
-from hivemerge.merge.delta import METADATA_KEY, DeltaError, DeltaFile, DeltaSource, apply_delta, check_base, extract_delta
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.deltas.delta import METADATA_KEY, DeltaError, DeltaFile, DeltaSource, apply_delta, check_base, extract_delta
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.signing import sign_manifest

@@ -7,8 +7,8 @@ import pytest
 from conftest import write_recipe
 from delta_fixtures import assert_user_error
 
-from hivemerge.merge.delta import apply_delta, extract_delta
-from hivemerge.node.store import ContentStore
+from hivemerge.merge.deltas.delta import apply_delta, extract_delta
+from hivemerge.node.storage.store import ContentStore
 
 
 @pytest.fixture(scope="module")

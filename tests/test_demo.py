@@ -18,10 +18,10 @@ import pytest
 import torch
 from network_fixtures import no_leftover_daemons, p2pd_pids, wait_p2pd_gone  # noqa: F401 (autouse)
 
-from hivemerge.merge import tasks
-from hivemerge.merge.experts import SPEC, build_experts
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.experts import SPEC, build_experts
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.node import demo as demo_module
 from hivemerge.node.demo import FUSION, ROUND_RECIPE
 
@@ -217,7 +217,7 @@ def running_in_group(group: int) -> list[int]:
 CTRL_C_SCRIPT = """
 import sys
 from pathlib import Path
-from hivemerge.merge.experts import SPEC, build_experts
+from hivemerge.merge.toy.experts import SPEC, build_experts
 if __name__ == "__main__":
     spec = {**SPEC, "hidden": 32, "layers": 2, "base_steps": 20, "expert_steps": 100_000}
     build_experts(Path(sys.argv[1]), spec=spec, workers=2,
@@ -283,7 +283,7 @@ def test_a_worker_whose_work_is_over_ignores_a_second_ctrl_c(monkeypatch, ending
     import queue
     import signal
 
-    from hivemerge.merge import experts
+    from hivemerge.merge.toy import experts
 
     def train(*args):
         if ending == "interrupted":
@@ -350,7 +350,7 @@ def no_training(*args, **kwargs):
 
 
 def forbid_training(patch: pytest.MonkeyPatch) -> None:
-    from hivemerge.merge import experts, training
+    from hivemerge.merge.toy import experts, training
 
     for module, name in ((demo_module, "build_experts"), (experts, "build_experts"), (experts, "_train_base"),
                          (experts, "_train_expert"), (experts, "train"), (training, "train")):
@@ -425,7 +425,7 @@ def test_a_fresh_demo_prints_the_shipped_rows_and_weight_merge_id(shipped):
 def test_demo_command_passes_retrain_and_prints_both_ids(tmp_path, monkeypatch):
     from typer.testing import CliRunner as TyperRunner
 
-    from hivemerge.node.cli import app
+    from hivemerge.node.cli.app import app
 
     calls = []
     rows = {name: {s: {"suite": s, "accuracy": 0.5, "loss": 1.0, "examples": 10} for s in tasks.SUITES} for name in ROWS}
@@ -454,7 +454,7 @@ def test_the_cli_silences_third_party_progress_bars_and_logs(monkeypatch):
     from hivemind.utils.logging import get_logger
     from transformers.utils import logging as hf_logging
 
-    from hivemerge.node import cli
+    from hivemerge.node.cli import app as cli
     from hivemerge.node.ui import QUIET_ENVIRONMENT
 
     bars, verbosity, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), get_logger("hivemind").level

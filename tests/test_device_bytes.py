@@ -20,7 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from conftest import FAMILY_RECIPES, write_tensors
 
-from hivemerge.merge.codecs import CODECS
+from hivemerge.merge.deltas.codecs import CODECS
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.methods import METHODS
 from hivemerge.merge.recipe import validate_recipe
@@ -158,7 +158,7 @@ def test_tiny_llama_family_same_bytes_on_cpu_and_cuda(tiny_family, tmp_path, met
 @pytest.mark.parametrize("codec", sorted(n for n in CODECS if n != "same"))  # "same" is chosen per tensor, not by name
 def test_delta_inputs_same_bytes_on_cpu_and_cuda(family, tmp_path, codec):
     """Deltas are decoded on the CPU and merged on the device, as a node merges a round."""
-    from hivemerge.merge.delta import extract_delta
+    from hivemerge.merge.deltas.delta import extract_delta
 
     delta = tmp_path / f"expert.{codec}.delta.safetensors"
     extract_delta(family.base, family.expert, delta, family.alice, codec)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from delta_fixtures import CliRunner, assert_user_error
 
-from hivemerge.merge import tasks
-from hivemerge.merge.evaluate import answer_loss, evaluate, greedy_answers, load_model
-from hivemerge.merge.tasks import ALPHABET, Example
-from hivemerge.merge.training import BOS, PAD, build_tokenizer, encode, new_model, save, train
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.evaluation.evaluate import answer_loss, evaluate, greedy_answers, load_model
+from hivemerge.merge.toy.tasks import ALPHABET, Example
+from hivemerge.merge.toy.training import BOS, PAD, build_tokenizer, encode, new_model, save, train
 from hivemerge.protocol.errors import UserInputError
 
 HIDDEN, LAYERS = 32, 2
@@ -113,7 +113,7 @@ def test_encode_masks_the_prompt_and_labels_answer_and_newline(tok):
 # -- training ----------------------------------------------------------------------------
 
 def _trained(tok, seed: int, progress=None) -> dict[str, torch.Tensor]:
-    from hivemerge.merge.experts import base_mix
+    from hivemerge.merge.toy.experts import base_mix
 
     model = new_model(len(tok), seed=0, hidden=HIDDEN, layers=LAYERS)
     train(model, tok, base_mix, steps=6, seed=seed, batch=16, progress=progress)
@@ -162,7 +162,7 @@ def test_batched_left_padded_answers_equal_one_prompt_at_a_time(tok, which, rand
     elif which == "seven":
         model = seven_model[0]
     else:
-        from hivemerge.merge.experts import base_mix
+        from hivemerge.merge.toy.experts import base_mix
 
         model = new_model(len(tok), seed=3, hidden=HIDDEN, layers=LAYERS)
         train(model, tok, base_mix, steps=15, seed=1, lr=3e-3, batch=32)
@@ -318,7 +318,7 @@ def test_load_model_rejects_a_directory_without_config(tmp_path):
 
 
 _EVAL_DRIVER_IMPORTS = (
-    "import transformers, hivemerge.merge.evaluate, hivemerge.merge.training\n"
+    "import transformers, hivemerge.merge.evaluation.evaluate, hivemerge.merge.toy.training\n"
     "from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # imported once, before forking\n"
 )
 

@@ -1,4 +1,4 @@
-"""Exact selections and reductions (hivemerge.merge.exact) and DARE's keyed masks (rng)."""
+"""Exact selections and reductions (hivemerge.merge.numerics.exact) and DARE's keyed masks (rng)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hivemerge.merge import exact, rng
+from hivemerge.merge.numerics import exact, rng
 
 
 def samples():

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from hivemerge.merge.align import Group, VocabMap, _search, align_tokens, edit_distance
-from hivemerge.merge.fuse import fuse_examples, fuse_token, project
-from hivemerge.merge.packs import ExampleDistributions
+from hivemerge.merge.fusion.align import Group, VocabMap, _search, align_tokens, edit_distance
+from hivemerge.merge.fusion.fuse import fuse_examples, fuse_token, project
+from hivemerge.merge.fusion.packs import ExampleDistributions
 
 
 def groups(src, piv, **kw):
@@ -153,6 +153,6 @@ def test_fuse_examples_counts_coverage_and_picks():
 
 
 def test_cross_entropy_floor_is_finite():
-    from hivemerge.merge.fuse import EPS, cross_entropy
+    from hivemerge.merge.fusion.fuse import EPS, cross_entropy
 
     assert cross_entropy({1: 1.0}, 0) == pytest.approx(-math.log(EPS))

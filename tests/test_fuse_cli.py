@@ -9,7 +9,7 @@ import pytest
 from delta_fixtures import assert_user_error
 from fuse_fixtures import shared_hetero
 
-from hivemerge.merge.packs import PackFile
+from hivemerge.merge.fusion.packs import PackFile
 
 
 @pytest.fixture(scope="module")

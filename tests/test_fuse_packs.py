@@ -9,13 +9,13 @@ import pytest
 import torch
 from fuse_fixtures import shared_hetero
 
-from hivemerge.merge import hetero
-from hivemerge.merge.delta import DeltaFile, apply_delta
-from hivemerge.merge.distill import DistillConfig, fuse_into_pivot, pivot_view, pivot_vocab
-from hivemerge.merge.fuse import fuse_examples
-from hivemerge.merge.manifest import model_id
-from hivemerge.merge.packs import METADATA_KEY, PackFile, load_causal_lm, tokenize_pair
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.toy import hetero
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
+from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot, pivot_view, pivot_vocab
+from hivemerge.merge.fusion.fuse import fuse_examples
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.fusion.packs import METADATA_KEY, PackFile, load_causal_lm, tokenize_pair
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.packs import PackError
@@ -105,7 +105,7 @@ def test_a_pack_for_another_probe_set_is_refused(setup, tmp_path):
 def test_a_pack_re_signed_by_another_key_is_refused_when_the_signer_is_required(setup, tmp_path):
     """Mallory rewrites the manifest (claims another probe) and signs it with her own key:
     the signature verifies, but not as alice's."""
-    from hivemerge.merge.sources import read_header
+    from hivemerge.merge.io.sources import read_header
 
     header, start = read_header(setup.small_pack)
     signed = json.loads(header["__metadata__"][METADATA_KEY])
@@ -171,7 +171,7 @@ def test_fusion_lowers_the_pivots_loss_on_the_experts_domain(setup, tmp_path):
 def test_replay_keeps_the_pivot_where_it_should_not_move(setup, tmp_path):
     """With a replay set, the pivot is held to its own distribution there: it drifts far
     less than without."""
-    from hivemerge.merge.probe import make_probe
+    from hivemerge.merge.fusion.probe import make_probe
 
     replay = make_probe([(f"max {a} {b}=", f"{max(a, b)}\n") for a, b in [(3, 7), (12, 5), (40, 41), (9, 90)] * 8])
     config = dict(lam=0.5, steps=40, lr=3e-3, batch=16)
@@ -184,8 +184,8 @@ def test_replay_keeps_the_pivot_where_it_should_not_move(setup, tmp_path):
 
 
 def test_token_texts_longer_than_the_protocol_allows_are_refused(setup, tmp_path, monkeypatch):
-    from hivemerge.merge import packs
-    from hivemerge.merge.probe import make_probe
+    from hivemerge.merge.fusion import packs
+    from hivemerge.merge.fusion.probe import make_probe
 
     small = make_probe(setup.probe.pairs[:4])
     # making: a tokenizer whose token texts are too long cannot be packed

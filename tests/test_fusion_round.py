@@ -65,7 +65,7 @@ def net(tmp_path):
 
 def write_replay(path: Path):
     """A replay set: prompts of another domain, held to the pivot's own distribution."""
-    from hivemerge.merge.probe import write_probe
+    from hivemerge.merge.fusion.probe import write_probe
 
     return write_probe([(f"max {a} {b}=", f"{max(a, b)}\n") for a, b in [(3, 7), (12, 5), (40, 41), (9, 90)] * 8], path)
 
@@ -109,7 +109,7 @@ def delta_files(node, ids) -> dict[str, Path]:
 
 
 def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(net, setup, tmp_path):
-    from hivemerge.node.cmd_round import fusion_rows
+    from hivemerge.node.cli.round import fusion_rows
 
     replay = write_replay(tmp_path / "replay.jsonl")
     (a, m, s), published, proposal = start(net, setup, replay)
@@ -153,8 +153,8 @@ def test_the_fused_delta_joins_the_merge_and_every_node_attests_the_same_result(
 
 
 def test_a_fusion_into_the_weight_merge_replaces_it_with_the_base_plus_the_fused_delta(net, setup, tmp_path):
-    from hivemerge.merge.fusion_check import measure_fused
-    from hivemerge.merge.packs import PackFile
+    from hivemerge.merge.fusion.check import measure_fused
+    from hivemerge.merge.fusion.packs import PackFile
 
     (a, m, s), published, proposal = start(net, setup, pivot="merge")
     block = proposal["recipe"]["fusion"]
@@ -191,7 +191,7 @@ def test_a_proposing_fuser_distils_first_so_a_distillation_longer_than_the_windo
     """The proposer is its own fuser: it distils before it proposes, so the commitment
     window need not cover the distillation. Here the distillation takes longer than the
     whole window; the fused delta is still committed at once and kept by every node."""
-    from hivemerge.merge import fusion_check
+    from hivemerge.merge.fusion import check as fusion_check
 
     real = fusion_check.run_fusion
 
@@ -315,7 +315,7 @@ def test_a_fusion_check_that_crashes_excludes_the_fused_delta_instead_of_failing
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (7x64 and 32x64)")
 
-    monkeypatch.setattr("hivemerge.merge.fusion_check.measure_fused", broken)
+    monkeypatch.setattr("hivemerge.merge.fusion.check.measure_fused", broken)
     states = wait_round_done([a, m, s], rid, timeout=DEADLINE + 90)
     want = "fusion: the probe losses could not be measured: RuntimeError: mat1 and mat2 shapes cannot be multiplied (7x64 and 32x64)"
     homogeneous = sorted(p["delta_id"] for p in published.values())

@@ -168,7 +168,7 @@ def test_a_fusion_cut_short_by_a_restart_is_started_again(tmp_path):
     import asyncio
     from types import SimpleNamespace
 
-    from hivemerge.node.fusion_rounds import FusionRounds
+    from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 
     me = "ab" * 32
     proposal = {"round_id": "cd" * 32, "base_id": "ef" * 32, "deadline": 2e9, "issued_at": 1.0, "recipe": {"fusion": {"fuser": me}}}

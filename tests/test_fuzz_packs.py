@@ -15,8 +15,8 @@ import pytest
 import torch
 from pack_fixtures import synthetic_pack, synthetic_tensors
 
-from hivemerge.merge.packs import METADATA_KEY, PackFile, write_pack
-from hivemerge.merge.sources import read_header
+from hivemerge.merge.fusion.packs import METADATA_KEY, PackFile, write_pack
+from hivemerge.merge.io.sources import read_header
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity

@@ -24,9 +24,9 @@ import pytest
 import torch
 from delta_fixtures import read_container, tiny_pair, write_container
 
-from hivemerge.merge.delta import METADATA_KEY, DeltaFile, DeltaSource, apply_delta, extract_delta
-from hivemerge.merge.manifest import model_files, model_id
-from hivemerge.merge.sources import SafetensorsModel
+from hivemerge.merge.deltas.delta import METADATA_KEY, DeltaFile, DeltaSource, apply_delta, extract_delta
+from hivemerge.merge.io.manifest import model_files, model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.bundles import FILE_SUFFIXES, MAX_CHUNK_SIZE, MAX_FILES, BundleError, bundle_manifest, check_bundle
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
@@ -350,7 +350,7 @@ def test_fuzz_bundle_manifests():
 def sharded_model(tmp_path_factory):
     from delta_fixtures import family_shapes, random_tensors, save_model
 
-    from hivemerge.merge.writer import ShardedWriter
+    from hivemerge.merge.io.writer import ShardedWriter
 
     root = tmp_path_factory.mktemp("fuzz-model")
     single = save_model(root / "single", random_tensors(5, family_shapes(8)))

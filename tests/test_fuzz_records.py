@@ -16,7 +16,7 @@ import time
 from hivemind.dht.crypto import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from hivemerge.node.network import SignedRecordValidator
+from hivemerge.node.net.network import SignedRecordValidator
 from hivemerge.protocol import fusion, records, rounds, search
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError

@@ -20,9 +20,9 @@ import pytest
 from hivemind.dht.routing import DHTID
 from hivemind.utils import MSGPackSerializer
 
-from hivemerge.merge.delta import DeltaError
-from hivemerge.node.dht_storage import BoundedRecordStorage
-from hivemerge.node.rounds import RoundCoordinator
+from hivemerge.merge.deltas.delta import DeltaError
+from hivemerge.node.net.dht_storage import BoundedRecordStorage
+from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 from hivemerge.protocol.rounds import proposal_from_recipe
 from hivemerge.protocol import bounds, fusion, records, rounds, search
 from hivemerge.protocol.content import canonical_json
@@ -218,7 +218,7 @@ def test_a_node_joins_no_more_rounds_than_the_cap(tmp_path):
 
 
 def test_a_node_scores_no_more_searches_and_distils_no_more_fusions_than_the_caps(tmp_path):
-    from hivemerge.node.search_rounds import SearchCoordinator
+    from hivemerge.node.coordinators.search_rounds import SearchCoordinator
 
     base = "6" * 64
     published = [{"base_id": base, "delta_id": DELTA, "domain": "math"}]
@@ -317,9 +317,9 @@ def test_an_attestation_fits_one_record_however_many_deltas_strangers_commit():
 def test_a_stranger_committing_someone_elses_delta_cannot_get_it_excluded(tmp_path):
     from delta_fixtures import tiny_pair
 
-    from hivemerge.merge.delta import extract_delta
-    from hivemerge.merge.screening import screen_delta
-    from hivemerge.merge.sources import SafetensorsModel
+    from hivemerge.merge.deltas.delta import extract_delta
+    from hivemerge.merge.deltas.screening import screen_delta
+    from hivemerge.merge.io.sources import SafetensorsModel
 
     base, expert = tiny_pair(tmp_path)
     delta = extract_delta(base, expert, tmp_path / "x.delta.safetensors", ALICE, "lossless").path

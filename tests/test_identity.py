@@ -198,7 +198,7 @@ def test_identity_new_show_and_refusals(cli, tmp_path):
 def test_a_p2p_key_others_can_read_is_refused(tmp_path, loose):
     """Refused, not repaired: a key file others could read may have been copied already,
     so its owner must know (as for identity.key); tightening it silently would hide that."""
-    from hivemerge.node.network import P2P_KEY_FILE, write_p2p_key
+    from hivemerge.node.net.network import P2P_KEY_FILE, write_p2p_key
 
     identity = Identity.generate()
     identity.save(tmp_path)
@@ -217,7 +217,7 @@ def test_a_p2p_key_others_can_read_is_refused(tmp_path, loose):
 
 
 def test_node_start_refuses_a_loose_p2p_key(cli, tmp_path):
-    from hivemerge.node.network import P2P_KEY_FILE
+    from hivemerge.node.net.network import P2P_KEY_FILE
 
     home = tmp_path / "home"
     Identity.generate().save(home)

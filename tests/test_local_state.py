@@ -1,5 +1,5 @@
 """The node's own files: written durably, and one damaged state file is skipped with a
-log line instead of stopping every tick of its coordinator (node/local_state.py)."""
+log line instead of stopping every tick of its coordinator (node/storage/home.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hivemerge.node.local_state import JsonStates, write_json
+from hivemerge.node.storage.home import JsonStates, write_json
 
 VALID = {"proposal": {"round_id": "a" * 64, "base_id": "e" * 64, "deadline": 1.0}, "phase": "attested", "final": True, "result_id": "b" * 64}
 DAMAGED = {
@@ -73,8 +73,8 @@ def test_a_damaged_state_file_is_logged_and_skipped(tmp_path, damage):
 
 def test_a_torn_round_state_does_not_stop_the_coordinator(tmp_path):
     """A round coordinator over a stub node: its tick runs through, logging the damaged file."""
-    from hivemerge.node.retention import live_work
-    from hivemerge.node.rounds import RoundCoordinator
+    from hivemerge.node.storage.retention import live_work
+    from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 
     logged = []
     node = SimpleNamespace(home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,

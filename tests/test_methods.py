@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import merge_doc, write_tensors
 
-from hivemerge.merge import rng
+from hivemerge.merge.numerics import rng
 
 F32 = {"dtype": "float32", "out_dtype": "float32"}
 

@@ -21,9 +21,9 @@ from network_fixtures import (
 )
 from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
-from hivemerge.merge.delta import DeltaFile, apply_delta
-from hivemerge.node.network import peer_id_of
-from hivemerge.node.transfer import FetchError
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
+from hivemerge.node.net.network import peer_id_of
+from hivemerge.node.net.transfer import FetchError
 from hivemerge.protocol import records, rounds
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.identity import Identity
@@ -241,8 +241,8 @@ def test_forgeries_relayed_by_a_node_without_validator_are_ignored(pool, models,
     from hivemind.p2p import P2P
     from hivemind.utils import get_dht_time
 
-    from hivemerge.node.loop import LoopThread
-    from hivemerge.node.network import write_p2p_key
+    from hivemerge.node.net.loop import LoopThread
+    from hivemerge.node.net.network import write_p2p_key
 
     a, b, c = three_nodes(pool)
     delta_id = b.publish(models.expert, "math", models.base)["delta_id"]

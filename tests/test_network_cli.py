@@ -15,7 +15,7 @@ from network_fixtures import (
 )
 from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
-from hivemerge.merge.delta import DeltaFile, apply_delta
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
 
 
 @pytest.fixture(scope="module")

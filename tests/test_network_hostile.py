@@ -29,8 +29,8 @@ import pytest
 from network_fixtures import NodePool, build_models, sha256_file, wait_until
 from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
-from hivemerge.node.network import peer_id_of
-from hivemerge.node.transfer import MAX_STREAMS_PER_PEER, FetchError
+from hivemerge.node.net.network import peer_id_of
+from hivemerge.node.net.transfer import MAX_STREAMS_PER_PEER, FetchError
 from hivemerge.protocol import records, wire
 from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, bundle_manifest
 from hivemerge.protocol.content import canonical_json, content_id

@@ -9,10 +9,10 @@ import tracemalloc
 import pytest
 from pack_fixtures import PACK_BYTES_PER_TOKEN, synthetic_pack, synthetic_tensors
 
-from hivemerge.merge import packs
-from hivemerge.merge.packs import PackFile
-from hivemerge.node.store import PACK_SUFFIX, ContentStore, verify_file_object
-from hivemerge.node.transfer import size_limit
+from hivemerge.merge.fusion import packs
+from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.node.storage.store import PACK_SUFFIX, ContentStore, verify_file_object
+from hivemerge.node.net.transfer import size_limit
 from hivemerge.protocol.bundles import MAX_OBJECT_BYTES
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.packs import MAX_PACK_BYTES, PackError
@@ -46,8 +46,8 @@ def test_a_pack_over_the_size_cap_is_refused_before_it_is_read(tmp_path, alice, 
 
 
 def test_probe_sets_are_capped_and_deep_lines_refused(tmp_path, monkeypatch):
-    from hivemerge.merge import probe as probe_module
-    from hivemerge.merge.probe import load_probe
+    from hivemerge.merge.fusion import probe as probe_module
+    from hivemerge.merge.fusion.probe import load_probe
     from hivemerge.protocol.packs import MAX_PROBE_BYTES, PackError
 
     deep = tmp_path / "deep.probe.jsonl"

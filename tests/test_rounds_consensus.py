@@ -166,7 +166,7 @@ def test_pruning_keeps_the_final_consensus_where_fetch_finds_it(first_round):
     window is shortened here, an hour by default. It then prunes its own store: the later
     result and the other experts' deltas go, the first result stays, and a new node
     fetches that result from b alone."""
-    from hivemerge.node.retention import prune
+    from hivemerge.node.storage.retention import prune
 
     net, family, a = first_round["net"], first_round["family"], first_round["a"]
     b, c = first_round["participants"]["math"], first_round["participants"]["code"]

@@ -315,7 +315,7 @@ def test_commitments_signed_after_the_deadline_count_nowhere():
     assert rounds.final_result(rounds.on_time(commitments, 100.0), attestations, 0.5) == ("r", ["early"])
 
 
-# -- learning whether an attested round became final (what the store keeps, node/retention.py)
+# -- learning whether an attested round became final (what the store keeps, node/storage/retention.py)
 
 
 def _settling_coordinator(tmp_path, answers):
@@ -323,7 +323,7 @@ def _settling_coordinator(tmp_path, answers):
     next of ``answers`` and counts its calls."""
     from types import SimpleNamespace
 
-    from hivemerge.node.rounds import RoundCoordinator
+    from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 
     logged = []
     node = SimpleNamespace(home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,
@@ -383,7 +383,7 @@ def test_a_failed_finality_check_is_logged_and_retried_later(tmp_path):
     not at every poll."""
     import asyncio
 
-    from hivemerge.node import rounds as node_rounds
+    from hivemerge.node.coordinators import merge_rounds as node_rounds
 
     coordinator, calls, logged = _settling_coordinator(
         tmp_path, [RuntimeError("dht down"), _records({"a": "r1", "b": "r1", "c": "r1"})])

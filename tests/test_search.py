@@ -12,11 +12,11 @@ import yaml
 
 from search_fixtures import char_family as make_char_family
 
-from hivemerge.merge import tasks
-from hivemerge.merge.fitness import Evaluation, InMemoryMerger, ValidationFitness, score_examples, validation_suites
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.evaluation.fitness import Evaluation, InMemoryMerger, ValidationFitness, score_examples, validation_suites
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.search import SearchSettings, run_search
-from hivemerge.merge.search_space import SearchSpace, split_blocks
+from hivemerge.merge.search.cmaes import SearchSettings, run_search
+from hivemerge.merge.search.space import SearchSpace, split_blocks
 from hivemerge.protocol.errors import UserInputError
 
 
@@ -103,7 +103,7 @@ def test_space_refuses_what_it_cannot_search(char_family):
 
 def test_fitness_merges_like_the_engine(char_family, tmp_path):
     from hivemerge.merge.engine import run_merge
-    from hivemerge.merge.evaluate import load_model
+    from hivemerge.merge.evaluation.evaluate import load_model
 
     space = SearchSpace(validate_recipe(_ties(char_family)), blocks=2)
     document = space.recipe([0.3, 0.6, 0.9, 0.5, 0.2, 0.8, 0.7, 0.1, 0.4, 0.6, 0.3, 0.9])
@@ -191,7 +191,7 @@ def test_same_seed_same_search(quadratic):
 def test_candidates_do_not_depend_on_the_last_bits_of_the_strategy(quadratic):
     """Nodes with other numpy/BLAS builds may differ in the last bits of CMA-ES's state;
     the candidates (hence the recipes and their content ids) are rounded and stay the same."""
-    from hivemerge.merge.search import CANDIDATE_DECIMALS, ask, replay
+    from hivemerge.merge.search.cmaes import CANDIDATE_DECIMALS, ask, replay
 
     space, target = quadratic
     settings = SearchSettings(budget=60, seed=4, popsize=5)
@@ -277,7 +277,7 @@ def test_search_settings_are_checked():
 def cli(tmp_path_factory):
     from cli_runner import CliRunner
 
-    runner = CliRunner(tmp_path_factory.mktemp("search-cli"), preload="import hivemerge.merge.search, hivemerge.merge.fitness")
+    runner = CliRunner(tmp_path_factory.mktemp("search-cli"), preload="import hivemerge.merge.search.cmaes, hivemerge.merge.evaluation.fitness")
     yield runner
     runner.close()
 
@@ -332,7 +332,7 @@ def test_search_command_errors(cli, char_family, tmp_path, change, message):
 def test_next_candidates_is_the_search_rule(quadratic):
     """What a network search relies on: from the settings and the earlier scores alone,
     any process draws the candidates the search itself drew."""
-    from hivemerge.merge.search import next_candidates
+    from hivemerge.merge.search.cmaes import next_candidates
 
     space, target = quadratic
     settings = SearchSettings(budget=25, seed=11, popsize=4)

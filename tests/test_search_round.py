@@ -19,11 +19,11 @@ from network_fixtures import wait_until
 from round_fixtures import RoundNet, round_records, wait_round_done
 from search_fixtures import char_family
 
-from hivemerge.merge import tasks
-from hivemerge.merge.fitness import ValidationFitness
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.search import SearchSettings, next_candidates
-from hivemerge.merge.search_space import SearchSpace
+from hivemerge.merge.search.cmaes import SearchSettings, next_candidates
+from hivemerge.merge.search.space import SearchSpace
 from hivemerge.protocol.rounds import build_recipe
 from hivemerge.protocol import search
 from hivemerge.protocol.content import content_id
@@ -192,7 +192,7 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
     import asyncio
     from types import SimpleNamespace
 
-    from hivemerge.node.search_rounds import SearchCoordinator
+    from hivemerge.node.coordinators.search_rounds import SearchCoordinator
 
     me, delta = "ab" * 32, "cd" * 32
 
@@ -239,7 +239,7 @@ def final_round_stub(tmp_path, me: str, existing: list[dict]):
     """A search coordinator whose node records stored records and knows ``existing`` proposals."""
     from types import SimpleNamespace
 
-    from hivemerge.node.search_rounds import SearchCoordinator
+    from hivemerge.node.coordinators.search_rounds import SearchCoordinator
 
     stored = []
 
@@ -352,8 +352,8 @@ def test_an_owner_does_not_score_a_generation_whose_slot_has_passed(tmp_path, mo
     import asyncio
     from types import SimpleNamespace
 
-    from hivemerge.merge import search as merge_search
-    from hivemerge.node.search_rounds import SearchCoordinator
+    from hivemerge.merge.search import cmaes as merge_search
+    from hivemerge.node.coordinators.search_rounds import SearchCoordinator
 
     stored = []
 

@@ -13,10 +13,10 @@ import torch
 from delta_fixtures import CONFIG, family_shapes, perturbed, random_tensors, save_model
 from safetensors.torch import save_file
 
-from hivemerge.merge.delta import DeltaError, extract_delta
-from hivemerge.merge.manifest import build_model_manifest, model_id
-from hivemerge.merge.sources import SafetensorsModel
-from hivemerge.node.store import ContentStore
+from hivemerge.merge.deltas.delta import DeltaError, extract_delta
+from hivemerge.merge.io.manifest import build_model_manifest, model_id
+from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.node.storage.store import ContentStore
 from hivemerge.protocol.content import canonical_json, content_id, parse_content_ref, short_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import architecture_fingerprint

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from delta_fixtures import assert_user_error, family_shapes, perturbed, random_tensors, save_model, shared_runner
 
-from hivemerge.merge.delta import extract_delta
-from hivemerge.merge.probe import write_probe
+from hivemerge.merge.deltas.delta import extract_delta
+from hivemerge.merge.fusion.probe import write_probe
 from hivemerge.node.control import COMMANDS, ControlServer
-from hivemerge.node.retention import inventory, prune, record_fetched_consensus
-from hivemerge.node.store import PACK_SUFFIX, ContentStore
+from hivemerge.node.storage.retention import inventory, prune, record_fetched_consensus
+from hivemerge.node.storage.store import PACK_SUFFIX, ContentStore
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -275,7 +275,7 @@ def test_cli_bad_keep_is_a_usage_error(cli, home):
 def _pruning_coordinator(home: Home, keep: int = 1):
     import threading
 
-    from hivemerge.node.rounds import RoundCoordinator
+    from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 
     logged: list[str] = []
     node = types.SimpleNamespace(home=home.path, published=lambda: [], log=logged.append, keep_results=keep,
@@ -293,7 +293,7 @@ def _end_everything(home: Home) -> None:
 
 
 def test_live_work_names_what_is_under_way(home):
-    from hivemerge.node.retention import live_work
+    from hivemerge.node.storage.retention import live_work
 
     assert live_work(home.path) == f"round {260:012x} is attested"  # finality not known yet
     _end_everything(home)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from hivemerge.node import store as store_module
-from hivemerge.node.store import ContentStore, StoreFullError
+from hivemerge.node.storage import store as store_module
+from hivemerge.node.storage.store import ContentStore, StoreFullError
 from hivemerge.protocol import bundles
 from hivemerge.protocol.bundles import MAX_CHUNKS
 from hivemerge.protocol.content import canonical_json
@@ -84,7 +84,7 @@ def test_sparse_staging_counts_as_taken_on_the_disk(store):
 
 
 def test_a_torn_resume_record_is_ignored_not_fatal(tmp_path):
-    from hivemerge.node.transfer import _claimed_chunks
+    from hivemerge.node.net.transfer import _claimed_chunks
 
     bundle = {"files": [{"chunks": ["aa" * 32, "bb" * 32]}, {"chunks": ["cc" * 32]}]}
     marker = tmp_path / "done.json"

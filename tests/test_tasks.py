@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from hivemerge.merge import tasks
-from hivemerge.merge.tasks import ALPHABET, Example, load_suite
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.tasks import ALPHABET, Example, load_suite
 from hivemerge.protocol.errors import UserInputError
 
 N = 500  # generated examples per task in the answer checks
@@ -121,7 +121,7 @@ def test_generation_is_deterministic_for_a_seed(task):
 
 def test_held_out_is_the_same_in_another_process():
     """String seeds hash with SHA-512, not Python's salted hash: same suites under any PYTHONHASHSEED."""
-    code = ("import json\nfrom hivemerge.merge import tasks\n"
+    code = ("import json\nfrom hivemerge.merge.toy import tasks\n"
             "print(json.dumps({t: [[e.prompt, e.answer] for e in tasks.held_out(t, 50)] for t in tasks.SUITES}))")
     here = {t: [[e.prompt, e.answer] for e in tasks.held_out(t, 50)] for t in tasks.SUITES}
     for hashseed in ("1", "4242"):
@@ -137,7 +137,7 @@ def _training_streams(tmp_path, monkeypatch) -> dict[str, list[str]]:
     """Every prompt build_experts(SPEC) trains on, stage by stage: ``train`` is replaced by a
     recorder, and the recorded sampler is replayed with the recorded seed, steps and batch
     exactly as train() consumes it (one Random(seed), steps * batch draws)."""
-    from hivemerge.merge import experts, training
+    from hivemerge.merge.toy import experts, training
 
     batch_default = inspect.signature(training.train).parameters["batch"].default
     recorded = []
@@ -164,7 +164,7 @@ def test_held_out_prompts_are_never_trained_on(tmp_path, monkeypatch):
     600 per expert at batch 64: 211,200 training draws), none of the 200 held-out prompts
     of any built-in suite is ever drawn for training. (Before the split, 196 of the 198
     distinct held-out math prompts were in the math expert's training stream.)"""
-    from hivemerge.merge.experts import SPEC
+    from hivemerge.merge.toy.experts import SPEC
 
     streams = _training_streams(tmp_path, monkeypatch)
     assert sum(map(len, streams.values())) == 64 * (SPEC["base_steps"] + 3 * SPEC["expert_steps"])
@@ -194,7 +194,7 @@ def test_held_out_split_is_a_tenth_and_suites_are_varied():
 # -- the alphabet ----------------------------------------------------------------------
 
 def test_every_character_is_in_the_alphabet():
-    from hivemerge.merge.experts import base_mix
+    from hivemerge.merge.toy.experts import base_mix
 
     rng = random.Random(0)
     texts = [base_mix(rng).text for _ in range(2000)]

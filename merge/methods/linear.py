@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from hivemerge.merge import exact
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register, weighted_sum
 from hivemerge.merge.params import ParamSpec
 

@@ -8,7 +8,7 @@ a new method needs nothing but its class and a ``@register``.
 Implementations must keep the output a pure function of the inputs on any device and
 thread count: elementwise torch operations, one kernel per operation (no fused
 multiply-add across a weighted sum), models combined in recipe order, and reductions
-only through :mod:`hivemerge.merge.exact`.
+only through :mod:`hivemerge.merge.numerics.exact`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from hivemerge.merge import exact
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.params import ParamSpec
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from hivemerge.merge import exact, rng
+from hivemerge.merge.numerics import exact, rng
 
 # Elements per chunk: on a CPU the temporaries of a chunk stay in its caches; a GPU
 # wants few, large kernels. The size never changes a result, only the speed.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hivemerge.merge import exact, rng
+from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.methods.sparsify import KeepRandom, KeepRule, keep_by_rank, spans

@@ -1,0 +1,47 @@
+"""Manifests of local models: every tensor's and side file's hash, and the content id."""
+
+from __future__ import annotations
+
+from hivemerge.merge.io.dtypes import SAFETENSORS_CODES
+from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.protocol.content import content_id, sha256_hex
+from hivemerge.protocol.manifests import MODEL_FILES, TOKENIZER_FILES, WEIGHTS_INDEX_FILE, model_manifest
+
+__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "build_model_manifest", "model_files", "model_id", "side_files"]
+
+
+def side_files(model) -> dict[str, bytes]:
+    """The model's config and tokenizer files that exist, by name."""
+    found = {}
+    for name in MODEL_FILES:
+        data = model.read_file(name)
+        if data is not None:
+            found[name] = data
+    return found
+
+
+def model_files(model: SafetensorsModel) -> list[str]:
+    """The names of the files a model's content id covers: the weights it reads (and
+    their index) and its side files. A stored or fetched model holds exactly these."""
+    names = [f.name for f in model.weight_files]
+    if model.index_file is not None:
+        names.append(WEIGHTS_INDEX_FILE)
+    return sorted({*names, *(n for n in MODEL_FILES if model.side_file(n) is not None)})
+
+
+def build_model_manifest(model: SafetensorsModel) -> dict:
+    tensors = {
+        name: {"dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape), "sha256": sha256_hex(model.raw_bytes(name))}
+        for name, info in model.tensors.items()
+    }
+    files = {name: sha256_hex(data) for name, data in side_files(model).items()}
+    return model_manifest(tensors, files)
+
+
+def model_id(model: SafetensorsModel) -> str:
+    """The content id of a local model (hashes every byte of it; cached per object)."""
+    cached = getattr(model, "_content_id", None)
+    if cached is None:
+        cached = content_id(build_model_manifest(model))
+        model._content_id = cached
+    return cached

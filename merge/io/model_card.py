@@ -1,0 +1,75 @@
+"""Files of the output directory besides the weights: config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from hivemerge.merge.io.dtypes import dtype_name
+from hivemerge.protocol.fingerprint import architecture_fingerprint
+
+from hivemerge.merge.io.manifest import TOKENIZER_FILES
+
+
+def write_config(recipe, out: Path) -> None:
+    source = recipe.reference.source
+    config = source.config()
+    if config:
+        # transformers 5 reads `dtype`; older releases `torch_dtype`.
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = dtype_name(recipe.out_dtype)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = source.read_file("generation_config.json")
+    if generation is not None:
+        (out / "generation_config.json").write_bytes(generation)
+
+
+def copy_tokenizer(recipe, out: Path) -> list[str]:
+    source = recipe.tokenizer_source.source
+    copied = []
+    for name in TOKENIZER_FILES:
+        data = source.read_file(name)
+        if data is not None:
+            (out / name).write_bytes(data)
+            copied.append(name)
+    return copied
+
+
+def write_model_card(recipe, out: Path) -> None:
+    inputs = ([recipe.base] if recipe.base else []) + [m for m in recipe.inputs if m is not recipe.base]
+    rows = []
+    for m in inputs:
+        role = "base" if m is recipe.base else m.key
+        fingerprint = architecture_fingerprint(m.source.shapes())[:16]
+        rows.append(f"| {role} | `{m.ref}` | `{fingerprint}` |")
+    front = {"library_name": "transformers", "tags": ["merge", "hivemerge", recipe.method.name]}
+    if recipe.base is not None:
+        front["base_model"] = recipe.base.ref
+    title = recipe.name or "Merged model"
+    card = "\n".join(
+        [
+            "---",
+            yaml.safe_dump(front, sort_keys=False).strip(),
+            "---",
+            f"# {title}",
+            "",
+            f"Merged with [hivemerge](https://pypi.org/project/hivemerge/) using the **{recipe.method.name}** method: "
+            f"{recipe.method.summary}",
+            "",
+            "## Input models",
+            "",
+            "| role | model | architecture fingerprint |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+            "## Recipe",
+            "",
+            "```yaml",
+            yaml.safe_dump(recipe.document, sort_keys=False).strip(),
+            "```",
+            "",
+        ]
+    )
+    (out / "README.md").write_text(card)

@@ -1,0 +1,178 @@
+"""Network commands: ``node start``, ``publish``, ``experts``, ``fetch``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hivemerge.node.cli.identity import HomeOption
+from hivemerge.node.ui import err, print_table
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.identity import default_home
+
+PeerOption = Annotated[
+    Optional[list[str]], typer.Option("--peer", help="Multiaddr of a peer to join through (repeatable).")
+]
+
+node_app = typer.Typer(help="Run a hivemerge node.", no_args_is_help=True)
+
+
+@node_app.command("start")
+def start(
+    home: HomeOption = None,
+    listen: Annotated[Optional[list[str]], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")] = None,
+    peer: PeerOption = None,
+    record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives unless refreshed.", min=10)] = 300.0,
+    keep_results: Annotated[Optional[int], typer.Option(
+        "--keep-results", min=0,
+        help="Each time a round this node attested is known final or not, prune the store as "
+             "`hivemerge store prune --keep N` does (off by default).",
+    )] = None,
+    max_store: Annotated[Optional[str], typer.Option(
+        "--max-store",
+        help="Most bytes the content store may hold, staging included (e.g. 500GiB, 2000GB); a fetch that "
+             "would exceed it is refused before anything is written. Default 200GiB.",
+    )] = None,
+) -> None:
+    """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly (or,
+    should its p2p daemon die, say so and stop with exit status 1)."""
+    from hivemerge.merge.io.writer import parse_size
+    from hivemerge.node.control import ControlServer
+    from hivemerge.node.node import DEFAULT_LISTEN, Node
+    from hivemerge.node.storage.store import DEFAULT_MAX_STORE
+
+    try:
+        store_bytes = DEFAULT_MAX_STORE if max_store is None else parse_size(max_store)
+    except (ValueError, OverflowError) as exc:  # OverflowError: "inf"
+        raise UserInputError(f"--max-store: {exc}") from None
+    home = default_home(home)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl, keep_results=keep_results,
+                max_store=store_bytes)
+    try:
+        control = ControlServer(home, node)
+    except BaseException:
+        node.close()
+        raise
+    try:
+        print(f"node {node.peer_id} (identity {node.identity.fingerprint}) on {home}", flush=True)
+        for maddr in node.maddrs():
+            print(f"listening {maddr}", flush=True)
+        print("serving; Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0) and not node.daemon_died.is_set():
+            pass
+    finally:
+        control.close()
+        node.close()
+        print("node stopped", flush=True)
+    if node.daemon_died.is_set():
+        raise SystemExit(1)  # the node logged why ("p2p daemon died")
+
+
+@contextmanager
+def _node(home: Path | None, peers: list[str] | None):
+    """The node running on the home, or a short-lived client joined through --peer."""
+    from hivemerge.node.control import RemoteNode, node_is_running
+
+    home = default_home(home)
+    if node_is_running(home):
+        yield RemoteNode(home)
+        return
+    if not peers:
+        raise UserInputError(f"no node is running on {home}; start one (hivemerge node start) or pass --peer MADDR")
+    from hivemerge.node.node import Node
+
+    client = Node(home, listen=["/ip4/127.0.0.1/tcp/0"], peers=peers, client_mode=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def publish(
+    model_dir: Annotated[Path, typer.Argument(help="The expert model directory.")],
+    domain: Annotated[str, typer.Option("--domain", help="What the expert is good at, e.g. math.")],
+    base: Annotated[Path, typer.Option("--base", help="The base model directory it was fine-tuned from.")],
+    codec: Annotated[Optional[str], typer.Option("--codec", help="Delta codec (default: ternary).")] = None,
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Extract the signed delta, store it in the running node, and advertise the expert."""
+    from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
+
+    with _node(home, None) as node:
+        record = node.publish(model_dir=str(model_dir.resolve()), domain=domain, base_dir=str(base.resolve()),
+                              codec=codec or DEFAULT_CODEC)
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        err.print(f"published {domain} expert: delta {record['delta_id'][:12]} ({record['size']:,} bytes)")
+        print(record["delta_id"])
+
+
+def experts(
+    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    home: HomeOption = None,
+    peer: PeerOption = None,
+) -> None:
+    """What the network offers, from the DHT: published experts (deltas of a base) and
+    heterogeneous experts' logit packs (for rounds with a fusion step)."""
+    with _node(home, peer) as node:
+        rows = [{"kind": "expert", **r} for r in node.experts(domain=domain)]
+        packs = [{"kind": "pack", **r} for r in node.packs(domain=domain)]
+    if as_json:
+        print(json.dumps(rows + packs, indent=2))
+        return
+    columns = ("kind", "domain", "id", "model", "base / probe", "codecs / top-k", "size", "publisher")
+    print_table(f"{len(rows)} expert(s), {len(packs)} pack(s)", columns, [
+        *[("expert", r["domain"], r["delta_id"][:12], r["expert_id"][:12], r["base_id"][:12],
+           ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items())), f"{r['size']:,}", r["publisher"][:16]) for r in rows],
+        *[("pack", r["domain"], r["pack_id"][:12], r["model_id"][:12], r["probe_id"][:12], f"top-{r['top_k']}",
+           f"{r['size']:,}", r["publisher"][:16]) for r in packs],
+    ])
+
+
+def fetch(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write it (a directory).")],
+    content: Annotated[
+        Optional[str], typer.Argument(help="A delta id, an expert id or any content id (hm://ID or ID); "
+                                      "omitted: the latest consensus model for --base.")
+    ] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="Rebuild the full expert from a delta on this base.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+    home: HomeOption = None,
+    peer: PeerOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Fetch content from the network, verified chunk by chunk, written atomically.
+
+    Without ID: the latest final consensus model for --base, after checking its
+    attestations and hashes; it gets a model card naming the round and its attesters.
+    """
+    with _node(home, peer) as node:
+        result = node.fetch(ref=content, out=str(out_dir.resolve()), base=str(base.resolve()) if base else None,
+                            overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    received = result.get("bytes_received")
+    if "round_id" in result:
+        how = f"consensus of round {result['round_id'][:12]}, attested by {len(result['attesters'])}"
+    elif received is not None:
+        how = f"{received:,} bytes from {len(result['chunks_by_provider'])} provider(s)"
+    else:
+        how = "from the local store"
+    err.print(f"fetched {result['content'][:12]} ({how}) -> {result['out']}")
+    for peer_id, why in result.get("liars", {}).items():
+        err.print(f"  avoided {peer_id}: {why}")
+    for bundle_id, why in result.get("refused", {}).items():
+        err.print(f"  refused bundle {bundle_id[:12]}: {why}")

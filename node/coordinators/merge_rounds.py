@@ -1,0 +1,261 @@
+"""The round coordinator: a node's part in merge rounds.
+
+Runs as a task on the node's loop. Every few seconds it looks at the proposals for
+the bases of the experts this node published; it commits (a signed record of its
+delta ids) to the winning open proposal its experts match. After the deadline it
+fetches the committed deltas it lacks, screens them (merge/deltas/screening.py), excludes
+the unavailable, the invalid and the norm outliers with the reason, merges the rest
+locally with the engine (GPU when present) and attests the result's content id. Local
+progress is kept in ``HOME/rounds/<round id>.json`` for ``round status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from hivemerge.merge.deltas.delta import DeltaError
+from hivemerge.merge.engine import run_merge
+from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.deltas.screening import screen_delta
+from hivemerge.node.coordinators.fusion_rounds import FusionRounds
+from hivemerge.node.coordinators.base import Coordinator, NodeServices
+from hivemerge.node.storage.home import ROUNDS_DIR, Phase
+from hivemerge.node.storage.store import DELTA_SUFFIX
+from hivemerge.protocol import bounds, fusion, records, rounds
+from hivemerge.protocol.errors import UserInputError
+
+POLL_SECONDS = 2.0
+SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
+SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
+
+
+class RoundCoordinator(Coordinator):
+    label = "round coordinator"
+
+    def __init__(self, node: NodeServices, poll: float = POLL_SECONDS, device: str = "auto"):
+        self.node = node
+        self.poll = poll
+        self.device = device
+        self.dir = node.home / ROUNDS_DIR
+        self.dir.mkdir(exist_ok=True)
+        self._running: dict[str, asyncio.Task] = {}
+        self.finality_window = rounds.RECORD_MARGIN  # how long after the deadline an attested round may still become final
+        self._next_settle: dict[str, float] = {}  # round id -> when to check its finality again
+        self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/coordinators/fusion_rounds.py)
+
+    # -- the loop -----------------------------------------------------------------------
+    async def tick(self) -> None:
+        now = time.time()
+        published = self.node.published()
+        for base_id in sorted({p["base_id"] for p in published}):
+            await self.guarded(f"proposals for base {base_id[:12]}", self.join(base_id, published, now))
+        for state in self.states():
+            await self.guarded(f"round {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
+        await self.fusion.tick(now)
+
+    async def join(self, base_id: str, published: list[dict], now: float) -> None:
+        """Commit this node's matching experts to the winning open proposal for ``base_id``."""
+        proposals = rounds.live_proposals(await self.proposals(base_id))
+        winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
+        if winner is None or self.state(winner["round_id"]) is not None:
+            return
+        mine = [p["delta_id"] for p in published if p["base_id"] == base_id and rounds.matches(winner["select"], p)]
+        if not mine:
+            return
+        active = self.active()
+        if len(active) >= bounds.MAX_ACTIVE_ROUNDS:  # a stranger's proposals cannot queue more work than this
+            self.node.log(f"round {winner['round_id'][:12]}: not joined: {len(active)} rounds under way already")
+            return
+        domains = {p["delta_id"]: p["domain"] for p in published}
+        await self.commit(winner, {d: domains[d] for d in sorted(mine)})
+
+    def active(self) -> list[str]:
+        """The rounds this node committed to that are not yet attested or failed."""
+        return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in (Phase.COMMITTED, Phase.MERGING)]
+
+    async def advance(self, state: dict, now: float) -> None:
+        """Start a committed round's execution after its deadline; settle an attested one."""
+        rid = state["proposal"]["round_id"]
+        if state["phase"] == Phase.COMMITTED and now >= state["proposal"]["deadline"] and rid not in self._running:
+            self._running[rid] = asyncio.create_task(self.execute(rid))
+        elif state["phase"] == Phase.ATTESTED and "final" not in state and now >= self._next_settle.get(rid, 0.0):
+            self._next_settle[rid] = now + SETTLE_EVERY
+            if await self.settle(state, now) and self.node.keep_results is not None:
+                await self.auto_prune()
+
+    async def proposals(self, base_id: str) -> list[dict]:
+        found = await self.node.network.get_records(rounds.rounds_key(base_id))
+        return [p for p in found.values() if p["round_id"] == rounds.round_id(p)]
+
+    async def commit(self, proposal: dict, domains: dict[str, str]) -> None:
+        fields = {
+            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": domains,
+            **self.node.contact(), "issued_at": time.time(),
+        }
+        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
+        self.save({"proposal": proposal, "phase": Phase.COMMITTED, "committed": sorted(domains)})
+
+    def ttl(self, proposal: dict) -> float:
+        # Round records must outlive the round by a margin, so late fetchers can still check it.
+        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl)
+
+    async def settle(self, state: dict, now: float) -> bool:
+        """Record whether an attested round became final with this node's result
+        (``final``: true or false); True once it is known. Until then the store keeps
+        everything the round used (node/storage/retention.py); a round still short of quorum when
+        ``finality_window`` has passed since its deadline is taken as not final."""
+        proposal = state["proposal"]
+        try:
+            commitments, attestations = await self.round_records(proposal["round_id"], proposal["deadline"])
+        except Exception as exc:  # a DHT hiccup: check again later, and let this tick's other work go on
+            self.node.log(f"round {proposal['round_id'][:12]}: finality check: {type(exc).__name__}: {exc}")
+            return False
+        result, _ = rounds.final_result(commitments, attestations, proposal["quorum"])
+        if result is not None:
+            state["final"] = result == state["result_id"]
+        elif now > proposal["deadline"] + self.finality_window:
+            state["final"] = False
+        else:
+            return False
+        self.save(state)
+        return True
+
+    async def auto_prune(self) -> None:
+        """On a node started with ``--keep-results``, after an attested round settled:
+        remove what the store no longer needs (node/storage/retention.py), unless a round, search
+        or fusion is under way or a command is adding content (the next settled round
+        tries again)."""
+        from hivemerge.node.storage.retention import live_work, prune
+
+        busy = live_work(self.node.home)
+        if busy is not None:
+            self.node.log(f"store: not pruned now: {busy}")
+            return
+        if not self.node.content_lock.acquire(blocking=False):
+            self.node.log("store: not pruned now: a command is adding content")
+            return
+        try:
+            removed = await asyncio.get_running_loop().run_in_executor(None, prune, self.node.home, self.node.keep_results)
+        finally:
+            self.node.content_lock.release()
+        if removed:
+            self.node.log(f"store: pruned {len(removed)} object(s), {sum(i.size for i in removed):,} bytes")
+
+    # -- after the deadline ---------------------------------------------------------------
+    async def execute(self, round_id: str) -> None:
+        state = self.state(round_id)
+        proposal = state["proposal"]
+        try:
+            await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
+            state["phase"] = Phase.MERGING
+            self.save(state)
+            commitments, _ = await self.round_records(round_id, proposal["deadline"])
+            state["participants"] = sorted(commitments)
+            excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
+            norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
+            excluded.update(screened_out)
+            fused = set(fusion.fused_deltas(commitments))
+            excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
+            kept = sorted(d for d in norms if d not in excluded and d not in fused)  # the expert deltas merged
+            excluded.update(await self.fusion.judge(proposal, commitments, norms, kept))
+            included = sorted(d for d in norms if d not in excluded)
+            state.update(excluded=excluded, included=included)
+            self.save(state)
+            result_id = await asyncio.get_running_loop().run_in_executor(None, self.merge, proposal, included, commitments)
+            bundle_id = self.node.store.bundle_of(result_id)
+            fields = {
+                "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
+                "excluded": {}, **self.node.contact(), "issued_at": time.time(),
+            }
+            fields["excluded"] = records.fitting_reasons(excluded, fields)
+            await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
+            await self.node.announce()
+            state.update(phase=Phase.ATTESTED, result_id=result_id)
+        except Exception as exc:
+            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.save(state)
+            self._running.pop(round_id, None)
+
+    async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""
+        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
+        return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
+                {r["publisher"]: r for r in found if "result_id" in r})
+
+    async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
+                            ) -> tuple[dict[str, float], dict[str, str]]:
+        """Fetch what is missing, all at once within one fetch window (N slow deltas
+        cost one window, not N), then screen every delta (those in ``skip``, already
+        excluded, are neither fetched nor screened)."""
+        norms: dict[str, float] = {}
+        base = self.node.store.model(proposal["base_id"])
+        window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
+        committers: dict[str, set[str]] = {}
+        for committer, commitment in sorted(commitments.items()):
+            for delta_id in commitment["delta_ids"]:
+                if delta_id not in skip:
+                    committers.setdefault(delta_id, set()).add(committer)
+        excluded = await self._fetch_all(sorted(d for d in committers if not self.node.store.has(d)), window)
+        for delta_id, by in sorted(committers.items()):
+            if delta_id not in excluded:
+                path = self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}"
+                try:
+                    norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, by)
+                except UserInputError as exc:
+                    excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
+        return norms, excluded
+
+    async def _fetch_all(self, delta_ids: list[str], window: float) -> dict[str, str]:
+        """Fetch ``delta_ids`` side by side; returns delta id -> why it is excluded, for
+        those that failed or had not arrived when ``window`` seconds were up."""
+        # A few at a time: one provider may serve them all, and serves a peer a few streams at once.
+        slots = asyncio.Semaphore(bounds.MAX_PARALLEL_FETCHES)
+
+        async def fetch(delta_id: str) -> None:
+            async with slots:
+                await self.node.fetch_async(delta_id)
+
+        tasks = {asyncio.ensure_future(fetch(d)): d for d in delta_ids}
+        excluded: dict[str, str] = {}
+        if not tasks:
+            return excluded
+        done, pending = await asyncio.wait(tasks, timeout=window)
+        for task in pending:
+            task.cancel()
+            excluded[tasks[task]] = f"unavailable: not fetched within the round's fetch window of {window:g} s"
+        if pending:
+            await asyncio.wait(pending, timeout=10)  # let the cancelled fetches clean up before the store is read
+        for task in pending:  # stored, but cut short after (announcing it): it arrived in time
+            if self.node.store.has(tasks[task]):
+                del excluded[tasks[task]]
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, DeltaError):  # it arrived whole, but is not the delta it claims to be
+                excluded[tasks[task]] = f"failed verification: {_without_local_path(exc)}"[:300]
+            elif exc is not None:
+                excluded[tasks[task]] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        return excluded
+
+    def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
+        out = self.node.store.partial / f"round-{proposal['round_id']}"
+        self.merge_to(rounds.build_recipe(proposal, included, rounds.committed_domains(commitments)), out)
+        try:
+            return self.node.store.add_model(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def merge_to(self, document: dict, out: Path) -> Path:
+        """Run a round's merge recipe document (its ``hm://`` inputs from the store) into ``out``."""
+        run_merge(validate_recipe(document, resolver=self.node.store.resolve), out, device=self.device, overwrite=True)
+        return out
+
+
+def _without_local_path(exc: Exception) -> str:
+    """A delta error's reason without this node's file path: reasons go into public
+    attestations, and every participant should state the same one."""
+    head, sep, tail = str(exc).partition(f"{DELTA_SUFFIX}: ")
+    return tail if sep and "/" in head else str(exc)
