@@ -28,12 +28,14 @@ from pathlib import Path
 
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.evaluation.evaluate import evaluate, load_model
+from hivemerge.merge.evaluation.evaluate import evaluate
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.toy.experts import SPEC, build_experts
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.fusion.packs import make_pack
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.protocol import rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
@@ -144,7 +146,7 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
     say("evaluating base, experts and consensus on every suite")
     rows = {}
     for name, path in [("base", base_dir), *[(d, models[d]) for d in tasks.DOMAINS], ("consensus", out / "consensus")]:
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_causal_lm(path)
         rows[name] = {s: vars(evaluate(model, tokenizer, s, count)) for s in tasks.SUITES}
     result = {
         "round_id": proposal["round_id"], "weight_merge_id": merged, "consensus_id": final["result_id"],
@@ -177,8 +179,6 @@ def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int |
     from hivemerge.merge.evaluation.evaluate import greedy_answers
     from hivemerge.merge.toy.experts import base_mix
     from hivemerge.merge.fusion.probe import write_probe
-    from hivemerge.merge.toy.training import single_thread
-
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     pairs = []
@@ -188,7 +188,7 @@ def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int |
     probe = write_probe(pairs, directory / "probe.jsonl")
     draw = tasks.training_only(lambda r: tasks.compose_task(r) if r.random() < 0.5 else base_mix(r))
     prompts = [draw(rng).prompt for _ in range(replay_prompts)]
-    model, tokenizer = load_model(answer_with)
+    model, tokenizer = load_causal_lm(answer_with)
     with single_thread():
         answers = greedy_answers(model, tokenizer, prompts, max_new=8)
     return probe, write_probe([(p, a + "\n") for p, a in zip(prompts, answers)], directory / "replay.jsonl")

@@ -3,9 +3,8 @@ its AST: top-level, in functions and under TYPE_CHECKING alike).
 
 - protocol/ imports nothing from merge/ or node/; merge/ never imports node/;
 - no import loop between modules;
-- product code does not import the demo's toy models and tasks beyond the known places
-  (a ratchet: the list may only shrink, as eval, search and fusion learn to work with any
-  tokenizer; issue 19).
+- product code never imports the demo's toy models and tasks (merge/toy/): evaluation,
+  search and fusion work with any tokenizer; only the demo and its CLI module use them.
 """
 
 from __future__ import annotations
@@ -16,17 +15,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"hivemerge": "hivemerge", "protocol": "hivemerge.protocol", "merge": "hivemerge.merge", "node": "hivemerge.node"}
 # The demo's tiny character model, its synthetic tasks and experts, and the heterogeneous test expert.
-TOY = {"hivemerge.merge.toy.training", "hivemerge.merge.toy.tasks", "hivemerge.merge.toy.experts", "hivemerge.merge.toy.hetero"}
+TOY = "hivemerge.merge.toy"  # the package and its modules
 DEMO = {"hivemerge.node.demo", "hivemerge.node.cli.demo"}  # the demo itself may use them
-KNOWN_TOY_IMPORTS = {  # product code that still assumes the toy model (one token per character)
-    ("hivemerge.merge.fusion.distill", "hivemerge.merge.toy.training"),
-    ("hivemerge.merge.evaluation.evaluate", "hivemerge.merge.toy.tasks"),
-    ("hivemerge.merge.evaluation.evaluate", "hivemerge.merge.toy.training"),
-    ("hivemerge.merge.evaluation.fitness", "hivemerge.merge.toy.tasks"),
-    ("hivemerge.merge.evaluation.fitness", "hivemerge.merge.toy.training"),
-    ("hivemerge.merge.fusion.packs", "hivemerge.merge.toy.training"),
-    ("hivemerge.node.coordinators.search_rounds", "hivemerge.merge.toy.tasks"),
-}
+
+
+def is_toy(module: str) -> bool:
+    return module == TOY or module.startswith(TOY + ".")
 
 
 def modules() -> dict[str, Path]:
@@ -82,24 +76,28 @@ def test_no_import_loops():
     assert loops == []
 
 
-def test_product_code_imports_the_toy_models_only_where_it_still_does():
+def test_product_code_never_imports_the_toy_models():
     edges = graph()
     toy_imports = {(a, b) for a, targets in edges.items() for b in targets
-                   if b in TOY and a not in TOY and a not in DEMO}
-    assert toy_imports <= KNOWN_TOY_IMPORTS, sorted(toy_imports - KNOWN_TOY_IMPORTS)
+                   if is_toy(b) and not is_toy(a) and a not in DEMO}
+    assert sorted(toy_imports) == []
 
 
 def test_the_checker_sees_a_loop_and_a_layer_breach(tmp_path, monkeypatch):
     """The checks above can fail: a module pair that imports each other is a loop, and a
-    protocol module importing node/ is a breach."""
+    protocol module importing node/ is a breach, a merge module importing
+    merge/toy is product code on the toy."""
     for folder in PACKAGES:
         (tmp_path / folder).mkdir()
     (tmp_path / "protocol" / "a.py").write_text("from hivemerge.node import b\n")
     (tmp_path / "node" / "b.py").write_text("def f():\n    from hivemerge.protocol import a\n")
+    (tmp_path / "merge" / "toy").mkdir()
+    (tmp_path / "merge" / "toy" / "c.py").write_text("")
+    (tmp_path / "merge" / "d.py").write_text("from hivemerge.merge.toy import c\n")
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     edges = graph()
     assert edges["hivemerge.protocol.a"] == {"hivemerge.node.b"} and edges["hivemerge.node.b"] == {"hivemerge.protocol.a"}
-    for check in (test_the_layers_import_only_downwards, test_no_import_loops):
+    for check in (test_the_layers_import_only_downwards, test_no_import_loops, test_product_code_never_imports_the_toy_models):
         try:
             check()
         except AssertionError:

@@ -13,7 +13,8 @@ import torch
 from delta_fixtures import CliRunner, assert_user_error
 
 from hivemerge.merge.toy import tasks
-from hivemerge.merge.evaluation.evaluate import answer_loss, evaluate, greedy_answers, load_model
+from hivemerge.merge.evaluation.evaluate import answer_loss, evaluate, greedy_answers
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.toy.tasks import ALPHABET, Example
 from hivemerge.merge.toy.training import BOS, PAD, build_tokenizer, encode, new_model, save, train
 from hivemerge.protocol.errors import UserInputError
@@ -302,7 +303,7 @@ def saved_seven(tmp_path_factory, tok, seven_model):
 
 
 def test_load_model_gives_the_same_model(saved_seven, tok, seven_model):
-    model, loaded_tok = load_model(saved_seven)
+    model, loaded_tok = load_causal_lm(saved_seven)
     assert not model.training
     original = seven_model[0].state_dict()
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
@@ -312,9 +313,9 @@ def test_load_model_gives_the_same_model(saved_seven, tok, seven_model):
 
 def test_load_model_rejects_a_directory_without_config(tmp_path):
     with pytest.raises(UserInputError, match="not a model directory"):
-        load_model(tmp_path / "absent")
+        load_causal_lm(tmp_path / "absent")
     with pytest.raises(UserInputError, match="not a model directory"):
-        load_model(tmp_path)
+        load_causal_lm(tmp_path)
 
 
 _EVAL_DRIVER_IMPORTS = (
@@ -339,7 +340,7 @@ def test_eval_cli_prints_the_json_results(cli, saved_seven, tmp_path):
     result = cli("eval", saved_seven, "--suite", "math", "--suite", suite, "--count", 30, "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    model, tok = load_model(saved_seven)
+    model, tok = load_causal_lm(saved_seven)
     expected = [vars(evaluate(model, tok, "math", 30)), vars(evaluate(model, tok, str(suite)))]
     assert [r["suite"] for r in rows] == ["math", str(suite)]
     assert [(r["accuracy"], r["examples"]) for r in rows] == [(e["accuracy"], e["examples"]) for e in expected]

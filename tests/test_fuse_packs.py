@@ -14,7 +14,8 @@ from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
 from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot, pivot_view, pivot_vocab
 from hivemerge.merge.fusion.fuse import fuse_examples
 from hivemerge.merge.io.manifest import model_id
-from hivemerge.merge.fusion.packs import METADATA_KEY, PackFile, load_causal_lm, tokenize_pair
+from hivemerge.merge.fusion.packs import METADATA_KEY, PackFile, tokenize_pair
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity

@@ -103,7 +103,7 @@ def test_space_refuses_what_it_cannot_search(char_family):
 
 def test_fitness_merges_like_the_engine(char_family, tmp_path):
     from hivemerge.merge.engine import run_merge
-    from hivemerge.merge.evaluation.evaluate import load_model
+    from hivemerge.merge.io.models import load_causal_lm
 
     space = SearchSpace(validate_recipe(_ties(char_family)), blocks=2)
     document = space.recipe([0.3, 0.6, 0.9, 0.5, 0.2, 0.8, 0.7, 0.1, 0.4, 0.6, 0.3, 0.9])
@@ -112,7 +112,7 @@ def test_fitness_merges_like_the_engine(char_family, tmp_path):
     got = fitness(document)
     merger = fitness._merger
     run_merge(validate_recipe(document), tmp_path / "merged", device="cpu")
-    model, tokenizer = load_model(tmp_path / "merged")
+    model, tokenizer = load_causal_lm(tmp_path / "merged")
     for name, tensor in model.state_dict().items():
         assert torch.equal(merger.state[name], tensor), name
     expected = {s: score_examples(model, tokenizer, ex) for s, ex in suites.items()}

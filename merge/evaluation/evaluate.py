@@ -7,12 +7,12 @@ so a suite of a few hundred examples takes seconds on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from hivemerge.merge.toy.tasks import Example, load_suite
-from hivemerge.protocol.errors import UserInputError
+from hivemerge.merge.evaluation.suites import Example, load_suite
+from hivemerge.merge.io.tokens import left_padded, pad_id, prompt_ids, response_batch
+from hivemerge.merge.numerics.threads import single_thread
 
 
 @dataclass
@@ -23,59 +23,36 @@ class SuiteResult:
     examples: int
 
 
-def load_model(directory: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise UserInputError(f"{directory}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model, tokenizer
-
-
 @torch.no_grad()
 def answer_loss(model, tokenizer, examples: list[Example]) -> float:
-    from hivemerge.merge.toy.training import encode
-
-    batch = encode(examples, tokenizer)
-    return float(model(**batch).loss)
+    """Mean cross-entropy on the answers and their newline (the prompts are context only)."""
+    return float(model(**response_batch(tokenizer, [(e.prompt, e.answer + "\n") for e in examples])).loss)
 
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new: int = 6) -> list[str]:
-    from hivemerge.merge.toy.training import BOS, PAD
-
-    encoded = [[BOS] + tokenizer.convert_tokens_to_ids(list(p)) for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):  # left padding: every prompt ends at the same column
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
-    newline = tokenizer.convert_tokens_to_ids("\n")
-    out = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    """Each prompt's greedy continuation up to its first newline (or ``max_new`` tokens), as
+    text. Prompts are left-padded so that one forward pass extends them all; any tokenizer."""
+    ids, mask = left_padded([prompt_ids(tokenizer, p) for p in prompts], pad_id(tokenizer))
+    out: list[list[int]] = [[] for _ in prompts]
+    texts = [""] * len(prompts)
+    done = [False] * len(prompts)
     for _ in range(max_new):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        nxt = logits.argmax(-1)
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
-                if t == newline:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-        if done.all():
+                out[i].append(t)
+                texts[i] = tokenizer.decode(out[i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                done[i] = "\n" in texts[i]
+        if all(done):
             break
         ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
         mask = torch.cat([mask, torch.ones_like(nxt).unsqueeze(1)], 1)
-    return ["".join(tokenizer.convert_ids_to_tokens(o)) for o in out]
+    return [text.split("\n", 1)[0] for text in texts]
 
 
 def evaluate(model, tokenizer, suite: str, count: int = 200) -> SuiteResult:
-    from hivemerge.merge.toy.training import single_thread
-
     examples = load_suite(suite, count)
     answers = []
     with single_thread():

@@ -21,7 +21,8 @@ import torch
 from hivemerge.merge.engine import ReadBuffers, merge_tensor
 from hivemerge.merge.recipe import Recipe, Resolver, validate_recipe
 from hivemerge.merge.io.sources import SafetensorsModel
-from hivemerge.merge.toy.tasks import Example, SUITES, load_suite, validation
+from hivemerge.merge.evaluation.suites import Example, validation_suite
+from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -50,7 +51,7 @@ def validation_suites(names: list[str], count: int) -> dict[str, list[Example]]:
         raise UserInputError("--suite: give at least one suite")
     if count < 1:
         raise UserInputError(f"--count: must be at least 1, got {count}")
-    return {name: validation(name, count) if name in SUITES else load_suite(name) for name in names}
+    return {name: validation_suite(name, count) for name in names}
 
 
 @torch.no_grad()
@@ -71,12 +72,12 @@ class InMemoryMerger:
     """Merges recipes over the same inputs into one reusable model object."""
 
     def __init__(self, recipe: Recipe):
-        from hivemerge.merge.evaluation.evaluate import load_model
+        from hivemerge.merge.io.models import load_causal_lm
 
         source = recipe.reference.source
         if not isinstance(source, SafetensorsModel):
             raise UserInputError("search needs base_model (or the first model) to be a model directory")
-        self.model, self.tokenizer = load_model(source.directory)
+        self.model, self.tokenizer = load_causal_lm(source.directory)
         self.state = self.model.state_dict()
         missing = [n for n in self.state if n not in source.tensors]
         if missing:
@@ -107,8 +108,6 @@ class ValidationFitness:
         return {"suites": suites, "loss_weight": self.loss_weight}
 
     def __call__(self, document: dict) -> Evaluation:
-        from hivemerge.merge.toy.training import single_thread
-
         recipe = validate_recipe(document, recipe_dir=self.recipe_dir, resolver=self.resolver)
         with single_thread():
             if self._merger is None:

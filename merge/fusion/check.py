@@ -28,8 +28,10 @@ from hivemerge.merge.fusion.distill import (
     DistillConfig, PivotExample, fuse_into_pivot, pivot_view, pivot_vocab, probe_losses, self_targets, targets,
 )
 from hivemerge.merge.fusion.fuse import fuse_examples
-from hivemerge.merge.fusion.packs import PackFile, load_causal_lm
+from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.fusion.probe import ProbeSet
+from hivemerge.merge.io.tokens import pad_id
 from hivemerge.protocol.identity import Identity
 
 
@@ -48,7 +50,7 @@ def fused_targets(base_dir: Path, packs: list[PackFile], probe: ProbeSet, method
     for pack in packs:
         pack.check_probe(probe)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     encoded, texts = pivot_view(tokenizer, probe)
     fused, _ = fuse_examples([p.load() for p in packs], texts, [ids[first:] for ids, first in encoded],
                              pivot_vocab(tokenizer), method)

@@ -30,7 +30,10 @@ from hivemerge.merge.fusion.align import VocabMap
 from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.fusion.fuse import Dist, fuse_examples
 from hivemerge.merge.io.manifest import TOKENIZER_FILES
-from hivemerge.merge.fusion.packs import PackFile, load_causal_lm, right_padded, token_text, tokenize_pair
+from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.io.tokens import pad_id, right_padded, token_text, tokenize_pair
+from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.merge.fusion.probe import ProbeSet
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
@@ -101,8 +104,6 @@ def targets(encoded: list[tuple[list[int], int]], fused: list[list[Dist | None]]
 @torch.no_grad()
 def self_targets(model, encoded: list[tuple[list[int], int]], pad: int, top_k: int, batch: int = 128) -> list[PivotExample]:
     """Replay examples whose targets are the model's own (top-k, renormalised) distributions."""
-    from hivemerge.merge.toy.training import single_thread
-
     examples = []
     with single_thread():
         for i in range(0, len(encoded), batch):
@@ -134,8 +135,6 @@ def _batch_losses(model, batch: list[PivotExample], pad: int) -> tuple[torch.Ten
 @torch.no_grad()
 def probe_losses(model, examples: list[PivotExample], pad: int, batch: int = 128) -> dict[str, float]:
     """Mean per-token CE on the probe: against the reference tokens, and against the fused targets."""
-    from hivemerge.merge.toy.training import single_thread
-
     lm_sum = fused_sum = 0.0
     count = 0
     with single_thread():
@@ -149,8 +148,6 @@ def distill(model, examples: list[PivotExample], config: DistillConfig, pad: int
             progress: Callable[[int, int, float], None] | None = None) -> None:
     """AdamW with warmup and cosine decay over shuffled passes of the probe (and the replay
     set, ``replay_share`` of every batch); deterministic for a seed."""
-    from hivemerge.merge.toy.training import optimizer, optimizer_step, single_thread
-
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     opt, sched = optimizer(model, config.steps, config.lr)
@@ -225,7 +222,7 @@ def fuse_into_pivot(pivot_dir: str | Path, packs: list[PackFile], probe: ProbeSe
     sources = [pack.load() for pack in packs]  # every hash checked before any value is used
     pivot_dir = Path(pivot_dir)
     model, tokenizer = load_causal_lm(pivot_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     encoded, texts = pivot_view(tokenizer, probe)
     fused, stats = fuse_examples(sources, texts, [ids[first:] for ids, first in encoded], pivot_vocab(tokenizer), method)
     examples = targets(encoded, fused, config.lam)
@@ -255,3 +252,27 @@ def fuse_into_pivot(pivot_dir: str | Path, packs: list[PackFile], probe: ProbeSe
         report.seconds = time.perf_counter() - started
         (out_dir / "fusion.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     return report
+
+
+# -- the training step distillation uses (and the demo's toy training too) ----------------
+
+def optimizer(model, steps: int, lr: float):
+    """(optimizer, scheduler) of every training loop here: AdamW without weight decay,
+    linear warmup over the first 5% of ``steps``, cosine decay to zero."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup, total = max(1, steps // 20), max(1, steps)
+    # The cosine goes through a float32 tensor, not math.cos: the demo experts were trained
+    # so, and their bytes (the demo cache, the tests' expected figures) depend on it.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())
+    )
+    return opt, sched
+
+
+def optimizer_step(model, opt, sched, loss: torch.Tensor) -> None:
+    """One step: gradients of ``loss``, clipped to norm 1, then the optimizer and the schedule."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()

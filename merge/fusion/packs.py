@@ -27,7 +27,10 @@ from hivemerge.merge.io.manifest import TOKENIZER_FILES, build_model_manifest
 from hivemerge.merge.fusion.probe import ProbeSet
 from hivemerge.merge.deltas.signed_container import SignedContainer
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.io.tokens import pad_id, right_padded, token_text, tokenize_pair
 from hivemerge.merge.io.writer import AppendingWriter
+from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.protocol.content import canonical_json, content_id, sha256_hex
 from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.manifests import FILE_PART_PREFIX
@@ -43,47 +46,12 @@ DEFAULT_TOP_K = 8
 Progress = Callable[[int, int, str], None]
 
 
-# -- tokenization shared by packs, distillation and training ---------------------------
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """``[bos] + prompt`` ids (the context every response token is predicted from)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise PackError("an example with an empty prompt needs a tokenizer with a BOS token")
-    return ids
-
-
-def tokenize_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """``[bos] + prompt + response`` ids and where the response starts. Tokenized as two
-    pieces so that the response tokens never straddle the prompt boundary."""
-    p = prompt_ids(tokenizer, prompt)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if not r:
-        raise PackError(f"response {response!r} tokenizes to nothing")
-    return p + r, len(p)
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 def tokenizer_id(model_dir: Path) -> str:
     """The hash of a model's tokenizer files (what decides how it cuts text)."""
     files = {name: sha256_hex((model_dir / name).read_bytes()) for name in TOKENIZER_FILES if (model_dir / name).is_file()}
     if not files:
         raise PackError(f"{model_dir}: no tokenizer files")
     return content_id(files)
-
-
-def right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 # -- making a pack --------------------------------------------------------------------
@@ -102,22 +70,10 @@ class PackReport:
         return self.bytes / max(self.tokens, 1)
 
 
-def load_causal_lm(model_dir: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise PackError(f"{model_dir}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
 @torch.no_grad()
 def expert_distributions(model, tokenizer, probe: ProbeSet, top_k: int, batch: int = 64,
                          progress: Progress | None = None) -> dict[str, torch.Tensor | list[int]]:
     """Top-k log-probs (and the reference token's) at every response token, examples in probe order."""
-    from hivemerge.merge.toy.training import single_thread
-
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     encoded = [tokenize_pair(tokenizer, p, r) for p, r in probe.pairs]
     for i, (ids, _) in enumerate(encoded):
@@ -126,7 +82,7 @@ def expert_distributions(model, tokenizer, probe: ProbeSet, top_k: int, batch: i
     vocab = model.get_output_embeddings().weight.shape[0]
     if top_k > vocab:
         raise PackError(f"--top-k {top_k} is larger than the model's vocabulary ({vocab})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out_ids, out_lp, targets, target_lp, lengths = [], [], [], [], []
     with single_thread():
         for start in range(0, len(encoded), batch):

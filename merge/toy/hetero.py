@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from hivemerge.merge.toy import tasks
-from hivemerge.merge.fusion.packs import prompt_ids, right_padded, tokenize_pair
+from hivemerge.merge.io.tokens import prompt_ids, response_batch
+from hivemerge.merge.numerics.threads import single_thread
 
 DOMAIN = "rotate"
 
@@ -70,21 +71,13 @@ def new_gpt2(vocab_size: int, seed: int, hidden: int = 128, layers: int = 4):
 
 def encode_pairs(examples: list[tasks.Example], tokenizer) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels cover only the response (answer and newline)."""
-    rows, firsts = zip(*(tokenize_pair(tokenizer, e.prompt, e.answer + "\n") for e in examples))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = right_padded(list(rows), pad)
-    labels = torch.full_like(ids, -100)
-    for i, (row, first) in enumerate(zip(rows, firsts)):
-        labels[i, first : len(row)] = torch.tensor(row[first:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return response_batch(tokenizer, [(e.prompt, e.answer + "\n") for e in examples])
 
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, examples: list[tasks.Example], max_new: int = 8) -> float:
     """Exact-match accuracy of greedy answers (up to the newline), any tokenizer; one example at a time
     so no padding question arises (suites are small)."""
-    from hivemerge.merge.toy.training import single_thread
-
     correct = 0
     with single_thread():
         for e in examples:
@@ -103,8 +96,6 @@ def greedy_accuracy(model, tokenizer, examples: list[tasks.Example], max_new: in
 @torch.no_grad()
 def response_loss(model, tokenizer, examples: list[tasks.Example]) -> float:
     """Mean per-token CE on the responses (each model in its own tokenization)."""
-    from hivemerge.merge.toy.training import single_thread
-
     with single_thread():
         return float(model(**encode_pairs(examples, tokenizer)).loss)
 

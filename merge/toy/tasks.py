@@ -18,23 +18,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
-from hivemerge.merge.io.jsonl import read_records
+from hivemerge.merge.evaluation.suites import Example, register_suite
 from hivemerge.protocol.errors import UserInputError
 
 ALPHABET = "0123456789+= maxrev\n"
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
-
-    @property
-    def text(self) -> str:
-        return f"{self.prompt}{self.answer}\n"
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -134,14 +121,7 @@ def validation(task: str, count: int = 100) -> list[Example]:
     return found
 
 
-def load_suite(name: str, count: int = 200) -> list[Example]:
-    """A built-in suite by name, or a JSONL file of {"prompt": ..., "answer": ...} lines."""
-    if name in SUITES:
-        return held_out(name, count)
-    path = Path(name)
-    if not path.is_file():
-        raise UserInputError(f"--suite: {name!r} is neither a built-in suite {sorted(SUITES)} nor a JSONL file")
-    found = [Example(str(p), str(a)) for p, a in read_records(path, ("prompt", "answer"), "a JSONL suite")]
-    if not found:
-        raise UserInputError(f"{path}: no examples")
-    return found
+# The four tasks are the built-in suites of `hivemerge eval`, `search` and search rounds.
+for _task in SUITES:
+    register_suite(_task, test=lambda count, task=_task: held_out(task, count),
+                   validation=lambda count, task=_task: validation(task, count))

@@ -1,19 +1,19 @@
 """Tiny causal LMs on the synthetic tasks: a character tokenizer built locally, a
 small Llama, and a deterministic training loop. Used to make the demo's base and
 domain experts, and (``encoder=hetero.encode_pairs``) the heterogeneous test expert;
-distillation shares its optimizer, schedule and step (:func:`optimizer`,
-:func:`optimizer_step`). Nothing is downloaded.
+its optimizer, schedule and step are distillation's (merge/fusion/distill.py). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hivemerge.merge.fusion.distill import optimizer, optimizer_step
+from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.merge.toy.tasks import ALPHABET, Example
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -75,40 +75,6 @@ def train(
     :func:`encode` (the character tokenizer); :func:`hetero.encode_pairs` for any tokenizer."""
     with single_thread():
         _train(model, tokenizer, sample, steps, seed, lr, batch, progress, encoder or encode)
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and on a busy machine extra threads
-    make them many times slower (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def optimizer(model, steps: int, lr: float):
-    """(optimizer, scheduler) of every training loop here: AdamW without weight decay,
-    linear warmup over the first 5% of ``steps``, cosine decay to zero."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup, total = max(1, steps // 20), max(1, steps)
-    # The cosine goes through a float32 tensor, not math.cos: the demo experts were trained
-    # so, and their bytes (the demo cache, the tests' expected figures) depend on it.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())
-    )
-    return opt, sched
-
-
-def optimizer_step(model, opt, sched, loss: torch.Tensor) -> None:
-    """One step: gradients of ``loss``, clipped to norm 1, then the optimizer and the schedule."""
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
 
 
 def _train(model, tokenizer, sample, steps, seed, lr, batch, progress, encoder) -> None:

@@ -9,6 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+# The demo's synthetic tasks register themselves as the built-in suites (math, strings,
+# logic, compose) of `eval`, `search` and search rounds: the CLI offers them by name.
+from hivemerge.merge.toy import tasks
 from hivemerge.node.ui import err, out
 
 
@@ -19,12 +22,13 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Exact-match accuracy of greedy answers, and the answer loss, on held-out suites."""
-    from hivemerge.merge.evaluation.evaluate import evaluate, load_model
-    from hivemerge.merge.toy.tasks import load_suite
+    from hivemerge.merge.evaluation.evaluate import evaluate
+    from hivemerge.merge.io.models import load_causal_lm
+    from hivemerge.merge.evaluation.suites import load_suite
 
     for s in suite:  # a wrong --suite is reported before any model is loaded
         load_suite(s, count)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_causal_lm(model_dir)
     results = [vars(evaluate(model, tokenizer, s, count)) for s in suite]
     if as_json:
         print(json.dumps(results, indent=2))
@@ -47,7 +51,6 @@ def demo(
     """The main job: experts, a local network, a merge round healed with the experts' logit packs, the consensus model, the table."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from hivemerge.merge.toy import tasks
     from hivemerge.node.demo import run_demo
 
     workdir = workdir or Path.home() / ".cache" / "hivemerge" / "demo"

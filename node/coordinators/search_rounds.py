@@ -223,8 +223,8 @@ class SearchCoordinator(Coordinator):
 
     def _fitness(self, proposal: dict, state: dict, included: list[str]):
         """This owner's private validation data for its included experts' domains (None: not an owner here)."""
-        from hivemerge.merge.toy import tasks
-        from hivemerge.merge.evaluation.fitness import ValidationFitness
+        from hivemerge.merge.evaluation.fitness import ValidationFitness  # torch and transformers: only when scoring
+        from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
 
         settings = proposal["search"]
         suites = {}
@@ -233,9 +233,9 @@ class SearchCoordinator(Coordinator):
                 continue
             private = self.node.home / "validation" / f"{domain}.jsonl"
             if private.is_file():
-                suites[domain] = tasks.load_suite(str(private))
-            elif domain in tasks.SUITES:
-                suites[domain] = tasks.validation(domain, int(settings["count"]))
+                suites[domain] = read_suite_file(str(private))
+            elif domain in NAMED_SUITES:
+                suites[domain] = validation_suite(domain, int(settings["count"]))
         if not suites:
             return None
         return ValidationFitness(suites, settings["loss_weight"], resolver=self.node.store.resolve)
