@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
-from hivemerge.node.storage.home import PUBLISHED_FILE, write_json
+from hivemerge.node.storage.home import PUBLISHED_FILE, read_json, write_json
 from hivemerge.node.net.network import Network, is_bound
 from hivemerge.node.storage.retention import record_fetched_consensus
 from hivemerge.node.coordinators.merge_rounds import POLL_SECONDS, RoundCoordinator
@@ -139,8 +138,7 @@ class Node:
         return self.network.maddrs()
 
     def published(self) -> list[dict]:
-        path = self.home / PUBLISHED_FILE
-        return json.loads(path.read_text()) if path.is_file() else []
+        return read_json(self.home / PUBLISHED_FILE, [])
 
     async def announce(self, gone: bool = False) -> None:
         """(Re)store every record this node owns. ``gone``: the same records with no
@@ -342,7 +340,7 @@ class Node:
             document = self.rounds.fusion.prepare(document, ref, base_id)
         proposal = rounds.proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
         fields = {**proposal, "issued_at": time.time()}
-        ttl = rounds.records_ttl(proposal["deadline"], time.time(), self.record_ttl)
+        ttl = self.rounds.ttl(proposal)
         self.run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
         return proposal
 

@@ -164,7 +164,7 @@ def stub_coordinator(tmp_path, published: list[dict], proposals_by_base: dict):
             raise answer
         return answer
 
-    async def commit(proposal, domains):
+    async def commit(proposal, state, domains):  # the lifecycle's commit (node/coordinators/base.py)
         committed.append((proposal["round_id"], domains))
         coordinator.save({"proposal": proposal, "phase": "committed", "committed": sorted(domains)})
 

@@ -4,10 +4,12 @@ gives them, and the polling loop that drives them."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from hivemerge.node.storage.home import JsonStates
+from hivemerge.node.storage.home import JsonStates, Phase
+from hivemerge.protocol import rounds
 
 
 async def guarded(node, what: str, work) -> None:
@@ -48,13 +50,132 @@ class NodeServices(Protocol):
 
 
 class Coordinator(JsonStates):
-    """Calls ``tick`` every ``poll`` seconds for as long as the node runs."""
+    """The lifecycle every round kind shares, as Flower's strategies share theirs: a
+    subclass says only what differs.
+
+    - **join** (every ``poll`` seconds, before a proposal's deadline): for each base of the
+      experts this node published, the proposals it may join (:meth:`joinable`); when some
+      of its experts match one and fewer than ``max_active`` rounds of this kind are under
+      way, it **commits** their delta ids (one signed ``record/commitment``, the same for
+      every kind) and saves the state file in ``Phase.COMMITTED``.
+    - **execute** (after the deadline and ``settle_seconds`` for the last commitments to
+      spread): :meth:`run_round` does the kind's work; whatever it raises ends the round in
+      ``Phase.FAILED`` with the error. A state in one of ``resumable`` phases with no task
+      in this process (a restart cut it short) is taken up again.
+    - **settle** (merge rounds: :meth:`settle_state`): after the work, anything checked later.
+
+    Records live as long as :func:`rounds.records_ttl` says for the round (``ttl``), plus
+    the kind's own span (:meth:`span`). Coordinators use only :class:`NodeServices`.
+    """
 
     label: str
-    poll: float
+    phase_dir: str  # the state files' folder in the home (storage/home.py)
+    resumable: tuple[Phase, ...] = (Phase.COMMITTED,)
+    max_active: int
+    settle_seconds: float
+
+    def __init__(self, node: NodeServices, poll: float):
+        self.node = node
+        self.poll = poll
+        self.dir = node.home / self.phase_dir
+        self.dir.mkdir(exist_ok=True)
+        self._running: dict[str, asyncio.Task] = {}
+
+    # -- what a kind says ---------------------------------------------------------------
+    async def joinable(self, base_id: str, now: float) -> list[dict]:
+        """The open proposals for ``base_id`` this node may commit to."""
+        raise NotImplementedError
+
+    def joined(self, state: dict | None) -> bool:
+        """Whether this node has committed to the round of ``state`` already."""
+        return state is not None
+
+    def committed_state(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> dict:
+        return {"proposal": proposal, "phase": Phase.COMMITTED, "committed": sorted(domains)}
+
+    def under_way(self) -> list[str]:
+        """The rounds of this kind this node committed to whose work has not ended."""
+        return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in self.resumable]
+
+    def span(self, proposal: dict) -> float:
+        """How long the kind's work runs after the deadline (its records must outlive it)."""
+        return 0.0
+
+    async def run_round(self, state: dict) -> None:
+        raise NotImplementedError
+
+    async def settle_state(self, state: dict, now: float) -> None:
+        """Work on a round whose own work has ended (none by default)."""
+
+    async def after_tick(self, now: float) -> None:
+        """Work of the kind beside its rounds (merge rounds: the fusion step)."""
+
+    # -- the lifecycle ------------------------------------------------------------------
+    def ttl(self, proposal: dict) -> float:
+        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl, self.span(proposal))
 
     async def tick(self) -> None:
-        raise NotImplementedError
+        now = time.time()
+        published = self.node.published()
+        for base_id in sorted({p["base_id"] for p in published}):
+            try:
+                proposals = await self.joinable(base_id, now)
+            except Exception as exc:  # a DHT hiccup or a damaged record: the other bases go on
+                self.node.log(f"{self.label}: proposals for base {base_id[:12]}: {type(exc).__name__}: {exc}"[:500])
+                continue
+            for proposal in proposals:
+                await self.guarded(f"round {proposal['round_id'][:12]}", self.join(proposal, published, now))
+        for state in self.states():
+            await self.guarded(f"round {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
+        await self.after_tick(now)
+
+    async def join(self, proposal: dict, published: list[dict], now: float) -> None:
+        """Commit this node's matching experts to ``proposal``, within the cap on rounds at once."""
+        rid = proposal["round_id"]
+        state = self.state(rid)
+        if proposal["deadline"] <= now or self.joined(state):
+            return
+        mine = {p["delta_id"]: p["domain"] for p in published
+                if p["base_id"] == proposal["base_id"] and rounds.matches(proposal["select"], p)}
+        if not mine:
+            return
+        under_way = self.under_way()
+        if len(under_way) >= self.max_active:  # a stranger's proposals cannot queue more work than this
+            self.node.log(f"{self.label}: round {rid[:12]}: not joined: {len(under_way)} under way already")
+            return
+        await self.commit(proposal, state, mine)
+
+    async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
+        fields = {
+            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": dict(sorted(domains.items())),
+            **self.node.contact(), "issued_at": time.time(),
+        }
+        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
+        self.save(self.committed_state(proposal, state, domains))
+
+    async def advance(self, state: dict, now: float) -> None:
+        rid = state["proposal"]["round_id"]
+        if state["phase"] in self.resumable and now >= state["proposal"]["deadline"] and rid not in self._running:
+            self._running[rid] = asyncio.create_task(self.execute(rid))
+        else:
+            await self.settle_state(state, now)
+
+    async def execute(self, round_id: str) -> None:
+        state = self.state(round_id)
+        try:
+            await asyncio.sleep(max(0.0, state["proposal"]["deadline"] + self.settle_seconds - time.time()))
+            await self.run_round(state)
+        except Exception as exc:
+            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.save(state)
+            self._running.pop(round_id, None)
+
+    async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""
+        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
+        return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
+                {r["publisher"]: r for r in found if "result_id" in r})
 
     async def guarded(self, what: str, work) -> None:
         await guarded(self.node, f"{self.label}: {what}", work)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hivemerge.node.coordinators.base import NodeServices, guarded
-from hivemerge.node.storage.home import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, Phase, write_json
+from hivemerge.node.storage.home import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, Phase, read_json, write_json
 from hivemerge.node.net.network import is_bound
 from hivemerge.node.storage.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
@@ -79,20 +78,17 @@ class FusionRounds:
 
     # -- local state --------------------------------------------------------------------
     def state(self, round_id: str) -> dict | None:
-        path = self.dir / f"{round_id}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(self.dir / f"{round_id}.json", None)
 
     def _save(self, round_id: str, state: dict) -> None:
         write_json(self.dir / f"{round_id}.json", state)
 
     def watched_bases(self) -> set[str]:
-        path = self.node.home / WATCH_FILE
-        return set(json.loads(path.read_text())) if path.is_file() else set()
+        return set(read_json(self.node.home / WATCH_FILE, []))
 
     # -- publishing packs ------------------------------------------------------------------
     def published_packs(self) -> list[dict]:
-        path = self.node.home / PACKS_FILE
-        return json.loads(path.read_text()) if path.is_file() else []
+        return read_json(self.node.home / PACKS_FILE, [])
 
     def publish_pack(self, pack_file: Path, probe_file: Path, domain: str) -> dict:
         from hivemerge.merge.fusion.packs import PackFile
@@ -304,11 +300,8 @@ class FusionRounds:
         write_json(self.dir / f"ahead-{key}.json", {**fused, "seconds": round(time.time() - started, 3)})
 
     def _ahead(self, key: str) -> dict | None:
-        path = self.dir / f"ahead-{key}.json"
-        if not path.is_file():
-            return None
-        fused = json.loads(path.read_text())
-        return fused if self.node.store.has(fused["delta_id"]) else None
+        fused = read_json(self.dir / f"ahead-{key}.json", None)
+        return fused if fused is not None and self.node.store.has(fused["delta_id"]) else None
 
     async def _adopt_ahead(self, proposal: dict) -> dict | None:
         """The "fused" state of a round this node distilled before proposing (None if it did not)."""

@@ -34,54 +34,35 @@ SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
 class RoundCoordinator(Coordinator):
     label = "round coordinator"
+    phase_dir = ROUNDS_DIR
+    max_active = bounds.MAX_ACTIVE_ROUNDS
+    settle_seconds = SETTLE_SECONDS
 
     def __init__(self, node: NodeServices, poll: float = POLL_SECONDS, device: str = "auto"):
-        self.node = node
-        self.poll = poll
+        super().__init__(node, poll)
         self.device = device
-        self.dir = node.home / ROUNDS_DIR
-        self.dir.mkdir(exist_ok=True)
-        self._running: dict[str, asyncio.Task] = {}
         self.finality_window = rounds.RECORD_MARGIN  # how long after the deadline an attested round may still become final
         self._next_settle: dict[str, float] = {}  # round id -> when to check its finality again
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/coordinators/fusion_rounds.py)
 
-    # -- the loop -----------------------------------------------------------------------
-    async def tick(self) -> None:
-        now = time.time()
-        published = self.node.published()
-        for base_id in sorted({p["base_id"] for p in published}):
-            await self.guarded(f"proposals for base {base_id[:12]}", self.join(base_id, published, now))
-        for state in self.states():
-            await self.guarded(f"round {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
-        await self.fusion.tick(now)
-
-    async def join(self, base_id: str, published: list[dict], now: float) -> None:
-        """Commit this node's matching experts to the winning open proposal for ``base_id``."""
+    # -- the lifecycle's merge-round parts (node/coordinators/base.py) ----------------------
+    async def joinable(self, base_id: str, now: float) -> list[dict]:
+        """The winning open proposal for ``base_id`` (one round per base at a time)."""
         proposals = rounds.live_proposals(await self.proposals(base_id))
         winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
-        if winner is None or self.state(winner["round_id"]) is not None:
-            return
-        mine = [p["delta_id"] for p in published if p["base_id"] == base_id and rounds.matches(winner["select"], p)]
-        if not mine:
-            return
-        active = self.active()
-        if len(active) >= bounds.MAX_ACTIVE_ROUNDS:  # a stranger's proposals cannot queue more work than this
-            self.node.log(f"round {winner['round_id'][:12]}: not joined: {len(active)} rounds under way already")
-            return
-        domains = {p["delta_id"]: p["domain"] for p in published}
-        await self.commit(winner, {d: domains[d] for d in sorted(mine)})
+        return [] if winner is None else [winner]
 
-    def active(self) -> list[str]:
+    def under_way(self) -> list[str]:
         """The rounds this node committed to that are not yet attested or failed."""
         return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in (Phase.COMMITTED, Phase.MERGING)]
 
-    async def advance(self, state: dict, now: float) -> None:
-        """Start a committed round's execution after its deadline; settle an attested one."""
+    async def after_tick(self, now: float) -> None:
+        await self.fusion.tick(now)
+
+    async def settle_state(self, state: dict, now: float) -> None:
+        """Check an attested round for finality every ``SETTLE_EVERY`` seconds."""
         rid = state["proposal"]["round_id"]
-        if state["phase"] == Phase.COMMITTED and now >= state["proposal"]["deadline"] and rid not in self._running:
-            self._running[rid] = asyncio.create_task(self.execute(rid))
-        elif state["phase"] == Phase.ATTESTED and "final" not in state and now >= self._next_settle.get(rid, 0.0):
+        if state["phase"] == Phase.ATTESTED and "final" not in state and now >= self._next_settle.get(rid, 0.0):
             self._next_settle[rid] = now + SETTLE_EVERY
             if await self.settle(state, now) and self.node.keep_results is not None:
                 await self.auto_prune()
@@ -89,18 +70,6 @@ class RoundCoordinator(Coordinator):
     async def proposals(self, base_id: str) -> list[dict]:
         found = await self.node.network.get_records(rounds.rounds_key(base_id))
         return [p for p in found.values() if p["round_id"] == rounds.round_id(p)]
-
-    async def commit(self, proposal: dict, domains: dict[str, str]) -> None:
-        fields = {
-            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": domains,
-            **self.node.contact(), "issued_at": time.time(),
-        }
-        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
-        self.save({"proposal": proposal, "phase": Phase.COMMITTED, "committed": sorted(domains)})
-
-    def ttl(self, proposal: dict) -> float:
-        # Round records must outlive the round by a margin, so late fetchers can still check it.
-        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl)
 
     async def settle(self, state: dict, now: float) -> bool:
         """Record whether an attested round became final with this node's result
@@ -145,46 +114,34 @@ class RoundCoordinator(Coordinator):
             self.node.log(f"store: pruned {len(removed)} object(s), {sum(i.size for i in removed):,} bytes")
 
     # -- after the deadline ---------------------------------------------------------------
-    async def execute(self, round_id: str) -> None:
-        state = self.state(round_id)
+    async def run_round(self, state: dict) -> None:
+        """Fetch, screen and judge the committed deltas, merge the rest, attest the result's id."""
         proposal = state["proposal"]
-        try:
-            await asyncio.sleep(max(0.0, proposal["deadline"] + SETTLE_SECONDS - time.time()))
-            state["phase"] = Phase.MERGING
-            self.save(state)
-            commitments, _ = await self.round_records(round_id, proposal["deadline"])
-            state["participants"] = sorted(commitments)
-            excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
-            norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
-            excluded.update(screened_out)
-            fused = set(fusion.fused_deltas(commitments))
-            excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
-            kept = sorted(d for d in norms if d not in excluded and d not in fused)  # the expert deltas merged
-            excluded.update(await self.fusion.judge(proposal, commitments, norms, kept))
-            included = sorted(d for d in norms if d not in excluded)
-            state.update(excluded=excluded, included=included)
-            self.save(state)
-            result_id = await asyncio.get_running_loop().run_in_executor(None, self.merge, proposal, included, commitments)
-            bundle_id = self.node.store.bundle_of(result_id)
-            fields = {
-                "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
-                "excluded": {}, **self.node.contact(), "issued_at": time.time(),
-            }
-            fields["excluded"] = records.fitting_reasons(excluded, fields)
-            await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
-            await self.node.announce()
-            state.update(phase=Phase.ATTESTED, result_id=result_id)
-        except Exception as exc:
-            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.save(state)
-            self._running.pop(round_id, None)
-
-    async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
-        """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""
-        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
-        return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
-                {r["publisher"]: r for r in found if "result_id" in r})
+        round_id = proposal["round_id"]
+        state["phase"] = Phase.MERGING
+        self.save(state)
+        commitments, _ = await self.round_records(round_id, proposal["deadline"])
+        state["participants"] = sorted(commitments)
+        excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
+        norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
+        excluded.update(screened_out)
+        fused = set(fusion.fused_deltas(commitments))
+        excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in fused}))
+        kept = sorted(d for d in norms if d not in excluded and d not in fused)  # the expert deltas merged
+        excluded.update(await self.fusion.judge(proposal, commitments, norms, kept))
+        included = sorted(d for d in norms if d not in excluded)
+        state.update(excluded=excluded, included=included)
+        self.save(state)
+        result_id = await asyncio.get_running_loop().run_in_executor(None, self.merge, proposal, included, commitments)
+        bundle_id = self.node.store.bundle_of(result_id)
+        fields = {
+            "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
+            "excluded": {}, **self.node.contact(), "issued_at": time.time(),
+        }
+        fields["excluded"] = records.fitting_reasons(excluded, fields)
+        await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
+        await self.node.announce()
+        state.update(phase=Phase.ATTESTED, result_id=result_id)
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
                             ) -> tuple[dict[str, float], dict[str, str]]:

@@ -32,13 +32,13 @@ RESUMABLE = (Phase.PROPOSED, Phase.COMMITTED, Phase.FETCHING, Phase.SEARCHING, P
 
 class SearchCoordinator(Coordinator):
     label = "search coordinator"
+    phase_dir = SEARCHES_DIR
+    resumable = RESUMABLE
+    max_active = bounds.MAX_ACTIVE_SEARCHES  # a stranger's proposals cannot queue more scoring than this
+    settle_seconds = search.SETTLE_SECONDS
 
     def __init__(self, node: NodeServices, poll: float = 2.0):
-        self.node = node
-        self.poll = poll
-        self.dir = node.home / SEARCHES_DIR
-        self.dir.mkdir(exist_ok=True)
-        self._running: dict[str, asyncio.Task] = {}
+        super().__init__(node, poll)
 
     # -- proposing (called from the node's thread, not its loop) -----------------------------
     def propose(self, document: dict, base_id: str) -> dict:
@@ -54,12 +54,24 @@ class SearchCoordinator(Coordinator):
         self.save({"proposal": proposal, "phase": Phase.PROPOSED, "roles": ["proposer"]})
         return proposal
 
-    def ttl(self, proposal: dict) -> float:
+    # -- the lifecycle's search parts (node/coordinators/base.py) ---------------------------
+    def span(self, proposal: dict) -> float:
         settings = proposal["search"]
-        span = settings["generations"] * settings["generation_seconds"] + rounds.FETCH_WINDOW
-        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl, span)
+        return settings["generations"] * settings["generation_seconds"] + rounds.FETCH_WINDOW
 
-    # -- the loop -----------------------------------------------------------------------
+    async def joinable(self, base_id: str, now: float) -> list[dict]:
+        return await self.proposals(base_id)
+
+    def joined(self, state: dict | None) -> bool:
+        return state is not None and "owner" in state["roles"]  # its proposer may join as an owner too
+
+    def under_way(self) -> list[str]:
+        return [s["proposal"]["round_id"] for s in self.states() if "owner" in s["roles"] and s["phase"] in RESUMABLE]
+
+    def committed_state(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> dict:
+        roles = (state or {}).get("roles", []) + ["owner"]
+        return {"proposal": _plain(proposal), "phase": Phase.COMMITTED, "roles": roles, "committed": domains}
+
     async def proposals(self, base_id: str) -> list[dict]:
         found = await self.node.network.get_records(search.searches_key(base_id))
         valid = []
@@ -73,80 +85,34 @@ class SearchCoordinator(Coordinator):
                 continue
         return valid
 
-    async def tick(self) -> None:
-        now = time.time()
-        published = self.node.published()
-        for base_id in sorted({p["base_id"] for p in published}):
-            for proposal in await self.proposals(base_id):
-                await self.guarded(f"search {proposal['round_id'][:12]}", self.join(proposal, published, now))
-        for state in self.states():
-            await self.guarded(f"search {str(state.get('proposal', {}).get('round_id'))[:12]}", self.advance(state, now))
-
-    async def join(self, proposal: dict, published: list[dict], now: float) -> None:
-        """Commit this node's matching experts to an open search, within the cap on searches at once."""
-        sid = proposal["round_id"]
-        state = self.state(sid)
-        if proposal["deadline"] <= now or (state is not None and "owner" in state["roles"]):
-            return
-        base_id = proposal["base_id"]
-        mine = {p["delta_id"]: p["domain"] for p in published if p["base_id"] == base_id and rounds.matches(proposal["select"], p)}
-        if not mine:
-            return
-        owned = [s for s in self.states() if "owner" in s["roles"] and s["phase"] in RESUMABLE]
-        if len(owned) >= bounds.MAX_ACTIVE_SEARCHES:  # a stranger's proposals cannot queue more scoring than this
-            self.node.log(f"search {sid[:12]}: not joined: {len(owned)} search(es) under way already")
-            return
-        await self.commit(proposal, state, mine)
-
-    async def advance(self, state: dict, now: float) -> None:
-        sid = state["proposal"]["round_id"]
-        # a phase after "committed" with no task in this process: a restart cut it short; go on
-        if state["phase"] in RESUMABLE and now >= state["proposal"]["deadline"] and sid not in self._running:
-            self._running[sid] = asyncio.create_task(self.execute(sid))
-
-    async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
-        fields = {
-            "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": domains,
-            **self.node.contact(), "issued_at": time.time(),
-        }
-        await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
-        roles = (state or {}).get("roles", []) + ["owner"]
-        self.save({"proposal": _plain(proposal), "phase": Phase.COMMITTED, "roles": roles, "committed": domains})
-
     # -- after the deadline ---------------------------------------------------------------
-    async def execute(self, sid: str) -> None:
-        state = self.state(sid)
+    async def run_round(self, state: dict) -> None:
+        """The generations, then the final round (proposed by the proposer, or by the first
+        owner standing in for a proposer that is gone)."""
         proposal = state["proposal"]
-        try:
-            await asyncio.sleep(max(0.0, proposal["deadline"] + search.SETTLE_SECONDS - time.time()))
-            window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
-            if state["phase"] != Phase.AWAITING_FINAL:  # a restart while awaiting it keeps the finished search
-                await self._search(proposal, state, window)
-            included, owners = state["included"], state["owners"]
-            params = state["best"]["domain_parameters"]
-            if "proposer" in state["roles"]:
-                # a backup owner's identical round may be out already (this node was slow): join it, add none
-                existing = await self._final_round(proposal, included, params, proposer=None)
-                state["final_round"] = existing or await self._propose_final(proposal, included, params)
-            elif owners and owners[0] == self.node.identity.public_hex:
-                state["phase"] = Phase.AWAITING_FINAL
-                self.save(state)
-                backup = await self._backup_final(proposal, included, params, window)
-                if backup is not None:
-                    state.update(final_round=backup, final_by="backup")
-            state["phase"] = Phase.DONE
-        except Exception as exc:
-            state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
-        finally:
+        window = float(proposal["recipe"].get("fetch_window", rounds.FETCH_WINDOW))
+        if state["phase"] != Phase.AWAITING_FINAL:  # a restart while awaiting it keeps the finished search
+            await self._search(proposal, state, window)
+        included, owners = state["included"], state["owners"]
+        params = state["best"]["domain_parameters"]
+        if "proposer" in state["roles"]:
+            # a backup owner's identical round may be out already (this node was slow): join it, add none
+            existing = await self._final_round(proposal, included, params, proposer=None)
+            state["final_round"] = existing or await self._propose_final(proposal, included, params)
+        elif owners and owners[0] == self.node.identity.public_hex:
+            state["phase"] = Phase.AWAITING_FINAL
             self.save(state)
-            self._running.pop(sid, None)
+            backup = await self._backup_final(proposal, included, params, window)
+            if backup is not None:
+                state.update(final_round=backup, final_by="backup")
+        state["phase"] = Phase.DONE
 
     async def _search(self, proposal: dict, state: dict, window: float) -> None:
         """Screen the committed deltas, run (or go on with) the generations, and put the
         best candidate into ``state``."""
         loop = asyncio.get_running_loop()
         if state["phase"] != Phase.SEARCHING:  # a restart during the search keeps what was screened and combined
-            commitments, _ = await self.node.rounds.round_records(proposal["round_id"], proposal["deadline"])
+            commitments, _ = await self.round_records(proposal["round_id"], proposal["deadline"])
             await self._screen(proposal, state, commitments)
         included, owners, domains = state["included"], state["owners"], state["domains"]
         if not included:
@@ -307,7 +273,7 @@ class SearchCoordinator(Coordinator):
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
                     "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
         final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
-        ttl = rounds.records_ttl(final["deadline"], time.time(), self.node.record_ttl)
+        ttl = self.node.rounds.ttl(final)  # a merge round's records, by the merge round's rule
         await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
         return final["round_id"]
 

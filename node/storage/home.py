@@ -9,6 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from hivemerge.merge.io.atomic import write_file_atomic
+from hivemerge.protocol.errors import UserInputError
 
 # The node's own files in its home: what it publishes and what it takes part in. They
 # alone decide what its content store keeps (node/storage/retention.py).
@@ -17,6 +18,17 @@ PACKS_FILE = "packs.json"  # the logit packs this node published
 WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
 CONSENSUS_FILE = "consensus.json"  # the consensus results this node fetched
 ROUNDS_DIR, SEARCHES_DIR, FUSIONS_DIR = "rounds", "searches", "fusions"  # one state file per round
+
+
+def read_json(path: Path, default):
+    """A home file's value, or ``default`` when there is none. A damaged file raises
+    UserInputError naming it: its owner must look at it, and nothing overwrites it."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserInputError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); repair or remove it") from None
 
 
 def write_json(path: Path, value) -> None:
