@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.io.model_card import copy_tokenizer, write_config, write_model_card
+from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.methods import TensorJob
-from hivemerge.merge.io.model_card import copy_tokenizer, write_config, write_model_card
 from hivemerge.merge.recipe import ModelInput, Recipe
-from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.protocol.errors import UserInputError
 
 # progress(done_tensors, total_tensors, tensor_name)

@@ -20,10 +20,10 @@ import yaml
 from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
 from hivemerge.merge.io.dtypes import parse_dtype
 from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
-from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.content import ID_PREFIX, parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import architecture_fingerprint, describe_mismatch

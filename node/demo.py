@@ -26,16 +26,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.evaluation.evaluate import evaluate
-from hivemerge.merge.io.models import load_causal_lm
-from hivemerge.merge.toy.experts import SPEC, build_experts
-from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.evaluation.evaluate import evaluate, greedy_answers
 from hivemerge.merge.fusion.packs import make_pack
-from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.fusion.probe import write_probe
+from hivemerge.merge.io.manifest import model_id
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.numerics.threads import single_thread
+from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.experts import SPEC, base_mix, build_experts
+from hivemerge.node.node import Node
 from hivemerge.protocol import rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
@@ -88,8 +90,6 @@ def demo_models(workdir: Path, say: Say, train_progress=None, spec: dict = SPEC,
 
 def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int = 200, spec: dict = SPEC,
              retrain: bool = False) -> dict:
-    from hivemerge.node.node import Node
-
     started = time.perf_counter()
     models = demo_models(workdir, say, train_progress, spec, retrain)
     base_dir = models["base"]
@@ -176,9 +176,6 @@ def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int |
     same files every run. scripts/bench_heal.py writes its sets with this too."""
     per_domain = PROBE_PER_DOMAIN if per_domain is None else per_domain
     replay_prompts = REPLAY_PROMPTS if replay_prompts is None else replay_prompts
-    from hivemerge.merge.evaluation.evaluate import greedy_answers
-    from hivemerge.merge.toy.experts import base_mix
-    from hivemerge.merge.fusion.probe import write_probe
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     pairs = []

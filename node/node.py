@@ -19,27 +19,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
-from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
+from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
-from hivemerge.node.storage.home import PUBLISHED_FILE, read_json, write_json
-from hivemerge.node.net.network import Network, is_bound
-from hivemerge.node.storage.retention import record_fetched_consensus
+from hivemerge.merge.methods import METHODS
+from hivemerge.merge.recipe import validate_params
 from hivemerge.node.coordinators.merge_rounds import POLL_SECONDS, RoundCoordinator
 from hivemerge.node.coordinators.search_rounds import SearchCoordinator
-from hivemerge.node.storage.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
+from hivemerge.node.net.network import Network, is_bound
 from hivemerge.node.net.transfer import BundleFetcher, BundleServer, FetchError
+from hivemerge.node.storage.home import PUBLISHED_FILE, read_json, write_json
+from hivemerge.node.storage.retention import record_fetched_consensus
+from hivemerge.node.storage.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
 from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
-from hivemerge.protocol.record_schemas import check_domain
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
+from hivemerge.protocol.record_schemas import check_domain
 
 DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
 RECORD_TTL = 300.0  # seconds a record lives unless refreshed
@@ -464,9 +467,6 @@ def signed_size(found: list[dict]) -> int | None:
 
 def _check_round_template(document: dict) -> None:
     """The merge part of a round recipe is checked like any recipe, without its models."""
-    from hivemerge.merge.methods import METHODS
-    from hivemerge.merge.recipe import validate_params
-
     method = METHODS.get(document.get("merge_method"))
     if method is None:
         raise UserInputError(f"merge_method: unknown method {document.get('merge_method')!r}; expected one of {sorted(METHODS)}")
@@ -482,8 +482,6 @@ def _check_round_template(document: dict) -> None:
 
 
 def write_consensus_card(directory: Path, final: dict) -> None:
-    import yaml
-
     proposal = final["proposal"]
     rows = [f"| {k[:16]} | {', '.join(d[:12] for d in v['delta_ids'])} | {'yes' if k in final['attesters'] else 'no'} |"
             for k, v in sorted(final["commitments"].items())]

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from hivemerge.protocol import bounds, fusion, search
-from hivemerge.protocol.packs import MAX_TOP_K
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.packs import MAX_TOP_K
 
 ContentId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 PublicKey = ContentId  # an Ed25519 public key in lowercase hex has the same form

@@ -18,9 +18,7 @@ from hivemerge.protocol import bounds
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
-from hivemerge.protocol.keys import (  # noqa: F401  (readers of records name keys through here too)
-    EXPERTS_KEY, PACKS_KEY, expected_subkey, key_field, kind_for_key, providers_key,
-)
+from hivemerge.protocol.keys import EXPERTS_KEY, PACKS_KEY, expected_subkey, key_field, kind_for_key, providers_key  # noqa: F401  (readers of records name keys through here too)
 from hivemerge.protocol.record_schemas import RECORD_SCHEMAS, describe
 from hivemerge.protocol.signing import sign_manifest, verify_signed
 

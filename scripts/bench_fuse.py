@@ -26,15 +26,15 @@ import random
 import time
 from pathlib import Path
 
-from hivemerge.merge.toy import hetero, tasks
 from hivemerge.merge.deltas.delta import apply_delta
-from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
 from hivemerge.merge.evaluation.evaluate import evaluate, greedy_answers
-from hivemerge.merge.toy.experts import build_experts
+from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
 from hivemerge.merge.fusion.packs import PackFile, make_pack
-from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.fusion.probe import write_probe
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.numerics.threads import single_thread
+from hivemerge.merge.toy import hetero, tasks
+from hivemerge.merge.toy.experts import build_experts
 from hivemerge.protocol.identity import Identity
 
 SUITES = list(tasks.SUITES)

@@ -26,14 +26,14 @@ import json
 import time
 from pathlib import Path
 
-from hivemerge.merge.toy import tasks
-from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.evaluation.evaluate import evaluate
-from hivemerge.merge.toy.experts import build_experts
+from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
 from hivemerge.merge.fusion.packs import PackFile, make_pack
 from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.experts import build_experts
 from hivemerge.node.demo import ROUND_RECIPE, write_probe_and_replay
 from hivemerge.protocol.identity import Identity
 

@@ -190,8 +190,8 @@ def child_io_floor(models_dir: Path, out_dir: Path, threads: int) -> None:
     import torch
     from safetensors import safe_open
 
-    from hivemerge.merge.layers import natural_key
     from hivemerge.merge.io.writer import ShardedWriter
+    from hivemerge.merge.layers import natural_key
 
     if threads:
         torch.set_num_threads(threads)

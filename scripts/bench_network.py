@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -31,7 +30,6 @@ from pathlib import Path
 import torch
 from local_network import LOOPBACK, local_network
 from safetensors.torch import save_file
-
 
 
 def make_blob_model(directory: Path, megabytes: int) -> Path:

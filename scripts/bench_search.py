@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from hivemerge.merge.toy import tasks
-from hivemerge.merge.toy.experts import build_experts
 from hivemerge.merge.evaluation.fitness import Evaluation, ValidationFitness, validation_suites
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search.cmaes import SearchSettings, run_search, save_recipe
 from hivemerge.merge.search.space import SearchSpace
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.experts import build_experts
 
 SUITES = list(tasks.SUITES)  # math, strings, logic, compose
 DOMAINS = list(tasks.DOMAINS)

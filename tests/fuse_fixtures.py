@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemerge.merge.toy import hetero, tasks, training
 from hivemerge.merge.fusion.packs import make_pack
 from hivemerge.merge.fusion.probe import ProbeSet, write_probe
+from hivemerge.merge.toy import hetero, tasks, training
 from hivemerge.merge.toy.training import build_tokenizer, new_model, save
 from hivemerge.protocol.identity import Identity
 

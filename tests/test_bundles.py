@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from hivemerge.node.storage.store import ContentStore
-from hivemerge.protocol.bundles import (
-    MAX_CHUNK_SIZE, BundleError, bundle_manifest, check_bundle, chunk_count, chunk_span,
-)
+from hivemerge.protocol.bundles import MAX_CHUNK_SIZE, BundleError, bundle_manifest, check_bundle, chunk_count, chunk_span
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hivemerge.merge.numerics import exact, rng
-from hivemerge.merge.methods import METHODS, TensorJob, sparsify
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.methods import METHODS, TensorJob, sparsify
+from hivemerge.merge.numerics import exact, rng
 from hivemerge.protocol.errors import UserInputError
 
 N = 50_003  # not a multiple of any chunk size

@@ -7,19 +7,19 @@ back the expert's bytes exactly for every float dtype and for mixed base/expert 
 
 from __future__ import annotations
 
-import math
 import hashlib
+import math
 
 import pytest
 import torch
 from delta_fixtures import load_dir_tensors, save_model
 
-from hivemerge.merge.numerics import rng
-from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
 from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC, parse_codec
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.numerics import rng
+from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from network_fixtures import no_leftover_daemons, p2pd_pids, wait_p2pd_gone  # noqa: F401 (autouse)
 
-from hivemerge.merge.toy import tasks
-from hivemerge.merge.toy.experts import SPEC, build_experts
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.experts import SPEC, build_experts
 from hivemerge.node import demo as demo_module
 from hivemerge.node.demo import FUSION, ROUND_RECIPE
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from conftest import FAMILY_RECIPES, write_tensors
+from torch.overrides import TorchFunctionMode
 
 from hivemerge.merge.deltas.codecs import CODECS
 from hivemerge.merge.engine import run_merge

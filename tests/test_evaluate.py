@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from delta_fixtures import CliRunner, assert_user_error
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.evaluation.evaluate import answer_loss, evaluate, greedy_answers
 from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.tasks import ALPHABET, Example
 from hivemerge.merge.toy.training import BOS, PAD, build_tokenizer, encode, new_model, save, train
 from hivemerge.protocol.errors import UserInputError

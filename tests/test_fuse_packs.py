@@ -9,14 +9,14 @@ import pytest
 import torch
 from fuse_fixtures import shared_hetero
 
-from hivemerge.merge.toy import hetero
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
 from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot, pivot_view, pivot_vocab
 from hivemerge.merge.fusion.fuse import fuse_examples
-from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.fusion.packs import METADATA_KEY, PackFile, tokenize_pair
+from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.toy import hetero
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.packs import PackError

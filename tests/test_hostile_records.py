@@ -21,14 +21,14 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils import MSGPackSerializer
 
 from hivemerge.merge.deltas.delta import DeltaError
-from hivemerge.node.net.dht_storage import BoundedRecordStorage
 from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
-from hivemerge.protocol.rounds import proposal_from_recipe
+from hivemerge.node.net.dht_storage import BoundedRecordStorage
 from hivemerge.protocol import bounds, fusion, records, rounds, search
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.records import EXPERTS_KEY, RecordError, is_valid_signed_value, make_record, open_record
+from hivemerge.protocol.rounds import proposal_from_recipe
 from hivemerge.protocol.signing import sign_manifest
 
 MALLORY, ALICE = Identity.generate(), Identity.generate()

@@ -73,8 +73,8 @@ def test_a_damaged_state_file_is_logged_and_skipped(tmp_path, damage):
 
 def test_a_torn_round_state_does_not_stop_the_coordinator(tmp_path):
     """A round coordinator over a stub node: its tick runs through, logging the damaged file."""
-    from hivemerge.node.storage.retention import live_work
     from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
+    from hivemerge.node.storage.retention import live_work
 
     logged = []
     node = SimpleNamespace(home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,

@@ -17,9 +17,15 @@ from pathlib import Path
 
 import pytest
 from network_fixtures import (
-    NodePool, build_models, kill_daemon, model_manifest, sha256_file, tensors_equal, wait_until,
+    NodePool,
+    build_models,
+    kill_daemon,
+    model_manifest,
+    no_leftover_daemons,  # noqa: F401 (autouse)
+    sha256_file,
+    tensors_equal,
+    wait_until,
 )
-from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
 from hivemerge.node.net.network import peer_id_of

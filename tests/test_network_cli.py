@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 from network_fixtures import (
-    CliRunner, NodeProcess, build_models, model_manifest, p2pd_pids, sha256_file,
-    tensors_equal, wait_p2pd_gone,
+    CliRunner,
+    NodeProcess,
+    build_models,
+    model_manifest,
+    no_leftover_daemons,  # noqa: F401 (autouse)
+    p2pd_pids,
+    sha256_file,
+    tensors_equal,
+    wait_p2pd_gone,
 )
-from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
 
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta
 

@@ -26,8 +26,13 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from network_fixtures import NodePool, build_models, sha256_file, wait_until
-from network_fixtures import no_leftover_daemons  # noqa: F401 (autouse)
+from network_fixtures import (
+    NodePool,
+    build_models,
+    no_leftover_daemons,  # noqa: F401 (autouse)
+    sha256_file,
+    wait_until,
+)
 
 from hivemerge.node.net.network import peer_id_of
 from hivemerge.node.net.transfer import MAX_STREAMS_PER_PEER, FetchError

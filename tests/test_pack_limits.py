@@ -11,8 +11,8 @@ from pack_fixtures import PACK_BYTES_PER_TOKEN, synthetic_pack, synthetic_tensor
 
 from hivemerge.merge.fusion import packs
 from hivemerge.merge.fusion.packs import PackFile
-from hivemerge.node.storage.store import PACK_SUFFIX, ContentStore, verify_file_object
 from hivemerge.node.net.transfer import size_limit
+from hivemerge.node.storage.store import PACK_SUFFIX, ContentStore, verify_file_object
 from hivemerge.protocol.bundles import MAX_OBJECT_BYTES
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.packs import MAX_PACK_BYTES, PackError

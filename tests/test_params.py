@@ -74,7 +74,7 @@ def test_filters_without_catch_all_and_with_gradients():
     assert resolve_value(value, "model.layers.2.self_attn.q_proj.weight", 4) == 1.0
 
 
-def test_per_layer_table():
+def test_per_layer_table_gives_each_layer_its_value():  # was shadowed by the merge test of the same name below
     table = {"per_layer": [0.1, 0.4, 0.7, 1.0], "default": 0.3}
     for i, v in enumerate([0.1, 0.4, 0.7, 1.0]):
         assert resolve_value(table, f"model.layers.{i}.self_attn.o_proj.weight", 4) == v

@@ -18,7 +18,13 @@ from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.records import (
-    EXPERTS_KEY, MAX_RECORD_BYTES, RecordError, is_valid_signed_value, make_record, open_record, providers_key,
+    EXPERTS_KEY,
+    MAX_RECORD_BYTES,
+    RecordError,
+    is_valid_signed_value,
+    make_record,
+    open_record,
+    providers_key,
 )
 from hivemerge.protocol.signing import sign_manifest
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from round_fixtures import (
-    RoundNet, build_family, model_id_of, offline_merge, round_document, wait_committed, wait_round_done,
-)
+from round_fixtures import RoundNet, build_family, model_id_of, offline_merge, round_document, wait_committed, wait_round_done
 
 from hivemerge.protocol.errors import UserInputError
 
@@ -98,7 +96,7 @@ def test_a_node_that_took_no_part_fetches_and_verifies_the_consensus(first_round
     assert model.config.num_hidden_layers == 2
     card = (out / "README.md").read_text()
     assert f"round {proposal['round_id'][:12]}" in card
-    assert f"attested by 3 of 3 participants" in card
+    assert "attested by 3 of 3 participants" in card
     for key in keys:
         assert f"| {key[:16]} |" in card
     for delta_id in (p["delta_id"] for p in first_round["published"].values()):

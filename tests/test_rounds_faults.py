@@ -16,8 +16,16 @@ import time
 
 import pytest
 from round_fixtures import (
-    RoundNet, build_family, model_id_of, offline_merge, round_document, round_records, scaled_expert,
-    tamper_stored_delta, wait_committed, wait_round_done,
+    RoundNet,
+    build_family,
+    model_id_of,
+    offline_merge,
+    round_document,
+    round_records,
+    scaled_expert,
+    tamper_stored_delta,
+    wait_committed,
+    wait_round_done,
 )
 
 from hivemerge.protocol import rounds

@@ -10,9 +10,9 @@ import time
 import pytest
 from round_fixtures import RoundNet, build_family, model_id_of, round_records, store_proposal, wait_round_done
 
-from hivemerge.protocol.rounds import build_recipe, proposal_from_recipe
 from hivemerge.protocol import rounds
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.rounds import build_recipe, proposal_from_recipe
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from search_fixtures import char_family as make_char_family
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.evaluation.fitness import Evaluation, InMemoryMerger, ValidationFitness, score_examples, validation_suites
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search.cmaes import SearchSettings, run_search
 from hivemerge.merge.search.space import SearchSpace, split_blocks
+from hivemerge.merge.toy import tasks
 from hivemerge.protocol.errors import UserInputError
 
 

@@ -19,14 +19,14 @@ from network_fixtures import wait_until
 from round_fixtures import RoundNet, round_records, wait_round_done
 from search_fixtures import char_family
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search.cmaes import SearchSettings, next_candidates
 from hivemerge.merge.search.space import SearchSpace
-from hivemerge.protocol.rounds import build_recipe
+from hivemerge.merge.toy import tasks
 from hivemerge.protocol import search
 from hivemerge.protocol.content import content_id
+from hivemerge.protocol.rounds import build_recipe
 
 SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, "loss_weight": 0.25,
             "generation_seconds": 60, "final_deadline": 4}

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.evaluation.suites import load_suite
+from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.tasks import ALPHABET, Example
 from hivemerge.protocol.errors import UserInputError
 

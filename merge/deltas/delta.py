@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC, check_options, parse_codec
-from hivemerge.merge.io.dtypes import DTYPE_OF_CODE, SAFETENSORS_CODES
-from hivemerge.merge.layers import natural_key
-from hivemerge.merge.io.manifest import build_model_manifest, model_id, side_files
 from hivemerge.merge.deltas.signed_container import SignedContainer
+from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.io.dtypes import DTYPE_OF_CODE, SAFETENSORS_CODES
+from hivemerge.merge.io.manifest import build_model_manifest, model_id, side_files
 from hivemerge.merge.io.sources import SafetensorsModel, TensorInfo, parse_config
 from hivemerge.merge.io.writer import AppendingWriter, ShardedWriter
+from hivemerge.merge.layers import natural_key
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import describe_mismatch

@@ -12,9 +12,9 @@ import math
 from collections.abc import Collection
 from pathlib import Path
 
-from hivemerge.merge.numerics import exact
 from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.numerics import exact
 from hivemerge.protocol.errors import UserInputError
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from hivemerge.merge.engine import ReadBuffers, merge_tensor
-from hivemerge.merge.recipe import Recipe, Resolver, validate_recipe
-from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.evaluation.evaluate import answer_loss, greedy_answers
 from hivemerge.merge.evaluation.suites import Example, validation_suite
+from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.numerics.threads import single_thread
+from hivemerge.merge.recipe import Recipe, Resolver, validate_recipe
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -57,8 +59,6 @@ def validation_suites(names: list[str], count: int) -> dict[str, list[Example]]:
 @torch.no_grad()
 def score_examples(model, tokenizer, examples: list[Example]) -> tuple[float, float]:
     """(exact-match accuracy of greedy answers, mean answer loss) on ``examples``."""
-    from hivemerge.merge.evaluation.evaluate import answer_loss, greedy_answers
-
     correct, loss_sum = 0, 0.0
     for i in range(0, len(examples), 256):
         part = examples[i : i + 256]
@@ -72,8 +72,6 @@ class InMemoryMerger:
     """Merges recipes over the same inputs into one reusable model object."""
 
     def __init__(self, recipe: Recipe):
-        from hivemerge.merge.io.models import load_causal_lm
-
         source = recipe.reference.source
         if not isinstance(source, SafetensorsModel):
             raise UserInputError("search needs base_model (or the first model) to be a model directory")

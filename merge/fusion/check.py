@@ -25,12 +25,19 @@ from pathlib import Path
 
 from hivemerge.merge.deltas.delta import apply_delta
 from hivemerge.merge.fusion.distill import (
-    DistillConfig, PivotExample, fuse_into_pivot, pivot_view, pivot_vocab, probe_losses, self_targets, targets,
+    DistillConfig,
+    PivotExample,
+    fuse_into_pivot,
+    pivot_view,
+    pivot_vocab,
+    probe_losses,
+    self_targets,
+    targets,
 )
 from hivemerge.merge.fusion.fuse import fuse_examples
 from hivemerge.merge.fusion.packs import PackFile
-from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.fusion.probe import ProbeSet
+from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.tokens import pad_id
 from hivemerge.protocol.identity import Identity
 

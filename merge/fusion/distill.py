@@ -26,16 +26,17 @@ from pathlib import Path
 
 import torch
 
+from hivemerge.merge.deltas.delta import extract_delta
 from hivemerge.merge.fusion.align import VocabMap
-from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.fusion.fuse import Dist, fuse_examples
-from hivemerge.merge.io.manifest import TOKENIZER_FILES
 from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.merge.fusion.probe import ProbeSet
+from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.io.manifest import TOKENIZER_FILES
 from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.io.tokens import pad_id, right_padded, token_text, tokenize_pair
 from hivemerge.merge.numerics.threads import single_thread
-from hivemerge.merge.fusion.probe import ProbeSet
-from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -205,8 +206,6 @@ def fuse_into_pivot(pivot_dir: str | Path, packs: list[PackFile], probe: ProbeSe
     """Align and fuse ``packs`` on ``probe``, distil into the pivot (keeping it as it was on
     ``replay``), write ``out_dir`` (and, with ``delta_out``, a signed delta against the pivot,
     or against ``delta_base``: a round's base when the pivot is its weight merge)."""
-    from hivemerge.merge.deltas.delta import extract_delta
-
     started = time.perf_counter()
     config = config or DistillConfig()
     config.check()

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from hivemerge.merge.deltas.signed_container import SignedContainer
+from hivemerge.merge.fusion.probe import ProbeSet
 from hivemerge.merge.io.dtypes import SAFETENSORS_CODES
 from hivemerge.merge.io.manifest import TOKENIZER_FILES, build_model_manifest
-from hivemerge.merge.fusion.probe import ProbeSet
-from hivemerge.merge.deltas.signed_container import SignedContainer
-from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.io.tokens import pad_id, right_padded, token_text, tokenize_pair
 from hivemerge.merge.io.writer import AppendingWriter
 from hivemerge.merge.numerics.threads import single_thread
@@ -35,8 +35,15 @@ from hivemerge.protocol.content import canonical_json, content_id, sha256_hex
 from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.manifests import FILE_PART_PREFIX
 from hivemerge.protocol.packs import (
-    MAX_PACK_BYTES, MAX_PIECE_CHARS, MAX_PIECES_BYTES, PACK_KIND, PACK_TENSORS, PIECES_FILE, PackError,
-    check_pack_manifest, pack_manifest,
+    MAX_PACK_BYTES,
+    MAX_PIECE_CHARS,
+    MAX_PIECES_BYTES,
+    PACK_KIND,
+    PACK_TENSORS,
+    PIECES_FILE,
+    PackError,
+    check_pack_manifest,
+    pack_manifest,
 )
 from hivemerge.protocol.signing import sign_manifest
 

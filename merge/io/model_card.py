@@ -8,9 +8,8 @@ from pathlib import Path
 import yaml
 
 from hivemerge.merge.io.dtypes import dtype_name
-from hivemerge.protocol.fingerprint import architecture_fingerprint
-
 from hivemerge.merge.io.manifest import TOKENIZER_FILES
+from hivemerge.protocol.fingerprint import architecture_fingerprint
 
 
 def write_config(recipe, out: Path) -> None:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from hivemerge.merge.numerics import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 
 EPS = 1e-8

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from hivemerge.merge.numerics import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.methods.task_arithmetic import LAMBDA
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 
 

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from hivemerge.merge.numerics import exact
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 
 DOT_THRESHOLD = 0.9995  # nearly colinear: fall back to linear interpolation (mergekit's rule)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.methods.sparsify import KeepRandom, KeepRule, keep_by_rank, spans
+from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
 
 DENSITY = ParamSpec("density", float, 1.0, low=0.0, high=1.0, low_open=True, doc="fraction of the task vector kept")

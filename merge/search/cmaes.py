@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from hivemerge.merge.evaluation.fitness import Evaluation, Fitness
 from hivemerge.merge.search.space import SearchSpace
@@ -285,8 +286,6 @@ def run_search(
 
 def save_recipe(path: Path, document: dict, comment: str = "") -> Path:
     """Write ``document`` as a YAML recipe (atomically), with ``comment`` as a header line."""
-    import yaml
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# {line}\n" for line in comment.splitlines())

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from hivemerge.merge.toy import tasks
 from hivemerge.merge.io.tokens import prompt_ids, response_batch
 from hivemerge.merge.numerics.threads import single_thread
+from hivemerge.merge.toy import tasks
+from hivemerge.merge.toy.training import save, train
 
 DOMAIN = "rotate"
 
@@ -103,8 +104,6 @@ def response_loss(model, tokenizer, examples: list[tasks.Example]) -> float:
 def build_hetero_expert(directory: Path, steps: int = 1500, seed: int = 0, hidden: int = 128, layers: int = 4,
                         progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Train (or reuse) the GPT-2 ``rotate`` expert in ``directory``."""
-    from hivemerge.merge.toy.training import save, train
-
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+
 from hivemerge.merge.evaluation.suites import Example, register_suite
 from hivemerge.protocol.errors import UserInputError
 

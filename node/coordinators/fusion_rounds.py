@@ -42,14 +42,19 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from hivemerge.merge.deltas.codecs import parse_codec
+from hivemerge.merge.fusion.check import distill_config, measure_fused, run_fusion
+from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.merge.fusion.probe import load_probe
 from hivemerge.node.coordinators.base import NodeServices, guarded
-from hivemerge.node.storage.home import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, Phase, read_json, write_json
 from hivemerge.node.net.network import is_bound
+from hivemerge.node.storage.home import FUSIONS_DIR, PACKS_FILE, WATCH_FILE, Phase, read_json, write_json
 from hivemerge.node.storage.store import PACK_SUFFIX, PROBE_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
-from hivemerge.protocol.content import is_content_id
+from hivemerge.protocol.content import canonical_json, is_content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.record_schemas import check_domain
+
 
 class RoundHost(Protocol):
     """What the fusion step uses of the round coordinator (node/coordinators/merge_rounds.py) it belongs to."""
@@ -91,9 +96,6 @@ class FusionRounds:
         return read_json(self.node.home / PACKS_FILE, [])
 
     def publish_pack(self, pack_file: Path, probe_file: Path, domain: str) -> dict:
-        from hivemerge.merge.fusion.packs import PackFile
-        from hivemerge.merge.fusion.probe import load_probe
-
         if self.node.client_mode:
             raise UserInputError("publishing a pack needs a running node (hivemerge node start) to keep serving it")
         check_domain(domain)
@@ -128,9 +130,6 @@ class FusionRounds:
     # -- proposing ------------------------------------------------------------------------
     def prepare(self, document: dict, base_ref: str, base_id: str) -> dict:
         """The round recipe with its ``fusion`` block resolved (see the module docstring)."""
-        from hivemerge.merge.deltas.codecs import parse_codec
-        from hivemerge.merge.fusion.check import distill_config
-
         block = fusion.check_fusion_block(document["fusion"])
         try:
             parse_codec(block["codec"])
@@ -253,8 +252,6 @@ class FusionRounds:
         """Fetch the inputs (each within ``window`` seconds), distil, and store the signed
         fused delta: ``{"delta_id", "before", "after"}``. ``proposal`` needs only its
         ``base_id`` and ``recipe`` (a round not yet proposed has no id or deadline)."""
-        from hivemerge.merge.fusion.check import run_fusion
-
         block = fusion.check_fusion_block(proposal["recipe"]["fusion"], resolved=True)
         scratch = self.node.store.partial / f"fusion-{label}"
         try:
@@ -336,9 +333,6 @@ class FusionRounds:
 
     async def _inputs(self, block: dict, window: float):
         """(packs, probe, replay set or None) of a fusion block, fetched if missing and checked."""
-        from hivemerge.merge.fusion.packs import PackFile
-        from hivemerge.merge.fusion.probe import load_probe
-
         window = max(1.0, window)
         replay_id = block.get("replay")
         for cid in [block["probe"], *block["packs"]["ids"], *([replay_id] if replay_id else [])]:
@@ -360,8 +354,6 @@ class FusionRounds:
         """The exclusions among the fused deltas that passed screening (those in ``norms``),
         with the reason. ``kept``: the expert deltas the round merges (a ``pivot: merge``
         fused delta stands only for exactly the merge it was distilled into)."""
-        from hivemerge.merge.fusion.check import measure_fused
-
         committed = fusion.fused_deltas(commitments)
         raw = proposal["recipe"].get("fusion")
         excluded: dict[str, str] = {}
@@ -447,8 +439,6 @@ class FusionRounds:
 def ahead_key(base_id: str, recipe: dict) -> str:
     """What a fused delta depends on: the base, the resolved fusion block and the merge
     settings of the pivot (a round recipe or a proposal's template: the same keys)."""
-    from hivemerge.protocol.content import canonical_json
-
     merge = {k: recipe[k] for k in (*rounds.MERGE_KEYS, "domain_parameters") if k in recipe}
     return hashlib.sha256(canonical_json({"base_id": base_id, "fusion": recipe["fusion"], "merge": merge})).hexdigest()
 

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 from hivemerge.merge.deltas.delta import DeltaError
+from hivemerge.merge.deltas.screening import screen_delta
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.deltas.screening import screen_delta
-from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
+from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 from hivemerge.node.storage.home import ROUNDS_DIR, Phase
+from hivemerge.node.storage.retention import live_work, prune
 from hivemerge.node.storage.store import DELTA_SUFFIX
 from hivemerge.protocol import bounds, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
@@ -97,8 +98,6 @@ class RoundCoordinator(Coordinator):
         remove what the store no longer needs (node/storage/retention.py), unless a round, search
         or fusion is under way or a command is adding content (the next settled round
         tries again)."""
-        from hivemerge.node.storage.retention import live_work, prune
-
         busy = live_work(self.node.home)
         if busy is not None:
             self.node.log(f"store: not pruned now: {busy}")

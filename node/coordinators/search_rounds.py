@@ -19,12 +19,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+from hivemerge.merge.evaluation.fitness import ValidationFitness
+from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
+from hivemerge.merge.recipe import validate_recipe
+from hivemerge.merge.search.cmaes import SearchSettings, next_candidates
+from hivemerge.merge.search.space import SearchSpace
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.storage.home import SEARCHES_DIR, Phase
 from hivemerge.protocol import bounds, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
-
 
 # Phases a restarted node takes up again once the deadline has passed.
 RESUMABLE = (Phase.PROPOSED, Phase.COMMITTED, Phase.FETCHING, Phase.SEARCHING, Phase.AWAITING_FINAL)
@@ -152,8 +156,6 @@ class SearchCoordinator(Coordinator):
                           generation: int, window: float, earlier: list[list[float]]) -> dict:
         """One generation: draw the candidates from the earlier combined scores, publish
         their ids (proposer) and this owner's scores, then combine everyone's."""
-        from hivemerge.merge.search.cmaes import next_candidates
-
         loop = asyncio.get_running_loop()
         sid = proposal["round_id"]
         xs = await loop.run_in_executor(None, next_candidates, space, settings, earlier)
@@ -175,10 +177,6 @@ class SearchCoordinator(Coordinator):
                 "scorers": scorers, "proposer_agrees": agrees, "tallied": tallied}
 
     def _space(self, proposal: dict, included: list[str], domains: dict[str, str]):
-        from hivemerge.merge.recipe import validate_recipe
-        from hivemerge.merge.search.cmaes import SearchSettings
-        from hivemerge.merge.search.space import SearchSpace
-
         settings = proposal["search"]
         document = rounds.build_recipe(proposal, included, domains)
         recipe = validate_recipe(document, resolver=self.node.store.resolve)
@@ -189,9 +187,6 @@ class SearchCoordinator(Coordinator):
 
     def _fitness(self, proposal: dict, state: dict, included: list[str]):
         """This owner's private validation data for its included experts' domains (None: not an owner here)."""
-        from hivemerge.merge.evaluation.fitness import ValidationFitness  # torch and transformers: only when scoring
-        from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
-
         settings = proposal["search"]
         suites = {}
         for delta_id, domain in sorted((state.get("committed") or {}).items()):

@@ -34,15 +34,21 @@ from pathlib import Path
 
 from hivemind.p2p import P2P, PeerID
 
-from hivemerge.merge.io.atomic import fsync_path, write_file_atomic
 from hivemerge.merge.deltas.delta import DeltaError
+from hivemerge.merge.io.atomic import fsync_path, write_file_atomic
 from hivemerge.merge.io.manifest import model_files, model_id
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.node.storage.store import PACK_SUFFIX, PROBE_SUFFIX, ContentStore, StoreFullError, tree_bytes, verify_file_object
 from hivemerge.protocol import wire
 from hivemerge.protocol.bounds import MAX_STREAMS, MAX_STREAMS_PER_PEER
 from hivemerge.protocol.bundles import (
-    MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, check_bundle, chunk_span, object_suffix,
+    MAX_CHUNK_SIZE,
+    MAX_CHUNKS,
+    MAX_MANIFEST_BYTES,
+    MAX_OBJECT_BYTES,
+    check_bundle,
+    chunk_span,
+    object_suffix,
 )
 from hivemerge.protocol.content import canonical_json
 from hivemerge.protocol.errors import UserInputError

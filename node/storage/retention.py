@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivemerge.node.storage.home import (
-    CONSENSUS_FILE, FUSIONS_DIR, PACKS_FILE, PUBLISHED_FILE, ROUNDS_DIR, SEARCHES_DIR, WATCH_FILE, Phase, write_json,
+    CONSENSUS_FILE,
+    FUSIONS_DIR,
+    PACKS_FILE,
+    PUBLISHED_FILE,
+    ROUNDS_DIR,
+    SEARCHES_DIR,
+    WATCH_FILE,
+    Phase,
+    write_json,
 )
 from hivemerge.node.storage.store import DELTA_SUFFIX, FILE_SUFFIXES, PACK_SUFFIX, PROBE_SUFFIX, ContentStore
 from hivemerge.protocol.content import short_id

@@ -19,11 +19,24 @@ import os
 import shutil
 from pathlib import Path
 
-from hivemerge.merge.io.atomic import fsync_path, write_file_atomic
 from hivemerge.merge.deltas.delta import DeltaFile
+from hivemerge.merge.fusion.packs import PackFile
+from hivemerge.merge.fusion.probe import load_probe, probe_bytes
+from hivemerge.merge.io.atomic import fsync_path, write_file_atomic
+from hivemerge.merge.io.manifest import model_files, model_id
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.bundles import (  # noqa: F401  (the suffixes are declared in protocol; imported from here too)
-    DEFAULT_CHUNK_SIZE, DELTA_SUFFIX, FILE_SUFFIXES, MAX_CHUNK_SIZE, MAX_CHUNKS, PACK_SUFFIX, PROBE_SUFFIX, bundle_manifest,
-    check_bundle, chunk_count, chunk_span,
+    DEFAULT_CHUNK_SIZE,
+    DELTA_SUFFIX,
+    FILE_SUFFIXES,
+    MAX_CHUNK_SIZE,
+    MAX_CHUNKS,
+    PACK_SUFFIX,
+    PROBE_SUFFIX,
+    bundle_manifest,
+    check_bundle,
+    chunk_count,
+    chunk_span,
 )
 from hivemerge.protocol.content import canonical_json, content_id, is_content_id
 from hivemerge.protocol.errors import UserInputError
@@ -43,12 +56,9 @@ def verify_file_object(path: Path, suffix: str) -> str:
         delta.verify_all()
         return delta.id
     if suffix == PACK_SUFFIX:
-        from hivemerge.merge.fusion.packs import PackFile
-
         pack = PackFile(path)  # refuses a pack over MAX_PACK_BYTES before reading it
         pack.verify()  # as a stream: every hash, and every token id has its text
         return pack.id
-    from hivemerge.merge.fusion.probe import load_probe, probe_bytes
 
     probe = load_probe(path)
     if path.read_bytes() != probe_bytes(probe.pairs):
@@ -176,8 +186,6 @@ class ContentStore:
         return self.objects if self._file_of(cid) is not None else self.models / cid
 
     def model(self, cid: str):
-        from hivemerge.merge.io.sources import SafetensorsModel
-
         path = self.models / cid
         if not path.is_dir():
             raise UserInputError(f"hm://{cid}: model not in the content store at {self.root}")
@@ -212,8 +220,6 @@ class ContentStore:
 
     def add_probe(self, path: Path) -> str:
         """Store a probe set (JSONL) in canonical form under its probe id; returns the id."""
-        from hivemerge.merge.fusion.probe import load_probe, probe_bytes
-
         probe = load_probe(path)
         self.partial.mkdir(parents=True, exist_ok=True)
         scratch = self.partial / f"probe-{os.getpid()}{PROBE_SUFFIX}"
@@ -241,9 +247,6 @@ class ContentStore:
 
     def add_model(self, directory: Path) -> str:
         """Copy a model directory in under its content id (its weights and side files)."""
-        from hivemerge.merge.io.manifest import model_files, model_id
-        from hivemerge.merge.io.sources import SafetensorsModel
-
         directory = Path(directory)
         model = SafetensorsModel(directory)
         cid = model_id(model)
@@ -271,8 +274,6 @@ class ContentStore:
         if root == self.objects:
             paths = [self._file_of(cid).name]
         else:  # what the id covers, nothing else that may lie in the folder
-            from hivemerge.merge.io.manifest import model_files
-            from hivemerge.merge.io.sources import SafetensorsModel
 
             paths = model_files(SafetensorsModel(root))
         sizes = {p: (root / p).stat().st_size for p in paths}
