@@ -80,10 +80,12 @@ def test_per_layer_table_gives_each_layer_its_value():  # was shadowed by the me
         assert resolve_value(table, f"model.layers.{i}.self_attn.o_proj.weight", 4) == v
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert resolve_value(table, name, 4) == 0.3
-    # the default may itself be a gradient (0 before the layers, 1 after)
-    graded = {"per_layer": [5, 6, 7, 8], "default": [0.0, 1.0]}
-    assert resolve_value(graded, "model.embed_tokens.weight", 4) == 0.0
-    assert resolve_value(graded, "lm_head.weight", 4) == 1.0
+    # the default may itself be a gradient; every tensor outside the layers sits at t = 0,
+    # as in mergekit (merge/layers.py), so the LM head takes the gradient's first point too
+    graded = {"per_layer": [5, 6, 7, 8], "default": [0.25, 1.0]}
+    assert resolve_value(graded, "model.embed_tokens.weight", 4) == 0.25
+    assert resolve_value(graded, "lm_head.weight", 4) == 0.25
+    assert resolve_value(graded, "model.layers.9.mlp.up_proj.weight", 10) == 1.0  # past the table: the gradient's end
     # without a default, tensors outside the layers have no value here
     assert resolve_value({"per_layer": [1, 2, 3, 4]}, "model.norm.weight", 4) is None
 
