@@ -38,7 +38,7 @@ from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.experts import SPEC, base_mix, build_experts
 from hivemerge.node.node import Node
-from hivemerge.protocol import rounds
+from hivemerge.protocol import fusion, rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
 # training them takes many minutes and gives other bytes on another CPU.
@@ -63,9 +63,8 @@ ROUND_RECIPE = {
 # of its expert, docs/benchmarks.md; scripts/bench_heal.py measures more settings offline). The
 # replay set, prompts of every suite with the base's own answers, holds the merge to
 # itself elsewhere, compose included.
-FUSION = {
-    "packs": {"domains": list(tasks.DOMAINS)}, "pivot": "merge", "method": "mince", "lambda": 0.5, "steps": 300,
-    "lr": 5e-4, "batch": 48, "replay_share": 0.25, "codec": "int8",
+FUSION = {  # distillation at the protocol's defaults (protocol/fusion.py), which were measured on this demo
+    **fusion.DISTILLATION, "packs": {"domains": list(tasks.DOMAINS)}, "pivot": "merge", "codec": "int8",
 }
 PROBE_PER_DOMAIN = 1000  # training-split examples of its domain each expert's pack covers (300 was too few)
 REPLAY_PROMPTS = 900

@@ -64,10 +64,11 @@ def main() -> None:
     parser.add_argument("--replay", type=int, default=1000, help="replay examples (the base's domains)")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--method", default="mince")
-    parser.add_argument("--lam", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--replay-share", type=float, default=0.5)
+    parser.add_argument("--lam", type=float, default=DistillConfig.lam)
+    parser.add_argument("--steps", type=int, default=DistillConfig.steps)
+    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
+    parser.add_argument("--batch", type=int, default=DistillConfig.batch)
+    parser.add_argument("--replay-share", type=float, default=DistillConfig.replay_share)
     parser.add_argument("--count", type=int, default=200, help="held-out examples per suite")
     parser.add_argument("--ablation", action="store_true")
     args = parser.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
         runs.update({"lambda=1 (labels only)": 1.0, "lambda=0 (distributions only)": 0.0})
     reports = {}
     for name, lam in runs.items():
-        config = DistillConfig(lam=lam, steps=args.steps, lr=args.lr, replay_share=args.replay_share)
+        config = DistillConfig(lam=lam, steps=args.steps, lr=args.lr, batch=args.batch, replay_share=args.replay_share)
         out = work / ("fused" if name == "fused" else f"fused-lam{lam:g}")
         t = time.perf_counter()
         reports[name] = fuse_into_pivot(pivot, [PackFile(pack_report.path)], probe, out, args.method, config, alice,

@@ -37,6 +37,7 @@ from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.io.tokens import pad_id, right_padded, token_text, tokenize_pair
 from hivemerge.merge.numerics.threads import single_thread
+from hivemerge.protocol.fusion import DISTILLATION
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -46,12 +47,14 @@ DEFAULT_DELTA_CODEC = "int8"  # a distilled delta is dense and small in norm: in
 
 @dataclass
 class DistillConfig:
-    lam: float = 0.5
-    steps: int = 200
-    lr: float = 5e-4
-    batch: int = 32
-    seed: int = 0
-    replay_share: float = 0.5  # of each batch, when a replay set is given
+    """Distillation settings; the defaults are the protocol's (protocol/fusion.py, DISTILLATION)."""
+
+    lam: float = DISTILLATION["lambda"]
+    steps: int = DISTILLATION["steps"]
+    lr: float = DISTILLATION["lr"]
+    batch: int = DISTILLATION["batch"]
+    seed: int = DISTILLATION["seed"]
+    replay_share: float = DISTILLATION["replay_share"]  # of each batch, when a replay set is given
     replay_top_k: int = 16  # the original pivot's distribution is kept as its top-k, renormalised
 
     def check(self) -> None:
