@@ -37,13 +37,12 @@ from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.experts import SPEC, base_mix, build_experts
-from hivemerge.node.node import Node
+from hivemerge.node.local_network import LocalNetwork
 from hivemerge.protocol import fusion, rounds
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
 # training them takes many minutes and gives other bytes on another CPU.
 SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 # The round's merge: TIES at density 0.9 with the full math task vector and a quarter of
 # the others. It is the best uniform recipe (one weight and density per model) of the
 # 118-recipe grid in scripts/bench_search.py, chosen on the validation split, which the
@@ -96,17 +95,11 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
 
     homes = workdir / "nodes"
     shutil.rmtree(homes, ignore_errors=True)  # fresh nodes: a former run's publications must not join
-    nodes: list = []
+    network = LocalNetwork(homes, record_ttl=120, round_poll=0.5)
     try:
         say(f"starting {len(tasks.DOMAINS) + 1} nodes on 127.0.0.1")
-        fetcher = Node(homes / "fetcher", listen=LOOPBACK, record_ttl=120, round_poll=0.5)
-        nodes.append(fetcher)
-        seed = fetcher.maddrs()
-        experts = {}
-        for domain in tasks.DOMAINS:
-            node = Node(homes / domain, listen=LOOPBACK, peers=seed, record_ttl=120, round_poll=0.5)
-            nodes.append(node)
-            experts[domain] = node
+        fetcher = network.start("fetcher")
+        experts = {domain: network.start(domain) for domain in tasks.DOMAINS}
         probe, replay = write_probe_and_replay(workdir / "fusion", base_dir)
         for domain, node in experts.items():
             record = node.publish(models[domain], domain, base_dir, codec=PUBLISH_CODEC)
@@ -138,8 +131,7 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         fetched = fetcher.fetch(None, out=out / "consensus", base=base_dir, overwrite=True)
         say(f"consensus model fetched by the fetch-only node -> {fetched['out']}")
     finally:
-        for node in reversed(nodes):
-            node.close()
+        network.close_all()
         say("all nodes stopped")
 
     say("evaluating base, experts and consensus on every suite")

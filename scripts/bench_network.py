@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 import torch
-from local_network import LOOPBACK, local_network
 from safetensors.torch import save_file
+
+from hivemerge.node.local_network import LOOPBACK, local_network
 
 
 def make_blob_model(directory: Path, megabytes: int) -> Path:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from local_network import local_network
+from hivemerge.node.local_network import local_network
 
 
 def run_round(n: int, work: Path, base: Path, experts: list[Path], deadline: float) -> dict:

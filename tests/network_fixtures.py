@@ -27,7 +27,8 @@ import torch
 from cli_runner import CliResult, CliRunner  # noqa: F401  (re-exported for the tests)
 from delta_fixtures import family_shapes, perturbed, random_tensors, save_model
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+from hivemerge.node.local_network import LOOPBACK, LocalNetwork
+
 TEST_TTL = 30.0  # seconds: short record lives (refreshed every 10 s while a node runs)
 START_TIMEOUT = 60.0  # a node process must print "serving" within this long (2 busy cores)
 STOP_TIMEOUT = 40.0
@@ -93,42 +94,25 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
 
 # -- in-process nodes ----------------------------------------------------------------
 
-class NodePool:
-    """Starts in-process nodes on loopback; :meth:`close_all` stops every one still open."""
+class NodePool(LocalNetwork):
+    """The tests' loopback network (node/local_network.py): nodes join only the peers given,
+    with short record lives; :meth:`close_all` also finalizes what the dead nodes left."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
-        self.open: list = []
+        super().__init__(root, record_ttl=TEST_TTL)
 
     def start(self, name: str, peers: list | tuple = (), ttl: float = TEST_TTL, chunk_size: int | None = None,
               listen: list[str] | None = None, home: Path | None = None, client_mode: bool = False):
-        from hivemerge.node.node import Node
-
-        node = Node(home or self.root / name, listen=listen or LOOPBACK, peers=[str(p) for p in peers],
-                    client_mode=client_mode, record_ttl=ttl)
+        node = super().start(name, peers=peers, home=home, listen=listen, client_mode=client_mode, record_ttl=ttl)
         if chunk_size is not None:
             node.store.chunk_size = chunk_size  # bundles made from now on use it
-        self.open.append(node)
         return node
 
-    def close(self, node) -> None:
-        if node in self.open:
-            self.open.remove(node)
-            node.close()
-
     def close_all(self) -> None:
-        """Closes them side by side (a node's leaving may wait on peers that died)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        nodes, self.open = self.open, []
-        if not nodes:
-            return
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            futures = [pool.submit(node.close) for node in nodes]
-        settle_garbage()
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]
+        try:
+            super().close_all()
+        finally:
+            settle_garbage()
 
 
 def settle_garbage() -> None:
@@ -162,7 +146,7 @@ class NodeProcess:
                  ttl: float = TEST_TTL):
         self.home = Path(home)
         argv = [sys.executable, "-m", "hivemerge", "node", "start", "--home", str(self.home), "--record-ttl", str(ttl)]
-        for maddr in listen or LOOPBACK:
+        for maddr in listen or [LOOPBACK]:
             argv += ["--listen", maddr]
         for maddr in peers:
             argv += ["--peer", str(maddr)]

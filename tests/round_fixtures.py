@@ -15,9 +15,9 @@ from pathlib import Path
 from conftest import make_llama
 from network_fixtures import check_no_leftover_p2pd, wait_until
 
+from hivemerge.node.local_network import LocalNetwork
 from hivemerge.protocol import rounds
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 RECORD_TTL = 60.0
 ROUND_POLL = 0.5
 DEADLINE = 4  # seconds from proposal to the close of commitments
@@ -57,43 +57,26 @@ def model_id_of(directory: Path) -> str:
 
 # -- nodes -----------------------------------------------------------------------------
 
-class RoundNet:
-    """In-process nodes on loopback (record TTL 60 s, round poll 0.5 s); closes them all."""
+class RoundNet(LocalNetwork):
+    """The loopback network (node/local_network.py) with round settings: record TTL 60 s,
+    round poll 0.5 s, CPU merges; no p2pd may outlive :meth:`close_all`."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.open: list = []
+        super().__init__(root, record_ttl=RECORD_TTL, round_poll=ROUND_POLL, device="cpu")
 
     def start(self, name: str, peers=(), client_mode: bool = False):
-        from hivemerge.node.node import Node
-
-        node = Node(self.root / name, listen=LOOPBACK, peers=[str(p) for p in peers], client_mode=client_mode,
-                    record_ttl=RECORD_TTL, round_poll=ROUND_POLL, device="cpu")
-        self.open.append(node)
-        return node
+        return super().start(name, peers=peers, client_mode=client_mode)
 
     def start_many(self, names: list[str]) -> list:
         """The first node, and the rest bootstrapped through it."""
         first = self.start(names[0])
         return [first] + [self.start(n, peers=first.maddrs()) for n in names[1:]]
 
-    def close(self, node) -> None:
-        if node in self.open:
-            self.open.remove(node)
-            node.close()
-
     def close_all(self) -> None:
-        errors = []
-        while self.open:
-            node = self.open.pop()
-            try:
-                node.close()
-            except Exception as exc:  # close the others anyway
-                errors.append(exc)
-        check_no_leftover_p2pd(self.root)
-        if errors:
-            raise errors[0]
+        try:
+            super().close_all()
+        finally:
+            check_no_leftover_p2pd(self.root)
 
 
 # -- waiting ---------------------------------------------------------------------------
