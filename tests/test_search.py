@@ -11,7 +11,8 @@ import torch
 import yaml
 from search_fixtures import char_family as make_char_family
 
-from hivemerge.merge.evaluation.fitness import Evaluation, InMemoryMerger, ValidationFitness, score_examples, validation_suites
+from hivemerge.merge.evaluation.evaluate import score_examples
+from hivemerge.merge.evaluation.fitness import Evaluation, InMemoryMerger, ValidationFitness, validation_suites
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search.cmaes import SearchSettings, run_search
 from hivemerge.merge.search.space import SearchSpace, split_blocks

@@ -52,14 +52,22 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new: int = 6) -> li
     return [text.split("\n", 1)[0] for text in texts]
 
 
+@torch.no_grad()
+def score_examples(model, tokenizer, examples: list[Example], batch: int = 256) -> tuple[float, float]:
+    """(exact-match accuracy of greedy answers, mean answer loss) on ``examples``: the one
+    scorer of ``hivemerge eval``, the demo, and a search's fitness."""
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(examples), batch):
+        part = examples[i : i + batch]
+        # room for the longest answer and its newline (a JSONL suite's answers may be long)
+        answers = greedy_answers(model, tokenizer, [e.prompt for e in part], max_new=max(len(e.answer) for e in part) + 1)
+        correct += sum(a == e.answer for a, e in zip(answers, part))
+        loss_sum += answer_loss(model, tokenizer, part) * len(part)
+    return correct / len(examples), loss_sum / len(examples)
+
+
 def evaluate(model, tokenizer, suite: str, count: int = 200) -> SuiteResult:
     examples = load_suite(suite, count)
-    answers = []
     with single_thread():
-        for i in range(0, len(examples), 256):
-            part = examples[i : i + 256]
-            # room for the longest answer and its newline (a JSONL suite's answers may be long)
-            answers += greedy_answers(model, tokenizer, [e.prompt for e in part], max_new=max(len(e.answer) for e in part) + 1)
-        loss = answer_loss(model, tokenizer, examples[:256])
-    correct = sum(a == e.answer for a, e in zip(answers, examples))
-    return SuiteResult(suite, correct / len(examples), loss, len(examples))
+        accuracy, loss = score_examples(model, tokenizer, examples)
+    return SuiteResult(suite, accuracy, loss, len(examples))

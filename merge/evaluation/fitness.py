@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hivemerge.merge.engine import ReadBuffers, merge_tensor
-from hivemerge.merge.evaluation.evaluate import answer_loss, greedy_answers
+from hivemerge.merge.evaluation.evaluate import score_examples
 from hivemerge.merge.evaluation.suites import Example, validation_suite
 from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
@@ -54,18 +54,6 @@ def validation_suites(names: list[str], count: int) -> dict[str, list[Example]]:
     if count < 1:
         raise UserInputError(f"--count: must be at least 1, got {count}")
     return {name: validation_suite(name, count) for name in names}
-
-
-@torch.no_grad()
-def score_examples(model, tokenizer, examples: list[Example]) -> tuple[float, float]:
-    """(exact-match accuracy of greedy answers, mean answer loss) on ``examples``."""
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(examples), 256):
-        part = examples[i : i + 256]
-        answers = greedy_answers(model, tokenizer, [e.prompt for e in part], max_new=max(len(e.answer) for e in part) + 1)
-        correct += sum(a == e.answer for a, e in zip(answers, part))
-        loss_sum += answer_loss(model, tokenizer, part) * len(part)
-    return correct / len(examples), loss_sum / len(examples)
 
 
 class InMemoryMerger:
