@@ -75,13 +75,18 @@ PUBLISH_CODEC = "int8"
 Say = Callable[[str], None]
 
 
+def shipped_models() -> dict[str, Path]:
+    """``{"base": dir, "math": dir, ...}``: the demo's models shipped with the package."""
+    return {name: SHIPPED_MODELS / name for name in ("base", *tasks.DOMAINS)}
+
+
 def demo_models(workdir: Path, say: Say, train_progress=None, spec: dict = SPEC, retrain: bool = False) -> dict[str, Path]:
     """``{"base": dir, "math": dir, ...}``: the shipped models, read in place; with ``retrain``,
     or for another ``spec`` than the shipped one, those trained in ``workdir / "models"`` (reused
     when that cache holds them)."""
     if not retrain and spec == SPEC:
         say(f"using the base and the domain experts shipped in {SHIPPED_MODELS}")
-        return {name: SHIPPED_MODELS / name for name in ("base", *tasks.DOMAINS)}
+        return shipped_models()
     say(f"training the base and the domain experts in {workdir / 'models'} (or reusing those trained there)")
     return build_experts(workdir / "models", progress=train_progress, spec=spec, workers=None)  # experts: one process per core
 

@@ -35,6 +35,7 @@ from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.merge.toy import hetero, tasks
 from hivemerge.merge.toy.experts import build_experts
+from hivemerge.node.demo import shipped_models
 from hivemerge.protocol.identity import Identity
 
 SUITES = list(tasks.SUITES)
@@ -58,7 +59,8 @@ def evaluate_row(directory: Path, held: list[tasks.Example], suites: bool, count
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "hivemerge" / "fuse")
-    parser.add_argument("--demo-models", type=Path, default=Path.home() / ".cache" / "hivemerge" / "demo" / "models")
+    parser.add_argument("--demo-models", type=Path, default=None,
+                        help="trained (or reused) here with the demo's spec; default: the models shipped with hivemerge")
     parser.add_argument("--expert-steps", type=int, default=800)
     parser.add_argument("--probe", type=int, default=1000, help="probe examples (rotate, training split)")
     parser.add_argument("--replay", type=int, default=1000, help="replay examples (the base's domains)")
@@ -77,7 +79,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     say("demo base and experts (cached)")
-    pivot = build_experts(args.demo_models.expanduser())["base"]
+    pivot = (build_experts(args.demo_models.expanduser()) if args.demo_models else shipped_models())["base"]
     say(f"GPT-2 rotate expert ({args.expert_steps} steps, cached)")
     expert = hetero.build_hetero_expert(work / "gpt2-rotate", steps=args.expert_steps)
 

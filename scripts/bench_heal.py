@@ -34,7 +34,7 @@ from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.experts import build_experts
-from hivemerge.node.demo import ROUND_RECIPE, write_probe_and_replay
+from hivemerge.node.demo import ROUND_RECIPE, shipped_models, write_probe_and_replay
 from hivemerge.protocol.identity import Identity
 
 SUITES = list(tasks.SUITES)
@@ -60,7 +60,8 @@ def merge_recipe(models: dict[str, Path]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "hivemerge" / "heal")
-    parser.add_argument("--demo-models", type=Path, default=Path.home() / ".cache" / "hivemerge" / "demo" / "models")
+    parser.add_argument("--demo-models", type=Path, default=None,
+                        help="trained (or reused) here with the demo's spec; default: the models shipped with hivemerge")
     parser.add_argument("--probe", type=int, default=1000, help="probe examples per domain (training split)")
     parser.add_argument("--replay", type=int, default=900, help="replay prompts (every suite, training split)")
     parser.add_argument("--top-k", type=int, default=8)
@@ -77,7 +78,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     say("demo base and experts (cached)")
-    models = build_experts(args.demo_models.expanduser())
+    models = (build_experts(args.demo_models.expanduser()) if args.demo_models else shipped_models())
     t = time.perf_counter()
     merged = run_merge(validate_recipe(merge_recipe(models)), work / "merged", device="cpu", overwrite=True).out_dir
     say(f"weight merge ({ROUND_RECIPE['merge_method']}, the demo round's weights) in {time.perf_counter() - t:.1f}s")

@@ -27,6 +27,7 @@ from hivemerge.merge.search.cmaes import SearchSettings, run_search, save_recipe
 from hivemerge.merge.search.space import SearchSpace
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.experts import build_experts
+from hivemerge.node.demo import shipped_models
 
 SUITES = list(tasks.SUITES)  # math, strings, logic, compose
 DOMAINS = list(tasks.DOMAINS)
@@ -66,7 +67,8 @@ def mean_accuracy(e) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path.home() / ".cache" / "hivemerge" / "demo" / "models")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="trained (or reused) here with the demo's spec; default: the models shipped with hivemerge")
     parser.add_argument("--budget", type=int, default=200, help="search evaluations (the start recipe included)")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--count", type=int, default=200, help="validation examples per domain suite")
@@ -80,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    models = build_experts(args.models)
+    models = (build_experts(args.models.expanduser()) if args.models else shipped_models())
     suites = validation_suites(DOMAINS, args.count)
     suites["compose"] = tasks.validation("compose", args.compose_count)
     val = ValidationFitness(suites, args.loss_weight)
