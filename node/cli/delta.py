@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from hivemerge.node.cli.identity import HomeOption
+from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC
+from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, check_base, extract_delta
+from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.node.cli.options import HomeOption, JsonOption, OverwriteOption, SignerOption
 from hivemerge.node.ui import err, tensor_progress
 from hivemerge.protocol.identity import Identity, default_home
 
 
 def _codec_help() -> str:
-    from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC
-
     lines = [f"Codecs (NAME or NAME:key=value,...; default {DEFAULT_CODEC}):\n\n"]
     for name, codec in sorted(CODECS.items()):
         if name == "same":
@@ -37,9 +38,6 @@ def extract(
     home: HomeOption = None,
 ) -> None:
     """Encode (model - base), sign it with the home's identity, and write it."""
-    from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
-    from hivemerge.merge.deltas.delta import extract_delta
-
     identity = Identity.load(default_home(home))
     with tensor_progress("encoding") as progress:
         report = extract_delta(base, model, out, identity, codec or DEFAULT_CODEC, progress=progress)
@@ -53,11 +51,9 @@ def apply(
     base: Annotated[Path, typer.Option("--base", help="The base model directory the delta was made against.")],
     delta: Annotated[Path, typer.Option("--delta", help="The delta file.")],
     out: Annotated[Path, typer.Option("--out", help="The expert model directory to write.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Check the delta (signature, base id, every hash), then rebuild the expert."""
-    from hivemerge.merge.deltas.delta import apply_delta
-
     with tensor_progress("applying") as progress:
         summary = apply_delta(base, delta, out, overwrite=overwrite, progress=progress)
     exact = "bit-exact expert" if summary["exact"] else "approximate expert (lossy codec)"
@@ -68,13 +64,10 @@ def apply(
 def verify(
     file: Annotated[Path, typer.Argument(help="The delta file.")],
     base: Annotated[Optional[Path], typer.Option("--base", help="Also check that it applies to this base.")] = None,
-    signer: Annotated[Optional[str], typer.Option("--signer", help="Require this signer (fingerprint or public key).")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    signer: SignerOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Check a delta's signature and every hash; print its signer, base, codec mix and sizes."""
-    from hivemerge.merge.deltas.delta import DeltaFile, check_base
-    from hivemerge.merge.io.sources import SafetensorsModel
-
     delta = DeltaFile(file, expected_signer=signer)
     delta.verify_all()
     if base is not None:

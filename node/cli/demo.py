@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # The demo's synthetic tasks register themselves as the built-in suites (math, strings,
 # logic, compose) of `eval`, `search` and search rounds: the CLI offers them by name.
 from hivemerge.merge.toy import tasks
+from hivemerge.merge.evaluation.evaluate import evaluate
+from hivemerge.merge.evaluation.suites import load_suite
+from hivemerge.merge.io.models import load_causal_lm
+from hivemerge.node.cli.options import JsonOption
 from hivemerge.node.ui import err, out
 
 
@@ -19,13 +24,9 @@ def eval_command(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (transformers, safetensors).")],
     suite: Annotated[list[str], typer.Option("--suite", help="math, strings, logic, compose, or a JSONL file of {prompt, answer} (repeatable).")],
     count: Annotated[int, typer.Option(help="Examples per built-in suite.", min=1)] = 200,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Exact-match accuracy of greedy answers, and the answer loss, on held-out suites."""
-    from hivemerge.merge.evaluation.evaluate import evaluate
-    from hivemerge.merge.io.models import load_causal_lm
-    from hivemerge.merge.evaluation.suites import load_suite
-
     for s in suite:  # a wrong --suite is reported before any model is loaded
         load_suite(s, count)
     model, tokenizer = load_causal_lm(model_dir)
@@ -49,9 +50,7 @@ def demo(
                                                      "instead of using those shipped with hivemerge.")] = False,
 ) -> None:
     """The main job: experts, a local network, a merge round healed with the experts' logit packs, the consensus model, the table."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from hivemerge.node.demo import run_demo
+    from hivemerge.node.demo import run_demo  # heavy: the engine and the toy training
 
     workdir = workdir or Path.home() / ".cache" / "hivemerge" / "demo"
     # One display of our own: a spinner with the time spent on the step under way, and a

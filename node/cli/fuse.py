@@ -1,4 +1,5 @@
-"""``hivemerge pack make|verify`` and ``hivemerge fuse``: heterogeneous experts, offline."""
+"""``hivemerge pack make|verify|publish|list`` and ``hivemerge fuse``: heterogeneous experts' logit packs,
+and fusing them into a pivot offline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from hivemerge.node.cli.identity import HomeOption
-from hivemerge.node.ui import err, tensor_progress
+from hivemerge.merge.deltas.codecs import parse_codec
+from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
+from hivemerge.merge.fusion.fuse import METHODS as FUSION_METHODS
+from hivemerge.merge.fusion.packs import PackError, PackFile, make_pack
+from hivemerge.merge.fusion.probe import load_probe
+from hivemerge.node.cli.connect import connect
+from hivemerge.node.cli.options import (
+    DomainFilterOption, HomeOption, JsonOption, OverwriteOption, PeerOption, SignerOption, json_flag,
+)
+from hivemerge.node.ui import err, print_table, tensor_progress
 from hivemerge.protocol.errors import UserInputError
-from hivemerge.protocol.identity import Identity, default_home
+from hivemerge.protocol.identity import Identity, default_home, fingerprint
 from hivemerge.protocol.packs import MAX_TOP_K
 
 app = typer.Typer(
@@ -31,9 +40,6 @@ def make(
     home: HomeOption = None,
 ) -> None:
     """Compute the expert's pack on the probe set, sign it with the home's identity, write it."""
-    from hivemerge.merge.fusion.packs import make_pack
-    from hivemerge.merge.fusion.probe import load_probe
-
     probe_set = load_probe(probe)
     identity = Identity.load(default_home(home))
     with tensor_progress("scoring") as progress:
@@ -47,13 +53,10 @@ def make(
 def verify(
     file: Annotated[Path, typer.Argument(help="The pack file.")],
     probe: Annotated[Optional[Path], typer.Option("--probe", help="Also check that it is for this probe set.")] = None,
-    signer: Annotated[Optional[str], typer.Option("--signer", help="Require this signer (fingerprint or public key).")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    signer: SignerOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Check a pack's signature and every hash; print its signer, probe, model and size."""
-    from hivemerge.merge.fusion.packs import PackFile
-    from hivemerge.merge.fusion.probe import load_probe
-
     pack = PackFile(file, expected_signer=signer)
     pack.load()
     if probe is not None:
@@ -93,8 +96,8 @@ def fuse(
     delta_out: Annotated[Optional[Path], typer.Option("--delta-out", help="The signed delta against the pivot (default OUT.delta.safetensors).")] = None,
     no_delta: Annotated[bool, typer.Option("--no-delta", help="Write only the model directory (no identity needed).")] = False,
     codec: Annotated[str, typer.Option(help="Codec of the delta.")] = "int8",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the fusion report as JSON.")] = False,
+    overwrite: OverwriteOption = False,
+    as_json: Annotated[bool, json_flag("Print the fusion report as JSON.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Fuse heterogeneous experts' logit packs into the pivot; write it and a signed delta.
@@ -106,13 +109,8 @@ def fuse(
     signed with the home's identity) joins weight merges like any expert's. Packs are
     checked first: signature, every hash, the probe id.
     """
-    from hivemerge.merge.deltas.codecs import parse_codec
-    from hivemerge.merge.fusion.distill import DistillConfig, fuse_into_pivot
-    from hivemerge.merge.fusion.fuse import METHODS
-    from hivemerge.merge.fusion.probe import load_probe
-
-    if method not in METHODS:
-        raise UserInputError(f"--method must be one of {list(METHODS)}, got {method!r}")
+    if method not in FUSION_METHODS:
+        raise UserInputError(f"--method must be one of {list(FUSION_METHODS)}, got {method!r}")
     config = DistillConfig(lam=lam, steps=steps, lr=lr, batch=batch, seed=seed, replay_share=replay_share)
     config.check()
     parse_codec(codec)
@@ -146,10 +144,7 @@ def fuse(
         print(report.delta_id)
 
 
-def _open_pack(path: Path, signers: list[str] | None):
-    from hivemerge.merge.fusion.packs import PackError, PackFile
-    from hivemerge.protocol.identity import fingerprint
-
+def _open_pack(path: Path, signers: list[str] | None) -> PackFile:
     pack = PackFile(path)
     if signers and not {pack.signer, fingerprint(bytes.fromhex(pack.signer))} & set(signers):
         raise PackError(f"{path}: signed by {fingerprint(bytes.fromhex(pack.signer))}, not by any --signer given")
@@ -162,13 +157,11 @@ def publish_pack(
     probe: ProbeOption,
     domain: Annotated[str, typer.Option("--domain", help="What the heterogeneous expert is good at, e.g. rotate.")],
     home: HomeOption = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Store the pack and its probe set in the running node and advertise the pack: rounds
     with a fusion step (docs/fusion.md) name packs by domain or id."""
-    from hivemerge.node.cli.network import _node
-
-    with _node(home, None) as node:
+    with connect(home, None) as node:
         record = node.publish_pack(pack_file=str(file.resolve()), probe_file=str(probe.resolve()), domain=domain)
     if as_json:
         print(json.dumps(record, indent=2))
@@ -179,16 +172,13 @@ def publish_pack(
 
 @app.command("list")
 def list_packs(
-    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    domain: DomainFilterOption = None,
+    as_json: JsonOption = False,
     home: HomeOption = None,
-    peer: Annotated[Optional[list[str]], typer.Option("--peer", help="Multiaddr of a peer to join through (repeatable).")] = None,
+    peer: PeerOption = None,
 ) -> None:
     """The logit packs the network offers, from the DHT."""
-    from hivemerge.node.cli.network import _node
-    from hivemerge.node.ui import print_table
-
-    with _node(home, peer) as node:
+    with connect(home, peer) as node:
         rows = node.packs(domain=domain)
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
+from hivemerge.node.cli.options import HomeOption, JsonOption
 from hivemerge.protocol.identity import KEY_FILE, Identity, default_home
 
 app = typer.Typer(help="The node's Ed25519 identity (stored with mode 0600 in its home).", no_args_is_help=True)
-
-HomeOption = Annotated[Optional[Path], typer.Option("--home", help="Node home (default $HIVEMERGE_HOME or ~/.hivemerge).")]
 
 
 def _print(identity: Identity, home: Path, as_json: bool) -> None:
@@ -24,7 +22,7 @@ def _print(identity: Identity, home: Path, as_json: bool) -> None:
 
 
 @app.command()
-def new(home: HomeOption = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def new(home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Create a new identity (refuses to overwrite an existing one)."""
     home = default_home(home)
     identity = Identity.generate()
@@ -33,7 +31,7 @@ def new(home: HomeOption = None, as_json: Annotated[bool, typer.Option("--json")
 
 
 @app.command()
-def show(home: HomeOption = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def show(home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Show the identity's fingerprint and public key."""
     home = default_home(home)
     _print(Identity.load(home), home, as_json)

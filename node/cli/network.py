@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hivemerge.node.cli.identity import HomeOption
+from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
+from hivemerge.merge.io.writer import parse_size
+from hivemerge.node.cli.connect import connect
+from hivemerge.node.cli.options import DomainFilterOption, HomeOption, JsonOption, OverwriteOption, PeerOption
+from hivemerge.node.control import ControlServer
+from hivemerge.node.storage.store import DEFAULT_MAX_STORE
 from hivemerge.node.ui import err, print_table
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import default_home
-
-PeerOption = Annotated[
-    Optional[list[str]], typer.Option("--peer", help="Multiaddr of a peer to join through (repeatable).")
-]
 
 node_app = typer.Typer(help="Run a hivemerge node.", no_args_is_help=True)
 
@@ -42,10 +42,7 @@ def start(
 ) -> None:
     """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly (or,
     should its p2p daemon die, say so and stop with exit status 1)."""
-    from hivemerge.merge.io.writer import parse_size
-    from hivemerge.node.control import ControlServer
-    from hivemerge.node.node import DEFAULT_LISTEN, Node
-    from hivemerge.node.storage.store import DEFAULT_MAX_STORE
+    from hivemerge.node.node import DEFAULT_LISTEN, Node  # heavy: hivemind
 
     try:
         store_bytes = DEFAULT_MAX_STORE if max_store is None else parse_size(max_store)
@@ -77,38 +74,16 @@ def start(
         raise SystemExit(1)  # the node logged why ("p2p daemon died")
 
 
-@contextmanager
-def _node(home: Path | None, peers: list[str] | None):
-    """The node running on the home, or a short-lived client joined through --peer."""
-    from hivemerge.node.control import RemoteNode, node_is_running
-
-    home = default_home(home)
-    if node_is_running(home):
-        yield RemoteNode(home)
-        return
-    if not peers:
-        raise UserInputError(f"no node is running on {home}; start one (hivemerge node start) or pass --peer MADDR")
-    from hivemerge.node.node import Node
-
-    client = Node(home, listen=["/ip4/127.0.0.1/tcp/0"], peers=peers, client_mode=True)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def publish(
     model_dir: Annotated[Path, typer.Argument(help="The expert model directory.")],
     domain: Annotated[str, typer.Option("--domain", help="What the expert is good at, e.g. math.")],
     base: Annotated[Path, typer.Option("--base", help="The base model directory it was fine-tuned from.")],
     codec: Annotated[Optional[str], typer.Option("--codec", help="Delta codec (default: ternary).")] = None,
     home: HomeOption = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Extract the signed delta, store it in the running node, and advertise the expert."""
-    from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
-
-    with _node(home, None) as node:
+    with connect(home, None) as node:
         record = node.publish(model_dir=str(model_dir.resolve()), domain=domain, base_dir=str(base.resolve()),
                               codec=codec or DEFAULT_CODEC)
     if as_json:
@@ -119,14 +94,14 @@ def publish(
 
 
 def experts(
-    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    domain: DomainFilterOption = None,
+    as_json: JsonOption = False,
     home: HomeOption = None,
     peer: PeerOption = None,
 ) -> None:
     """What the network offers, from the DHT: published experts (deltas of a base) and
     heterogeneous experts' logit packs (for rounds with a fusion step)."""
-    with _node(home, peer) as node:
+    with connect(home, peer) as node:
         rows = [{"kind": "expert", **r} for r in node.experts(domain=domain)]
         packs = [{"kind": "pack", **r} for r in node.packs(domain=domain)]
     if as_json:
@@ -148,17 +123,17 @@ def fetch(
                                       "omitted: the latest consensus model for --base.")
     ] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Rebuild the full expert from a delta on this base.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+    overwrite: OverwriteOption = False,
     home: HomeOption = None,
     peer: PeerOption = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fetch content from the network, verified chunk by chunk, written atomically.
 
     Without ID: the latest final consensus model for --base, after checking its
     attestations and hashes; it gets a model card naming the round and its attesters.
     """
-    with _node(home, peer) as node:
+    with connect(home, peer) as node:
         result = node.fetch(ref=content, out=str(out_dir.resolve()), base=str(base.resolve()) if base else None,
                             overwrite=overwrite)
     if as_json:

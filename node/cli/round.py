@@ -9,9 +9,12 @@ from typing import Annotated
 
 import typer
 
-from hivemerge.node.cli.identity import HomeOption
+from hivemerge.merge.recipe import read_recipe_document
+from hivemerge.node.cli.connect import connect
+from hivemerge.node.cli.options import HomeOption, JsonOption
 from hivemerge.node.storage.home import SEARCHES_DIR, StateDir
 from hivemerge.node.ui import err, print_table
+from hivemerge.protocol.identity import default_home
 
 app = typer.Typer(help="Merge rounds: agree on a merge, compute it everywhere, attest the result.", no_args_is_help=True)
 
@@ -20,12 +23,9 @@ app = typer.Typer(help="Merge rounds: agree on a merge, compute it everywhere, a
 def propose(
     recipe: Annotated[Path, typer.Argument(help="Round recipe (YAML/JSON): merge_method, base_model, select, deadline, ...")],
     home: HomeOption = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Announce a signed merge round for the running node's network."""
-    from hivemerge.merge.recipe import read_recipe_document
-    from hivemerge.node.cli.network import _node
-
     document = read_recipe_document(recipe)
     base = document.get("base_model")
     if isinstance(base, str) and not base.startswith("hm://"):
@@ -42,7 +42,7 @@ def propose(
     fusion = document.get("fusion")
     if isinstance(fusion, dict) and fusion.get("fuser") is None and not as_json:
         err.print("this node is the round's fuser: it distils the fusion step before it proposes the round")
-    with _node(home, None) as node:
+    with connect(home, None) as node:
         proposal = node.propose(document=document)
     if as_json:
         print(json.dumps(proposal, indent=2))
@@ -56,12 +56,10 @@ def propose(
 @app.command()
 def status(
     home: HomeOption = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Rounds this node took part in: phase, participants, exclusions with reasons, attestations."""
-    from hivemerge.node.cli.network import _node
-
-    with _node(home, None) as node:
+    with connect(home, None) as node:
         rows = node.round_status()
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -92,8 +90,6 @@ def _print_fusions(rows: list[dict]) -> None:
 
 def _print_searches(home) -> None:
     """Search rounds this node took part in (their local state files), if any."""
-    from hivemerge.protocol.identity import default_home
-
     states = StateDir(default_home(home) / SEARCHES_DIR).states()  # a damaged file is reported and skipped
     if not states:
         return

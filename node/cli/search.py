@@ -7,10 +7,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hivemerge.node.cli.identity import HomeOption
+from hivemerge.merge.recipe import load_recipe
+from hivemerge.merge.search.space import SearchSpace
+from hivemerge.node.cli.options import HomeOption, json_flag
+from hivemerge.node.storage.store import ContentStore
 from hivemerge.node.ui import err, out
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.identity import default_home
 
 
 def search(
@@ -26,7 +32,7 @@ def search(
     loss_weight: Annotated[float, typer.Option(help="Fitness = mean accuracy - this x mean answer loss.")] = 0.25,
     sigma: Annotated[float, typer.Option(help="Initial step size, as a share of each value's range.")] = 0.2,
     max_weight: Annotated[float, typer.Option(help="Upper bound of the searched weights (lower bound 0).")] = 2.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+    as_json: Annotated[bool, json_flag("Print the outcome as JSON.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Search per-layer merge weights (and densities) with CMA-ES on validation data.
@@ -39,15 +45,8 @@ def search(
     recipe is written as an ordinary recipe with per-layer tables, ready for
     `hivemerge merge`. --checkpoint makes a long search resumable.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from hivemerge.merge.evaluation.fitness import ValidationFitness, validation_suites
-    from hivemerge.merge.recipe import load_recipe
-    from hivemerge.merge.search.cmaes import SearchSettings, plan, run_search, save_recipe
-    from hivemerge.merge.search.space import SearchSpace
-    from hivemerge.node.storage.store import ContentStore
-    from hivemerge.protocol.errors import UserInputError
-    from hivemerge.protocol.identity import default_home
+    from hivemerge.merge.evaluation.fitness import ValidationFitness, validation_suites  # heavy: the engine
+    from hivemerge.merge.search.cmaes import SearchSettings, plan, run_search, save_recipe  # heavy: the engine
 
     settings = SearchSettings(budget=budget, seed=seed, popsize=popsize, sigma=sigma)
     settings.check()

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
-from hivemerge.node.cli.identity import HomeOption
+from hivemerge.node.cli.options import HomeOption, JsonTableOption, json_flag
+from hivemerge.node.control import node_is_running
+from hivemerge.node.storage.retention import inventory, prune as prune_store
 from hivemerge.node.ui import err, print_table
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.identity import default_home
 
 app = typer.Typer(
     help="The node's content store: what it holds and why, and removing what nothing needs any more.",
@@ -35,16 +38,13 @@ def _row(item) -> dict:
 def list_command(
     home: HomeOption = None,
     keep: KeepOption = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    as_json: JsonTableOption = False,
 ) -> None:
     """Every stored model, delta, pack and probe set, its size, and why it is kept.
 
     A row with no reason is what `hivemerge store prune` would remove with
     the same --keep.
     """
-    from hivemerge.node.storage.retention import inventory
-    from hivemerge.protocol.identity import default_home
-
     items = inventory(default_home(home), keep)
     if as_json:
         print(json.dumps([_row(i) for i in items], indent=2))
@@ -62,7 +62,7 @@ def prune(
     home: HomeOption = None,
     keep: KeepOption = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the removed objects as JSON.")] = False,
+    as_json: Annotated[bool, json_flag("Print the removed objects as JSON.")] = False,
 ) -> None:
     """Remove what nothing on this node needs any more (stop the node first).
 
@@ -73,10 +73,6 @@ def prune(
     deltas of ended rounds. Interrupted downloads stay for the fetch that
     resumes them.
     """
-    from hivemerge.node.control import node_is_running
-    from hivemerge.node.storage.retention import prune as prune_store
-    from hivemerge.protocol.identity import default_home
-
     home = default_home(home)
     if not dry_run and node_is_running(home):
         raise UserInputError(f"a node is running on {home}: stop it first; it may be using what no state file names yet")
