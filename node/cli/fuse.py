@@ -20,6 +20,7 @@ from hivemerge.node.cli.options import (
 )
 from hivemerge.node.ui import err, print_table, tensor_progress
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.fusion import DISTILLATION
 from hivemerge.protocol.identity import Identity, default_home, fingerprint
 from hivemerge.protocol.packs import MAX_TOP_K
 
@@ -83,15 +84,15 @@ def fuse(
     probe: ProbeOption,
     out: Annotated[Path, typer.Option("--out", help="The fused model directory to write (atomically).")],
     method: Annotated[str, typer.Option(help="mince: per token, the source with the lowest cross-entropy to the "
-                                              "reference; avgce: their average weighted by softmax(-cross-entropy).")] = "mince",
-    lam: Annotated[float, typer.Option("--lambda", help="Weight of the reference-token loss; 1 - lambda goes to the fused distribution.")] = 0.5,
-    steps: Annotated[int, typer.Option(help="Distillation steps.", min=0)] = 400,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup and cosine decay).")] = 2e-4,
-    batch: Annotated[int, typer.Option(help="Examples per step.", min=1)] = 32,
-    seed: Annotated[int, typer.Option(help="Seeds the batch order.")] = 0,
+                                              "reference; avgce: their average weighted by softmax(-cross-entropy).")] = DISTILLATION["method"],
+    lam: Annotated[float, typer.Option("--lambda", help="Weight of the reference-token loss; 1 - lambda goes to the fused distribution.")] = DistillConfig.lam,
+    steps: Annotated[int, typer.Option(help="Distillation steps.", min=0)] = DistillConfig.steps,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup and cosine decay).")] = DistillConfig.lr,
+    batch: Annotated[int, typer.Option(help="Examples per step.", min=1)] = DistillConfig.batch,
+    seed: Annotated[int, typer.Option(help="Seeds the batch order.")] = DistillConfig.seed,
     replay: Annotated[Optional[Path], typer.Option(help="JSONL of the pivot's own domains (prompt, response) on which it is "
                                                           "kept as it was (self-distillation), so fusion costs them little.")] = None,
-    replay_share: Annotated[float, typer.Option(help="Share of every batch drawn from --replay.")] = 0.5,
+    replay_share: Annotated[float, typer.Option(help="Share of every batch drawn from --replay.")] = DistillConfig.replay_share,
     signer: Annotated[Optional[list[str]], typer.Option("--signer", help="Require every pack to be signed by one of these (repeatable).")] = None,
     delta_out: Annotated[Optional[Path], typer.Option("--delta-out", help="The signed delta against the pivot (default OUT.delta.safetensors).")] = None,
     no_delta: Annotated[bool, typer.Option("--no-delta", help="Write only the model directory (no identity needed).")] = False,
