@@ -76,7 +76,8 @@ def test_malformed_pack_and_fusion_records_are_refused(kind, fields):
 
 def test_a_block_is_filled_with_defaults_and_every_bad_value_is_named():
     full = block()
-    assert full["method"] == "mince" and full["lambda"] == 0.5 and full["steps"] == 100 and full["tolerance"] == 1e-3
+    assert full["method"] == "mince" and full["lambda"] == 0.5 and full["steps"] == 300 and full["tolerance"] == 1e-3
+    assert (full["lr"], full["batch"], full["seed"], full["replay_share"]) == (5e-4, 48, 0, 0.5)  # protocol/fusion.DISTILLATION
     assert fusion.check_fusion_block({"packs": {"domains": ["rotate"]}})["packs"] == {"domains": ["rotate"]}
     for bad, key in [({"lambda": 1.5}, "fusion.lambda"), ({"steps": 0}, "fusion.steps"), ({"lr": 0}, "fusion.lr"),
                      ({"method": "max"}, "fusion.method"), ({"batch": True}, "fusion.batch"), ({"probe": "abc"}, "fusion.probe"),

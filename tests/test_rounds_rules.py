@@ -258,10 +258,10 @@ def competing_proposals(base_id: str, proposer: str, window: float) -> tuple[dic
     and one closing a second later whose round id is the lowest of all (so 'lowest id'
     alone would pick it)."""
     now = time.time()
-    for i in range(500):
+    for i in range(500):  # a fresh triple each time (a fixed pair's lower id could be too low to beat)
         doc = {**TEMPLATE, "select": {"domains": DOMAINS}, "deadline": window}
-        tie1 = proposal_from_recipe({**doc, "parameters": {"weight": 1.0, "density": 0.5}}, base_id, proposer, now)
-        tie2 = proposal_from_recipe({**doc, "parameters": {"weight": 0.75, "density": 0.5}}, base_id, proposer, now)
+        tie1 = proposal_from_recipe({**doc, "parameters": {"weight": 1.0, "density": 0.5 - i / 10_000}}, base_id, proposer, now)
+        tie2 = proposal_from_recipe({**doc, "parameters": {"weight": 0.75, "density": 0.5 - i / 10_000}}, base_id, proposer, now)
         late = proposal_from_recipe({**doc, "deadline": window + 1, "parameters": {"weight": 1.0, "density": 0.3 + i / 1000}},
                                     base_id, proposer, now)
         if late["round_id"] < min(tie1["round_id"], tie2["round_id"]):

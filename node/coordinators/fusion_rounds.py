@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hivemerge.merge.deltas.codecs import parse_codec
-from hivemerge.merge.fusion.check import distill_config, measure_fused, run_fusion
+from hivemerge.merge.fusion import check as fusion_check  # called through the module: tests replace its functions
 from hivemerge.merge.fusion.packs import PackFile
 from hivemerge.merge.fusion.probe import load_probe
 from hivemerge.node.coordinators.base import NodeServices, guarded
@@ -135,7 +135,7 @@ class FusionRounds:
             parse_codec(block["codec"])
         except (UserInputError, ValueError) as exc:
             raise UserInputError(f"fusion.codec: {exc}") from None
-        distill_config(block)
+        fusion_check.distill_config(block)
         live = self.packs()
         if "domains" in block["packs"]:
             ids = set()
@@ -263,7 +263,7 @@ class FusionRounds:
                 pivot_dir = await self._pivot(proposal, scratch, window)
             delta_out = scratch / "fused.delta.safetensors"
             before, after = await asyncio.get_running_loop().run_in_executor(
-                None, run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
+                None, fusion_check.run_fusion, base_dir, packs, probe, block, self.node.identity, delta_out, scratch, replay, pivot_dir)
             return {"delta_id": self.node.store.add_delta(delta_out), "before": before, "after": after}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -387,7 +387,7 @@ class FusionRounds:
                 try:
                     pivot_dir = await self._pivot(proposal, scratch, window) if fusion.merges_pivot(block) else None
                     before, after = await asyncio.get_running_loop().run_in_executor(
-                        None, measure_fused, base_dir, delta_path, packs, probe, block, scratch / "applied", replay, pivot_dir)
+                        None, fusion_check.measure_fused, base_dir, delta_path, packs, probe, block, scratch / "applied", replay, pivot_dir)
                     reason = fusion.judge(block, record, before, after)
                 except UserInputError as exc:
                     reason = f"fusion: the probe losses could not be measured: {_without_path(exc)}"

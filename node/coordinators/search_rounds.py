@@ -22,7 +22,7 @@ import time
 from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.merge.search.cmaes import SearchSettings, next_candidates
+from hivemerge.merge.search import cmaes  # called through the module: tests replace next_candidates
 from hivemerge.merge.search.space import SearchSpace
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.storage.home import SEARCHES_DIR, Phase
@@ -158,7 +158,7 @@ class SearchCoordinator(Coordinator):
         their ids (proposer) and this owner's scores, then combine everyone's."""
         loop = asyncio.get_running_loop()
         sid = proposal["round_id"]
-        xs = await loop.run_in_executor(None, next_candidates, space, settings, earlier)
+        xs = await loop.run_in_executor(None, cmaes.next_candidates, space, settings, earlier)
         documents = [space.recipe(x) for x in xs]
         ids = [content_id(d) for d in documents]
         key, ttl = rounds.round_key(sid), self.ttl(proposal)
@@ -183,7 +183,7 @@ class SearchCoordinator(Coordinator):
         space = SearchSpace(recipe, blocks=settings["blocks"], max_weight=settings["max_weight"])
         popsize, generations = settings["popsize"], settings["generations"]
         seed = settings.get("seed", int(proposal["round_id"][:7], 16))
-        return space, SearchSettings(budget=1 + popsize * generations, seed=seed, popsize=popsize, sigma=settings["sigma"])
+        return space, cmaes.SearchSettings(budget=1 + popsize * generations, seed=seed, popsize=popsize, sigma=settings["sigma"])
 
     def _fitness(self, proposal: dict, state: dict, included: list[str]):
         """This owner's private validation data for its included experts' domains (None: not an owner here)."""
@@ -268,7 +268,7 @@ class SearchCoordinator(Coordinator):
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
                     "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
         final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
-        ttl = self.node.rounds.ttl(final)  # a merge round's records, by the merge round's rule
+        ttl = rounds.records_ttl(final["deadline"], time.time(), self.node.record_ttl)  # a merge round's records
         await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
         return final["round_id"]
 
