@@ -189,10 +189,10 @@ def write_probe_and_replay(directory: Path, answer_with: Path, per_domain: int |
 
 
 def write_plot(rows: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for the plot
 
     suites = list(tasks.SUITES)
     models = list(rows)

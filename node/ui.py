@@ -28,13 +28,13 @@ def quiet_third_party() -> None:
         os.environ.setdefault(name, value)
     # Those read the environment when imported; one imported already is told directly.
     if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # only when already imported (heavy)
 
         if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
             hf_logging.disable_progress_bar()
         hf_logging.set_verbosity(hf_logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], hf_logging.ERROR))
     if "hivemind" in sys.modules:
-        from hivemind.utils.logging import get_logger
+        from hivemind.utils.logging import get_logger  # only when already imported (heavy)
 
         get_logger("hivemind").setLevel(os.environ["HIVEMIND_LOGLEVEL"].upper())
 

@@ -52,7 +52,7 @@ def distill_config(block: dict) -> DistillConfig:
 
 def fused_targets(base_dir: Path, packs: list[PackFile], probe: ProbeSet, method: str, lam: float) -> tuple[list[PivotExample], int]:
     """The probe examples in the base's tokenization with their fused target distributions."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers, only when a fusion is checked
 
     for pack in packs:
         pack.check_probe(probe)

@@ -99,7 +99,7 @@ def _numpy_seeded(seed: int, *parts: object) -> Iterator[None]:
 
 
 def new_strategy(start: list[float], seed: int, popsize: int, sigma: float):
-    import cma
+    import cma  # heavy: about 3 s to import, only when a search runs
 
     options = {
         "seed": _seed_for(seed, "init") or 1, "popsize": popsize, "bounds": [0.0, 1.0], "verbose": -9,

@@ -105,7 +105,7 @@ def _train_base(target: Path, spec: dict, progress: Progress | None) -> None:
 
 
 def _train_expert(domain: str, base: Path, target: Path, spec: dict, progress: Progress | None) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers, only when models are built
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = build_tokenizer()

@@ -48,8 +48,8 @@ def held_out(count: int = 200) -> list[tasks.Example]:
 
 def build_bpe_tokenizer(texts: list[str], vocab_size: int = 320):
     """A GPT-2 style byte-level BPE tokenizer, trained on ``texts`` (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy: only when the expert is built
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,7 +62,7 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 320):
 
 
 def new_gpt2(vocab_size: int, seed: int, hidden: int = 128, layers: int = 4):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # heavy: transformers
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=hidden, n_layer=layers, n_head=4,
                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

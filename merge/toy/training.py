@@ -22,8 +22,8 @@ PAD, BOS = 0, 1
 
 def build_tokenizer():
     """A character-level fast tokenizer (one token per character of ALPHABET)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # heavy: only when training
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     vocab = {t: i for i, t in enumerate(SPECIAL + list(ALPHABET))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -35,7 +35,7 @@ def build_tokenizer():
 
 
 def new_model(vocab_size: int, seed: int, hidden: int = 128, layers: int = 4):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
