@@ -69,9 +69,9 @@ MAX_CHARTER_BASES = 8  # base models one network merges on
 MAX_CHARTER_METHODS = 32  # merge method names a round policy allows (the registry has ~10)
 MAX_CHARTER_VERSION = 2**31 - 1
 # A record/charter carries a whole signed charter: the largest the caps above allow is
-# ~40 KiB of JSON (256 members with every role, 16 maintainers and signatures), so it
-# needs more than MAX_RECORD_BYTES; this kind alone may be that large.
-MAX_CHARTER_RECORD_BYTES = 64 * 1024
+# ~34 KiB of JSON (256 members with every role, 16 maintainers and signatures: see
+# tests/test_charter.py), more than MAX_RECORD_BYTES; this kind alone may be that large.
+MAX_CHARTER_RECORD_BYTES = 40 * 1024
 
 
 def max_record_bytes(kind: str) -> int:

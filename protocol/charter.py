@@ -15,6 +15,7 @@ The rules of rounds under a charter are in :mod:`hivemerge.protocol.charter_rule
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -82,9 +83,16 @@ def sign_charter(signed: dict, identity: Identity) -> dict:
 
 def signers(signed: dict, keys: Iterable[str]) -> list[str]:
     """The keys among ``keys`` whose signature on this charter verifies (sorted)."""
-    message = _message(charter_id(signed["charter"]))
-    return sorted(key for key in set(keys) if key in signed["signatures"]
-                  and verify_signature(bytes.fromhex(key), message, bytes.fromhex(signed["signatures"][key])))
+    cid = charter_id(signed["charter"])
+    return sorted(key for key in set(keys) if key in signed["signatures"] and _verifies(key, cid, signed["signatures"][key]))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _verifies(key: str, cid: str, signature: str) -> bool:
+    # Remembered: a node follows the same DHT records again and again, and a stranger can
+    # fill its network's key with versions carrying a bad signature for every maintainer
+    # (~15,000 signatures in MAX_KEY_BYTES, seconds of CPU to verify each time).
+    return verify_signature(bytes.fromhex(key), _message(cid), bytes.fromhex(signature))
 
 
 def _valid(signed: Any) -> bool:
@@ -148,14 +156,19 @@ def follow(current: dict, candidates: Iterable[Any]) -> dict:
 
 
 def _combined(parent: dict, versions: list[dict]) -> dict | None:
-    """One version from its copies, with the signatures of ``parent``'s maintainers that
-    verify on any copy; None unless it is a valid successor of ``parent``."""
+    """One version from its (schema-checked) copies, with the signatures of ``parent``'s
+    maintainers that verify on any copy; None unless it is a valid successor of ``parent``
+    (:func:`successor_ok`'s rules, each signature verified once)."""
+    old, new = parent["charter"], versions[0]["charter"]
+    if new["version"] != old["version"] + 1:
+        return None  # its previous is parent's id: only the version remains to check
     signatures: dict[str, str] = {}
     for version in versions:
-        for key in signers(version, parent["charter"]["maintainers"]):
-            signatures.setdefault(key, version["signatures"][key])
-    merged = {"charter": versions[0]["charter"], "signatures": dict(sorted(signatures.items()))}
-    return merged if successor_ok(parent, merged) else None
+        for key in signers(version, set(old["maintainers"]) - set(signatures)):
+            signatures[key] = version["signatures"][key]
+    if len(signatures) < old["threshold"]:
+        return None
+    return {"charter": new, "signatures": dict(sorted(signatures.items()))}
 
 
 def roles_of(charter: dict, key: str) -> set[str]:

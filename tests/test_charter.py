@@ -161,6 +161,7 @@ def test_forks_garbage_and_replays_never_make_follow_go_back():
         assert cid(follow(on_high, pool)) == cid(on_high)  # replays of older versions: never back
         assert cid(follow(low, pool)) == cid(low)  # another branch's versions do not descend from low
     assert cid(follow(high, [GENESIS, low])) == cid(high)
+    assert not successor_ok(high, skipping) and cid(follow(high, [skipping])) == cid(high)  # version 3 after 1
 
 
 def test_schema_refusals_name_the_field():
@@ -260,13 +261,16 @@ def test_the_largest_charter_fits_one_record_and_only_charters_are_that_large():
     roster = {hashlib.sha256(b"r%d" % i).hexdigest(): ["attester", "contributor", "proposer"] for i in range(bounds.MAX_ROSTER)}
     biggest = new_charter(name="n" * 64, base_ids=H[:bounds.MAX_CHARTER_BASES], maintainers=[m.public_hex for m in maintainers],
                           threshold=bounds.MAX_MAINTAINERS, roster=roster,
-                          methods=[f"m{i:02d}" + "x" * 60 for i in range(bounds.MAX_CHARTER_METHODS)],
-                          quorum=0.6666666666666666, max_deadline=12345.678901234, min_deadline=1.0000001)
+                          methods=[f"m{i:02d}" + "x" * 61 for i in range(bounds.MAX_CHARTER_METHODS)],
+                          quorum=0.6666666666666666, max_deadline=12345.678901234567, min_deadline=1.0000000000000002,
+                          max_fetch_window=3599.9999999999995, max_deltas=1023, max_generations=99, max_popsize=63,
+                          max_fusion_steps=9999)
     biggest = signed(biggest, *maintainers)
     assert genesis_ok(biggest)
-    value = records.make_record(OUTSIDER, "record/charter", charter_fields(biggest, biggest, expires_at=NOW + 172799.999))
+    fields = charter_fields(biggest, biggest, issued_at=99_999_999_999.99998, expires_at=99_999_999_999.99998)
+    value = records.make_record(OUTSIDER, "record/charter", fields)
     assert bounds.MAX_RECORD_BYTES * 4 < len(value) <= bounds.MAX_CHARTER_RECORD_BYTES
-    opened = records.open_record(charters_key(cid(biggest)), f"{OUTSIDER.public_hex}/{cid(biggest)}", value, now=NOW)
+    opened = records.open_record(charters_key(cid(biggest)), f"{OUTSIDER.public_hex}/{cid(biggest)}", value, now=fields["issued_at"])
     assert cid(opened["charter"]) == cid(biggest)
     # Past the charter cap, or charter-sized under another kind's key: refused.
     padded = value[:-1] + b" " * (bounds.MAX_CHARTER_RECORD_BYTES + 1 - len(value)) + b"}"
@@ -297,6 +301,10 @@ def test_a_participant_list_is_a_bounded_record_under_the_round():
         participants_fields({HONEST[0].public_hex: [H[4]]}),
         participants_fields(too_many),
     ]
+    sixteen = {f"{i:064x}": {hashlib.sha256(b"%d/%d" % (i, j)).hexdigest(): "math" for j in range(bounds.MAX_COMMITTED)}
+               for i in range(bounds.MAX_ROUND_DELTAS // bounds.MAX_COMMITTED + 1)}  # 65 entries, 1,040 deltas
+    with pytest.raises(records.RecordError, match=f"at most {bounds.MAX_ROUND_DELTAS} deltas"):
+        records.make_record(PROPOSER, "record/participants", participants_fields(sixteen))
     for bad in hostile:
         with pytest.raises(records.RecordError):
             records.make_record(PROPOSER, "record/participants", bad)
