@@ -38,7 +38,8 @@ DEFAULT_POLICY = {
     "max_generations": bounds.MAX_GENERATIONS, "max_popsize": bounds.MAX_POPSIZE,
     "max_fusion_steps": bounds.MAX_FUSION_STEPS,
 }
-TOP_FIELDS = ("name", "base_ids", "maintainers", "threshold", "open_contribution")
+POLICY_FIELDS = (*DEFAULT_POLICY, "methods")
+SETTINGS = ("name", "base_ids", "maintainers", "threshold", "open_contribution", *POLICY_FIELDS)  # what a change may set
 
 
 class CharterError(UserInputError):
@@ -62,7 +63,7 @@ def check_charter(signed: Any) -> dict:
     try:
         SignedCharter.model_validate(signed)
     except ValidationError as exc:
-        raise CharterError(f"charter: {describe(exc.errors())}"[:300]) from None
+        raise CharterError(describe(exc.errors())[:300]) from None
     return signed
 
 
@@ -184,13 +185,15 @@ def _roles(roles: Any) -> list[str]:
     return sorted(set(roles))
 
 
+def _only(settings: Mapping, allowed: Iterable[str]) -> None:
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise CharterError(f"{unknown[0]}: not a charter setting; expected one of {sorted(allowed)}")
+
+
 def _document(fields: dict) -> dict:
     """A charter document from its fields: lists sorted, roles named, the policy nested."""
-    policy = {key: fields.pop(key) for key in list(fields) if key in DEFAULT_POLICY or key == "methods"}
-    unknown = sorted(set(fields) - {*TOP_FIELDS, "roster", "version", "previous", "policy"})
-    if unknown:
-        raise CharterError(f"{unknown[0]}: not a charter field; expected {sorted({*TOP_FIELDS, *DEFAULT_POLICY, 'methods', 'roster'})}")
-    fields["policy"] = {**fields.get("policy", {}), **policy}
+    fields["policy"] = {**fields["policy"], **{key: fields.pop(key) for key in POLICY_FIELDS if key in fields}}
     for key in ("base_ids", "maintainers"):
         fields[key] = sorted(set(fields[key]))
     fields["policy"]["methods"] = sorted(set(fields["policy"]["methods"]))
@@ -203,6 +206,7 @@ def new_charter(*, name: str, base_ids: Iterable[str], maintainers: Iterable[str
                 open_contribution: bool = False, **policy: Any) -> dict:
     """An unsigned genesis (version 0). ``threshold`` defaults to a majority of the
     maintainers; ``policy``: any of DEFAULT_POLICY's keys."""
+    _only(policy, DEFAULT_POLICY)
     maintainers = sorted(set(maintainers))
     fields = {"name": name, "base_ids": list(base_ids), "maintainers": maintainers,
               "threshold": len(maintainers) // 2 + 1 if threshold is None else threshold,
@@ -217,9 +221,7 @@ def propose_change(current: dict, add: Mapping[str, Iterable[str] | str] | None 
     they hold), ``remove`` takes keys off the roster (a list) or takes roles from them (a
     mapping; a key left with none leaves the roster); ``changes`` replace other fields
     (name, base_ids, maintainers, threshold, open_contribution, or a policy field)."""
-    unknown = sorted(set(changes) - {*TOP_FIELDS, *DEFAULT_POLICY, "methods"})
-    if unknown:
-        raise CharterError(f"{unknown[0]}: not a field a change may set; expected {sorted({*TOP_FIELDS, *DEFAULT_POLICY, 'methods'})}")
+    _only(changes, SETTINGS)
     fields = copy.deepcopy(document_of(current))
     roster = fields["roster"]
     for key, roles in (add or {}).items():
