@@ -146,8 +146,8 @@ def follow(current: dict, candidates: Iterable[Any]) -> dict:
         reached = []
         for parent in frontier:
             for cid, versions in sorted(copies.get(charter_id(parent["charter"]), {}).items()):
-                merged = _combined(parent, versions)
-                if cid not in seen and merged is not None:
+                merged = None if cid in seen else _combined(parent, versions)
+                if merged is not None:
                     seen.add(cid)
                     reached.append(merged)
         if reached:
@@ -160,16 +160,34 @@ def _combined(parent: dict, versions: list[dict]) -> dict | None:
     """One version from its (schema-checked) copies, with the signatures of ``parent``'s
     maintainers that verify on any copy; None unless it is a valid successor of ``parent``
     (:func:`successor_ok`'s rules, each signature verified once)."""
-    old, new = parent["charter"], versions[0]["charter"]
-    if new["version"] != old["version"] + 1:
+    old = parent["charter"]
+    if versions[0]["charter"]["version"] != old["version"] + 1:
         return None  # its previous is parent's id: only the version remains to check
+    merged = _merged(versions, old["maintainers"])
+    return merged if len(merged["signatures"]) >= old["threshold"] else None
+
+
+def _merged(copies: list[dict], keys: Iterable[str]) -> dict:
+    """Copies of one charter as one, with the signatures of ``keys`` that verify on any copy."""
     signatures: dict[str, str] = {}
-    for version in versions:
-        for key in signers(version, set(old["maintainers"]) - set(signatures)):
-            signatures[key] = version["signatures"][key]
-    if len(signatures) < old["threshold"]:
-        return None
-    return {"charter": new, "signatures": dict(sorted(signatures.items()))}
+    for copy_ in copies:
+        for key in signers(copy_, set(keys) - set(signatures)):
+            signatures[key] = copy_["signatures"][key]
+    return {"charter": copies[0]["charter"], "signatures": dict(sorted(signatures.items()))}
+
+
+def find_genesis(genesis_id: str, candidates: Iterable[Any]) -> dict | None:
+    """The genesis named ``genesis_id`` among ``candidates`` (copies combined, as in
+    :func:`follow`), if k of its own maintainers signed it; else None."""
+    copies = [c for c in candidates if _valid(c) and charter_id(c["charter"]) == genesis_id]
+    found = _merged(copies, copies[0]["charter"]["maintainers"]) if copies else None
+    return found if found is not None and genesis_ok(found) else None
+
+
+def record_fields(signed: dict, genesis_id: str, now: float) -> dict:
+    """The fields of a ``record/charter`` publishing this version (the node adds ``expires_at``)."""
+    return {"genesis_id": genesis_id, "charter_id": charter_id(check_charter(signed)["charter"]), "charter": signed,
+            "issued_at": now}
 
 
 def roles_of(charter: dict, key: str) -> set[str]:

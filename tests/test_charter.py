@@ -20,10 +20,12 @@ from hivemerge.protocol.charter import (
     CharterError,
     charter_id,
     check_charter,
+    find_genesis,
     follow,
     genesis_ok,
     new_charter,
     propose_change,
+    record_fields,
     roles_of,
     sign_charter,
     successor_ok,
@@ -227,8 +229,18 @@ def test_propose_change_edits_roles_and_chains():
 # -- records: record/charter and record/participants ---------------------------------------
 
 def charter_fields(charter: dict, genesis: dict = GENESIS, **changes) -> dict:
-    return {"genesis_id": cid(genesis), "charter_id": cid(charter), "charter": charter, "issued_at": NOW,
-            "expires_at": NOW + 300, **changes}
+    return {**record_fields(charter, cid(genesis), NOW), "expires_at": NOW + 300, **changes}
+
+
+def test_a_node_given_a_genesis_id_finds_it_only_with_k_signatures():
+    unsigned = genesis_doc()
+    by_each = [signed(unsigned, m) for m in M[:2]]
+    forged = {**unsigned, "signatures": {M[2].public_hex: flip(signed(unsigned, M[2])["signatures"][M[2].public_hex])}}
+    other = signed(genesis_doc(open_contribution=True), M[0], M[1])
+    assert find_genesis(cid(unsigned), [other, by_each[0], forged, None]) is None
+    found = find_genesis(cid(unsigned), [other, *by_each, forged])  # the two maintainers' copies combine
+    assert found["charter"] == unsigned["charter"] and sorted(found["signatures"]) == sorted(m.public_hex for m in M[:2])
+    assert find_genesis(cid(other), [other]) == other and find_genesis(H[1], [other]) is None
 
 
 def test_a_charter_record_is_stored_under_its_network_and_its_id():
@@ -241,10 +253,12 @@ def test_a_charter_record_is_stored_under_its_network_and_its_id():
         assert subkey == f"{OUTSIDER.public_hex}/{cid(charter)}"
         opened = records.open_record(key, subkey, records.make_record(OUTSIDER, "record/charter", fields), now=NOW)
         assert opened["charter"] == charter and opened["publisher"] == OUTSIDER.public_hex
+    bad_name = {**GENESIS, "charter": {**GENESIS["charter"], "name": "a/b"}}
     hostile = [
         (key, charter_fields(GENESIS, charter_id=cid(v1))),  # names another charter's id
         (charters_key(H[5]), charter_fields(GENESIS, genesis_id=H[5])),  # a genesis under another network's id
-        (key, charter_fields({**GENESIS, "charter": {**GENESIS["charter"], "name": "a/b"}})),
+        (charters_key(cid(bad_name)), {**charter_fields(GENESIS), "charter": bad_name, "charter_id": cid(bad_name),
+                                       "genesis_id": cid(bad_name)}),  # refused for its name alone
     ]
     for where, fields in hostile:
         value = canonical_json(sign_manifest(OUTSIDER, "record/charter", fields))
