@@ -57,11 +57,13 @@ def ignored_reason(charter: dict, kind: str, publisher: str) -> str | None:
 
 def check_proposal_against(charter: dict, proposal: dict) -> None:
     """Raises PolicyError with the reason unless the proposal (a record/proposal's or
-    record/search's fields, ``issued_at`` included) keeps to the charter's policy. Its
-    ``quorum`` is not checked: under a charter no node reads it."""
+    record/search's fields as opened, ``issued_at`` and ``publisher`` included) keeps to
+    the charter's policy. Its ``quorum`` is not checked: under a charter no node reads it."""
     document = document_of(charter)
     policy = document["policy"]
     who = proposal["proposer"]
+    if proposal.get("publisher", who) != who:  # anyone can sign a proposal that names a roster proposer
+        raise PolicyError(f"the proposal names proposer {who[:16]} but is signed by {proposal['publisher'][:16]}")
     if not may_propose(document, who):
         raise PolicyError(f"proposer {fingerprint(bytes.fromhex(who))}: {ignored_reason(document, 'record/proposal', who)}")
     if proposal["base_id"] not in document["base_ids"]:

@@ -380,12 +380,14 @@ def test_a_proposal_keeps_to_the_charters_policy():
     doc = genesis_doc(max_deadline=120.0, min_deadline=5.0, max_fetch_window=90.0, max_deltas=2, max_popsize=8,
                       max_fusion_steps=50)["charter"]
     check_proposal_against(doc, proposal())  # its quorum of 0.01 is not read: the charter's applies
+    check_proposal_against(doc, proposal() | {"publisher": PROPOSER.public_hex})
     search = {"generations": 2, "popsize": 8, "blocks": 2}
     check_proposal_against(doc, proposal(search=search))
     fusion_block = {"steps": 50, "fuser": HONEST[0].public_hex}
     check_proposal_against(doc, proposal(recipe={"merge_method": "linear", "fusion": fusion_block}))
     refused = {
         "not on the roster": proposal(proposer=OUTSIDER.public_hex),
+        "names proposer .* but is signed by": proposal() | {"publisher": OUTSIDER.public_hex},
         "wrong role (needs proposer)": proposal(proposer=HONEST[0].public_hex),
         "not a base of network 'testnet'": proposal(base_id=H[9]),
         "'slerp' is not allowed": proposal(recipe={"merge_method": "slerp"}),
