@@ -62,6 +62,23 @@ MAX_FUSION_BATCH = 512  # examples per distillation step
 MAX_FUSION_EXAMPLES = 1_000_000  # steps x batch: the distillation work one proposal may ask for
 MAX_PACKS = 64  # logit packs one fusion names
 
+# -- charters (docs/charters.md) --------------------------------------------------------
+MAX_ROSTER = 256  # members a charter names (contributors need none under open contribution)
+MAX_MAINTAINERS = 16  # maintainers of one version, so also the signatures one version counts
+MAX_CHARTER_BASES = 8  # base models one network merges on
+MAX_CHARTER_METHODS = 32  # merge method names a round policy allows (the registry has ~10)
+MAX_CHARTER_VERSION = 2**31 - 1
+# A record/charter carries a whole signed charter: the largest the caps above allow is
+# ~34 KiB of JSON (256 members with every role, 16 maintainers and signatures: see
+# tests/test_charter.py), more than MAX_RECORD_BYTES; this kind alone may be that large.
+MAX_CHARTER_RECORD_BYTES = 40 * 1024
+
+
+def max_record_bytes(kind: str) -> int:
+    """The largest signed record of ``kind``."""
+    return MAX_CHARTER_RECORD_BYTES if kind == "record/charter" else MAX_RECORD_BYTES
+
+
 # -- what one node takes part in at once (a stranger's proposals cannot queue more) --------
 MAX_ACTIVE_ROUNDS = 2  # merge rounds committed to and not yet attested or failed
 MAX_ACTIVE_SEARCHES = 1  # searches this node scores as an owner

@@ -16,7 +16,8 @@ PACKS_KEY = "hivemerge/packs"  # subkey: <publisher>/<pack id>
 PROVIDERS = "hivemerge/providers/"  # + content id; subkey: <provider>
 PROPOSALS = "hivemerge/rounds/"  # + base id; subkey: <proposer>/<round id>
 SEARCHES = "hivemerge/searches/"  # + base id; subkey: <proposer>/<search id>
-ROUND = "hivemerge/round/"  # + round or search id: commitments, attestations, fusion reports, generations
+ROUND = "hivemerge/round/"  # + round or search id: commitments, participants, attestations, fusion reports, generations
+CHARTERS = "hivemerge/charters/"  # + a network's genesis charter id; subkey: <publisher>/<charter id>
 
 
 def providers_key(content: str) -> str:
@@ -35,15 +36,20 @@ def round_key(round_id: str) -> str:
     return ROUND + round_id
 
 
+def charters_key(genesis_id: str) -> str:
+    return CHARTERS + genesis_id
+
+
 # family prefix -> (the kind of record it holds, the field that must equal the key's id)
 FAMILIES = {
     PROVIDERS: ("record/provider", "content"),
     PROPOSALS: ("record/proposal", "base_id"),
     SEARCHES: ("record/search", "base_id"),
+    CHARTERS: ("record/charter", "genesis_id"),
 }
 # under a round's key, the kind of a record by its subkey's qualifier (the rest are commitments)
 ROUND_SLOTS = (("/scores/", "record/scores"), ("/candidates/", "record/candidates"), ("/tally/", "record/tally"))
-ROUND_ENDINGS = (("/fusion", "record/fusion"), ("/attest", "record/attestation"))
+ROUND_ENDINGS = (("/fusion", "record/fusion"), ("/attest", "record/attestation"), ("/participants", "record/participants"))
 
 
 def kind_for_key(key: str, subkey: str = "") -> str | None:
@@ -84,4 +90,6 @@ def expected_subkey(kind: str, owner: str, fields: dict) -> str:
         "record/tally": f"{owner}/tally/{fields.get('generation')}",
         "record/pack": f"{owner}/{fields.get('pack_id')}",
         "record/fusion": f"{owner}/fusion",
+        "record/participants": f"{owner}/participants",
+        "record/charter": f"{owner}/{fields.get('charter_id')}",
     }[kind]

@@ -11,11 +11,12 @@ its window, a commitment's domains naming exactly its deltas) are model validato
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from hivemerge.protocol import bounds, fusion, search
+from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.packs import MAX_TOP_K
 
@@ -244,6 +245,113 @@ class FusionReport(Contact):
         return self
 
 
+class Participants(Signed):
+    """The proposer's list, after the deadline, of the on-time commitments it accepted:
+    committer -> that commitment's ``domains`` (delta id -> domain), which names its deltas."""
+    round_id: ContentId
+    participants: Annotated[dict[PublicKey, Annotated[dict[ContentId, Domain], Field(min_length=1, max_length=bounds.MAX_COMMITTED)]],
+                            Field(max_length=bounds.MAX_ROUND_DELTAS)]
+
+    @model_validator(mode="after")
+    def _bounded_deltas(self) -> "Participants":
+        if sum(len(domains) for domains in self.participants.values()) > bounds.MAX_ROUND_DELTAS:
+            raise ValueError(f"participants may name at most {bounds.MAX_ROUND_DELTAS} deltas in all")
+        return self
+
+
+# -- charters (rules: protocol/charter.py, protocol/charter_rules.py; docs/charters.md) --------
+ROLES = ("attester", "contributor", "proposer")
+Role = Literal[ROLES]
+NetworkName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]  # never a path
+SignatureHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+Window = Annotated[float, Field(ge=1.0, le=bounds.MAX_DEADLINE_SECONDS)]
+
+
+def _sorted_distinct(values: list, what: str) -> list:
+    # One spelling per meaning: the same charter always has the same id.
+    if values != sorted(set(values)):
+        raise ValueError(f"{what} must be sorted and distinct")
+    return values
+
+
+class RoundPolicy(Strict):
+    """What every round of the network must respect; a proposal cannot raise any of it."""
+    methods: Annotated[list[Name], Field(min_length=1, max_length=bounds.MAX_CHARTER_METHODS)]
+    quorum: Annotated[float, Field(gt=0.5, le=1.0)]  # share of the roster's attesters; > 1/2: one final result
+    min_attesters: Annotated[int, Field(ge=1, le=bounds.MAX_ROSTER)]
+    min_deadline: Window  # seconds from a proposal to its deadline
+    max_deadline: Window
+    max_fetch_window: Annotated[float, Field(ge=1.0, le=bounds.MAX_FETCH_WINDOW)]
+    max_deltas: Annotated[int, Field(ge=1, le=bounds.MAX_ROUND_DELTAS)]
+    max_generations: Annotated[int, Field(ge=1, le=bounds.MAX_GENERATIONS)]
+    max_popsize: Annotated[int, Field(ge=2, le=bounds.MAX_POPSIZE)]
+    max_fusion_steps: Annotated[int, Field(ge=1, le=bounds.MAX_FUSION_STEPS)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RoundPolicy":
+        _sorted_distinct(self.methods, "methods")
+        if self.min_deadline > self.max_deadline:
+            raise ValueError("min_deadline must not exceed max_deadline")
+        return self
+
+
+class Charter(Strict):
+    """One version of a network's charter; its id is the content id of this document."""
+    name: NetworkName
+    base_ids: Annotated[list[ContentId], Field(min_length=1, max_length=bounds.MAX_CHARTER_BASES)]
+    maintainers: Annotated[list[PublicKey], Field(min_length=1, max_length=bounds.MAX_MAINTAINERS)]
+    threshold: Annotated[int, Field(ge=1, le=bounds.MAX_MAINTAINERS)]
+    roster: Annotated[dict[PublicKey, Annotated[list[Role], Field(min_length=1, max_length=len(ROLES))]],
+                      Field(max_length=bounds.MAX_ROSTER)]
+    open_contribution: bool
+    policy: RoundPolicy
+    version: Annotated[int, Field(ge=0, le=bounds.MAX_CHARTER_VERSION)]
+    previous: ContentId | None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Charter":
+        _sorted_distinct(self.base_ids, "base_ids")
+        _sorted_distinct(self.maintainers, "maintainers")
+        for roles in self.roster.values():
+            _sorted_distinct(roles, "roster roles")
+        if self.threshold > len(self.maintainers):
+            raise ValueError(f"threshold {self.threshold} exceeds the {len(self.maintainers)} maintainers")
+        if (self.version == 0) != (self.previous is None):
+            raise ValueError("previous must name the previous version's id, and only the genesis (version 0) has none")
+        attesters = sum("attester" in roles for roles in self.roster.values())
+        if self.policy.min_attesters > attesters:  # no round could ever be final
+            raise ValueError(f"policy.min_attesters {self.policy.min_attesters} exceeds the roster's {attesters} attesters")
+        return self
+
+
+class SignedCharter(Strict):
+    charter: Charter
+    signatures: Annotated[dict[PublicKey, SignatureHex], Field(max_length=bounds.MAX_MAINTAINERS)]
+
+
+class CharterRecord(Signed):
+    """A version of a network's charter, published under the network's key (its genesis id)."""
+    genesis_id: ContentId
+    charter_id: ContentId
+    charter: SignedCharter
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_its_charter(cls, data: Any) -> Any:
+        # On the raw fields: the id is of the document as signed, not as the model reads it.
+        if isinstance(data, dict) and isinstance(data.get("charter"), dict):
+            document = data["charter"].get("charter")
+            try:
+                cid = content_id(document)
+            except (TypeError, ValueError, RecursionError):
+                cid = None
+            if cid != data.get("charter_id"):
+                raise ValueError("charter_id must be the content id of the charter")
+            if isinstance(document, dict) and document.get("version") == 0 and data.get("genesis_id") != cid:
+                raise ValueError("a genesis charter is stored under its own id")
+        return data
+
+
 # Fields whose rule reads better stated than as the schema's first complaint.
 FIELD_RULES = {
     "candidate_ids": "must be content ids",
@@ -280,4 +388,6 @@ RECORD_SCHEMAS: dict[str, type[Signed]] = {
     "record/tally": Tally,
     "record/pack": Pack,
     "record/fusion": FusionReport,
+    "record/participants": Participants,
+    "record/charter": CharterRecord,
 }
