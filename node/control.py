@@ -24,7 +24,8 @@ from hivemerge.protocol.errors import UserInputError
 SOCKET_FILE = "node.sock"
 MAX_REQUEST = 1 << 20
 # The node methods other processes may call; arguments and results are JSON values.
-COMMANDS = ("status", "publish", "experts", "providers", "fetch", "propose", "round_status", "publish_pack", "packs")
+COMMANDS = ("status", "publish", "experts", "providers", "fetch", "propose", "round_status", "publish_pack", "packs",
+            "charter_status", "publish_charter")
 
 
 class NodeUnavailable(Exception):

@@ -26,11 +26,13 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
+from hivemerge.merge.engine import run_merge
 from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.methods import METHODS
-from hivemerge.merge.recipe import validate_params
+from hivemerge.merge.recipe import validate_params, validate_recipe
+from hivemerge.node.charter_follower import FIND_TIMEOUT, CharterFollower
 from hivemerge.node.coordinators.merge_rounds import POLL_SECONDS, RoundCoordinator
 from hivemerge.node.coordinators.search_rounds import SearchCoordinator
 from hivemerge.node.net.network import Network, is_bound
@@ -41,7 +43,7 @@ from hivemerge.node.storage.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, Conten
 from hivemerge.protocol import bounds, records, rounds
 from hivemerge.protocol.content import parse_content_ref
 from hivemerge.protocol.errors import UserInputError
-from hivemerge.protocol.identity import Identity
+from hivemerge.protocol.identity import Identity, fingerprint
 from hivemerge.protocol.record_schemas import check_domain
 
 DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
@@ -52,6 +54,7 @@ REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack"})
 STORE_ATTEMPTS = 3  # of every other record
 STORE_RETRY_SECONDS = 0.5  # before the second attempt; twice that before the third
 DAEMON_CHECK_SECONDS = 1.0  # how often a running node checks that its p2p daemon lives
+CHARTER_POLL_SECONDS = 10.0  # how often a node looks for a newer version of its network charter
 
 Progress = Callable[[int, int, str], None]
 
@@ -70,7 +73,7 @@ class Node:
     def __init__(
         self, home: Path, listen: list[str] | None = None, peers: list[str] | None = None,
         client_mode: bool = False, record_ttl: float = RECORD_TTL, round_poll: float = POLL_SECONDS, device: str = "auto",
-        keep_results: int | None = None, max_store: int = DEFAULT_MAX_STORE,
+        keep_results: int | None = None, max_store: int = DEFAULT_MAX_STORE, network: dict | str | None = None,
     ):
         self.home = Path(home)
         self.keep_results = keep_results  # prune the store after each round that ends (None: never)
@@ -94,8 +97,13 @@ class Node:
         self.daemon_died = threading.Event()
         self.rounds = RoundCoordinator(self, poll=round_poll, device=device)
         self.searches = SearchCoordinator(self, poll=round_poll)
+        self.charters: CharterFollower | None = None
         try:
+            # the network's charter (None: a private test network where any key may take part)
+            self.charters = CharterFollower(self, network) if network is not None else None
             self.run(self.server.register(self.network.p2p), 10)
+            if self.charters is not None and self.charters.current is None:  # given by id: found on the DHT
+                self.run(self.charters.find_genesis(), FIND_TIMEOUT + 10)
             if not client_mode:
                 self.run(self.announce(), 60)
                 self._refresher = self.run(self._start(self._refresh_forever()), 5)
@@ -114,7 +122,31 @@ class Node:
         return asyncio.create_task(coro)
 
     async def _coordinate(self) -> None:
-        await asyncio.gather(self.rounds.run_forever(), self.searches.run_forever())
+        await asyncio.gather(self.rounds.run_forever(), self.searches.run_forever(), self._follow_charter())
+
+    async def _follow_charter(self) -> None:
+        while self.charters is not None:
+            try:
+                await self.charters.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a DHT hiccup: the next look goes on
+                self.log(f"charter: {type(exc).__name__}: {exc}"[:500])
+            await asyncio.sleep(CHARTER_POLL_SECONDS)
+
+    @property
+    def charter(self) -> dict | None:
+        """The signed charter version this node follows (None: no network charter)."""
+        return self.charters.current if self.charters is not None else None
+
+    def charter_status(self) -> dict:
+        return self.charters.status() if self.charters is not None else {"genesis_id": None, "charter": None, "id": None, "version": None}
+
+    def publish_charter(self, charter: dict) -> dict:
+        """Store a version of this node's network charter (a maintainer's signed copy) and follow it if it counts."""
+        if self.charters is None:
+            raise UserInputError("this node runs without a network charter (start it with --network)")
+        return self.run(self.charters.publish(charter), 60)
 
     async def _watch_daemon(self) -> None:
         while self.network.daemon_alive():
@@ -148,6 +180,8 @@ class Node:
         addresses and a later expiry, which replaces the live ones (a DHT has no delete);
         readers skip them."""
         maddrs = [] if gone else [str(m) for m in await self.network.p2p.get_visible_maddrs()]
+        if self.charters is not None and not gone:
+            await self.charters.announce()  # every version followed, for nodes that join later
         for fields in self.published():
             await self._store_expert(fields, maddrs)
         await self.rounds.fusion.announce(maddrs)  # published logit packs
@@ -247,6 +281,7 @@ class Node:
             "published": [p["delta_id"] for p in self.published()],
             "stored": [self.store.bundle(b)["content"] for b in self.store.bundle_ids()],
             "home": str(self.home),
+            "charter": {k: v for k, v in self.charter_status().items() if k != "charter"},
         }
 
     # -- discovery --------------------------------------------------------------------
@@ -274,12 +309,14 @@ class Node:
     # -- fetching ---------------------------------------------------------------------
     @adds_content
     def fetch(self, ref: str | None = None, out: str | Path | None = None, base: str | Path | None = None,
-              overwrite: bool = False, progress: Progress | None = None) -> dict:
+              overwrite: bool = False, progress: Progress | None = None, trust: list[str] | None = None,
+              verify: bool | None = None) -> dict:
         """Fetch a delta, expert or any content id into the store, then (with ``out``)
         export it: a model as a directory, a delta as a file, or with ``base`` the
-        rebuilt expert. Without ``ref``: the latest final consensus model for ``base``."""
+        rebuilt expert. Without ``ref``: the latest final consensus model for ``base``
+        (``trust``: only these keys' attestations count; ``verify``: recompute it)."""
         if ref is None:
-            return self.fetch_latest(base, out, overwrite, progress)
+            return self.fetch_latest(base, out, overwrite, progress, trust=trust, verify=verify)
         cid = parse_content_ref(ref)
         if cid is None:
             raise UserInputError(f"{ref}: not a content id (64 hex characters, optionally hm://)")
@@ -345,6 +382,8 @@ class Node:
         fields = {**proposal, "issued_at": time.time()}
         ttl = self.rounds.ttl(proposal)
         self.run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
+        if self.charter is not None:  # the proposer lists the round's participants after the deadline
+            self.rounds.save(self.rounds.committed_state(proposal, None, {}))
         return proposal
 
     def round_status(self) -> list[dict]:
@@ -353,7 +392,7 @@ class Node:
         for state in self.rounds.states():
             proposal = state["proposal"]
             commitments, attestations = self.run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
-            result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
+            result, attesters = self.rounds.final(proposal, commitments, attestations)
             rows.append({
                 **state,
                 "commitments": {k: v["delta_ids"] for k, v in commitments.items()},
@@ -366,35 +405,46 @@ class Node:
             })
         return rows
 
-    def latest(self, base_id: str) -> dict | None:
-        """The newest final round for a base: proposal, commitments, attestations, result."""
+    def latest(self, base_id: str, trust: list[str] | None = None) -> dict | None:
+        """The newest final round for a base: proposal, commitments, attestations, result.
+        Under a charter, final by its quorum of the roster's attesters; ``trust`` (public
+        keys) narrows whose attestations count further."""
         proposals = self.run(self.rounds.proposals(base_id), 30)
         valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= time.time()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
             commitments, attestations = self.run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
-            result, attesters = rounds.final_result(commitments, attestations, proposal["quorum"])
+            if trust is not None:
+                attestations = {k: v for k, v in attestations.items() if k in trust}
+            result, attesters = self.rounds.final(proposal, commitments, attestations)
             if result is not None:
                 return {"proposal": proposal, "result_id": result, "attesters": attesters,
                         "commitments": commitments, "attestations": {k: attestations[k] for k in attesters}}
         return None
 
     def fetch_latest(self, base: str | Path | None, out: str | Path | None, overwrite: bool = False,
-                     progress: Progress | None = None) -> dict:
+                     progress: Progress | None = None, trust: list[str] | None = None, verify: bool | None = None) -> dict:
+        """The latest final consensus for ``base``. ``verify`` True: recompute the merge from
+        the signed deltas and the round's recipe and refuse a result whose id differs; None
+        (the default): do so when the deltas can be fetched; False: trust the attesters."""
         if base is None:
             raise UserInputError("--base: required to fetch the latest consensus model (its id names the network)")
         base_id = model_id(SafetensorsModel(Path(base)))
-        final = self.latest(base_id)
+        final = self.latest(base_id, trust=trust)
         if final is None:
-            raise UserInputError(f"no final consensus model for base {base_id[:12]} yet")
+            raise UserInputError(f"no final consensus model for base {base_id[:12]} yet"
+                                 + (" attested by the trusted keys" if trust is not None else ""))
         result_id = final["result_id"]
         attesters = set(final["attesters"])
+        final["charter_id"] = self.charter_status()["id"]
+        final["recomputed"] = False if verify is False else self._recompute(final, Path(base), required=bool(verify))
         report = self.run(self.fetch_async(result_id, progress=progress), 3600)  # served by the attesters
         path = self.store.resolve(result_id)  # the fetcher verified its content id
         proposal = final["proposal"]
         record_fetched_consensus(self.home, base_id, result_id, proposal["round_id"], proposal["deadline"])  # pruning keeps it
         summary = {
             "content": result_id, "round_id": proposal["round_id"], "attesters": sorted(attesters),
-            "participants": sorted(final["commitments"]), "stored": str(path),
+            "participants": sorted(final["commitments"]), "stored": str(path), "recomputed": final["recomputed"],
+            "charter_id": final["charter_id"],
         }
         if report is not None:
             summary["bytes_received"] = report.bytes_received
@@ -403,6 +453,36 @@ class Node:
             write_consensus_card(exported, final)
             summary["out"] = str(exported)
         return summary
+
+    def _recompute(self, final: dict, base: Path, required: bool) -> bool:
+        """Merge the round again from its signed deltas (the attesters' included list) and
+        compare ids: the merge is bitwise deterministic, so a result attested with another id
+        is refused, naming the round and who signed it. Returns whether it was recomputed
+        (False only when not ``required`` and a delta could not be fetched)."""
+        proposal, result_id = final["proposal"], final["result_id"]
+        included = final["attestations"][final["attesters"][0]]["included"]
+        try:
+            for delta_id in included:
+                if not self.store.has(delta_id):
+                    self.run(self.fetch_async(delta_id), 3600)
+        except Exception as exc:
+            if required:
+                raise UserInputError(f"--verify: the round's deltas cannot be fetched ({type(exc).__name__}: {exc})") from None
+            self.log(f"fetch: not recomputed (a delta cannot be fetched: {type(exc).__name__}: {exc})")
+            return False
+        out = self.store.partial / f"verify-{proposal['round_id']}"
+        try:
+            document = rounds.build_recipe(proposal, included, rounds.committed_domains(final["commitments"]))
+            resolve = functools.partial(_resolve_with_base, self.store, proposal["base_id"], base)  # the user's base folder
+            run_merge(validate_recipe(document, resolver=resolve), out, device=self.rounds.device, overwrite=True)
+            recomputed = model_id(SafetensorsModel(out))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if recomputed != result_id:
+            signers = ", ".join(fingerprint(bytes.fromhex(k)) for k in final["attesters"])
+            raise UserInputError(f"round {proposal['round_id'][:12]}: the consensus {result_id[:12]} does not match the merge "
+                                 f"recomputed from its signed deltas ({recomputed[:12]}); attested by {signers}: refused")
+        return True
 
     async def _connect(self, peers: list[dict]) -> None:
         async def connect(r: dict) -> None:
@@ -481,6 +561,10 @@ def _check_round_template(document: dict) -> None:
         raise UserInputError("; ".join(errors))
 
 
+def _resolve_with_base(store: ContentStore, base_id: str, base: Path, cid: str) -> Path:
+    return base if cid == base_id else store.resolve(cid)
+
+
 def write_consensus_card(directory: Path, final: dict) -> None:
     proposal = final["proposal"]
     rows = [f"| {k[:16]} | {', '.join(d[:12] for d in v['delta_ids'])} | {'yes' if k in final['attesters'] else 'no'} |"
@@ -491,7 +575,9 @@ def write_consensus_card(directory: Path, final: dict) -> None:
         "---", "library_name: transformers", "tags: [merge, hivemerge, consensus]", "---",
         f"# hivemerge consensus model, round {proposal['round_id'][:12]}", "",
         f"Content id `{final['result_id']}`, attested by {len(final['attesters'])} of {len(final['commitments'])} "
-        f"participants (quorum {proposal['quorum']:.2f}).", "",
+        f"participants" + (f" under network charter `{final['charter_id']}`" if final.get("charter_id")
+                           else f" (quorum {proposal['quorum']:.2f})") + ".", "",
+        "Recomputed by the fetcher from the signed deltas: " + ("yes, the same bytes." if final.get("recomputed") else "no."), "",
         f"Base `{proposal['base_id']}`; proposed by `{proposal['proposer'][:16]}`.", "",
         "## Participants", "", "| participant | deltas | attested |", "| --- | --- | --- |", *rows, "",
         "## Included deltas", "", *[f"- `{d}`" for d in attestation["included"]], "",

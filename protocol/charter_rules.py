@@ -92,6 +92,15 @@ def check_proposal_against(charter: dict, proposal: dict) -> None:
         raise PolicyError(f"fusion.fuser {block['fuser'][:16]}: may not contribute (its fused delta could never count)")
 
 
+def keeps_to(charter: dict, proposal: dict) -> bool:
+    """Whether a proposal counts under the charter (:func:`check_proposal_against` passes)."""
+    try:
+        check_proposal_against(charter, proposal)
+        return True
+    except UserInputError:
+        return False
+
+
 # -- finality ---------------------------------------------------------------------------
 
 def attesters(charter: dict) -> list[str]:

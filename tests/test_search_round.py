@@ -199,7 +199,7 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
     def refetch(*args):
         raise AssertionError("a resumed search must not fetch and screen again")
 
-    node = SimpleNamespace(home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+    node = SimpleNamespace(charter=None, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
                            rounds=SimpleNamespace(round_records=refetch, gather_deltas=refetch))
     coordinator = SearchCoordinator(node, poll=0.01)
     proposal = {"round_id": "ef" * 32, "base_id": "12" * 32, "deadline": time.time() - 100, "proposer": "34" * 32,
@@ -249,7 +249,7 @@ def final_round_stub(tmp_path, me: str, existing: list[dict]):
     async def proposals(base_id):
         return existing
 
-    node = SimpleNamespace(home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+    node = SimpleNamespace(charter=None, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
                            store_record=store_record, rounds=SimpleNamespace(proposals=proposals))
     return SearchCoordinator(node, poll=0.01), stored
 
@@ -360,7 +360,7 @@ def test_an_owner_does_not_score_a_generation_whose_slot_has_passed(tmp_path, mo
     async def store_record(kind, key, fields, ttl):
         stored.append((kind, fields["generation"]))
 
-    node = SimpleNamespace(home=tmp_path, store_record=store_record, record_ttl=60.0)
+    node = SimpleNamespace(charter=None, home=tmp_path, store_record=store_record, record_ttl=60.0)
     coordinator = SearchCoordinator(node, poll=0.01)
 
     async def combined(proposal, proposing, generation, owners, ids, window):

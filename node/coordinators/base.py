@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hivemerge.node.storage.home import JsonStates, Phase
-from hivemerge.protocol import rounds
+from hivemerge.protocol import charter_rules, rounds
 
 
 async def guarded(node, what: str, work) -> None:
@@ -35,6 +35,7 @@ class NodeServices(Protocol):
     keep_results: int | None
     content_lock: Any  # threading.Lock held by commands that add content
     client_mode: bool
+    charter: Any  # the signed network charter it follows, or None (a private test network)
     rounds: Any  # the node's RoundCoordinator (searches reuse its fetching and screening)
     peer_id: str
 
@@ -104,6 +105,19 @@ class Coordinator(JsonStates):
     async def run_round(self, state: dict) -> None:
         raise NotImplementedError
 
+    def bases(self, published: list[dict]) -> set[str]:
+        """The bases whose proposals this node looks at: those of its experts."""
+        return {p["base_id"] for p in published}
+
+    def joins_without_experts(self, proposal: dict) -> bool:
+        """Whether this node takes part in ``proposal`` with nothing to commit (none by default)."""
+        return False
+
+    def may_commit(self) -> bool:
+        """Under a network charter, only its contributors' commitments count."""
+        charter = self.node.charter
+        return charter is None or charter_rules.may_contribute(charter, self.node.identity.public_hex)
+
     async def settle_state(self, state: dict, now: float) -> None:
         """Work on a round whose own work has ended (none by default)."""
 
@@ -117,7 +131,7 @@ class Coordinator(JsonStates):
     async def tick(self) -> None:
         now = time.time()
         published = self.node.published()
-        for base_id in sorted({p["base_id"] for p in published}):
+        for base_id in sorted(self.bases(published)):
             try:
                 proposals = await self.joinable(base_id, now)
             except Exception as exc:  # a DHT hiccup or a damaged record: the other bases go on
@@ -136,14 +150,17 @@ class Coordinator(JsonStates):
         if proposal["deadline"] <= now or self.joined(state):
             return
         mine = {p["delta_id"]: p["domain"] for p in published
-                if p["base_id"] == proposal["base_id"] and rounds.matches(proposal["select"], p)}
-        if not mine:
+                if p["base_id"] == proposal["base_id"] and rounds.matches(proposal["select"], p)} if self.may_commit() else {}
+        if not mine and not self.joins_without_experts(proposal):
             return
         under_way = self.under_way()
         if len(under_way) >= self.max_active:  # a stranger's proposals cannot queue more work than this
             self.node.log(f"{self.label}: round {rid[:12]}: not joined: {len(under_way)} under way already")
             return
-        await self.commit(proposal, state, mine)
+        if mine:
+            await self.commit(proposal, state, mine)
+        else:  # an attester (or the proposer) of the network: it merges and attests what others committed
+            self.save(self.committed_state(proposal, state, {}))
 
     async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
         fields = {

@@ -25,10 +25,11 @@ from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 from hivemerge.node.storage.home import ROUNDS_DIR, Phase
 from hivemerge.node.storage.retention import live_work, prune
 from hivemerge.node.storage.store import DELTA_SUFFIX
-from hivemerge.protocol import bounds, fusion, records, rounds
+from hivemerge.protocol import bounds, charter_rules, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
 
 POLL_SECONDS = 2.0
+PARTICIPANTS_WAIT = 30.0  # how long participants wait for the proposer's list (and the commitments it names)
 SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
 SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
@@ -53,6 +54,18 @@ class RoundCoordinator(Coordinator):
         winner = rounds.winning_proposal([p for p in proposals if p["deadline"] > now])
         return [] if winner is None else [winner]
 
+    def bases(self, published: list[dict]) -> set[str]:
+        """Under a charter, an attester looks at every base of the network, experts or not."""
+        charter, me = self.node.charter, self.node.identity.public_hex
+        extra = set(charter["charter"]["base_ids"]) if charter is not None and charter_rules.may_attest(charter, me) else set()
+        return super().bases(published) | extra
+
+    def joins_without_experts(self, proposal: dict) -> bool:
+        """Under a charter, its attesters merge every round whose base they hold (a
+        proposer takes part in its own rounds from the start: Node.propose)."""
+        charter, me = self.node.charter, self.node.identity.public_hex
+        return charter is not None and charter_rules.may_attest(charter, me) and self.node.store.has(proposal["base_id"])
+
     def under_way(self) -> list[str]:
         """The rounds this node committed to that are not yet attested or failed."""
         return [s["proposal"]["round_id"] for s in self.states() if s["phase"] in (Phase.COMMITTED, Phase.MERGING)]
@@ -69,8 +82,20 @@ class RoundCoordinator(Coordinator):
                 await self.auto_prune()
 
     async def proposals(self, base_id: str) -> list[dict]:
+        """The valid proposals for ``base_id``: under a charter, only those of its proposers
+        that keep to its policy (a stranger's cannot even make an honest one lose)."""
         found = await self.node.network.get_records(rounds.rounds_key(base_id))
-        return [p for p in found.values() if p["round_id"] == rounds.round_id(p)]
+        valid = [p for p in found.values() if p["round_id"] == rounds.round_id(p) and p["proposer"] == p["publisher"]]
+        charter = self.node.charter
+        return valid if charter is None else [p for p in valid if charter_rules.keeps_to(charter, p)]
+
+    def final(self, proposal: dict, commitments: dict[str, dict], attestations: dict[str, dict]) -> tuple[str | None, list[str]]:
+        """(result id, its attesters) if the round is final, else (None, []): under a charter,
+        its quorum of the roster's attesters; without one, the proposal's quorum of the committers."""
+        charter = self.node.charter
+        if charter is not None:
+            return charter_rules.final_result_under(charter, attestations)
+        return rounds.final_result(commitments, attestations, proposal["quorum"])
 
     async def settle(self, state: dict, now: float) -> bool:
         """Record whether an attested round became final with this node's result
@@ -83,7 +108,7 @@ class RoundCoordinator(Coordinator):
         except Exception as exc:  # a DHT hiccup: check again later, and let this tick's other work go on
             self.node.log(f"round {proposal['round_id'][:12]}: finality check: {type(exc).__name__}: {exc}")
             return False
-        result, _ = rounds.final_result(commitments, attestations, proposal["quorum"])
+        result, _ = self.final(proposal, commitments, attestations)
         if result is not None:
             state["final"] = result == state["result_id"]
         elif now > proposal["deadline"] + self.finality_window:
@@ -119,8 +144,12 @@ class RoundCoordinator(Coordinator):
         round_id = proposal["round_id"]
         state["phase"] = Phase.MERGING
         self.save(state)
-        commitments, _ = await self.round_records(round_id, proposal["deadline"])
+        commitments = await self.participants(proposal, state)
         state["participants"] = sorted(commitments)
+        charter, me = self.node.charter, self.node.identity.public_hex
+        if charter is not None and not state["committed"] and not charter_rules.may_attest(charter, me):
+            state["phase"] = Phase.LISTED  # a proposer only: its attestation would count for nothing
+            return
         excluded = rounds.unselected(proposal["select"], rounds.committed_domains(commitments), frozenset({fusion.FUSED_DOMAIN}))
         norms, screened_out = await self.gather_deltas(proposal, commitments, skip=set(excluded))
         excluded.update(screened_out)
@@ -141,6 +170,38 @@ class RoundCoordinator(Coordinator):
         await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
         await self.node.announce()
         state.update(phase=Phase.ATTESTED, result_id=result_id)
+
+    async def participants(self, proposal: dict, state: dict) -> dict[str, dict]:
+        """The commitments this round merges. Without a charter: those signed by the
+        deadline. Under one: the proposer (this node, or another) lists the on-time
+        commitments of contributors it accepted; every participant merges exactly that
+        list, so nodes whose clocks differ, or that saw a backdated commitment arrive late,
+        merge the same set (protocol/charter_rules.py)."""
+        charter = self.node.charter
+        if charter is None:
+            return (await self.round_records(proposal["round_id"], proposal["deadline"]))[0]
+        rid, me = proposal["round_id"], self.node.identity.public_hex
+        if proposal["proposer"] == me and not state.get("listed"):
+            seen = await self._all_commitments(rid)
+            fields = charter_rules.participants_record_fields(charter, proposal, seen, time.time())
+            await self.node.store_record("record/participants", rounds.round_key(rid), fields, self.ttl(proposal))
+            state["listed"] = sorted(fields["participants"])
+            self.save(state)
+        ends = time.time() + PARTICIPANTS_WAIT
+        while True:
+            found = (await self.node.network.get_records(rounds.round_key(rid))).values()
+            listing = next((r for r in found if "participants" in r and r["publisher"] == proposal["proposer"]), None)
+            commitments = {r["publisher"]: r for r in found if "delta_ids" in r}
+            verdicts = charter_rules.commitment_verdicts(charter, proposal, commitments, listing)
+            waiting = listing is None or any(v and v.startswith("listed by the proposer") for v in verdicts.values())
+            if not waiting or time.time() >= ends:
+                state["ignored"] = {k: v for k, v in verdicts.items() if v}  # for round status
+                return charter_rules.accepted_commitments(charter, proposal, commitments, listing)
+            await asyncio.sleep(self.poll)
+
+    async def _all_commitments(self, round_id: str) -> dict[str, dict]:
+        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
+        return {r["publisher"]: r for r in found if "delta_ids" in r}
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
                             ) -> tuple[dict[str, float], dict[str, str]]:

@@ -26,7 +26,7 @@ from hivemerge.merge.search import cmaes  # called through the module: tests rep
 from hivemerge.merge.search.space import SearchSpace
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.storage.home import SEARCHES_DIR, Phase
-from hivemerge.protocol import bounds, rounds, search
+from hivemerge.protocol import bounds, charter_rules, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 
@@ -87,7 +87,8 @@ class SearchCoordinator(Coordinator):
                     valid.append(p)
             except UserInputError:
                 continue
-        return valid
+        charter = self.node.charter  # under a network charter: only its proposers, within its policy
+        return valid if charter is None else [p for p in valid if charter_rules.keeps_to(charter, p)]
 
     # -- after the deadline ---------------------------------------------------------------
     async def run_round(self, state: dict) -> None:
@@ -117,6 +118,8 @@ class SearchCoordinator(Coordinator):
         loop = asyncio.get_running_loop()
         if state["phase"] != Phase.SEARCHING:  # a restart during the search keeps what was screened and combined
             commitments, _ = await self.round_records(proposal["round_id"], proposal["deadline"])
+            if self.node.charter is not None:  # only the charter's contributors take part
+                commitments = {k: c for k, c in commitments.items() if charter_rules.may_contribute(self.node.charter, k)}
             await self._screen(proposal, state, commitments)
         included, owners, domains = state["included"], state["owners"], state["domains"]
         if not included:

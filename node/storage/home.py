@@ -17,6 +17,7 @@ PUBLISHED_FILE = "published.json"  # the experts this node published
 PACKS_FILE = "packs.json"  # the logit packs this node published
 WATCH_FILE = "fusion_bases.json"  # bases of fusion rounds this node proposed (it may be their fuser)
 CONSENSUS_FILE = "consensus.json"  # the consensus results this node fetched
+CHARTER_FILE = "charter.json"  # the network charter's versions this node followed, from its genesis
 ROUNDS_DIR, SEARCHES_DIR, FUSIONS_DIR = "rounds", "searches", "fusions"  # one state file per round
 
 
@@ -50,6 +51,7 @@ class Phase(StrEnum):
     FUSING = "fusing"  # the designated fuser distilling
     FUSED = "fused"  # the fused delta stored; to commit
     DONE = "done"  # a search that ended
+    LISTED = "listed"  # under a charter: the proposer, no attester, published the participant list (its part)
     FAILED = "failed"  # with the error, for round status
 
 

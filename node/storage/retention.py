@@ -184,7 +184,7 @@ def _ended_rounds(rounds: dict[str, dict], fetched: list[dict]) -> set[str]:
 
 
 def _round_ended(state: dict) -> bool:
-    return state.get("phase") == Phase.FAILED or (state.get("phase") == Phase.ATTESTED and "final" in state)
+    return state.get("phase") in (Phase.FAILED, Phase.LISTED) or (state.get("phase") == Phase.ATTESTED and "final" in state)
 
 
 def _needed_by_fusions(folder: Path, ended_rounds: set[str]):

@@ -1,0 +1,166 @@
+"""Rounds under a network charter, among real nodes on 127.0.0.1 (issue 20).
+
+The charter (signed by its one maintainer, ``p``) names ``p`` the proposer and ``b``,
+``c``, ``d`` attesters and contributors; each of them publishes one expert. ``m`` runs a
+node of the same network but is on no roster, and four Sybil keys have no node at all.
+``m`` proposes a round of its own delta, commits to it and attests a result; it and the
+Sybils also commit to and attest the honest round. The honest nodes ignore all of it:
+the honest round merges exactly b, c and d's deltas, and the fetch-only node ``f``
+returns the honest consensus, recomputed from the signed deltas. Then two roster
+attesters sign a wrong result for a later round: ``fetch --verify`` refuses it and names
+them, and ``--trust`` narrows whose attestations count.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hivemind.utils import get_dht_time
+from network_fixtures import wait_until
+from round_fixtures import ROUND_TIMEOUT, build_family, model_id_of, round_records
+
+from hivemerge.node.local_network import LocalNetwork
+from hivemerge.protocol import charter as charters
+from hivemerge.protocol import charter_rules, records, rounds
+from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.identity import Identity
+
+DOMAINS = ["math", "code", "logic"]
+DEADLINE = 8  # seconds: commitments of three experts, and the attackers', on a busy machine
+TEMPLATE = {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0, "lambda": 0.9}, "dtype": "float32"}
+EVIL = "e" * 64  # the result id the attackers attest
+
+
+def store_as(node, identity: Identity, kind: str, key: str, fields: dict, ttl: float = 600.0) -> None:
+    """Store a record signed by ``identity`` through ``node`` (an attacker's own key, or a
+    roster key the test holds)."""
+    fields = {**fields, "expires_at": round(get_dht_time() + ttl, 3)}
+    value = records.make_record(identity, kind, fields)
+    subkey = records.owner_subkey(identity, kind, fields)
+    assert node.run(node.network.store_record(key, subkey, value, fields["expires_at"]), 30)
+
+
+def attest_as(node, identity: Identity, round_id: str, result_id: str, included: list[str]) -> None:
+    fields = {"round_id": round_id, "result_id": result_id, "bundle_id": result_id, "included": included, "excluded": {},
+              "peer_id": node.peer_id, "maddrs": node.maddrs(), "issued_at": time.time()}
+    store_as(node, identity, "record/attestation", rounds.round_key(round_id), fields)
+
+
+def commit_as(node, identity: Identity, round_id: str, domains: dict[str, str], issued_at: float | None = None) -> None:
+    fields = {"round_id": round_id, "delta_ids": sorted(domains), "domains": domains, "peer_id": node.peer_id,
+              "maddrs": node.maddrs(), "issued_at": issued_at or time.time()}
+    store_as(node, identity, "record/commitment", rounds.round_key(round_id), fields)
+
+
+def wait_phase(node, round_id: str, phases: tuple[str, ...], timeout: float = ROUND_TIMEOUT) -> dict:
+    def done():
+        state = node.rounds.state(round_id)
+        return state if state and state["phase"] in phases else None
+    return wait_until(done, timeout, what=f"round {round_id[:12]} at {node.identity.fingerprint}")
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    root = tmp_path_factory.mktemp("charter-rounds")
+    family = build_family(root / "models", [*DOMAINS, "evil"])
+    base_id = model_id_of(family["base"])
+    homes = {name: root / "nodes" / name for name in ["p", "b", "c", "d", "m", "f"]}
+    keys = {name: Identity.load_or_create(home) for name, home in homes.items()}
+    roster = {keys["p"].public_hex: ["proposer"],
+              **{keys[n].public_hex: ["attester", "contributor"] for n in ("b", "c", "d")}}
+    genesis = charters.sign_charter(charters.new_charter(
+        name="test-net", base_ids=[base_id], maintainers=[keys["p"].public_hex], methods=["task_arithmetic"],
+        roster=roster, quorum=2 / 3, min_attesters=2), keys["p"])
+    net = LocalNetwork(root / "nodes", record_ttl=60.0, round_poll=0.5, device="cpu", network=genesis)
+    try:
+        nodes = {name: net.start(name) for name in ["p", "b", "c", "d", "m", "f"]}
+        published = {d: nodes[n].publish(family[d], d, family["base"]) for d, n in zip(DOMAINS, "bcd")}
+        evil = nodes["m"].publish(family["evil"], "math", family["base"])
+        sybils = [Identity.generate() for _ in range(4)]
+        yield {"root": root, "family": family, "base_id": base_id, "nodes": nodes, "keys": keys, "genesis": genesis,
+               "published": published, "evil": evil, "sybils": sybils}
+    finally:
+        net.close_all()
+
+
+@pytest.fixture(scope="module")
+def attacked(network):
+    """Mallory's own round, and the honest round with Mallory and the Sybils in it."""
+    nodes, family = network["nodes"], network["family"]
+    m, evil = nodes["m"], network["evil"]
+    # Mallory's round: a proposal of its own delta only, committed and attested by itself and the Sybils
+    own = m.propose({**TEMPLATE, "base_model": str(family["base"]), "select": {"deltas": [evil["delta_id"]]},
+                     "deadline": DEADLINE})
+    commit_as(m, m.identity, own["round_id"], {evil["delta_id"]: "math"})
+    for key in [m.identity, *network["sybils"]]:
+        attest_as(m, key, own["round_id"], EVIL, [evil["delta_id"]])
+    # the honest round, which Mallory joins by committing its delta and the Sybils by attesting
+    honest = nodes["p"].propose({**TEMPLATE, "base_model": str(family["base"]), "select": {"domains": DOMAINS},
+                                 "deadline": DEADLINE})
+    commit_as(m, m.identity, honest["round_id"], {evil["delta_id"]: "math"})
+    states = {n: wait_phase(nodes[n], honest["round_id"], ("attested", "failed")) for n in "bcd"}
+    for key in [m.identity, *network["sybils"]]:
+        attest_as(m, key, honest["round_id"], EVIL, [evil["delta_id"]])
+    return {"own": own, "honest": honest, "states": states}
+
+
+def test_the_honest_round_merges_exactly_the_rosters_deltas_and_is_final(network, attacked):
+    states = attacked["states"]
+    deltas = sorted(p["delta_id"] for p in network["published"].values())
+    result_ids = {s["result_id"] for s in states.values()}
+    assert [s["phase"] for s in states.values()] == ["attested"] * 3 and len(result_ids) == 1
+    for state in states.values():
+        assert state["included"] == deltas and network["evil"]["delta_id"] not in state["included"]
+        assert state["ignored"][network["keys"]["m"].public_hex] == "not on the roster"
+    # the proposer, no attester, listed the participants and merged nothing
+    assert wait_phase(network["nodes"]["p"], attacked["honest"]["round_id"], ("listed",))["listed"] == sorted(
+        network["keys"][n].public_hex for n in "bcd")
+    final = network["nodes"]["f"].latest(network["base_id"])
+    assert final["proposal"]["round_id"] == attacked["honest"]["round_id"] and final["result_id"] in result_ids
+    assert final["attesters"] == sorted(network["keys"][n].public_hex for n in "bcd")  # not Mallory, not a Sybil
+
+
+def test_an_outsiders_round_is_ignored_by_every_honest_node(network, attacked):
+    own = attacked["own"]["round_id"]
+    for name in "pbcdf":
+        assert network["nodes"][name].rounds.state(own) is None  # nobody joined it
+    seen = round_records(network["nodes"]["f"], own)
+    attesters = {r["publisher"] for r in seen.values() if "result_id" in r}
+    assert len(attesters) == 5  # Mallory's and the four Sybils' attestations are there ...
+    assert charter_rules.final_result_under(network["genesis"], {r["publisher"]: r for r in seen.values()
+                                                                  if "result_id" in r}) == (None, [])  # ... and count for nothing
+    for name in "pbcdf":  # its proposal is not even a candidate
+        proposals = network["nodes"][name].run(network["nodes"][name].rounds.proposals(network["base_id"]), 30)
+        assert own not in {p["round_id"] for p in proposals}
+
+
+def test_fetch_verifies_the_consensus_by_recomputing_it(network, attacked, tmp_path):
+    f = network["nodes"]["f"]
+    summary = f.fetch(None, out=tmp_path / "consensus", base=network["family"]["base"], verify=True)
+    assert summary["content"] == attacked["states"]["b"]["result_id"] != EVIL
+    assert summary["recomputed"] is True and summary["charter_id"] == charters.charter_id(network["genesis"]["charter"])
+    card = (tmp_path / "consensus" / "README.md").read_text()
+    assert summary["charter_id"] in card and "Recomputed by the fetcher from the signed deltas: yes" in card
+
+
+def test_roster_attesters_that_sign_a_wrong_id_are_refused_by_verify_and_trust_narrows_the_count(network, attacked, tmp_path):
+    nodes, keys = network["nodes"], network["keys"]
+    b_delta = network["published"]["math"]["delta_id"]
+    # a later round that nobody commits to, which b and c (their keys) attest with a made-up id
+    later = nodes["p"].propose({**TEMPLATE, "base_model": str(network["family"]["base"]), "select": {"domains": ["none"]},
+                                "deadline": DEADLINE})
+    ended = [wait_phase(nodes[n], later["round_id"], ("attested", "failed")) for n in "bcd"]  # attesters join, merge nothing
+    assert [s["phase"] for s in ended] == ["failed"] * 3
+    for name in "bc":
+        attest_as(nodes["m"], Identity.load_or_create(nodes[name].home), later["round_id"], EVIL, [b_delta])
+    f = nodes["f"]
+    wait_until(lambda: (f.latest(network["base_id"]) or {}).get("result_id") == EVIL, 30, what="the forged round as final")
+    with pytest.raises(UserInputError) as refused:
+        f.fetch(None, out=tmp_path / "wrong", base=network["family"]["base"], verify=True)
+    message = str(refused.value)
+    assert f"round {later['round_id'][:12]}" in message and "does not match the merge recomputed" in message
+    assert keys["b"].fingerprint in message and keys["c"].fingerprint in message and not (tmp_path / "wrong").exists()
+    # trusting c and d only: the forged round has one trusted attester, short of the quorum; the honest one has two
+    trusted = [keys["c"].public_hex, keys["d"].public_hex]
+    assert f.latest(network["base_id"], trust=trusted)["result_id"] == attacked["states"]["b"]["result_id"]
