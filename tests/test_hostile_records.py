@@ -457,3 +457,24 @@ def test_an_owners_newer_record_wins_whatever_the_expiries_say():
     assert storage.get(key).value.get(subkey).value == gone
     assert not storage.store(key, b"\x00not a record", now + 60, subkey=subkey)
     assert not storage.store(key, gone, now + 60)  # no subkey: no hivemerge record has none
+
+
+def test_a_large_record_counts_as_many_as_its_size_would_take(monkeypatch):
+    """A charter record may be 40 KiB where every other kind is at most MAX_RECORD_BYTES:
+    it counts as one record per started MAX_RECORD_BYTES against the per-owner and the
+    node-wide caps, so those caps bound memory, not only counts."""
+    monkeypatch.setattr(bounds, "MAX_STORED_RECORDS", 12)
+    storage = BoundedRecordStorage()
+    now = time.time()
+
+    def value(size: int) -> bytes:  # the storage reads only the signed issued_at (the validator checked the rest)
+        return MSGPackSerializer.dumps(json.dumps({"manifest": {"issued_at": now, "pad": "x" * size}}))
+
+    big = value(4 * bounds.MAX_RECORD_BYTES + 100)  # five records' worth
+    owners = [Identity.generate().public_hex for _ in range(4)]
+    key = DHTID.generate(source="hivemerge/charters/" + "ab" * 32)
+    stored = [storage.store(key, big, now + 60, subkey=f"{o}/{'cd' * 32}") for o in owners[:3]]
+    assert stored == [True, True, False]  # 5 + 5 = 10 of 12; a third would make 15
+    assert storage.store(key, value(100), now + 60, subkey=f"{owners[3]}/{'ef' * 32}")  # 11
+    assert storage.store(key, value(100), now + 60, subkey=f"{owners[2]}/{'ef' * 32}")  # 12
+    assert not storage.store(key, value(100), now + 60, subkey=f"{owners[3]}/{'12' * 32}")  # full

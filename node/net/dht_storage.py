@@ -9,7 +9,9 @@ everyone), and a relayed copy of an owner's old record could override its newer 
 - at most ``MAX_KEY_BYTES`` under one key (shared fairly: see :meth:`_fair_share`),
   ``MAX_RECORDS_PER_OWNER_KEY`` records with a content-id qualifier per owner and key
   (experts, packs, proposals),
-  ``MAX_RECORDS_PER_OWNER`` records per owner in all, ``MAX_STORED_RECORDS`` in all;
+  ``MAX_RECORDS_PER_OWNER`` records per owner in all, ``MAX_STORED_RECORDS`` in all,
+  a record larger than ``MAX_RECORD_BYTES`` (a charter) counting as one per started
+  ``MAX_RECORD_BYTES``, so the caps bound memory as well as counts;
   a refresh of a record already stored always fits;
 - per subkey, the record with the later signed ``issued_at`` wins, whatever the expiries
   say (equal: the later expiry, as before); values without subkeys are refused (no
@@ -47,6 +49,11 @@ def _cost(subkey: str, value: bytes) -> int:
     return len(value) + len(subkey) + 16
 
 
+def _slots(value: bytes) -> int:
+    """How many records ``value`` counts as: one per started MAX_RECORD_BYTES."""
+    return max(1, -(-len(value) // bounds.MAX_RECORD_BYTES))
+
+
 def owner_of(subkey: Any) -> str | None:
     return subkey.split("/", 1)[0] if isinstance(subkey, str) else None
 
@@ -63,6 +70,7 @@ class BoundedRecordStorage(DHTLocalStorage):
         super().__init__(maxsize=maxsize)
         # (key, subkey) pairs stored, by owner; pruned of expired entries when a cap is reached
         self._by_owner: dict[str, set[tuple[DHTID, str]]] = {}
+        self._slots: dict[tuple[DHTID, str], int] = {}  # how many records each stored one counts as
         self.refused = 0  # stores refused by a cap or the newest-wins rule (for logs and tests)
         self.evicted = 0  # records given up for a fair share of a full key
 
@@ -88,27 +96,32 @@ class BoundedRecordStorage(DHTLocalStorage):
                 return False  # an older record of the owner's never replaces a newer one
             if previous is not None and stamp > previous:
                 del dictionary[subkey]  # the newer record wins even with an earlier expiry
-        elif not self._has_room(key, dictionary, owner, subkey, _cost(subkey, value)):
+        elif not self._has_room(key, dictionary, owner, subkey, _cost(subkey, value), _slots(value)):
             self.refused += 1
             return False
         stored = super().store_subkey(key, subkey, value, expiration_time)
         if stored:
             self._by_owner.setdefault(owner, set()).add((key, subkey))
+            self._slots[(key, subkey)] = max(self._slots.get((key, subkey), 1), _slots(value))
         return stored
 
     # -- caps ---------------------------------------------------------------------------
-    def _has_room(self, key: DHTID, dictionary: DictionaryDHTValue | None, owner: str, subkey: str, cost: int) -> bool:
+    def _weight(self, entries) -> int:
+        return sum(self._slots.get(entry, 1) for entry in entries)
+
+    def _has_room(self, key: DHTID, dictionary: DictionaryDHTValue | None, owner: str, subkey: str, cost: int,
+                  slots: int = 1) -> bool:
         """Whether a new record of ``owner``'s fits every cap; the key's fair share comes
         last, since making room there evicts (a store refused by another cap evicts nothing)."""
         if _counted_per_owner_and_key(subkey) and dictionary is not None:
             mine = sum(1 for s, _ in dictionary.items() if owner_of(s) == owner and _counted_per_owner_and_key(s))
             if mine >= bounds.MAX_RECORDS_PER_OWNER_KEY:
                 return False
-        owned = self._by_owner.get(owner, set())
-        if len(owned) >= bounds.MAX_RECORDS_PER_OWNER and self._prune(owner) >= bounds.MAX_RECORDS_PER_OWNER:
+        owned = self._weight(self._by_owner.get(owner, set()))
+        if owned + slots > bounds.MAX_RECORDS_PER_OWNER and self._prune(owner) + slots > bounds.MAX_RECORDS_PER_OWNER:
             return False
-        total = sum(len(s) for s in self._by_owner.values())
-        if total >= bounds.MAX_STORED_RECORDS and self._prune_all() >= bounds.MAX_STORED_RECORDS:
+        total = sum(self._weight(s) for s in self._by_owner.values())
+        if total + slots > bounds.MAX_STORED_RECORDS and self._prune_all() + slots > bounds.MAX_STORED_RECORDS:
             return False
         return dictionary is None or self._fair_share(key, dictionary, owner, cost)
 
@@ -134,6 +147,7 @@ class BoundedRecordStorage(DHTLocalStorage):
             _, victim, freed = held[largest].pop(held[largest].index(min(held[largest])))
             del dictionary[victim]
             self._by_owner.get(largest, set()).discard((key, victim))
+            self._slots.pop((key, victim), None)
             self.evicted += 1
             total -= freed
         return True
@@ -143,13 +157,16 @@ class BoundedRecordStorage(DHTLocalStorage):
         return current is not None and isinstance(current.value, DictionaryDHTValue) and current.value.get(subkey) is not None
 
     def _prune(self, owner: str) -> int:
-        """Forget the owner's entries that expired or were replaced; returns how many are left."""
-        live = {entry for entry in self._by_owner.get(owner, set()) if self._live(*entry)}
+        """Forget the owner's entries that expired or were replaced; returns what is left (in records)."""
+        entries = self._by_owner.get(owner, set())
+        live = {entry for entry in entries if self._live(*entry)}
+        for gone in entries - live:
+            self._slots.pop(gone, None)
         if live:
             self._by_owner[owner] = live
         else:
             self._by_owner.pop(owner, None)
-        return len(live)
+        return self._weight(live)
 
     def _prune_all(self) -> int:
         return sum(self._prune(owner) for owner in list(self._by_owner))
