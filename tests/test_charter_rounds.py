@@ -164,3 +164,23 @@ def test_roster_attesters_that_sign_a_wrong_id_are_refused_by_verify_and_trust_n
     # trusting c and d only: the forged round has one trusted attester, short of the quorum; the honest one has two
     trusted = [keys["c"].public_hex, keys["d"].public_hex]
     assert f.latest(network["base_id"], trust=trusted)["result_id"] == attacked["states"]["b"]["result_id"]
+
+
+def test_a_charter_update_counts_only_when_its_maintainers_signed_it_and_a_removed_attester_stops_counting(network, attacked):
+    """Runs last: it changes the roster. Mallory's update (adding itself as attester) is
+    stored but ignored; the maintainer's update that takes b's attester role is followed
+    by every node, and from then on b's attestations count for nothing."""
+    nodes, keys, genesis = network["nodes"], network["keys"], network["genesis"]
+    f, p = nodes["f"], nodes["p"]
+    forged = charters.sign_charter(charters.propose_change(genesis, add={keys["m"].public_hex: ["attester"]}), keys["m"])
+    nodes["m"].publish_charter(forged)  # Mallory's node follows its own network: it stores it, and does not adopt it
+    assert nodes["m"].charter_status()["version"] == 0
+    update = charters.sign_charter(charters.propose_change(genesis, remove={keys["b"].public_hex: ["attester"]}), keys["p"])
+    assert p.publish_charter(update)["version"] == 1
+    wait_until(lambda: f.charter_status()["version"] == 1, 40, what="the fetch-only node to follow version 1")
+    assert f.charter_status()["id"] == charters.charter_id(update["charter"])
+    assert charters.roles_of(f.charter, keys["b"].public_hex) == {"contributor"}
+    assert charters.roles_of(f.charter, keys["m"].public_hex) == set()
+    final = f.latest(network["base_id"], trust=[keys[n].public_hex for n in "bcd"])
+    assert final["result_id"] == attacked["states"]["b"]["result_id"]
+    assert final["attesters"] == sorted(keys[n].public_hex for n in "cd")  # b's attestation no longer counts
