@@ -40,7 +40,7 @@ from hivemerge.node.net.transfer import BundleFetcher, BundleServer, FetchError
 from hivemerge.node.storage.home import PUBLISHED_FILE, read_json, write_json
 from hivemerge.node.storage.retention import record_fetched_consensus
 from hivemerge.node.storage.store import DEFAULT_MAX_STORE, DELTA_SUFFIX, ContentStore
-from hivemerge.protocol import bounds, records, rounds
+from hivemerge.protocol import bounds, charter_rules, records, rounds
 from hivemerge.protocol.content import parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity, fingerprint
@@ -402,8 +402,21 @@ class Node:
                 "attesters": attesters,
                 # a round with a fusion step: fuser, fused delta, verdict (node/coordinators/fusion_rounds.py)
                 "fusion": self.run(self.rounds.fusion.summary(proposal, commitments, attestations), 30),
+                "ignored": self._ignored(state, attestations),
             })
         return rows
+
+    def _ignored(self, state: dict, attestations: dict[str, dict]) -> dict[str, str]:
+        """Under a charter, whose records of a round count for nothing, and why (not on the
+        roster, wrong role, late, not in the proposer's list): ``"<kind> by <key>" -> reason``."""
+        if self.charter is None:
+            return {}
+        found = {f"commitment by {key[:16]}": why for key, why in (state.get("ignored") or {}).items()}
+        for key in attestations:
+            why = charter_rules.ignored_reason(self.charter, "record/attestation", key)
+            if why:
+                found[f"attestation by {key[:16]}"] = why
+        return found
 
     def latest(self, base_id: str, trust: list[str] | None = None) -> dict | None:
         """The newest final round for a base: proposal, commitments, attestations, result.

@@ -118,6 +118,11 @@ def test_the_honest_round_merges_exactly_the_rosters_deltas_and_is_final(network
         network["keys"][n].public_hex for n in "bcd")
     final = network["nodes"]["f"].latest(network["base_id"])
     assert final["proposal"]["round_id"] == attacked["honest"]["round_id"] and final["result_id"] in result_ids
+    row = next(r for r in network["nodes"]["b"].round_status() if r["proposal"]["round_id"] == attacked["honest"]["round_id"])
+    m = network["keys"]["m"].public_hex[:16]
+    assert row["ignored"][f"commitment by {m}"] == "not on the roster"  # what round status shows
+    assert {row["ignored"][f"attestation by {k.public_hex[:16]}"] for k in [network["keys"]["m"], *network["sybils"]]} == {
+        "not on the roster"}
     assert final["attesters"] == sorted(network["keys"][n].public_hex for n in "bcd")  # not Mallory, not a Sybil
 
 

@@ -61,15 +61,25 @@ def status(
     """Rounds this node took part in: phase, participants, exclusions with reasons, attestations."""
     with connect(home, None) as node:
         rows = node.round_status()
+        charter = node.charter_status()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if charter["charter"] is None:
+        err.print("no network charter: a private test network (any key may propose, commit and attest)")
+    else:
+        document = charter["charter"]["charter"]
+        roles = ", ".join(f"{key[:16]}: {'/'.join(r)}" for key, r in sorted(document["roster"].items()))
+        print(f"network {document['name']}, charter version {document['version']} ({charter['id'][:12]}); roster: {roles}")
     print_table(f"{len(rows)} round(s)", ("round", "phase", "participants", "attested", "final", "result", "excluded"), [(
         r["proposal"]["round_id"][:12], r["phase"] + (f" ({r['error']})" if r.get("error") else ""),
         str(len(r["commitments"])), str(len(r["attestations"])), "yes" if r["final"] else "no",
         (r["final_result"] or r.get("result_id") or "-")[:12],
         "\n".join(f"{d[:12]}: {why}" for d, why in (r.get("excluded") or {}).items()) or "-",
     ) for r in rows])
+    ignored = [(r["proposal"]["round_id"][:12], what, why) for r in rows for what, why in sorted((r.get("ignored") or {}).items())]
+    if ignored:
+        print_table(f"{len(ignored)} record(s) ignored under the charter", ("round", "record", "why"), ignored)
     _print_fusions(rows)
     _print_searches(home)
 
