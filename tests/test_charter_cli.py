@@ -273,6 +273,8 @@ def _bad_cases(net, d: Path) -> dict:
         "sign with no identity": (["network", "sign", v0, "--home", d / "nobody"], "no identity"),
         "sign a genesis with --previous": (["network", "sign", v0, "--previous", v0, "--home", net.homes["a"]],
                                            "it has no previous version"),
+        "previous that is another charter": (["network", "show", d / "update.json", "--previous", v0],
+                                             f"--previous {v0}: is charter", "but this version's previous is"),
         "show an oversized file": (["network", "show", d / "huge.json"], f"over {MAX_CHARTER_FILE_BYTES:,} bytes"),
         "show a charter with a bad field": (["network", "show", d / "bad-field.json"], "threshold 3 exceeds the 1 maintainers"),
         "start an unsigned genesis": (["node", "start", "--network", d / "unsigned.json", "--home", d / "node"],
@@ -321,7 +323,8 @@ def test_the_file_cap_admits_the_largest_charter(tmp_path):
     written as the CLI writes it (indented), fits with room to spare."""
     keys = [Identity.generate() for _ in range(bounds.MAX_MAINTAINERS)]
     largest = new_charter(name="n" * 64, base_ids=[f"{i:064x}" for i in range(bounds.MAX_CHARTER_BASES)],
-                          maintainers=[k.public_hex for k in keys], methods=[f"method_{i}" for i in range(bounds.MAX_CHARTER_METHODS)],
+                          maintainers=[k.public_hex for k in keys],
+                          methods=[f"method_{i}" for i in range(bounds.MAX_CHARTER_METHODS)],
                           roster={f"{i:064x}": ["attester", "contributor", "proposer"] for i in range(bounds.MAX_ROSTER)})
     for key in keys:
         largest = sign_charter(largest, key)
@@ -343,8 +346,10 @@ def stub_node(net, tmp_path, monkeypatch):
 
     def charter():
         signed = state.following
-        return {"charter": signed, "genesis_id": state.genesis_id if signed else None,
-                "id": charter_id(signed["charter"]) if signed else None, "version": signed["charter"]["version"] if signed else None}
+        if signed is None:
+            return {"charter": None, "genesis_id": None, "id": None, "version": None}
+        return {"charter": signed, "genesis_id": state.genesis_id, "id": charter_id(signed["charter"]),
+                "version": signed["charter"]["version"]}
 
     def publish_charter(charter):
         state.published.append(charter)

@@ -286,9 +286,11 @@ def new(
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Write a new network's genesis charter (version 0), signed by the home's key if it is a
-    maintainer. Maintainers default to the home's key; methods to every registered one;
-    without any --proposer/--attester/--contributor, the maintainers hold every role."""
+    """Write a new network's genesis charter (version 0).
+
+    Signed by the home's key if it is a maintainer. Maintainers default to the home's key,
+    methods to every registered one; without any --proposer/--attester/--contributor, the
+    maintainers hold every role."""
     check_out(out, overwrite)
     maintainers = public_keys(maintainer, "--maintainer")
     roster: dict[str, set[str]] = {}
@@ -320,8 +322,9 @@ def show(
     as_json: JsonOption = False,
     home: HomeOption = None,
 ) -> None:
-    """What a charter says and whose signatures count; without FILE, the charter the node
-    running on the home follows."""
+    """What a charter says and whose signatures count.
+
+    Without FILE: the charter the node running on the home follows."""
     if file is None:
         if previous is not None:
             raise UserInputError("--previous needs a charter FILE")
@@ -371,13 +374,16 @@ def _roles(role: list[str] | None) -> list[str]:
 def add(
     key: KeyArgument,
     current: FromOption,
-    role: Annotated[Optional[list[str]], typer.Option("--role", help=f"A role to give it: {', '.join(ROLES)} (repeatable).")] = None,
+    role: Annotated[Optional[list[str]], typer.Option(
+        "--role", help=f"A role to give it: {', '.join(ROLES)} (repeatable).")] = None,
     out: ChangeOutOption = None,
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Propose the next version with KEY given these roles (signed by the home's key if it is
-    a maintainer of the current version; the other maintainers add theirs with `network sign`)."""
+    """Propose the next version, with KEY given these roles.
+
+    Signed by the home's key if it is a maintainer of the current version; the other
+    maintainers add theirs with `network sign`."""
     _change(current, out, overwrite, home, add={public_key(key, "KEY"): _roles(role)})
 
 
@@ -390,8 +396,9 @@ def remove(
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Propose the next version with KEY off the roster (or without these roles); its later
-    records stop counting once the version is adopted."""
+    """Propose the next version, with KEY off the roster (or without these roles).
+
+    Its later records stop counting once the version is adopted."""
     key = public_key(key, "KEY")
     _change(current, out, overwrite, home, remove={key: role} if role else [key])
 
@@ -461,8 +468,9 @@ def publish(
     as_json: JsonOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Hand a signed version to the node running on the home, which adopts it if it is the
-    next valid version of its network and publishes it to the others."""
+    """Hand a signed version to the node running on the home.
+
+    The node adopts it if it is the next valid version of its network, and publishes it."""
     signed = read_charter(file)
     home = default_home(home)
     try:
