@@ -2,7 +2,8 @@
 
 - app.py: builds the typer app, registers the command groups, ``main()`` (the console script)
 - one module per command group: merge (merge, methods), search, demo (demo, eval), delta,
-  fuse (fuse, pack), identity, network (node start, publish, experts, fetch), round, store
+  fuse (fuse, pack), identity, charter (network new|show|add|remove|set|sign|publish),
+  network (node start, publish, experts, fetch), round, store
 - options.py: the options several commands share (--home, --peer, --json, ...), declared once
 - connect.py: the node a network command talks to (the running one, or a client via --peer)
 

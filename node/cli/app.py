@@ -12,6 +12,7 @@ import sys
 import typer
 
 from hivemerge.node.cli import (
+    charter as cmd_charter,
     delta as cmd_delta,
     demo as cmd_demo,
     fuse as cmd_fuse,
@@ -43,6 +44,7 @@ app.add_typer(cmd_delta.app, name="delta")
 app.command()(cmd_fuse.fuse)
 app.add_typer(cmd_fuse.app, name="pack")
 app.add_typer(cmd_identity.app, name="identity")
+app.add_typer(cmd_charter.app, name="network")
 app.add_typer(cmd_network.node_app, name="node")
 app.command()(cmd_network.publish)
 app.command()(cmd_network.experts)

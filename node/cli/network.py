@@ -1,4 +1,5 @@
-"""Network commands: ``node start``, ``publish``, ``experts``, ``fetch``."""
+"""Network commands: ``node start``, ``publish``, ``experts``, ``fetch`` (the charter's
+``network ...`` commands are in charter.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import typer
 
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.io.writer import parse_size
+from hivemerge.node.cli.charter import network_ref
 from hivemerge.node.cli.connect import connect
 from hivemerge.node.cli.options import DomainFilterOption, HomeOption, JsonOption, OverwriteOption, PeerOption
 from hivemerge.node.control import ControlServer
 from hivemerge.node.storage.store import DEFAULT_MAX_STORE
 from hivemerge.node.ui import err, print_table
+from hivemerge.protocol.charter import charter_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import default_home
 
@@ -28,6 +31,11 @@ def start(
     home: HomeOption = None,
     listen: Annotated[Optional[list[str]], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")] = None,
     peer: PeerOption = None,
+    network: Annotated[Optional[str], typer.Option(
+        "--network",
+        help="The network to run within: its genesis charter file (e.g. charter.json, signed by its maintainers) "
+             "or its id (the genesis is found on the DHT). Without it: a private test network, no charter.",
+    )] = None,
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives unless refreshed.", min=10)] = 300.0,
     keep_results: Annotated[Optional[int], typer.Option(
         "--keep-results", min=0,
@@ -42,6 +50,7 @@ def start(
 ) -> None:
     """Join (or start) the network and serve until SIGINT/SIGTERM, then leave cleanly (or,
     should its p2p daemon die, say so and stop with exit status 1)."""
+    genesis = network_ref(network) if network is not None else None  # checked before anything starts
     from hivemerge.node.node import DEFAULT_LISTEN, Node  # heavy: hivemind
 
     try:
@@ -52,8 +61,9 @@ def start(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    within = {} if genesis is None else {"network": genesis}  # dict: the signed genesis; str: its id
     node = Node(home, listen=listen or DEFAULT_LISTEN, peers=peer or [], record_ttl=record_ttl, keep_results=keep_results,
-                max_store=store_bytes)
+                max_store=store_bytes, **within)
     try:
         control = ControlServer(home, node)
     except BaseException:
@@ -63,6 +73,12 @@ def start(
         print(f"node {node.peer_id} (identity {node.identity.fingerprint}) on {home}", flush=True)
         for maddr in node.maddrs():
             print(f"listening {maddr}", flush=True)
+        if genesis is None:  # said once the node is up: a start that fails says only why
+            err.print("no --network: this node runs a private test network without a charter (anyone's records count)")
+        elif isinstance(genesis, str):
+            print(f"network {genesis} (its genesis is looked up on the DHT)", flush=True)
+        else:
+            print(f"network {genesis['charter']['name']} (genesis {charter_id(genesis['charter'])})", flush=True)
         print("serving; Ctrl-C to stop", flush=True)
         while not stop.wait(1.0) and not node.daemon_died.is_set():
             pass
