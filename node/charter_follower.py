@@ -102,7 +102,13 @@ class CharterFollower:
         fields = charters.record_fields(signed, self.genesis_id, time.time())
         await self.node.store_record("record/charter", charters.charters_key(self.genesis_id), fields, self.node.record_ttl)
         await self.refresh()
-        return self.status()
+        cid = charters.charter_id(signed["charter"])
+        adopted = any(charters.charter_id(v["charter"]) == cid for v in self.chain)
+        answer = {"adopted": adopted, "id": cid, "version": signed["charter"]["version"]}
+        if not adopted:
+            answer["reason"] = (f"not a valid next version of version {self.current['charter']['version']} "
+                                f"({self.current['charter']['threshold']} of its maintainers must sign it)")
+        return answer
 
     async def _candidates(self) -> list[dict]:
         found = await self.node.network.get_records(charters.charters_key(self.genesis_id))

@@ -11,18 +11,16 @@ import sys
 
 import typer
 
-from hivemerge.node.cli import (
-    charter as cmd_charter,
-    delta as cmd_delta,
-    demo as cmd_demo,
-    fuse as cmd_fuse,
-    identity as cmd_identity,
-    merge as cmd_merge,
-    network as cmd_network,
-    round as cmd_round,
-    search as cmd_search,
-    store as cmd_store,
-)
+from hivemerge.node.cli import charter as cmd_charter
+from hivemerge.node.cli import delta as cmd_delta
+from hivemerge.node.cli import demo as cmd_demo
+from hivemerge.node.cli import fuse as cmd_fuse
+from hivemerge.node.cli import identity as cmd_identity
+from hivemerge.node.cli import merge as cmd_merge
+from hivemerge.node.cli import network as cmd_network
+from hivemerge.node.cli import round as cmd_round
+from hivemerge.node.cli import search as cmd_search
+from hivemerge.node.cli import store as cmd_store
 from hivemerge.node.ui import quiet_third_party
 from hivemerge.protocol.errors import UserInputError
 

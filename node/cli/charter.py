@@ -339,7 +339,7 @@ def show(
 
 def _show_followed(home: Path, as_json: bool) -> None:
     try:
-        status = control.call(home, "charter", {})
+        status = control.call(home, "charter_status", {})
     except control.NodeUnavailable as exc:
         raise UserInputError(f"{exc}; pass a charter FILE, or start the node (hivemerge node start)") from None
     signed = status.get("charter")
