@@ -143,9 +143,10 @@ class NodeProcess:
     """``hivemerge node start`` in a subprocess of its own."""
 
     def __init__(self, home: Path, peers: list[str] | tuple = (), listen: list[str] | None = None,
-                 ttl: float = TEST_TTL):
+                 ttl: float = TEST_TTL, extra: list[str] | tuple = ()):
         self.home = Path(home)
-        argv = [sys.executable, "-m", "hivemerge", "node", "start", "--home", str(self.home), "--record-ttl", str(ttl)]
+        argv = [sys.executable, "-m", "hivemerge", "node", "start", "--home", str(self.home), "--record-ttl", str(ttl),
+                *map(str, extra)]
         for maddr in listen or [LOOPBACK]:
             argv += ["--listen", maddr]
         for maddr in peers:

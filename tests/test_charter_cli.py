@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import write_tensors
 from delta_fixtures import assert_user_error, shared_runner
+from network_fixtures import NodeProcess, wait_until
 
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
@@ -403,3 +404,31 @@ def test_the_attestations_needed_follow_the_charter(cli, net, tmp_path):
     """The figure `show` prints is the protocol's, for a roster of 3 attesters and quorum 0.75."""
     genesis_2_of_3(cli, net, tmp_path / "v0.json")
     assert show(cli, tmp_path / "v0.json")["attestations_needed"] == max(2, math.ceil(0.75 * 3), 3 // 2 + 1) == 3
+
+
+def test_nodes_on_a_charter_find_its_genesis_and_follow_a_published_update(cli, net, tmp_path):
+    """Real nodes: ``a`` starts from the genesis file, ``c`` from its id alone (found on the
+    DHT); a version signed by 2 of the 3 maintainers, handed to ``a`` with ``network
+    publish``, is followed by both."""
+    genesis_file, update = tmp_path / "v0.json", tmp_path / "v1.json"
+    genesis = signed_genesis(cli, net, genesis_file)
+    gid = charter_id(genesis["charter"])
+    a = NodeProcess(net.homes["a"], extra=["--network", genesis_file]).wait_serving()
+    c = None
+    try:
+        c = NodeProcess(net.homes["c"], peers=a.maddrs, extra=["--network", gid]).wait_serving()
+        assert show(cli, "--home", net.homes["c"])["id"] == gid and show(cli, "--home", net.homes["a"])["version"] == 0
+        made = cli("network", "add", net.keys["x"], "--role", "contributor", "--from", genesis_file, "--out", update,
+                   "--home", net.homes["a"])
+        assert made.returncode == 0, made.stderr
+        assert cli("network", "sign", update, "--home", net.homes["b"]).returncode == 0
+        published = cli("network", "publish", update, "--home", net.homes["a"], "--json")
+        assert published.returncode == 0, published.stderr
+        assert published.json() == {"adopted": True, "id": charter_id(json.loads(update.read_text())["charter"]), "version": 1}
+        wait_until(lambda: show(cli, "--home", net.homes["c"])["version"] == 1, 40, what="c to follow version 1")
+        followed = show(cli, "--home", net.homes["c"])["charter"]
+        assert followed["version"] == 1 and followed["roster"]["contributor"] == sorted([net.keys["c"], net.keys["x"]])
+    finally:
+        for node in (c, a):
+            if node is not None:
+                node.close()
