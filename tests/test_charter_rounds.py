@@ -23,6 +23,7 @@ from round_fixtures import ROUND_TIMEOUT, build_family, model_id_of, round_recor
 from hivemerge.node.local_network import LocalNetwork
 from hivemerge.protocol import charter as charters
 from hivemerge.protocol import charter_rules, records, rounds
+from hivemerge.protocol.search import searches_key as search_key
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -170,6 +171,22 @@ def test_roster_attesters_that_sign_a_wrong_id_are_refused_by_verify_and_trust_n
     trusted = [keys["c"].public_hex, keys["d"].public_hex]
     assert f.latest(network["base_id"], trust=trusted)["result_id"] == attacked["states"]["b"]["result_id"]
 
+
+
+def test_a_search_round_proposed_off_the_roster_is_no_candidate_anywhere(network, attacked):
+    """Search rounds follow the same rule: Mallory's search proposal is on the DHT, and no
+    honest node counts it, so none commits to it or scores for it."""
+    m, family = network["nodes"]["m"], network["family"]
+    proposal = m.propose({**TEMPLATE, "base_model": str(family["base"]), "select": {"domains": DOMAINS}, "deadline": DEADLINE,
+                          "search": {"generations": 1, "popsize": 2, "blocks": 1, "count": 4}})
+    f = network["nodes"]["f"]
+    found = f.run(f.network.get_records(search_key(network["base_id"])), 30)
+    assert proposal["round_id"] in {r["round_id"] for r in found.values()}  # stored, and readable by all
+    time.sleep(3)  # six polls of every coordinator: time enough to have committed, had they counted it
+    for name in "pbcdf":
+        node = network["nodes"][name]
+        assert node.run(node.searches.proposals(network["base_id"]), 30) == []
+        assert node.searches.state(proposal["round_id"]) is None
 
 def test_a_charter_update_counts_only_when_its_maintainers_signed_it_and_a_removed_attester_stops_counting(network, attacked):
     """Runs last: it changes the roster. Mallory's update (adding itself as attester) is
