@@ -33,12 +33,15 @@ from hivemerge.merge.fusion.probe import write_probe
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.models import load_causal_lm
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.methods import METHODS
 from hivemerge.merge.numerics.threads import single_thread
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.toy import tasks
 from hivemerge.merge.toy.experts import SPEC, base_mix, build_experts
 from hivemerge.node.local_network import LocalNetwork
+from hivemerge.protocol import charter as charters
 from hivemerge.protocol import fusion, rounds
+from hivemerge.protocol.identity import Identity
 
 # The base and experts of ``SPEC``, trained once and shipped as package data (pyproject.toml):
 # training them takes many minutes and gives other bytes on another CPU.
@@ -101,8 +104,11 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
 
     homes = workdir / "nodes"
     shutil.rmtree(homes, ignore_errors=True)  # fresh nodes: a former run's publications must not join
-    network = LocalNetwork(homes, record_ttl=120, round_poll=0.5)
+    genesis = demo_charter(homes, base_id)
+    network = LocalNetwork(homes, record_ttl=120, round_poll=0.5, network=genesis)
     try:
+        say(f"network charter {charters.charter_id(genesis['charter'])[:12]}: the fetch-only node maintains it, proposes "
+            f"and fuses; every node contributes and attests; a result is final when {ROUND_RECIPE['quorum']:.0%} of them attest it")
         say(f"starting {len(tasks.DOMAINS) + 1} nodes on 127.0.0.1")
         fetcher = network.start("fetcher")
         experts = {domain: network.start(domain) for domain in tasks.DOMAINS}
@@ -135,7 +141,8 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         say(f"fusion step: {verdict}: " + ("the consensus is the weight merge healed with the experts' packs" if verdict == "kept"
                                           else "the consensus is the plain weight merge"))
         fetched = fetcher.fetch(None, out=out / "consensus", base=base_dir, overwrite=True)
-        say(f"consensus model fetched by the fetch-only node -> {fetched['out']}")
+        checked = "recomputed from the signed deltas: the same bytes" if fetched["recomputed"] else "not recomputed"
+        say(f"consensus model fetched by the fetch-only node ({checked}) -> {fetched['out']}")
     finally:
         network.close_all()
         say("all nodes stopped")
@@ -146,7 +153,7 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
         model, tokenizer = load_causal_lm(path)
         rows[name] = {s: vars(evaluate(model, tokenizer, s, count)) for s in tasks.SUITES}
     result = {
-        "round_id": proposal["round_id"], "weight_merge_id": merged, "consensus_id": final["result_id"],
+        "charter_id": charters.charter_id(genesis["charter"]), "round_id": proposal["round_id"], "weight_merge_id": merged, "consensus_id": final["result_id"],
         "recipe": ROUND_RECIPE, "fusion": FUSION,
         "fusion_verdict": verdict, "results": rows, "seconds": round(time.perf_counter() - started, 1),
     }
@@ -154,6 +161,16 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_plot(rows, out / "results.png")
     return result
+
+
+def demo_charter(homes: Path, base_id: str) -> dict:
+    """The demo network's genesis charter, signed by its one maintainer (the fetch-only node)."""
+    keys = {name: Identity.load_or_create(homes / name).public_hex for name in ("fetcher", *tasks.DOMAINS)}
+    roster = {key: ["attester", "contributor"] for key in keys.values()}
+    roster[keys["fetcher"]] = ["attester", "contributor", "proposer"]
+    document = charters.new_charter(name="hivemerge-demo", base_ids=[base_id], maintainers=[keys["fetcher"]],
+                                    methods=sorted(METHODS), roster=roster, quorum=ROUND_RECIPE["quorum"])
+    return charters.sign_charter(document, Identity.load_or_create(homes / "fetcher"))
 
 
 def weight_merge_id(node, proposal: dict, out: Path) -> str:

@@ -408,6 +408,9 @@ def test_retrain_trains_in_the_workdir(tmp_path, monkeypatch):
 def test_a_fresh_demo_prints_the_shipped_rows_and_weight_merge_id(shipped):
     result = shipped["result"]
     assert shipped["said"][0] == f"using the base and the domain experts shipped in {demo_module.SHIPPED_MODELS}"
+    # the round runs under the demo's network charter, and the fetched consensus names it
+    assert shipped["said"][1].startswith(f"network charter {result['charter_id'][:12]}: ")
+    assert result["charter_id"] in (shipped["root"] / "out" / "consensus" / "README.md").read_text()
     assert {name: {s: cell(row[s]) for s in tasks.SUITES} for name, row in result["results"].items() if name != "consensus"} == SHIPPED_ROWS
     assert result["weight_merge_id"] == SHIPPED_WEIGHT_MERGE_ID
     assert f"the round's weight merge, before healing (the same bytes on every machine): {SHIPPED_WEIGHT_MERGE_ID}" in shipped["said"]
