@@ -432,3 +432,18 @@ def test_nodes_on_a_charter_find_its_genesis_and_follow_a_published_update(cli, 
         for node in (c, a):
             if node is not None:
                 node.close()
+
+
+def test_fetch_trust_takes_keys_or_a_file_of_them_and_refuses_anything_else(cli, net, tmp_path):
+    from hivemerge.node.cli.network import trusted_keys
+
+    listed = tmp_path / "trusted.txt"
+    listed.write_text(f"# the maintainers\n{net.keys['a'].upper()}\n\n{net.keys['b']}  # b\n")
+    assert trusted_keys([str(listed), net.keys["c"]]) == sorted(net.keys[w] for w in "abc")
+    for bad in ("abc", str(tmp_path / "absent.txt")):
+        result = cli("fetch", "--out", tmp_path / "out", "--base", net.base, "--trust", bad, "--home", net.homes["x"])
+        assert_user_error(result, "--trust")
+        assert not (tmp_path / "out").exists()
+    listed.write_text("not-a-key\n")
+    assert_user_error(cli("fetch", "--out", tmp_path / "out", "--base", net.base, "--trust", listed, "--home", net.homes["x"]),
+                      "not a public key")

@@ -13,7 +13,7 @@ import typer
 
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.io.writer import parse_size
-from hivemerge.node.cli.charter import network_ref
+from hivemerge.node.cli.charter import network_ref, public_key
 from hivemerge.node.cli.connect import connect
 from hivemerge.node.cli.options import DomainFilterOption, HomeOption, JsonOption, OverwriteOption, PeerOption
 from hivemerge.node.control import ControlServer
@@ -139,6 +139,12 @@ def fetch(
                                       "omitted: the latest consensus model for --base.")
     ] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Rebuild the full expert from a delta on this base.")] = None,
+    verify: Annotated[Optional[bool], typer.Option(
+        "--verify/--no-verify", show_default=False,
+        help="Recompute the consensus from the round's signed deltas and refuse a different id "
+             "(default: when the deltas can be fetched).")] = None,
+    trust: Annotated[Optional[list[str]], typer.Option(
+        "--trust", help="Count only these keys' attestations: a public key, or a file of them, one per line (repeatable).")] = None,
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
     peer: PeerOption = None,
@@ -146,18 +152,22 @@ def fetch(
 ) -> None:
     """Fetch content from the network, verified chunk by chunk, written atomically.
 
-    Without ID: the latest final consensus model for --base, after checking its
-    attestations and hashes; it gets a model card naming the round and its attesters.
+    Without ID: the latest final consensus model for --base (under the node's network
+    charter: final by its attesters), after checking its attestations and hashes and,
+    by default, recomputing it; it gets a model card naming the charter, the round and
+    its attesters.
     """
+    trusted = trusted_keys(trust) if trust else None
     with connect(home, peer) as node:
         result = node.fetch(ref=content, out=str(out_dir.resolve()), base=str(base.resolve()) if base else None,
-                            overwrite=overwrite)
+                            overwrite=overwrite, trust=trusted, verify=verify)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     received = result.get("bytes_received")
     if "round_id" in result:
-        how = f"consensus of round {result['round_id'][:12]}, attested by {len(result['attesters'])}"
+        how = (f"consensus of round {result['round_id'][:12]}, attested by {len(result['attesters'])}"
+               + (", recomputed: the same bytes" if result.get("recomputed") else ", not recomputed"))
     elif received is not None:
         how = f"{received:,} bytes from {len(result['chunks_by_provider'])} provider(s)"
     else:
@@ -167,3 +177,18 @@ def fetch(
         err.print(f"  avoided {peer_id}: {why}")
     for bundle_id, why in result.get("refused", {}).items():
         err.print(f"  refused bundle {bundle_id[:12]}: {why}")
+
+
+def trusted_keys(items: list[str]) -> list[str]:
+    """``--trust`` values: public keys, or files of them (one per line; # starts a comment)."""
+    keys = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            if path.stat().st_size > 1 << 20:
+                raise UserInputError(f"--trust {item}: larger than 1 MiB")
+            lines = [line.split("#", 1)[0].strip() for line in path.read_text(errors="replace").splitlines()]
+            keys += [public_key(line, f"--trust {item}:") for line in lines if line]
+        else:
+            keys.append(public_key(item, "--trust"))
+    return sorted(set(keys))
