@@ -2,9 +2,8 @@
 and the tests (one helper for all three).
 
 The first node listens; each later one joins through the first unless given peers. Every
-node started is closed by :meth:`LocalNetwork.close_all` (side by side: a node's leaving
-may wait on peers that died), which the context manager calls on the way out, errors
-included.
+node started is closed by :meth:`LocalNetwork.close_all`, which the context manager calls
+on the way out, errors included.
 """
 
 from __future__ import annotations
@@ -46,13 +45,23 @@ class LocalNetwork:
             self.open.remove(node)
             node.close()
 
-    def close_all(self) -> None:
+    def close_all(self, side_by_side: bool = False) -> None:
+        """Close every node still open: the last started first (each says goodbye while its
+        peers still listen), or all at once with ``side_by_side`` (quicker when some died)."""
         nodes, self.open = self.open, []
         if not nodes:
             return
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            futures = [pool.submit(node.close) for node in nodes]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        if not side_by_side:
+            errors = []
+            for node in reversed(nodes):
+                try:
+                    node.close()
+                except Exception as exc:  # close the others anyway
+                    errors.append(exc)
+        else:
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                futures = [pool.submit(node.close) for node in nodes]
+            errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
 

@@ -110,7 +110,7 @@ class NodePool(LocalNetwork):
 
     def close_all(self) -> None:
         try:
-            super().close_all()
+            super().close_all(side_by_side=True)  # a node's leaving may wait on peers that died
         finally:
             settle_garbage()
 
