@@ -50,7 +50,7 @@ DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0"]
 RECORD_TTL = 300.0  # seconds a record lives unless refreshed
 GONE_MARGIN = 0.1  # seconds a "gone" record outlives the live one it replaces
 # Records announce() re-stores every record_ttl / 3: a failed store is repaired by the next refresh.
-REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack"})
+REFRESHED_KINDS = frozenset({"record/expert", "record/provider", "record/pack", "record/charter"})
 STORE_ATTEMPTS = 3  # of every other record
 STORE_RETRY_SECONDS = 0.5  # before the second attempt; twice that before the third
 DAEMON_CHECK_SECONDS = 1.0  # how often a running node checks that its p2p daemon lives
