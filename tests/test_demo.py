@@ -97,7 +97,8 @@ def test_results_table_has_every_model_and_suite(demo):
     for run in demo["runs"]:
         result = run["json"]
         assert result == run["result"]  # results.json is what run_demo returned
-        assert set(result) == {"round_id", "weight_merge_id", "consensus_id", "recipe", "fusion", "fusion_verdict", "results", "seconds"}
+        assert set(result) == {"charter_id", "round_id", "weight_merge_id", "consensus_id", "recipe", "fusion", "fusion_verdict", "results",
+                           "seconds"}
         assert result["fusion"] == json.loads(json.dumps({**FUSION, **TINY_FUSION}))
         assert result["fusion_verdict"] == "kept"  # every participant kept the healed merge
         assert list(result["results"]) == ROWS

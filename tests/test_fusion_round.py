@@ -36,7 +36,7 @@ from hivemerge.protocol.errors import UserInputError
 
 TEMPLATE = {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0}}
 FUSION = {"packs": {"domains": ["rotate"]}, "lambda": 0.0, "steps": 20, "lr": 3e-3, "batch": 16, "codec": "int8"}
-DEADLINE = 25  # seconds: time for the fuser to fetch the pack and distil before commitments close
+DEADLINE = 12  # seconds for the experts to commit: the proposer is the fuser and distils before it proposes
 
 
 def perturbed(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
