@@ -478,3 +478,22 @@ def test_a_large_record_counts_as_many_as_its_size_would_take(monkeypatch):
     assert storage.store(key, value(100), now + 60, subkey=f"{owners[3]}/{'ef' * 32}")  # 11
     assert storage.store(key, value(100), now + 60, subkey=f"{owners[2]}/{'ef' * 32}")  # 12
     assert not storage.store(key, value(100), now + 60, subkey=f"{owners[3]}/{'12' * 32}")  # full
+
+
+def test_a_round_joined_with_nothing_committed_still_takes_the_nodes_matching_experts(tmp_path):
+    """Under a charter a proposer is in its own round from the start (a state with nothing
+    committed): it must still commit its own matching expert, once; an attester's state
+    with nothing to commit stays as it is."""
+    published = [{"base_id": BASE, "delta_id": DELTA, "domain": "math"}]
+    proposal = {**proposal_fields(deadline=time.time() + 60), "issued_at": time.time()}
+    coordinator, logged, committed = stub_coordinator(tmp_path, published, {BASE: [proposal]})
+    coordinator.save({"proposal": proposal, "phase": "committed", "committed": []})  # Node.propose under a charter
+    asyncio.run(coordinator.tick())
+    asyncio.run(coordinator.tick())  # committed now: not twice
+    assert committed == [(proposal["round_id"], {DELTA: "math"})]
+    other = {**proposal_fields(base_id=OTHER, deadline=time.time() + 60), "issued_at": time.time()}
+    (tmp_path / "w").mkdir()
+    watcher, _, nothing = stub_coordinator(tmp_path / "w", [], {OTHER: [other]})
+    watcher.save({"proposal": other, "phase": "committed", "committed": []})
+    asyncio.run(watcher.tick())
+    assert nothing == [] and watcher.state(other["round_id"])["committed"] == []

@@ -147,14 +147,16 @@ class Coordinator(JsonStates):
         """Commit this node's matching experts to ``proposal``, within the cap on rounds at once."""
         rid = proposal["round_id"]
         state = self.state(rid)
-        if proposal["deadline"] <= now or self.joined(state):
+        if proposal["deadline"] <= now:
             return
         mine = {p["delta_id"]: p["domain"] for p in published
                 if p["base_id"] == proposal["base_id"] and rounds.matches(proposal["select"], p)} if self.may_commit() else {}
+        if self.joined(state) and (state.get("committed") or not mine):
+            return  # in already (a state with nothing committed yet, its proposer's or an attester's, may still commit)
         if not mine and not self.joins_without_experts(proposal):
             return
         under_way = self.under_way()
-        if len(under_way) >= self.max_active:  # a stranger's proposals cannot queue more work than this
+        if state is None and len(under_way) >= self.max_active:  # a stranger's proposals cannot queue more work than this
             self.node.log(f"{self.label}: round {rid[:12]}: not joined: {len(under_way)} under way already")
             return
         if mine:
