@@ -38,15 +38,22 @@ class CharterFollower:
             self.genesis_id, self.chain = network, []
         else:
             raise UserInputError(f"--network: {network!r} is neither a charter file nor a charter id")
-        if saved and isinstance(saved, list) and saved and charters.charter_id(saved[0]["charter"]) == self.genesis_id:
-            self.chain = self._valid_chain(saved)  # where it was before a restart (checked again)
+        if isinstance(saved, list) and saved:
+            self.chain = self._valid_chain(saved) or self.chain  # where it was before a restart (checked again)
 
     @property
     def current(self) -> dict | None:
         return self.chain[-1] if self.chain else None
 
     def _valid_chain(self, saved: list) -> list[dict]:
-        chain = [charters.check_charter(saved[0])]
+        """The saved versions that still chain from this network's genesis ([] if the file
+        is of another network; a file that fails the schema names itself)."""
+        try:
+            chain = [charters.check_charter(saved[0])]
+        except UserInputError as exc:
+            raise UserInputError(f"{self.node.home / CHARTER_FILE}: {exc}; repair or remove it") from None
+        if charters.charter_id(chain[0]["charter"]) != self.genesis_id:
+            return []
         if not charters.genesis_ok(chain[0]):
             raise UserInputError(f"{self.node.home / CHARTER_FILE}: its genesis is not signed by enough maintainers")
         for version in saved[1:]:

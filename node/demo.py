@@ -165,12 +165,13 @@ def run_demo(workdir: Path, out: Path, say: Say, train_progress=None, count: int
 
 def demo_charter(homes: Path, base_id: str) -> dict:
     """The demo network's genesis charter, signed by its one maintainer (the fetch-only node)."""
-    keys = {name: Identity.load_or_create(homes / name).public_hex for name in ("fetcher", *tasks.DOMAINS)}
-    roster = {key: ["attester", "contributor"] for key in keys.values()}
-    roster[keys["fetcher"]] = ["attester", "contributor", "proposer"]
-    document = charters.new_charter(name="hivemerge-demo", base_ids=[base_id], maintainers=[keys["fetcher"]],
+    identities = {name: Identity.load_or_create(homes / name) for name in ("fetcher", *tasks.DOMAINS)}
+    roster = {i.public_hex: ["attester", "contributor"] for i in identities.values()}
+    fetcher = identities["fetcher"]
+    roster[fetcher.public_hex] = ["attester", "contributor", "proposer"]
+    document = charters.new_charter(name="hivemerge-demo", base_ids=[base_id], maintainers=[fetcher.public_hex],
                                     methods=sorted(METHODS), roster=roster, quorum=ROUND_RECIPE["quorum"])
-    return charters.sign_charter(document, Identity.load_or_create(homes / "fetcher"))
+    return charters.sign_charter(document, fetcher)
 
 
 def weight_merge_id(node, proposal: dict, out: Path) -> str:

@@ -30,6 +30,9 @@ NEEDED_ROLE = {
 }
 
 
+NOT_SEEN = "listed by the proposer, but its commitment is not seen here"  # a participant waits for it a while
+
+
 class PolicyError(UserInputError):
     """A proposal (or a participant list) breaks the charter's round policy."""
 
@@ -189,7 +192,7 @@ def commitment_verdicts(charter: dict, proposal: dict, commitments: dict[str, di
     for publisher in sorted(set(commitments) | set(listed)):
         commitment = commitments.get(publisher)
         if commitment is None:
-            verdicts[publisher] = "listed by the proposer, but its commitment is not seen here"
+            verdicts[publisher] = NOT_SEEN
             continue
         verdicts[publisher] = problem or _commitment_reason(charter, proposal, publisher, commitment)
         if verdicts[publisher] is None and publisher not in listed:

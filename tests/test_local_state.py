@@ -89,3 +89,26 @@ def test_a_torn_round_state_does_not_stop_the_coordinator(tmp_path):
     # Pruning agrees: no work runs on the damaged file (it does not hold pruning off for
     # ever); what it mentions is still kept (test_store_prune.py)
     assert live_work(tmp_path) is None
+
+
+def test_a_charter_file_of_another_network_is_set_aside_and_a_malformed_one_names_itself(tmp_path):
+    """HOME/charter.json resumes where a node was; one of another network is not taken up,
+    and one whose content fails the charter schema stops the start with its path."""
+    from hivemerge.node.charter_follower import CharterFollower
+    from hivemerge.node.storage.home import CHARTER_FILE
+    from hivemerge.protocol import charter as charters
+    from hivemerge.protocol.errors import UserInputError
+    from hivemerge.protocol.identity import Identity
+
+    def genesis(name: str) -> dict:
+        key = Identity.generate()
+        return charters.sign_charter(charters.new_charter(name=name, base_ids=["ab" * 32], maintainers=[key.public_hex],
+                                                          methods=["ties"], roster={key.public_hex: ["attester"]}), key)
+
+    ours, theirs = genesis("ours"), genesis("theirs")
+    node = SimpleNamespace(home=tmp_path, log=print)
+    write_json(tmp_path / CHARTER_FILE, [theirs])
+    assert CharterFollower(node, ours).chain == [ours]
+    write_json(tmp_path / CHARTER_FILE, [{"charter": {"name": "x"}, "signatures": {}}])
+    with pytest.raises(UserInputError, match=CHARTER_FILE):
+        CharterFollower(node, ours)

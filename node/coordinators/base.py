@@ -50,6 +50,11 @@ class NodeServices(Protocol):
     async def announce(self, gone: bool = False) -> None: ...
 
 
+def commitments_of(found) -> dict[str, dict]:
+    """The commitments among a round's records, by the node that signed them."""
+    return {r["publisher"]: r for r in found if "delta_ids" in r}
+
+
 class Coordinator(JsonStates):
     """The lifecycle every round kind shares, as Flower's strategies share theirs: a
     subclass says only what differs.
@@ -193,7 +198,7 @@ class Coordinator(JsonStates):
     async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
         """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""
         found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
-        return (rounds.on_time({r["publisher"]: r for r in found if "delta_ids" in r}, deadline),
+        return (rounds.on_time(commitments_of(found), deadline),
                 {r["publisher"]: r for r in found if "result_id" in r})
 
     async def guarded(self, what: str, work) -> None:

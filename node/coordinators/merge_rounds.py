@@ -20,7 +20,7 @@ from hivemerge.merge.deltas.delta import DeltaError
 from hivemerge.merge.deltas.screening import screen_delta
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.node.coordinators.base import Coordinator, NodeServices
+from hivemerge.node.coordinators.base import Coordinator, NodeServices, commitments_of
 from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 from hivemerge.node.storage.home import ROUNDS_DIR, Phase
 from hivemerge.node.storage.retention import live_work, prune
@@ -182,7 +182,7 @@ class RoundCoordinator(Coordinator):
             return (await self.round_records(proposal["round_id"], proposal["deadline"]))[0]
         rid, me = proposal["round_id"], self.node.identity.public_hex
         if proposal["proposer"] == me and not state.get("listed"):
-            seen = await self._all_commitments(rid)
+            seen = commitments_of((await self.node.network.get_records(rounds.round_key(rid))).values())
             fields = charter_rules.participants_record_fields(charter, proposal, seen, time.time())
             await self.node.store_record("record/participants", rounds.round_key(rid), fields, self.ttl(proposal))
             state["listed"] = sorted(fields["participants"])
@@ -191,17 +191,13 @@ class RoundCoordinator(Coordinator):
         while True:
             found = (await self.node.network.get_records(rounds.round_key(rid))).values()
             listing = next((r for r in found if "participants" in r and r["publisher"] == proposal["proposer"]), None)
-            commitments = {r["publisher"]: r for r in found if "delta_ids" in r}
+            commitments = commitments_of(found)
             verdicts = charter_rules.commitment_verdicts(charter, proposal, commitments, listing)
-            waiting = listing is None or any(v and v.startswith("listed by the proposer") for v in verdicts.values())
+            waiting = listing is None or charter_rules.NOT_SEEN in verdicts.values()
             if not waiting or time.time() >= ends:
                 state["ignored"] = {k: v for k, v in verdicts.items() if v}  # for round status
-                return charter_rules.accepted_commitments(charter, proposal, commitments, listing)
+                return {k: commitments[k] for k, v in verdicts.items() if v is None}  # accepted_commitments, from the verdicts
             await asyncio.sleep(self.poll)
-
-    async def _all_commitments(self, round_id: str) -> dict[str, dict]:
-        found = (await self.node.network.get_records(rounds.round_key(round_id))).values()
-        return {r["publisher"]: r for r in found if "delta_ids" in r}
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
                             ) -> tuple[dict[str, float], dict[str, str]]:
