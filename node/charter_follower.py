@@ -96,7 +96,7 @@ class CharterFollower:
 
     async def announce(self) -> None:
         for version in self.chain:
-            fields = charters.record_fields(version, self.genesis_id, time.time())
+            fields = charters.record_fields(version, self.genesis_id, self.node.clock())
             await self.node.store_record("record/charter", charters.charters_key(self.genesis_id), fields, self.node.record_ttl)
 
     async def publish(self, signed: Any) -> dict:
@@ -106,7 +106,7 @@ class CharterFollower:
         known = {charters.charter_id(v["charter"]) for v in self.chain}
         if charters.charter_id(signed["charter"]) != self.genesis_id and previous not in known:
             raise UserInputError("the charter is not a version of this node's network (its previous version is unknown here)")
-        fields = charters.record_fields(signed, self.genesis_id, time.time())
+        fields = charters.record_fields(signed, self.genesis_id, self.node.clock())
         await self.node.store_record("record/charter", charters.charters_key(self.genesis_id), fields, self.node.record_ttl)
         await self.refresh()
         cid = charters.charter_id(signed["charter"])

@@ -74,8 +74,12 @@ class Node:
         self, home: Path, listen: list[str] | None = None, peers: list[str] | None = None,
         client_mode: bool = False, record_ttl: float = RECORD_TTL, round_poll: float = POLL_SECONDS, device: str = "auto",
         keep_results: int | None = None, max_store: int = DEFAULT_MAX_STORE, network: dict | str | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.home = Path(home)
+        # The wall clock this node reads for deadlines and records' issued_at. Nodes' clocks
+        # differ by seconds in the wild; tests give nodes offset clocks to show rounds agree anyway.
+        self.clock = clock
         self.keep_results = keep_results  # prune the store after each round that ends (None: never)
         self.content_lock = threading.Lock()  # held by commands that add content (see adds_content)
         self.home.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,8 @@ class Node:
             self.run(self.server.register(self.network.p2p), 10)
             if self.charters is not None and self.charters.current is None:  # given by id: found on the DHT
                 self.run(self.charters.find_genesis(), FIND_TIMEOUT + 10)
+            if self.charters is not None and client_mode:  # a short-lived client: the newest version now, once
+                self.run(self.charters.refresh(), 60)
             if not client_mode:
                 self.run(self.announce(), 60)
                 self._refresher = self.run(self._start(self._refresh_forever()), 5)
@@ -191,11 +197,11 @@ class Node:
                 await self._store_provider(bundle["content"], bundle_id, maddrs)
 
     async def _store_expert(self, fields: dict, maddrs: list[str]) -> bool:
-        fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
+        fields = {**fields, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": self.clock()}
         return await self.store_record("record/expert", records.EXPERTS_KEY, fields, self.live_ttl(maddrs))
 
     async def _store_provider(self, content: str, bundle_id: str, maddrs: list[str]) -> bool:
-        fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": time.time()}
+        fields = {"content": content, "bundle_id": bundle_id, "peer_id": self.peer_id, "maddrs": maddrs, "issued_at": self.clock()}
         return await self.store_record("record/provider", records.providers_key(content), fields, self.live_ttl(maddrs))
 
     def contact(self) -> dict:
@@ -376,14 +382,10 @@ class Node:
             return self.searches.propose(document, base_id)
         if "fusion" in document:  # heterogeneous experts' packs, fused by one node (node/coordinators/fusion_rounds.py)
             # the rest of the recipe is checked first: its fuser may distil for minutes in prepare
-            rounds.proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, time.time())
+            rounds.proposal_from_recipe({k: v for k, v in document.items() if k != "fusion"}, base_id, self.identity.public_hex, self.clock())
             document = self.rounds.fusion.prepare(document, ref, base_id)
-        proposal = rounds.proposal_from_recipe(document, base_id, self.identity.public_hex, time.time())
-        fields = {**proposal, "issued_at": time.time()}
-        ttl = self.rounds.ttl(proposal)
-        self.run(self.store_record("record/proposal", rounds.rounds_key(base_id), fields, ttl), 30)
-        if self.charter is not None:  # the proposer lists the round's participants after the deadline
-            self.rounds.save(self.rounds.committed_state(proposal, None, {}))
+        proposal = rounds.proposal_from_recipe(document, base_id, self.identity.public_hex, self.clock())
+        self.run(self.rounds.publish_proposal(proposal), 30)
         return proposal
 
     def round_status(self) -> list[dict]:
@@ -423,7 +425,7 @@ class Node:
         Under a charter, final by its quorum of the roster's attesters; ``trust`` (public
         keys) narrows whose attestations count further."""
         proposals = self.run(self.rounds.proposals(base_id), 30)
-        valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= time.time()]
+        valid = [p for p in rounds.live_proposals(proposals) if p["deadline"] <= self.clock()]
         for proposal in sorted(valid, key=lambda p: (-p["deadline"], p["round_id"])):
             commitments, attestations = self.run(self.rounds.round_records(proposal["round_id"], proposal["deadline"]), 30)
             if trust is not None:

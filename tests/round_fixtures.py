@@ -61,8 +61,8 @@ class RoundNet(LocalNetwork):
     """The loopback network (node/local_network.py) with round settings: record TTL 60 s,
     round poll 0.5 s, CPU merges; no p2pd may outlive :meth:`close_all`."""
 
-    def __init__(self, root: Path):
-        super().__init__(root, record_ttl=RECORD_TTL, round_poll=ROUND_POLL, device="cpu")
+    def __init__(self, root: Path, **node_options):
+        super().__init__(root, record_ttl=RECORD_TTL, round_poll=ROUND_POLL, device="cpu", **node_options)
 
     def start(self, name: str, peers=(), client_mode: bool = False):
         return super().start(name, peers=peers, client_mode=client_mode)

@@ -428,6 +428,13 @@ def test_nodes_on_a_charter_find_its_genesis_and_follow_a_published_update(cli, 
         wait_until(lambda: show(cli, "--home", net.homes["c"])["version"] == 1, 40, what="c to follow version 1")
         followed = show(cli, "--home", net.homes["c"])["charter"]
         assert followed["version"] == 1 and followed["roster"]["contributor"] == sorted([net.keys["c"], net.keys["x"]])
+        # commands through a running node work within its network: a --network beside it is refused
+        fetch = ("fetch", "--out", tmp_path / "out", "--base", net.base)
+        assert_user_error(cli(*fetch, "--network", genesis_file, "--home", net.homes["a"]), "--network: a node is running")
+        # a --peer client checks --network before it starts
+        assert_user_error(cli(*fetch, "--peer", a.maddrs[0], "--network", tmp_path / "absent.json", "--home", net.homes["x"]),
+                          "neither a charter file nor a network id")
+        assert not (tmp_path / "out").exists()
     finally:
         for node in (c, a):
             if node is not None:

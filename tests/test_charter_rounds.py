@@ -4,7 +4,8 @@ The charter (signed by its one maintainer, ``p``) names ``p`` the proposer and `
 ``c``, ``d`` attesters and contributors; each of them publishes one expert. ``m`` runs a
 node of the same network but is on no roster, and four Sybil keys have no node at all.
 ``m`` proposes a round of its own delta, commits to it and attests a result; it and the
-Sybils also commit to and attest the honest round. The honest nodes ignore all of it:
+Sybils also commit to and attest the honest round. ``b``'s clock runs 2.5 s ahead and
+``d``'s 2.5 s behind (5 s apart). The honest nodes ignore all of it:
 the honest round merges exactly b, c and d's deltas, and the fetch-only node ``f``
 returns the honest consensus, recomputed from the signed deltas. Then two roster
 attesters sign a wrong result for a later round: ``fetch --verify`` refuses it and names
@@ -13,13 +14,16 @@ them, and ``--trust`` narrows whose attestations count.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from hivemind.utils import get_dht_time
+from delta_fixtures import shared_runner
 from network_fixtures import wait_until
 from round_fixtures import ROUND_TIMEOUT, build_family, model_id_of, round_records
 
+from hivemerge.node.cli.charter import write_charter
 from hivemerge.node.local_network import LocalNetwork
 from hivemerge.protocol import charter as charters
 from hivemerge.protocol import charter_rules, records, rounds
@@ -31,6 +35,7 @@ DOMAINS = ["math", "code", "logic"]
 DEADLINE = 8  # seconds: commitments of three experts, and the attackers', on a busy machine
 TEMPLATE = {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0, "lambda": 0.9}, "dtype": "float32"}
 EVIL = "e" * 64  # the result id the attackers attest
+CLOCKS = {"b": 2.5, "d": -2.5}  # seconds off the true time: b's and d's clocks are 5 s apart
 
 
 def store_as(node, identity: Identity, kind: str, key: str, fields: dict, ttl: float = 600.0) -> None:
@@ -68,14 +73,17 @@ def network(tmp_path_factory):
     base_id = model_id_of(family["base"])
     homes = {name: root / "nodes" / name for name in ["p", "b", "c", "d", "m", "f"]}
     keys = {name: Identity.load_or_create(home) for name, home in homes.items()}
-    roster = {keys["p"].public_hex: ["proposer"],
+    keys.update(late=Identity.generate(), backdated=Identity.generate())  # contributors without a node, held by the test
+    roster = {keys["p"].public_hex: ["proposer"], keys["late"].public_hex: ["contributor"],
+              keys["backdated"].public_hex: ["contributor"],
               **{keys[n].public_hex: ["attester", "contributor"] for n in ("b", "c", "d")}}
     genesis = charters.sign_charter(charters.new_charter(
         name="test-net", base_ids=[base_id], maintainers=[keys["p"].public_hex], methods=["task_arithmetic"],
         roster=roster, quorum=2 / 3, min_attesters=2), keys["p"])
     net = LocalNetwork(root / "nodes", record_ttl=60.0, round_poll=0.5, device="cpu", network=genesis)
     try:
-        nodes = {name: net.start(name) for name in ["p", "b", "c", "d", "m", "f"]}
+        nodes = {name: net.start(name, clock=lambda off=CLOCKS.get(name, 0.0): time.time() + off)
+                 for name in ["p", "b", "c", "d", "m", "f"]}
         published = {d: nodes[n].publish(family[d], d, family["base"]) for d, n in zip(DOMAINS, "bcd")}
         evil = nodes["m"].publish(family["evil"], "math", family["base"])
         sybils = [Identity.generate() for _ in range(4)]
@@ -150,6 +158,21 @@ def test_fetch_verifies_the_consensus_by_recomputing_it(network, attacked, tmp_p
     assert summary["charter_id"] in card and "Recomputed by the fetcher from the signed deltas: yes" in card
 
 
+def test_a_peer_client_given_the_network_fetches_the_consensus_final_under_its_charter(network, attacked, tmp_path_factory):
+    """``fetch --peer MADDR --network charter.json``: a short-lived client follows the
+    charter (not a private network's rules) and recomputes the honest consensus."""
+    cli, root = shared_runner(tmp_path_factory), tmp_path_factory.mktemp("peer-client")
+    write_charter(root / "charter.json", network["genesis"])
+    result = cli("fetch", "--peer", network["nodes"]["c"].maddrs()[0], "--network", root / "charter.json",
+                 "--base", network["family"]["base"], "--out", root / "consensus", "--home", root / "home", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["content"] == attacked["states"]["b"]["result_id"] and summary["recomputed"] is True
+    assert summary["charter_id"] == charters.charter_id(network["genesis"]["charter"])
+    assert summary["attesters"] == sorted(network["keys"][n].public_hex for n in "bcd")
+    assert "no network charter" not in result.stderr
+
+
 def test_roster_attesters_that_sign_a_wrong_id_are_refused_by_verify_and_trust_narrows_the_count(network, attacked, tmp_path):
     nodes, keys = network["nodes"], network["keys"]
     b_delta = network["published"]["math"]["delta_id"]
@@ -171,6 +194,30 @@ def test_roster_attesters_that_sign_a_wrong_id_are_refused_by_verify_and_trust_n
     trusted = [keys["c"].public_hex, keys["d"].public_hex]
     assert f.latest(network["base_id"], trust=trusted)["result_id"] == attacked["states"]["b"]["result_id"]
 
+
+def test_clocks_5_s_apart_merge_the_same_list_and_a_late_or_backdated_commitment_stays_out(network, attacked):
+    """b's clock is 5 s ahead of d's. Just after the deadline (the proposer's clock is
+    true), two roster contributors commit: one dated honestly (late), one backdated to
+    before the deadline. The proposer lists only what it had seen by its deadline, so
+    neither enters, and b, c and d merge exactly the same three deltas."""
+    nodes, keys, evil = network["nodes"], network["keys"], network["evil"]["delta_id"]
+    assert nodes["b"].clock() - nodes["d"].clock() == pytest.approx(5.0, abs=0.1)
+    proposal = nodes["p"].propose({**TEMPLATE, "base_model": str(network["family"]["base"]),
+                                   "select": {"domains": DOMAINS}, "deadline": DEADLINE})
+    rid, deadline = proposal["round_id"], proposal["deadline"]
+    time.sleep(max(0.0, deadline + 0.2 - time.time()))  # past the proposer's deadline, before its list (settle 1.5 s)
+    commit_as(nodes["m"], keys["backdated"], rid, {evil: "math"}, issued_at=deadline - 1.0)
+    commit_as(nodes["m"], keys["late"], rid, {evil: "math"})
+    states = {n: wait_phase(nodes[n], rid, ("attested", "failed")) for n in "bcd"}
+    deltas = sorted(p["delta_id"] for p in network["published"].values())
+    assert [s["phase"] for s in states.values()] == ["attested"] * 3
+    assert len({s["result_id"] for s in states.values()}) == 1
+    listed = wait_phase(nodes["p"], rid, ("listed",))["listed"]
+    assert listed == sorted(keys[n].public_hex for n in "bcd")
+    for state in states.values():
+        assert state["included"] == deltas and state["participants"] == listed
+        assert state["ignored"][keys["backdated"].public_hex] == "not in the proposer's participant list"
+        assert state["ignored"][keys["late"].public_hex] == "late: signed after the deadline"
 
 
 def test_a_search_round_proposed_off_the_roster_is_no_candidate_anywhere(network, attacked):

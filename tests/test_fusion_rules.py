@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -173,7 +174,7 @@ def test_a_fusion_cut_short_by_a_restart_is_started_again(tmp_path):
 
     me = "ab" * 32
     proposal = {"round_id": "cd" * 32, "base_id": "ef" * 32, "deadline": 2e9, "issued_at": 1.0, "recipe": {"fusion": {"fuser": me}}}
-    node = SimpleNamespace(charter=None, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [{"base_id": "ef" * 32}])
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [{"base_id": "ef" * 32}])
 
     async def proposals(base_id):
         return [proposal]

@@ -154,7 +154,7 @@ def test_deep_nesting_and_nan_make_the_validator_say_no_not_raise():
 
 def stub_coordinator(tmp_path, published: list[dict], proposals_by_base: dict):
     logged, committed = [], []
-    node = SimpleNamespace(charter=None, home=tmp_path, published=lambda: published, log=logged.append, keep_results=None,
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, published=lambda: published, log=logged.append, keep_results=None,
                            identity=SimpleNamespace(public_hex=ALICE.public_hex))
     coordinator = RoundCoordinator(node, poll=0.01)
 
@@ -223,7 +223,7 @@ def test_a_node_scores_no_more_searches_and_distils_no_more_fusions_than_the_cap
     base = "6" * 64
     published = [{"base_id": base, "delta_id": DELTA, "domain": "math"}]
     logged = []
-    node = SimpleNamespace(charter=None, home=tmp_path, published=lambda: published, log=logged.append)
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, published=lambda: published, log=logged.append)
     searches = SearchCoordinator(node, poll=0.01)
     committed = []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -77,7 +78,7 @@ def test_a_torn_round_state_does_not_stop_the_coordinator(tmp_path):
     from hivemerge.node.storage.retention import live_work
 
     logged = []
-    node = SimpleNamespace(charter=None, home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,
                            identity=SimpleNamespace(public_hex="aa" * 32))
     coordinator = RoundCoordinator(node, poll=0.01)
     write_json(tmp_path / "rounds" / f"{'a' * 64}.json", VALID)

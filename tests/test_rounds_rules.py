@@ -326,7 +326,7 @@ def _settling_coordinator(tmp_path, answers):
     from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 
     logged = []
-    node = SimpleNamespace(charter=None, home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, published=lambda: [], log=logged.append, keep_results=None,
                            identity=SimpleNamespace(public_hex="aa" * 32))
     coordinator = RoundCoordinator(node, poll=0.01)
     calls = []

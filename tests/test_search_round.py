@@ -5,7 +5,9 @@ expert and ``c`` a logic expert of the same tiny base. Both owners commit, score
 candidate of every generation on their own domain's validation data, and publish only
 the scores; every node combines them alike and draws the same next generation; ``a``
 then proposes the best recipe as a normal merge round, which ``b`` and ``c`` merge and
-attest.
+attest. The main search runs under a network charter (``a`` proposes, ``b`` and ``c``
+contribute and attest): ``a`` lists the search's participants, and the owners take
+exactly that list.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from network_fixtures import wait_until
-from round_fixtures import RoundNet, round_records, wait_round_done
+from round_fixtures import RoundNet, model_id_of, round_records, wait_round_done
 from search_fixtures import char_family
 
 from hivemerge.merge.evaluation.fitness import ValidationFitness
@@ -24,8 +27,10 @@ from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search.cmaes import SearchSettings, next_candidates
 from hivemerge.merge.search.space import SearchSpace
 from hivemerge.merge.toy import tasks
+from hivemerge.protocol import charter as charters
 from hivemerge.protocol import search
 from hivemerge.protocol.content import content_id
+from hivemerge.protocol.identity import Identity
 from hivemerge.protocol.rounds import build_recipe
 
 SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, "loss_weight": 0.25,
@@ -33,12 +38,22 @@ SETTINGS = {"generations": 2, "popsize": 3, "blocks": 2, "count": 6, "seed": 3, 
 SEARCH_TIMEOUT = 240.0  # past the last tally wait (about 160 s with these settings): a bound, not a pace
 
 
+def owners_charter(family: dict, homes: Path) -> dict:
+    """A network where ``a`` proposes (and maintains the charter) and ``b``, ``c`` contribute and attest."""
+    keys = {name: Identity.load_or_create(homes / name) for name in "abc"}
+    roster = {keys["a"].public_hex: ["proposer"], **{keys[n].public_hex: ["attester", "contributor"] for n in "bc"}}
+    return charters.sign_charter(charters.new_charter(
+        name="search-net", base_ids=[model_id_of(family["base"])], maintainers=[keys["a"].public_hex],
+        methods=["task_arithmetic"], roster=roster, quorum=1.0, min_attesters=2), keys["a"])
+
+
 @contextmanager
-def owners_network(root) -> Iterator[tuple[dict, RoundNet, tuple, dict]]:
+def owners_network(root, charter: bool = False) -> Iterator[tuple[dict, RoundNet, tuple, dict]]:
     """(models, network, nodes, expert records by domain): ``a`` holds no expert, ``b`` a
-    math expert and ``c`` a logic expert of one tiny base; every node is closed after."""
+    math expert and ``c`` a logic expert of one tiny base; every node is closed after.
+    ``charter``: the nodes follow :func:`owners_charter` (else a private test network)."""
     family = char_family(root / "models")
-    net = RoundNet(root / "nodes")
+    net = RoundNet(root / "nodes", network=owners_charter(family, root / "nodes") if charter else None)
     try:
         a, b, c = net.start_many(["a", "b", "c"])
         published = {"math": b.publish(family["a"], "math", family["base"]),
@@ -64,7 +79,7 @@ def wait_search_end(nodes, sid: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def search_round(tmp_path_factory):
-    with owners_network(tmp_path_factory.mktemp("search-round")) as (family, net, (a, b, c), published):
+    with owners_network(tmp_path_factory.mktemp("search-round"), charter=True) as (family, net, (a, b, c), published):
         proposal = a.propose(search_document(family, SETTINGS, fetch_window=LATE_WINDOW))
         states = wait_search_end((a, b, c), proposal["round_id"])
         yield {"family": family, "nodes": (a, b, c), "published": published, "proposal": proposal, "states": states}
@@ -87,6 +102,8 @@ def test_every_node_draws_and_combines_alike(search_round):
         assert [(h["candidate_ids"], h["combined"]) for h in s["history"]] == reference
     assert states[0]["best"] == states[1]["best"] == states[2]["best"]
     assert "final_round" in states[0] and "final_round" not in states[1]
+    assert states[0]["listed"] == owners  # under the charter: the proposer's signed participant list ...
+    assert states[1]["ignored"] == states[2]["ignored"] == {}  # ... which the owners took whole
 
 
 def test_scores_are_each_owners_own_and_the_rule_is_reproducible(search_round):
@@ -199,7 +216,7 @@ def test_a_search_cut_short_by_a_restart_goes_on_from_its_last_generation(tmp_pa
     def refetch(*args):
         raise AssertionError("a resumed search must not fetch and screen again")
 
-    node = SimpleNamespace(charter=None, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
                            rounds=SimpleNamespace(round_records=refetch, gather_deltas=refetch))
     coordinator = SearchCoordinator(node, poll=0.01)
     proposal = {"round_id": "ef" * 32, "base_id": "12" * 32, "deadline": time.time() - 100, "proposer": "34" * 32,
@@ -249,7 +266,7 @@ def final_round_stub(tmp_path, me: str, existing: list[dict]):
     async def proposals(base_id):
         return existing
 
-    node = SimpleNamespace(charter=None, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
                            store_record=store_record, rounds=SimpleNamespace(proposals=proposals))
     return SearchCoordinator(node, poll=0.01), stored
 
@@ -360,7 +377,7 @@ def test_an_owner_does_not_score_a_generation_whose_slot_has_passed(tmp_path, mo
     async def store_record(kind, key, fields, ttl):
         stored.append((kind, fields["generation"]))
 
-    node = SimpleNamespace(charter=None, home=tmp_path, store_record=store_record, record_ttl=60.0)
+    node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, store_record=store_record, record_ttl=60.0)
     coordinator = SearchCoordinator(node, poll=0.01)
 
     async def combined(proposal, proposing, generation, owners, ids, window):

@@ -8,6 +8,7 @@ fetched consensus). Each test names exactly which objects must go and which must
 from __future__ import annotations
 
 import json
+import time
 import types
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def _pruning_coordinator(home: Home, keep: int = 1):
     from hivemerge.node.coordinators.merge_rounds import RoundCoordinator
 
     logged: list[str] = []
-    node = types.SimpleNamespace(charter=None, home=home.path, published=lambda: [], log=logged.append, keep_results=keep,
+    node = types.SimpleNamespace(charter=None, clock=time.time, home=home.path, published=lambda: [], log=logged.append, keep_results=keep,
                                  content_lock=threading.Lock(), identity=types.SimpleNamespace(public_hex="aa" * 32))
     return RoundCoordinator(node, poll=0.01), logged
 

@@ -15,7 +15,9 @@ from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.io.writer import parse_size
 from hivemerge.node.cli.charter import network_ref, public_key
 from hivemerge.node.cli.connect import connect
-from hivemerge.node.cli.options import DomainFilterOption, HomeOption, JsonOption, OverwriteOption, PeerOption
+from hivemerge.node.cli.options import (
+    DomainFilterOption, HomeOption, JsonOption, NetworkOption, OverwriteOption, PeerOption,
+)
 from hivemerge.node.control import ControlServer
 from hivemerge.node.storage.store import DEFAULT_MAX_STORE
 from hivemerge.node.ui import err, print_table
@@ -31,11 +33,7 @@ def start(
     home: HomeOption = None,
     listen: Annotated[Optional[list[str]], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")] = None,
     peer: PeerOption = None,
-    network: Annotated[Optional[str], typer.Option(
-        "--network",
-        help="The network to run within: its genesis charter file (e.g. charter.json, signed by its maintainers) "
-             "or its id (the genesis is found on the DHT). Without it: a private test network, no charter.",
-    )] = None,
+    network: NetworkOption = None,
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives unless refreshed.", min=10)] = 300.0,
     keep_results: Annotated[Optional[int], typer.Option(
         "--keep-results", min=0,
@@ -148,17 +146,21 @@ def fetch(
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
     peer: PeerOption = None,
+    network: NetworkOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fetch content from the network, verified chunk by chunk, written atomically.
 
-    Without ID: the latest final consensus model for --base (under the node's network
-    charter: final by its attesters), after checking its attestations and hashes and,
-    by default, recomputing it; it gets a model card naming the charter, the round and
-    its attesters.
+    Without ID: the latest final consensus model for --base (under the network's charter:
+    final by its attesters), after checking its attestations and hashes and, by default,
+    recomputing it; it gets a model card naming the charter, the round and its attesters.
+    Through a running node, its network; through --peer, the one --network names.
     """
     trusted = trusted_keys(trust) if trust else None
-    with connect(home, peer) as node:
+    with connect(home, peer, network) as node:
+        if content is None and node.charter_status()["id"] is None:
+            err.print("no network charter: the latest consensus is judged by a private test network's rules (anyone's "
+                      "attestations count); give --network to a --peer client, or start the node with --network")
         result = node.fetch(ref=content, out=str(out_dir.resolve()), base=str(base.resolve()) if base else None,
                             overwrite=overwrite, trust=trusted, verify=verify)
     if as_json:

@@ -28,4 +28,10 @@ OverwriteOption = Annotated[bool, typer.Option(help="Replace --out if it exists 
 
 SignerOption = Annotated[Optional[str], typer.Option("--signer", help="Require this signer (fingerprint or public key).")]
 
+NetworkOption = Annotated[Optional[str], typer.Option(
+    "--network",
+    help="The network to work within: its genesis charter file (e.g. charter.json, signed by its maintainers) "
+         "or its id (the genesis is found on the DHT). Without it: a private test network, no charter.",
+)]
+
 DomainFilterOption = Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")]

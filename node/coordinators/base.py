@@ -4,12 +4,13 @@ gives them, and the polling loop that drives them."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from hivemerge.node.storage.home import JsonStates, Phase
 from hivemerge.protocol import charter_rules, rounds
+
+PARTICIPANTS_WAIT = 30.0  # how long participants wait for the proposer's list (and the commitments it names)
 
 
 async def guarded(node, what: str, work) -> None:
@@ -38,6 +39,8 @@ class NodeServices(Protocol):
     charter: Any  # the signed network charter it follows, or None (a private test network)
     rounds: Any  # the node's RoundCoordinator (searches reuse its fetching and screening)
     peer_id: str
+    clock: Any  # () -> float: the node's wall clock, for deadlines and records' issued_at
+
 
     def log(self, message: str) -> None: ...
     def run(self, coro, timeout: float) -> Any: ...
@@ -59,14 +62,17 @@ class Coordinator(JsonStates):
     """The lifecycle every round kind shares, as Flower's strategies share theirs: a
     subclass says only what differs.
 
-    - **join** (every ``poll`` seconds, before a proposal's deadline): for each base of the
+    - **join** (every ``poll`` seconds, before a proposal's deadline, by the node's own
+      clock; nodes' clocks may differ by seconds): for each base of the
       experts this node published, the proposals it may join (:meth:`joinable`); when some
       of its experts match one and fewer than ``max_active`` rounds of this kind are under
       way, it **commits** their delta ids (one signed ``record/commitment``, the same for
-      every kind) and saves the state file in ``Phase.COMMITTED``.
+      every kind) and saves the state file in ``Phase.COMMITTED``. While a round it is in
+      is open, :meth:`while_open` runs each poll.
     - **execute** (after the deadline and ``settle_seconds`` for the last commitments to
-      spread): :meth:`run_round` does the kind's work; whatever it raises ends the round in
-      ``Phase.FAILED`` with the error. A state in one of ``resumable`` phases with no task
+      spread): :meth:`run_round` does the kind's work on the commitments
+      :meth:`participants` gives (under a charter, the proposer's signed list); whatever
+      it raises ends the round in ``Phase.FAILED`` with the error. A state in one of ``resumable`` phases with no task
       in this process (a restart cut it short) is taken up again.
     - **settle** (merge rounds: :meth:`settle_state`): after the work, anything checked later.
 
@@ -123,6 +129,19 @@ class Coordinator(JsonStates):
         charter = self.node.charter
         return charter is None or charter_rules.may_contribute(charter, self.node.identity.public_hex)
 
+    async def while_open(self, state: dict, now: float) -> None:
+        """The proposer of a round under a charter keeps the on-time commitments it has seen
+        by each poll: its participant list names only those, so a commitment that first
+        appears after its deadline cannot enter, whatever ``issued_at`` it claims (backdated)."""
+        proposal = state["proposal"]
+        if self.node.charter is None or proposal["proposer"] != self.node.identity.public_hex:
+            return
+        found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
+        on_time = {**state.get("on_time", {}), **rounds.on_time(commitments_of(found), proposal["deadline"])}
+        if on_time != state.get("on_time"):
+            state["on_time"] = on_time
+            self.save(state)
+
     async def settle_state(self, state: dict, now: float) -> None:
         """Work on a round whose own work has ended (none by default)."""
 
@@ -131,10 +150,10 @@ class Coordinator(JsonStates):
 
     # -- the lifecycle ------------------------------------------------------------------
     def ttl(self, proposal: dict) -> float:
-        return rounds.records_ttl(proposal["deadline"], time.time(), self.node.record_ttl, self.span(proposal))
+        return rounds.records_ttl(proposal["deadline"], self.node.clock(), self.node.record_ttl, self.span(proposal))
 
     async def tick(self) -> None:
-        now = time.time()
+        now = self.node.clock()
         published = self.node.published()
         for base_id in sorted(self.bases(published)):
             try:
@@ -172,7 +191,7 @@ class Coordinator(JsonStates):
     async def commit(self, proposal: dict, state: dict | None, domains: dict[str, str]) -> None:
         fields = {
             "round_id": proposal["round_id"], "delta_ids": sorted(domains), "domains": dict(sorted(domains.items())),
-            **self.node.contact(), "issued_at": time.time(),
+            **self.node.contact(), "issued_at": self.node.clock(),
         }
         await self.node.store_record("record/commitment", rounds.round_key(proposal["round_id"]), fields, self.ttl(proposal))
         self.save(self.committed_state(proposal, state, domains))
@@ -181,19 +200,48 @@ class Coordinator(JsonStates):
         rid = state["proposal"]["round_id"]
         if state["phase"] in self.resumable and now >= state["proposal"]["deadline"] and rid not in self._running:
             self._running[rid] = asyncio.create_task(self.execute(rid))
+        elif state["phase"] in self.resumable and now < state["proposal"]["deadline"]:
+            await self.while_open(state, now)
         else:
             await self.settle_state(state, now)
 
     async def execute(self, round_id: str) -> None:
         state = self.state(round_id)
         try:
-            await asyncio.sleep(max(0.0, state["proposal"]["deadline"] + self.settle_seconds - time.time()))
+            await asyncio.sleep(max(0.0, state["proposal"]["deadline"] + self.settle_seconds - self.node.clock()))
             await self.run_round(state)
         except Exception as exc:
             state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.save(state)
             self._running.pop(round_id, None)
+
+    async def participants(self, proposal: dict, state: dict) -> dict[str, dict]:
+        """The commitments a round takes in (merges, or searches over). Without a charter: those signed by the
+        deadline. Under one: the proposer (this node, or another) lists the commitments of
+        contributors it had seen by its deadline (:meth:`while_open`); every participant
+        merges exactly that list, so nodes whose clocks differ, or that saw a backdated
+        commitment arrive late, merge the same set (protocol/charter_rules.py)."""
+        charter = self.node.charter
+        if charter is None:
+            return (await self.round_records(proposal["round_id"], proposal["deadline"]))[0]
+        rid, me = proposal["round_id"], self.node.identity.public_hex
+        if proposal["proposer"] == me and not state.get("listed"):
+            fields = charter_rules.participants_record_fields(charter, proposal, state.get("on_time", {}), self.node.clock())
+            await self.node.store_record("record/participants", rounds.round_key(rid), fields, self.ttl(proposal))
+            state["listed"] = sorted(fields["participants"])
+            self.save(state)
+        ends = self.node.clock() + PARTICIPANTS_WAIT
+        while True:
+            found = (await self.node.network.get_records(rounds.round_key(rid))).values()
+            listing = next((r for r in found if "participants" in r and r["publisher"] == proposal["proposer"]), None)
+            commitments = commitments_of(found)
+            verdicts = charter_rules.commitment_verdicts(charter, proposal, commitments, listing)
+            waiting = listing is None or charter_rules.NOT_SEEN in verdicts.values()
+            if not waiting or self.node.clock() >= ends:
+                state["ignored"] = {k: v for k, v in verdicts.items() if v}  # for round status
+                return {k: commitments[k] for k, v in verdicts.items() if v is None}  # accepted_commitments, from the verdicts
+            await asyncio.sleep(self.poll)
 
     async def round_records(self, round_id: str, deadline: float) -> tuple[dict[str, dict], dict[str, dict]]:
         """(commitments signed by the deadline, attestations) of a round, by the node that signed them."""

@@ -38,7 +38,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -116,7 +115,7 @@ class FusionRounds:
 
     async def announce(self, maddrs: list[str]) -> None:
         for fields in self.published_packs():
-            fields = {**fields, "peer_id": self.node.peer_id, "maddrs": maddrs, "issued_at": time.time()}
+            fields = {**fields, "peer_id": self.node.peer_id, "maddrs": maddrs, "issued_at": self.node.clock()}
             await self.node.store_record("record/pack", records.PACKS_KEY, fields, self.node.live_ttl(maddrs))
 
     def packs(self, domain: str | None = None) -> list[dict]:
@@ -234,17 +233,17 @@ class FusionRounds:
     async def _fuse(self, proposal: dict) -> None:
         """Fetch, distil, store the delta and the fusion record; the next tick commits it."""
         rid = proposal["round_id"]
-        state = {"phase": Phase.FUSING, "started": time.time()}
+        state = {"phase": Phase.FUSING, "started": self.node.clock()}
         self._save(rid, state)
         try:
-            fused = await self._distil(proposal, rid, proposal["deadline"] - time.time())
+            fused = await self._distil(proposal, rid, proposal["deadline"] - self.node.clock())
             await self._store_fusion_record(proposal, fused)
             state.update(phase=Phase.FUSED, **fused)
         except Exception as exc:
             state.update(phase=Phase.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
             self.node.log(f"fusion for round {rid[:12]}: {state['error']}")
         finally:
-            state["seconds"] = round(time.time() - state["started"], 3)
+            state["seconds"] = round(self.node.clock() - state["started"], 3)
             self._save(rid, state)
             self._running.pop(rid, None)
 
@@ -273,7 +272,7 @@ class FusionRounds:
         fields = {
             "round_id": proposal["round_id"], "delta_id": fused["delta_id"], "packs": block["packs"]["ids"],
             "probe_id": block["probe"], "replay_id": block["replay"], "before": fused["before"], "after": fused["after"],
-            **self.node.contact(), "issued_at": time.time(),
+            **self.node.contact(), "issued_at": self.node.clock(),
         }
         await self.node.store_record("record/fusion", rounds.round_key(proposal["round_id"]), fields, self.coordinator.ttl(proposal))
 
@@ -282,7 +281,7 @@ class FusionRounds:
         """The proposer that is its own fuser distils before the round exists; the result
         is kept under :func:`ahead_key`, which the proposal's fusion block and merge
         settings determine, and adopted when that proposal wins."""
-        started = time.time()
+        started = self.node.clock()
         key = ahead_key(base_id, document)
         if self._ahead(key) is not None:
             return
@@ -294,7 +293,7 @@ class FusionRounds:
         except (Exception, asyncio.TimeoutError) as exc:
             raise UserInputError(f"fusion (this node is the fuser and distils before proposing) failed: "
                                  f"{type(exc).__name__}: {exc}") from None
-        write_json(self.dir / f"ahead-{key}.json", {**fused, "seconds": round(time.time() - started, 3)})
+        write_json(self.dir / f"ahead-{key}.json", {**fused, "seconds": round(self.node.clock() - started, 3)})
 
     def _ahead(self, key: str) -> dict | None:
         fused = read_json(self.dir / f"ahead-{key}.json", None)
@@ -313,7 +312,7 @@ class FusionRounds:
     async def _commit(self, proposal: dict, state: dict) -> None:
         """Commit the fused delta with this node's own matching deltas (one commitment per node)."""
         rid = proposal["round_id"]
-        if time.time() > proposal["deadline"] - COMMIT_MARGIN:
+        if self.node.clock() > proposal["deadline"] - COMMIT_MARGIN:
             state.update(phase=Phase.FAILED, error="fusion finished after the commitment deadline")
             self._save(rid, state)
             return
@@ -323,7 +322,7 @@ class FusionRounds:
         domains[state["delta_id"]] = fusion.FUSED_DOMAIN
         await self.node.announce()  # the fused delta and the fetched packs are served from here
         fields = {
-            "round_id": rid, "delta_ids": sorted(domains), "domains": domains, **self.node.contact(), "issued_at": time.time(),
+            "round_id": rid, "delta_ids": sorted(domains), "domains": domains, **self.node.contact(), "issued_at": self.node.clock(),
         }
         # A second commitment of this node replaces its first only if it expires later.
         await self.node.store_record("record/commitment", rounds.round_key(rid), fields, self.coordinator.ttl(proposal) + 1.0)
@@ -424,7 +423,7 @@ class FusionRounds:
             distinct = sorted(set(verdicts.values()))
             verdict = distinct[0] if len(distinct) == 1 else "split: " + "; ".join(
                 f"{sum(v == d for v in verdicts.values())} {d}" for d in distinct)
-        elif delta_id is None and time.time() > proposal["deadline"]:
+        elif delta_id is None and self.node.clock() > proposal["deadline"]:
             verdict = "none committed"
         else:
             verdict = "pending"

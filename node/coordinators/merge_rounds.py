@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 
 from hivemerge.merge.deltas.delta import DeltaError
 from hivemerge.merge.deltas.screening import screen_delta
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.recipe import validate_recipe
-from hivemerge.node.coordinators.base import Coordinator, NodeServices, commitments_of
+from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.coordinators.fusion_rounds import FusionRounds
 from hivemerge.node.storage.home import ROUNDS_DIR, Phase
 from hivemerge.node.storage.retention import live_work, prune
@@ -29,7 +28,6 @@ from hivemerge.protocol import bounds, charter_rules, fusion, records, rounds
 from hivemerge.protocol.errors import UserInputError
 
 POLL_SECONDS = 2.0
-PARTICIPANTS_WAIT = 30.0  # how long participants wait for the proposer's list (and the commitments it names)
 SETTLE_SECONDS = 1.5  # after the deadline, for the last commitments to spread
 SETTLE_EVERY = 10.0  # how often an attested round is checked for finality
 
@@ -46,6 +44,14 @@ class RoundCoordinator(Coordinator):
         self.finality_window = rounds.RECORD_MARGIN  # how long after the deadline an attested round may still become final
         self._next_settle: dict[str, float] = {}  # round id -> when to check its finality again
         self.fusion = FusionRounds(self)  # the fusion step of rounds that have one (node/coordinators/fusion_rounds.py)
+
+    async def publish_proposal(self, proposal: dict) -> None:
+        """Store this node's ``record/proposal``. Under a charter its proposer is in the
+        round from the start: it keeps the commitments it sees and lists them after the deadline."""
+        fields = {**proposal, "issued_at": self.node.clock()}
+        await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), fields, self.ttl(proposal))
+        if self.node.charter is not None:
+            self.save(self.committed_state(proposal, None, {}))
 
     # -- the lifecycle's merge-round parts (node/coordinators/base.py) ----------------------
     async def joinable(self, base_id: str, now: float) -> list[dict]:
@@ -164,40 +170,12 @@ class RoundCoordinator(Coordinator):
         bundle_id = self.node.store.bundle_of(result_id)
         fields = {
             "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
-            "excluded": {}, **self.node.contact(), "issued_at": time.time(),
+            "excluded": {}, **self.node.contact(), "issued_at": self.node.clock(),
         }
         fields["excluded"] = records.fitting_reasons(excluded, fields)
         await self.node.store_record("record/attestation", rounds.round_key(round_id), fields, self.ttl(proposal))
         await self.node.announce()
         state.update(phase=Phase.ATTESTED, result_id=result_id)
-
-    async def participants(self, proposal: dict, state: dict) -> dict[str, dict]:
-        """The commitments this round merges. Without a charter: those signed by the
-        deadline. Under one: the proposer (this node, or another) lists the on-time
-        commitments of contributors it accepted; every participant merges exactly that
-        list, so nodes whose clocks differ, or that saw a backdated commitment arrive late,
-        merge the same set (protocol/charter_rules.py)."""
-        charter = self.node.charter
-        if charter is None:
-            return (await self.round_records(proposal["round_id"], proposal["deadline"]))[0]
-        rid, me = proposal["round_id"], self.node.identity.public_hex
-        if proposal["proposer"] == me and not state.get("listed"):
-            seen = commitments_of((await self.node.network.get_records(rounds.round_key(rid))).values())
-            fields = charter_rules.participants_record_fields(charter, proposal, seen, time.time())
-            await self.node.store_record("record/participants", rounds.round_key(rid), fields, self.ttl(proposal))
-            state["listed"] = sorted(fields["participants"])
-            self.save(state)
-        ends = time.time() + PARTICIPANTS_WAIT
-        while True:
-            found = (await self.node.network.get_records(rounds.round_key(rid))).values()
-            listing = next((r for r in found if "participants" in r and r["publisher"] == proposal["proposer"]), None)
-            commitments = commitments_of(found)
-            verdicts = charter_rules.commitment_verdicts(charter, proposal, commitments, listing)
-            waiting = listing is None or charter_rules.NOT_SEEN in verdicts.values()
-            if not waiting or time.time() >= ends:
-                state["ignored"] = {k: v for k, v in verdicts.items() if v}  # for round status
-                return {k: commitments[k] for k, v in verdicts.items() if v is None}  # accepted_commitments, from the verdicts
-            await asyncio.sleep(self.poll)
 
     async def gather_deltas(self, proposal: dict, commitments: dict[str, dict], skip: set[str] = frozenset()
                             ) -> tuple[dict[str, float], dict[str, str]]:

@@ -17,7 +17,6 @@ round (``select: {deltas: [...]}``, the searched per-layer tables as
 from __future__ import annotations
 
 import asyncio
-import time
 
 from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
@@ -49,12 +48,12 @@ class SearchCoordinator(Coordinator):
         settings = search.check_settings(document.get("search"))
         rest = {k: v for k, v in document.items() if k != "search"}
         rest.setdefault("deadline", 30)
-        merge_part = rounds.proposal_from_recipe(rest, base_id, self.node.identity.public_hex, time.time())
+        merge_part = rounds.proposal_from_recipe(rest, base_id, self.node.identity.public_hex, self.node.clock())
         proposal = {k: merge_part[k] for k in ("base_id", "recipe", "select", "deadline", "quorum", "proposer")}
         proposal["search"] = settings
         proposal["round_id"] = search.search_id(proposal)
         ttl = self.ttl(proposal)
-        self.node.run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": time.time()}, ttl), 30)
+        self.node.run(self.node.store_record("record/search", search.searches_key(base_id), {**proposal, "issued_at": self.node.clock()}, ttl), 30)
         self.save({"proposal": proposal, "phase": Phase.PROPOSED, "roles": ["proposer"]})
         return proposal
 
@@ -117,9 +116,7 @@ class SearchCoordinator(Coordinator):
         best candidate into ``state``."""
         loop = asyncio.get_running_loop()
         if state["phase"] != Phase.SEARCHING:  # a restart during the search keeps what was screened and combined
-            commitments, _ = await self.round_records(proposal["round_id"], proposal["deadline"])
-            if self.node.charter is not None:  # only the charter's contributors take part
-                commitments = {k: c for k, c in commitments.items() if charter_rules.may_contribute(self.node.charter, k)}
+            commitments = await self.participants(proposal, state)  # under a charter: the proposer's list
             await self._screen(proposal, state, commitments)
         included, owners, domains = state["included"], state["owners"], state["domains"]
         if not included:
@@ -166,12 +163,12 @@ class SearchCoordinator(Coordinator):
         ids = [content_id(d) for d in documents]
         key, ttl = rounds.round_key(sid), self.ttl(proposal)
         if "proposer" in roles:
-            fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "issued_at": time.time()}
+            fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "issued_at": self.node.clock()}
             await self.node.store_record("record/candidates", key, fields, ttl)
-        if fitness is not None and time.time() < search.slot_end(proposal, generation, window):  # later scores would not count
+        if fitness is not None and self.node.clock() < search.slot_end(proposal, generation, window):  # later scores would not count
             scores, examples = await loop.run_in_executor(None, _score_all, fitness, documents)
             fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scores": scores,
-                      "examples": examples, "issued_at": time.time()}
+                      "examples": examples, "issued_at": self.node.clock()}
             await self.node.store_record("record/scores", key, fields, ttl)
         combined, scorers, agrees, tallied = await self._combined(proposal, "proposer" in roles, generation, owners, ids, window)
         if combined is None:
@@ -226,9 +223,9 @@ class SearchCoordinator(Coordinator):
             agrees = None if published is None else published["candidate_ids"] == ids
             if proposing:
                 combined, scorers = search.combine_scores(scores, owners, ids)
-                if scorers == owners or time.time() >= slot_end:
+                if scorers == owners or self.node.clock() >= slot_end:
                     if scorers:
-                        fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scorers": scorers, "issued_at": time.time()}
+                        fields = {"round_id": sid, "generation": generation, "candidate_ids": ids, "scorers": scorers, "issued_at": self.node.clock()}
                         await self.node.store_record("record/tally", rounds.round_key(sid), fields, self.ttl(proposal))
                     return combined, scorers, agrees, bool(scorers)
             else:
@@ -237,10 +234,10 @@ class SearchCoordinator(Coordinator):
                     missing = [o for o in tallied if o not in search.scored(scores, ids)]
                     if not missing:
                         return search.mean_scores(scores, tallied), tallied, agrees, True
-                    if time.time() >= tally_end:
+                    if self.node.clock() >= tally_end:
                         raise RuntimeError(f"generation {generation}: the proposer's tally counts the scores of "
                                            f"{', '.join(o[:12] for o in missing)}, which never arrived here")
-                elif time.time() >= tally_end:  # no usable tally: the proposer is gone, or draws other candidates
+                elif self.node.clock() >= tally_end:  # no usable tally: the proposer is gone, or draws other candidates
                     combined, scorers = search.combine_scores(scores, owners, ids)
                     return combined, scorers, agrees, False
             await asyncio.sleep(self.poll)
@@ -253,7 +250,12 @@ class SearchCoordinator(Coordinator):
         while True:
             if await self._final_round(proposal, included, domain_parameters, proposer=proposal["proposer"]):
                 return None
-            if time.time() >= ends:
+            if self.node.clock() >= ends:
+                charter = self.node.charter  # under a charter only its proposers' rounds count
+                if charter is not None and not charter_rules.may_propose(charter, self.node.identity.public_hex):
+                    self.node.log(f"{self.label}: search {proposal['round_id'][:12]}: its proposer is gone, and this "
+                                  "node may not propose under the network's charter: no final round")
+                    return None
                 return await self._propose_final(proposal, included, domain_parameters)
             await asyncio.sleep(self.poll)
 
@@ -270,9 +272,8 @@ class SearchCoordinator(Coordinator):
         template = {k: v for k, v in proposal["recipe"].items() if k != "domain_parameters"}
         document = {**template, "domain_parameters": domain_parameters, "select": {"deltas": included},
                     "deadline": proposal["search"]["final_deadline"], "quorum": proposal["quorum"]}
-        final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, time.time())
-        ttl = rounds.records_ttl(final["deadline"], time.time(), self.node.record_ttl)  # a merge round's records
-        await self.node.store_record("record/proposal", rounds.rounds_key(proposal["base_id"]), {**final, "issued_at": time.time()}, ttl)
+        final = rounds.proposal_from_recipe(document, proposal["base_id"], self.node.identity.public_hex, self.node.clock())
+        await self.node.rounds.publish_proposal(final)
         return final["round_id"]
 
 
