@@ -4,6 +4,9 @@ included, whatever the chunk size."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -121,7 +124,7 @@ def test_top_k_cuts_over_chunks_match_the_whole_selection():
     values[3::211] = float("inf")
     pieces = [values[s : s + 777] for s in range(0, values.numel(), 777)]
     for k in (1, 50, 3333, 9000, 10_000):
-        cut = exact.top_k_cuts(iter(pieces), values.__getitem__, [k])[0]
+        cut = exact.top_k_cuts(lambda: iter(pieces), [k])[0]
         got = torch.cat([cut.keep_bits(p, 777 * i) for i, p in enumerate(pieces)]).bool()
         assert torch.equal(got, reference_top_k_mask(values, k)), k
         assert torch.equal(exact.top_k_mask(values, k), reference_top_k_mask(values, k)), k
@@ -150,3 +153,73 @@ def test_get_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(UserInputError, match="truncated"):
         model.get("a")
+
+
+# -- the selection at scale (issue 21): no index arrays, unchanged tensors free ---------------
+
+def grid_inputs(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A bf16 base and three experts: one unchanged (its task vector is all zeros), one
+    whose task vector takes four values (all ties), one ternary-like (about 58% zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 5003
+    base = (torch.randn(n, generator=g) * 0.05).bfloat16()
+    ties = (base.float() + torch.randint(-2, 2, (n,), generator=g) / 128).bfloat16()
+    ternary = base.float() + torch.sign(torch.randn(n, generator=g)) * 0.01 * (torch.rand(n, generator=g) > 0.58)
+    return base, [base.clone(), ties, ternary.bfloat16()]
+
+
+RANKED = ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"]
+DENSITY_GRID = [0.01, 0.1, 0.3, 0.5, 0.58, 0.7, 0.9, 0.99, 0.999, 1.0, 0.42]
+GAMMA_GRID = [0.0, 0.01, 0.05, 0.2, 0.5]
+
+
+def test_220_recipes_select_exactly_as_the_whole_tensor_reference():
+    """4 methods x 11 densities x 5 gammas = 220 recipes, on ties, zeros and an unchanged
+    expert, each merged chunk by chunk with the streaming radix select and compared bit
+    for bit with the sort-based reference."""
+    count = 0
+    for i, (method, density, gamma) in enumerate(
+            (m, d, g) for m in RANKED for d in DENSITY_GRID for g in GAMMA_GRID):
+        base, models = grid_inputs(i % 7)
+        dtype = [torch.float32, torch.bfloat16][i % 2]
+        model_params = [{"weight": w, "density": density, "gamma": gamma} for w in (0.6, 1.0, -0.4)]
+        params = {"normalize": True, "lambda": 1.0, "rescale": True}
+        job = TensorJob("w", base, models, model_params, params, dtype, torch.bfloat16, model_ids=[0, 1, 2], seed=5)
+        got = METHODS[method].merge(job)
+        want = reference_merge(method, job)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (method, density, gamma, dtype)
+        count += 1
+    assert count == 220
+
+
+def test_an_unchanged_expert_costs_no_selection(monkeypatch):
+    """TIES over an unchanged expert: its cut is known without looking (the first k of
+    all-zero magnitudes), so the radix select runs for the changed experts only."""
+    calls = []
+    real = exact.top_k_cuts
+    monkeypatch.setattr(exact, "top_k_cuts", lambda pieces, ks: calls.append(ks) or real(pieces, ks))
+    base, models = grid_inputs(0)
+    job = TensorJob("w", base, models, [{"weight": 1.0, "density": 0.3}] * 3, {"normalize": True, "lambda": 1.0},
+                    torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=5)
+    got = METHODS["ties"].merge(job)
+    assert len(calls) == 2  # the ties expert and the ternary-like one; not the unchanged one
+    assert torch.equal(got.view(torch.int16), reference_merge("ties", job).view(torch.int16))
+
+
+def test_the_selection_keeps_nothing_of_the_tensors_size():
+    """Peak RSS of a fresh process selecting the top 3/4 of 2**25 zeros (128 MiB): the
+    old select built an index array of 8 bytes per tied element (192 MiB here); this one
+    holds a piece and two histograms (after a warm-up on a small tensor: the kernels' and
+    threads' own memory is no part of the law)."""
+    script = (
+        "import resource, torch\n"
+        "from hivemerge.merge.numerics import exact\n"
+        "exact.top_k_cuts(exact._pieces(torch.zeros(1 << 21)), [1 << 20])  # warm: kernels and threads\n"
+        "values = torch.zeros(1 << 25)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "cut = exact.top_k_cuts(exact._pieces(values), [3 << 23])[0]\n"
+        "assert cut.threshold == 0 and cut.tie_end == 3 << 23\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+    assert grown_kib < 24 * 1024, f"the selection grew the process by {grown_kib / 1024:.0f} MiB"

@@ -358,3 +358,61 @@ def test_lossy_codecs_keep_1d_tensors_in_fp16_and_record_their_choice(tmp_path):
         rebuilt, expert = load_dir_tensors(tmp_path / f"rebuilt-{main}"), load_dir_tensors(expert_dir)
         assert torch.equal(rebuilt["position_ids"], expert["position_ids"])
         assert torch.equal(rebuilt["model.layers.1.mlp.up_proj.weight"], expert["model.layers.1.mlp.up_proj.weight"])
+
+
+LOSSY_SPECS = ["ternary", "ternary:block=100,threshold=0.5", "sign1:block=96", "int8:block=50", "fp16",
+               "sparse:density=0.1", "sparse:density=0.3,select=dare,values=int8"]
+
+
+@pytest.mark.parametrize("spec", LOSSY_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decoding_a_span_at_a_time_gives_the_whole_tensors_bytes(monkeypatch, spec, dtype):
+    """Decodes go a span at a time (bounded float32 temporaries, issue 21). Spans of 8
+    entries (blocks of 50, 96 and 100 straddle them) and of 2**20 give the bytes of the
+    whole-tensor formula, written here as the codecs first wrote it."""
+    from hivemerge.merge.deltas import codecs
+
+    g = torch.Generator().manual_seed(7)
+    n = 4099
+    base = (torch.randn(n, generator=g) * 0.05).to(dtype)
+    expert = (base.float() + torch.randn(n, generator=g) * 0.003).to(dtype)
+    codec, opts = parse_codec(spec)
+    parts = codec.encode("w", base, expert, opts)
+    want = (base.float() + whole_delta(codec.name, parts, n, opts)).to(dtype)
+    for span in (8, 1 << 20):
+        monkeypatch.setattr(codecs, "_DECODE_SPAN", span)
+        got = codec.decode(base, parts, dtype, (n,), opts)
+        assert torch.equal(got.view(torch.uint8 if dtype == torch.float32 else torch.int16).view(-1),
+                           want.view(torch.uint8 if dtype == torch.float32 else torch.int16).view(-1)), (spec, span)
+
+
+def whole_delta(name: str, parts: dict, n: int, opts: dict) -> torch.Tensor:
+    """Each lossy codec's delta in float32, decoded whole."""
+    if name == "fp16":
+        return parts["delta"].float()
+    if name == "int8":
+        return (parts["q"].float().view(-1, opts["block"]) * parts["scale"].float().unsqueeze(1)).reshape(-1)[:n]
+    if name == "sign1":
+        scale = parts["scale"].float().repeat_interleave(opts["block"])[:n]
+        return torch.where(unpack_bits(parts["signs"], n), scale, -scale)
+    keep = unpack_bits(parts["mask"], n)
+    delta = torch.zeros(n)
+    if name == "ternary":
+        magnitude = parts["scale"].float().repeat_interleave(opts["block"])[:n][keep]
+        delta[keep] = torch.where(unpack_bits(parts["signs"], int(keep.sum())), magnitude, -magnitude)
+    elif "values" in parts:
+        delta[keep] = parts["values"].float()
+    else:
+        count = int(keep.sum())
+        delta[keep] = (parts["q"].float().view(-1, opts["block"]) * parts["scale"].float().unsqueeze(1)).reshape(-1)[:count]
+    return delta
+
+
+@pytest.mark.parametrize("spec, part", [("ternary", "scale"), ("ternary", "mask"), ("sign1", "signs"), ("int8:block=50", "q")])
+def test_a_part_of_the_wrong_size_is_refused(spec, part):
+    base = torch.zeros(1000)
+    codec, opts = parse_codec(spec)
+    parts = codec.encode("w", base, base + 0.01 * torch.randn(1000), opts)
+    parts[part] = torch.cat([parts[part], parts[part][:1]])  # one entry too many: accepted silently before
+    with pytest.raises(UserInputError, match=f"part {part} has"):
+        codec.decode(base, parts, torch.float32, (1000,), opts)

@@ -9,6 +9,7 @@ accuracy for size. Selected on the command line as ``NAME`` or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -47,8 +48,63 @@ def _delta(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     return expert.to(torch.float32).reshape(-1) - base.to(torch.float32).reshape(-1)
 
 
-def _rebuild(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    return (base.to(torch.float32).reshape(-1) + delta).to(dtype).reshape(shape)
+# Elements decoded at a time (a multiple of 8, so spans start on a mask byte): a decode's
+# float32 temporaries are span-sized, whatever the tensor (a 128k-vocabulary embedding
+# decoded whole made four float32 copies of itself). Elementwise work: the size never
+# changes a byte.
+_DECODE_SPAN = 1 << 20
+
+
+def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``(base + delta).to(dtype)`` computed in float32 a span at a time, in order:
+    ``delta_at(start, stop)`` gives the delta of flat entries ``start .. stop-1``."""
+    flat = base.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=dtype)
+    for start in range(0, flat.numel(), _DECODE_SPAN):
+        stop = min(flat.numel(), start + _DECODE_SPAN)
+        out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
+    return out.view(shape)
+
+
+def _bits_at(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Bits ``start .. start+count-1`` of a packed mask (numerics/bits.py), as booleans."""
+    first = start // 8
+    skip = start - 8 * first
+    return unpack_bits(packed[first : (start + count + 7) // 8], skip + count)[skip:]
+
+
+def _per_entry(scale: torch.Tensor, block: int, start: int, stop: int) -> torch.Tensor:
+    """The float32 scale of each entry ``start .. stop-1`` (one scale per ``block`` entries)."""
+    first = start // block
+    expanded = scale[first : (stop - 1) // block + 1].to(torch.float32).repeat_interleave(block)
+    return expanded[start - first * block : stop - first * block]
+
+
+def _expect(parts: Parts, name: str, count: int, codec: str) -> None:
+    if parts[name].numel() != count:
+        raise UserInputError(f"{codec} delta: part {name} has {parts[name].numel()} entries, {count} expected")
+
+
+def _kept_count(mask: torch.Tensor, n: int) -> int:
+    return sum(int(_bits_at(mask, s, min(n, s + _DECODE_SPAN) - s).sum()) for s in range(0, n, _DECODE_SPAN))
+
+
+def _scattered(mask: torch.Tensor, values_at: Callable[..., torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """A ``delta_at`` for :func:`_rebuild` that is zero off the bit ``mask`` and, on it,
+    ``values_at(i, j, keep, start, stop)``: kept entries ``i .. j-1`` in float32, for the
+    span ``start .. stop-1`` whose mask is ``keep``. Spans come in order, so the kept entries before each are counted as it goes."""
+    taken = 0
+
+    def delta_at(start: int, stop: int) -> torch.Tensor:
+        nonlocal taken
+        keep = _bits_at(mask, start, stop - start)
+        kept = int(keep.sum())
+        delta = torch.zeros(stop - start, dtype=torch.float32)
+        delta[keep] = values_at(taken, taken + kept, keep, start, stop)
+        taken += kept
+        return delta
+
+    return delta_at
 
 
 @register
@@ -94,7 +150,8 @@ class Fp16(Codec):
         return {"delta": half if torch.isfinite(half).all() else delta}  # fp32 where fp16 overflows
 
     def decode(self, base, parts, dtype, shape, opts):
-        return _rebuild(base, parts["delta"].to(torch.float32), dtype, shape)
+        _expect(parts, "delta", base.numel(), "fp16")
+        return _rebuild(base, dtype, shape, lambda start, stop: parts["delta"][start:stop].to(torch.float32))
 
 
 BLOCK = ParamSpec("block", int, 64, low=8, high=1 << 20, doc="weights per scale")
@@ -132,7 +189,11 @@ class Int8(Codec):
         return _int8_quantize(_delta(base, expert), opts["block"])
 
     def decode(self, base, parts, dtype, shape, opts):
-        return _rebuild(base, _int8_dequantize(parts, base.numel(), opts["block"]), dtype, shape)
+        n, block = base.numel(), opts["block"]
+        _expect(parts, "q", -(-n // block) * block, "int8")
+        _expect(parts, "scale", -(-n // block), "int8")
+        return _rebuild(base, dtype, shape,
+                        lambda start, stop: parts["q"][start:stop].to(torch.float32) * _per_entry(parts["scale"], block, start, stop))
 
 
 @register
@@ -164,17 +225,13 @@ class Sparse(Codec):
         return parts
 
     def decode(self, base, parts, dtype, shape, opts):
-        keep = unpack_bits(parts["mask"], base.numel())
-        count = int(keep.sum())
-        if "values" in parts:
-            values = parts["values"].to(torch.float32)
-        else:
-            values = _int8_dequantize(parts, count, opts["block"])
+        n = base.numel()
+        _expect(parts, "mask", (n + 7) // 8, "sparse")
+        count = _kept_count(parts["mask"], n)
+        values = parts["values"] if "values" in parts else _int8_dequantize(parts, count, opts["block"])  # kept-sized
         if values.numel() != count:
             raise UserInputError(f"sparse delta: {values.numel()} values for {count} kept entries")
-        delta = torch.zeros(base.numel(), dtype=torch.float32)
-        delta[keep] = values
-        return _rebuild(base, delta, dtype, shape)
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)))
 
 
 @register
@@ -196,11 +253,15 @@ class Sign1(Codec):
         return {"signs": pack_bits(delta >= 0), "scale": scale}
 
     def decode(self, base, parts, dtype, shape, opts):
-        n = base.numel()
-        positive = unpack_bits(parts["signs"], n)
-        block = opts["block"]
-        scale = parts["scale"].to(torch.float32).repeat_interleave(block)[:n]
-        return _rebuild(base, torch.where(positive, scale, -scale), dtype, shape)
+        n, block = base.numel(), opts["block"]
+        _expect(parts, "signs", (n + 7) // 8, "sign1")
+        _expect(parts, "scale", -(-n // block), "sign1")
+
+        def delta_at(start: int, stop: int) -> torch.Tensor:
+            scale = _per_entry(parts["scale"], block, start, stop)
+            return torch.where(_bits_at(parts["signs"], start, stop - start), scale, -scale)
+
+        return _rebuild(base, dtype, shape, delta_at)
 
 
 @register
@@ -235,17 +296,18 @@ class Ternary(Codec):
         return {"mask": pack_bits(keep), "signs": pack_bits(delta[keep] >= 0), "scale": scale.to(torch.bfloat16)}
 
     def decode(self, base, parts, dtype, shape, opts):
-        n = base.numel()
-        keep = unpack_bits(parts["mask"], n)
-        count = int(keep.sum())
+        n, block = base.numel(), opts["block"]
+        _expect(parts, "mask", (n + 7) // 8, "ternary")
+        _expect(parts, "scale", -(-n // block), "ternary")
+        count = _kept_count(parts["mask"], n)
         if parts["signs"].numel() != (count + 7) // 8:
             raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {count} kept entries")
-        positive = unpack_bits(parts["signs"], count)
-        scale = parts["scale"].to(torch.float32).repeat_interleave(opts["block"])[:n]
-        magnitude = scale[keep]
-        delta = torch.zeros(n, dtype=torch.float32)
-        delta[keep] = torch.where(positive, magnitude, -magnitude)
-        return _rebuild(base, delta, dtype, shape)
+
+        def kept_values(i: int, j: int, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            magnitude = _per_entry(parts["scale"], block, start, stop)[keep]
+            return torch.where(_bits_at(parts["signs"], i, j - i), magnitude, -magnitude)
+
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], kept_values))
 
 
 DEFAULT_CODEC = "ternary"

@@ -93,14 +93,23 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     if dtype == torch.float64:
         delta = model.to(dtype) - base.to(dtype)
         return KeepMask(exact.rank_window_mask(delta.abs(), lo, hi - lo))
-    chunks = (_magnitudes_at(base, model, dtype, slice(start, stop)) for start, stop in spans(numel, base.device))
     ks = [k for k in (hi, lo) if 0 < k < numel]
-    cuts = iter(exact.top_k_cuts(chunks, lambda index: _magnitudes_at(base, model, dtype, index), ks))
+    if _unchanged(base, model):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
+        cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
+    else:
+        pieces = lambda: (_magnitudes_at(base, model, dtype, start, stop) for start, stop in spans(numel, base.device))  # noqa: E731
+        cuts = iter(exact.top_k_cuts(pieces, ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None
     return KeepRanked(top, skipped)
 
 
-def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, at: slice | torch.Tensor) -> torch.Tensor:
-    """|model - base| at a span or at flat indices, computed as the merge computes it."""
-    return magnitudes(model[at].to(dtype, copy=True).sub_(base[at].to(dtype)))
+def _unchanged(base: torch.Tensor, model: torch.Tensor) -> bool:
+    """Whether ``model - base`` is exactly zero everywhere (equal finite values; an
+    infinity minus itself is NaN, so a base holding one never counts as unchanged)."""
+    return model.dtype == base.dtype and torch.equal(model, base) and bool(torch.isfinite(base).all())
+
+
+def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+    """|model - base| over a span, computed as the merge computes it."""
+    return magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype)))

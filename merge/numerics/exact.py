@@ -62,17 +62,17 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise TypeError("kth_largest expects float32")
     if not 1 <= k <= flat.numel():
         raise ValueError(f"k={k} out of range for {flat.numel()} values")
-    threshold = top_k_cuts((flat,), flat.__getitem__, [k])[0].threshold
+    threshold = top_k_cuts(_pieces(flat), [k])[0].threshold
     return torch.tensor([threshold], dtype=torch.int32, device=flat.device).view(torch.float32)[0]
 
 
 @dataclass(frozen=True)
 class TopK:
     """The k largest of some non-negative float32 values: those above the threshold and,
-    of those equal to it, the ones at ``ties`` (the lowest flat indices)."""
+    of those equal to it, the ones at flat indices below ``tie_end`` (the lowest)."""
 
     threshold: int  # the threshold's bits
-    ties: torch.Tensor  # ascending flat indices
+    tie_end: int  # values equal to the threshold are kept below this flat index
     nan: bool  # whether the values hold NaN
 
     def keep_bits(self, values: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -81,81 +81,87 @@ class TopK:
 
         For non-negative floats, value order is bit order, so one integer subtraction
         and shift does what a comparison does (NaN aside: it is greater than nothing)."""
-        if self.nan:
-            values = torch.nan_to_num(values, nan=0.0, posinf=math.inf)
-        keep = (self.threshold - values.view(torch.int32)).bitwise_right_shift_(31)
-        if self.ties.numel():
-            lo, hi = torch.searchsorted(self.ties, self.ties.new_tensor([start, start + values.numel()])).tolist()
-            keep[self.ties[lo:hi] - start] = -1
+        bits = values.view(torch.int32)
+        clean = torch.nan_to_num(values, nan=0.0, posinf=math.inf).view(torch.int32) if self.nan else bits
+        keep = (self.threshold - clean).bitwise_right_shift_(31)
+        ties = min(max(self.tie_end - start, 0), values.numel())
+        if ties:  # a NaN's bits equal no threshold the ties are kept at (those lie at or below inf's)
+            keep[:ties].bitwise_or_((bits[:ties] == self.threshold).view(torch.int8).to(torch.int32).neg_())
         return keep
 
 
-def top_k_cuts(
-    chunks: Iterable[torch.Tensor], at: Callable[[torch.Tensor], torch.Tensor], ks: list[int]
-) -> list[TopK]:
+Pieces = Callable[[], Iterable[torch.Tensor]]
+
+
+def top_k_cuts(pieces: Pieces, ks: list[int]) -> list[TopK]:
     """The :class:`TopK` of each k (1 <= k <= count) over non-negative float32 values.
 
-    ``chunks`` yields the values in flat order, in pieces of any size, and ``at(indices)``
-    gives the values at some flat indices again, so the values never need to be whole
-    in memory. A radix select on the float bits (for non-negative IEEE floats the bit
-    pattern orders like the value): the high 16 bits of every value (kept, 2 bytes
-    each) give one histogram for every k; the values in each k's bucket, fetched by
-    ``at``, give the threshold by their low 16 bits and the ties to keep by their
-    indices. Integer counts, no sort.
+    ``pieces()`` yields the values in flat order, in pieces of any size, afresh at each
+    call, so the values never need to be whole in memory and nothing of their size is
+    kept: a radix select on the float bits (for non-negative IEEE floats the bit pattern
+    orders like the value) in three passes. The first counts the high 16 bits of every
+    value, which gives each k's bucket; the second counts the low 16 bits of the values
+    in those buckets, which gives each threshold; the third finds the flat index past
+    the last value equal to a threshold that is kept (ties go to the lowest indices).
+    Integer counts, no sort, no index arrays.
     """
-    highs, counts = _high_halves(chunks)
-    buckets = [_select_bucket(counts, k) for k in ks]
-    members = {b: _bucket_members(highs, at, b) for b in {bucket for bucket, _ in buckets}}
-    nans = _count_nans(highs, at) if int(counts[_INF_BITS >> 16 :].sum()) else 0
-    cuts = []
-    for k, (bucket, above) in zip(ks, buckets):
-        index, low = members[bucket]
-        low_bucket, above_low = _select_bucket(torch.bincount(low, minlength=_LO_BUCKETS), k - above)
-        threshold = (bucket << 16) | low_bucket
-        need = k - (above + above_low - nans)  # values equal to the threshold to keep
-        ties = index[low == low_bucket][:need] if threshold <= _INF_BITS else index[:0]  # nothing equals NaN
-        cuts.append(TopK(threshold, ties, nans > 0))
-    return cuts
-
-
-def _high_halves(chunks: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The high 16 bits of the values, chunk by chunk (int16), and their histogram."""
-    highs, counts = [], None
-    for values in chunks:
-        high = (values.view(torch.int32) >> 16).to(torch.int16)
-        highs.append(high)
-        found = torch.bincount(high, minlength=_HI_BUCKETS)
+    counts = None
+    for values in pieces():
+        found = torch.bincount(values.view(torch.int32) >> 16, minlength=_HI_BUCKETS)
         counts = found if counts is None else counts.add_(found)
-    return highs, counts
+    buckets = [_select_bucket(counts, k) for k in ks]
+    inf_bucket = _INF_BITS >> 16
+    nan_zone = int(counts[inf_bucket:].sum()) > 0  # inf or NaN: the selection must know how many NaN there are
+    lows = _low_counts(pieces, {bucket for bucket, _ in buckets} | ({inf_bucket} if nan_zone else set()))
+    nans = int(counts[inf_bucket + 1 :].sum()) + int(lows[inf_bucket][1:].sum()) if nan_zone else 0
+    thresholds, needs = [], []
+    for k, (bucket, above) in zip(ks, buckets):
+        low_bucket, above_low = _select_bucket(lows[bucket], k - above)
+        thresholds.append((bucket << 16) | low_bucket)
+        needs.append(k - (above + above_low - nans))  # values equal to the threshold to keep
+    ends = _tie_ends(pieces, thresholds, needs)
+    return [TopK(t, end, nans > 0) for t, end in zip(thresholds, ends)]
 
 
-def _bucket_members(highs: list[torch.Tensor], at, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (ascending) and low 16 bits of the values whose high bits are ``bucket``."""
-    indices, start = [], 0
-    for high in highs:
-        indices.append(_sparse_nonzero(high == bucket) + start)
-        start += high.numel()
-    index = torch.cat(indices)
-    return index, at(index).view(torch.int32) & 0xFFFF
+def _low_counts(pieces: Pieces, buckets: set[int]) -> dict[int, torch.Tensor]:
+    """For each high-bits bucket, the histogram of the low 16 bits of the values in it."""
+    lows: dict[int, torch.Tensor] = {}
+    for values in pieces():
+        bits = values.view(torch.int32)
+        high = bits >> 16
+        for bucket in buckets:
+            found = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=_LO_BUCKETS)
+            lows[bucket] = found if bucket not in lows else lows[bucket].add_(found)
+    return lows
 
 
-def _count_nans(highs: list[torch.Tensor], at) -> int:
-    """NaN's bits lie above every number's, yet NaN compares greater than nothing: the
-    selection must know how many there are."""
-    above_inf_bucket = sum(int(torch.count_nonzero(high > _INF_BITS >> 16)) for high in highs)
-    _, low = _bucket_members(highs, at, _INF_BITS >> 16)
-    return above_inf_bucket + int(torch.count_nonzero(low))  # in inf's bucket, all but inf are NaN
+def _tie_ends(pieces: Pieces, thresholds: list[int], needs: list[int]) -> list[int]:
+    """For each threshold, the flat index just past the ``need``-th value equal to it (all
+    of them if there are fewer); 0 where none is kept (nothing equals a NaN threshold)."""
+    ends = [0] * len(thresholds)
+    left = {i: need for i, (t, need) in enumerate(zip(thresholds, needs)) if need > 0 and t <= _INF_BITS}
+    start = 0
+    for values in pieces():
+        if not left:
+            break
+        bits = values.view(torch.int32)
+        for i in list(left):
+            equal = bits == thresholds[i]
+            count = int(torch.count_nonzero(equal))
+            if count >= left[i]:
+                ends[i] = start + int(equal.nonzero()[left[i] - 1, 0]) + 1
+                del left[i]
+            else:
+                left[i] -= count
+        start += bits.numel()
+    for i in left:
+        ends[i] = start
+    return ends
 
 
-def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending indices of the True entries of a flat boolean mask. nonzero scans a mask
-    byte by byte; a sparse one is found faster as 8-byte words first, then inside the
-    words that hold a True."""
-    whole = mask.numel() - mask.numel() % 8
-    hit = mask[:whole].view(torch.int64).nonzero().view(-1)  # needs mask's own (aligned) memory
-    inside = mask[:whole].view(-1, 8)[hit].nonzero()
-    found = hit[inside[:, 0]] * 8 + inside[:, 1]
-    return torch.cat([found, mask[whole:].nonzero().view(-1) + whole])
+def _pieces(flat: torch.Tensor, size: int = 1 << 18) -> Pieces:
+    """``flat`` in consecutive pieces, for :func:`top_k_cuts`."""
+    return lambda: (flat[i : i + size] for i in range(0, flat.numel(), size))
 
 
 def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -189,7 +195,7 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
         return mask.view(values.shape)
-    cut = top_k_cuts((flat,), flat.__getitem__, [k])[0]
+    cut = top_k_cuts(_pieces(flat), [k])[0]
     return cut.keep_bits(flat).bool().view(values.shape)
 
 
