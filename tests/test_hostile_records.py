@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hivemind.dht.routing import DHTID
 from hivemind.utils import MSGPackSerializer
 
@@ -497,3 +499,47 @@ def test_a_round_joined_with_nothing_committed_still_takes_the_nodes_matching_ex
     watcher.save({"proposal": other, "phase": "committed", "committed": []})
     asyncio.run(watcher.tick())
     assert nothing == [] and watcher.state(other["round_id"])["committed"] == []
+
+
+def test_a_delta_that_overflows_the_base_when_decoded_is_excluded_in_the_merge(tmp_path):
+    """Screening reads a delta's parts without decoding (issue 21). A signed ternary delta
+    whose parts are finite but whose decoded values overflow float32 (one block's mean
+    magnitude, 2.9e38, lands on a base entry of 3e38) passes screening with a finite norm;
+    the merge finds it, excludes it with the reason, and merges the honest delta alone."""
+    from conftest import write_tensors
+
+    from hivemerge.merge.deltas.delta import extract_delta
+    from hivemerge.merge.deltas.screening import screen_delta
+    from hivemerge.merge.io.manifest import model_id
+    from hivemerge.merge.io.sources import SafetensorsModel
+    from hivemerge.node.storage.store import ContentStore
+
+    config = {"num_hidden_layers": 1}
+    w = torch.zeros(4, 8)
+    w[0, 0] = 3.0e38
+    base = write_tensors(tmp_path / "base", {"w": w}, config)
+    honest = write_tensors(tmp_path / "honest", {"w": w + 0.25}, config)
+    big = w.clone()
+    big[0, 0] += 3.0e37  # 3.3e38: finite
+    big[0, 1:] = 3.3e38  # the block of 8 entries is all large: its mean magnitude is about 2.9e38
+    overflowing = write_tensors(tmp_path / "overflowing", {"w": big}, config)
+    store = ContentStore(tmp_path / "home")
+    base_id = store.add_model(base)
+    ids = {}
+    for name, expert, codec in (("honest", honest, "ternary"), ("overflowing", overflowing, "ternary:block=8,threshold=0")):
+        made = extract_delta(base, expert, tmp_path / f"{name}.delta.safetensors", ALICE, codec)
+        ids[name] = store.add_delta(made.path)
+        norm = screen_delta(store.resolve(ids[name]), SafetensorsModel(base), {ALICE.public_hex})
+        assert math.isfinite(norm)  # both pass screening
+    node = SimpleNamespace(store=store, home=tmp_path / "home", charter=None, clock=time.time, log=print)
+    coordinator = RoundCoordinator(node, poll=0.01, device="cpu")
+    proposal = {"round_id": "ab" * 32, "base_id": base_id, "recipe": {"merge_method": "task_arithmetic", "dtype": "float32",
+                                                                      "parameters": {"weight": 1.0}}}
+    commitments = {ALICE.public_hex: {"delta_ids": sorted(ids.values()), "domains": {ids["honest"]: "math", ids["overflowing"]: "code"}}}
+    included, excluded = sorted(ids.values()), {}
+    result_id = coordinator.merge_screened(proposal, included, commitments, excluded)
+    assert included == [ids["honest"]] and list(excluded) == [ids["overflowing"]]
+    assert excluded[ids["overflowing"]].startswith("failed verification: ") and "NaN or Inf" in excluded[ids["overflowing"]]
+    alone = coordinator.merge_to(rounds.build_recipe(proposal, [ids["honest"]], rounds.committed_domains(commitments)),
+                                 tmp_path / "alone")
+    assert result_id == model_id(SafetensorsModel(alone))

@@ -10,10 +10,12 @@ result equals an offline merge of the three delta files with the same recipe.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 from round_fixtures import RoundNet, build_family, model_id_of, offline_merge, round_document, wait_committed, wait_round_done
 
+from hivemerge.merge.deltas.delta import DeltaFile
 from hivemerge.protocol.errors import UserInputError
 
 DOMAINS = ["math", "code", "logic"]
@@ -39,11 +41,15 @@ def first_round(tmp_path_factory):
         document = {k: v for k, v in TEMPLATE.items()}
         document.update(round_document(family["base"], DOMAINS, method=TEMPLATE["merge_method"],
                                        parameters=TEMPLATE["parameters"]))
-        proposal = a.propose(document)
-        states = wait_round_done([b, c, d], proposal["round_id"])
+        decodes: list[tuple[str, str]] = []  # (delta id, tensor) of every decode while the round runs
+        decode = DeltaFile.decode
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DeltaFile, "decode", lambda self, name, base: decodes.append((self.id, name)) or decode(self, name, base))
+            proposal = a.propose(document)
+            states = wait_round_done([b, c, d], proposal["round_id"])
         yield {
             "root": root, "family": family, "net": net, "a": a, "participants": participants,
-            "published": published, "proposal": proposal, "states": states,
+            "published": published, "proposal": proposal, "states": states, "decodes": decodes,
         }
     finally:
         net.close_all()
@@ -71,6 +77,15 @@ def test_every_participant_attests_the_same_content_id(first_round):
     assert len(result_ids) == 1
     # the proposer took no part: it has no round state
     assert first_round["a"].round_status() == []
+
+
+def test_each_participant_decodes_each_delta_once(first_round):
+    """Screening reads a delta's parts without decoding it (issue 21): each of the three
+    participants decodes every tensor of every delta once, in its merge."""
+    tensors = DeltaFile(first_round["participants"]["math"].store.resolve(
+        first_round["published"]["math"]["delta_id"])).shapes()
+    counts = Counter(first_round["decodes"])
+    assert counts == {(p["delta_id"], name): 3 for p in first_round["published"].values() for name in tensors}
 
 
 def test_a_node_that_took_no_part_fetches_and_verifies_the_consensus(first_round):

@@ -9,6 +9,7 @@ accuracy for size. Selected on the command line as ``NAME`` or
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -34,6 +35,13 @@ class Codec:
 
     def decode(self, base: torch.Tensor, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...], opts: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def squares(self, parts: Parts, n: int, opts: dict[str, Any]) -> float | None:
+        """The sum of the squared delta entries as encoded (float32 entries squared exactly
+        in float64, summed in a fixed order: every peer gets the same number), from the
+        parts alone, after checking their sizes and that they are finite; None when the
+        base is needed (the delta is then decoded)."""
+        return None
 
 
 CODECS: dict[str, Codec] = {}
@@ -85,6 +93,32 @@ def _expect(parts: Parts, name: str, count: int, codec: str) -> None:
         raise UserInputError(f"{codec} delta: part {name} has {parts[name].numel()} entries, {count} expected")
 
 
+def _finite(parts: Parts, codec: str, *names: str) -> None:
+    for name in names:
+        if parts[name].is_floating_point() and not bool(torch.isfinite(parts[name]).all()):
+            raise UserInputError(f"{codec} delta: part {name} holds NaN or Inf values")
+
+
+def _sum_of_squares(values_at: Callable[[int, int], torch.Tensor], count: int) -> float:
+    """Sum of the squares of ``count`` float32 values given a span at a time: each square
+    is exact in float64; each span is summed by a fixed tree, the spans by math.fsum."""
+    return math.fsum(float(exact.pairwise_sum(values_at(s, min(count, s + _DECODE_SPAN)).to(torch.float64).square()))
+                     for s in range(0, count, _DECODE_SPAN))
+
+
+def _blockwise_squares(scale: torch.Tensor, per_block: torch.Tensor) -> float:
+    """Sum over blocks of (entries of the block whose delta is +-scale) x scale**2."""
+    return float(exact.pairwise_sum(scale.to(torch.float64).square() * per_block.to(torch.float64))) if scale.numel() else 0.0
+
+
+def _block_counts(n: int, block: int) -> torch.Tensor:
+    """How many of the ``n`` entries each block of ``block`` holds (the last may be partial)."""
+    counts = torch.full((-(-n // block),), block, dtype=torch.int64)
+    if counts.numel():
+        counts[-1] = n - block * (counts.numel() - 1)
+    return counts
+
+
 def _kept_count(mask: torch.Tensor, n: int) -> int:
     return sum(int(_bits_at(mask, s, min(n, s + _DECODE_SPAN) - s).sum()) for s in range(0, n, _DECODE_SPAN))
 
@@ -119,6 +153,9 @@ class Same(Codec):
     def decode(self, base, parts, dtype, shape, opts):
         return base.to(dtype).reshape(shape).clone()
 
+    def squares(self, parts, n, opts):
+        return 0.0
+
 
 @register
 class Lossless(Codec):
@@ -152,6 +189,11 @@ class Fp16(Codec):
     def decode(self, base, parts, dtype, shape, opts):
         _expect(parts, "delta", base.numel(), "fp16")
         return _rebuild(base, dtype, shape, lambda start, stop: parts["delta"][start:stop].to(torch.float32))
+
+    def squares(self, parts, n, opts):
+        _expect(parts, "delta", n, "fp16")
+        _finite(parts, "fp16", "delta")
+        return _sum_of_squares(lambda start, stop: parts["delta"][start:stop].to(torch.float32), n)
 
 
 BLOCK = ParamSpec("block", int, 64, low=8, high=1 << 20, doc="weights per scale")
@@ -192,8 +234,18 @@ class Int8(Codec):
         n, block = base.numel(), opts["block"]
         _expect(parts, "q", -(-n // block) * block, "int8")
         _expect(parts, "scale", -(-n // block), "int8")
-        return _rebuild(base, dtype, shape,
-                        lambda start, stop: parts["q"][start:stop].to(torch.float32) * _per_entry(parts["scale"], block, start, stop))
+        return _rebuild(base, dtype, shape, self._values(parts, block))
+
+    def squares(self, parts, n, opts):
+        block = opts["block"]
+        _expect(parts, "q", -(-n // block) * block, "int8")
+        _expect(parts, "scale", -(-n // block), "int8")
+        _finite(parts, "int8", "scale")
+        return _sum_of_squares(self._values(parts, block), n)
+
+    @staticmethod
+    def _values(parts: Parts, block: int) -> Callable[[int, int], torch.Tensor]:
+        return lambda start, stop: parts["q"][start:stop].to(torch.float32) * _per_entry(parts["scale"], block, start, stop)
 
 
 @register
@@ -226,12 +278,23 @@ class Sparse(Codec):
 
     def decode(self, base, parts, dtype, shape, opts):
         n = base.numel()
+        values = self._kept_values(parts, n, opts)
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)))
+
+    def squares(self, parts, n, opts):
+        values = self._kept_values(parts, n, opts)
+        _finite({"values": values}, "sparse", "values")
+        return _sum_of_squares(lambda i, j: values[i:j].to(torch.float32), values.numel())
+
+    @staticmethod
+    def _kept_values(parts: Parts, n: int, opts: dict[str, Any]) -> torch.Tensor:
+        """The kept entries' values (fp16, or int8 dequantized to float32), one per mask bit set."""
         _expect(parts, "mask", (n + 7) // 8, "sparse")
         count = _kept_count(parts["mask"], n)
-        values = parts["values"] if "values" in parts else _int8_dequantize(parts, count, opts["block"])  # kept-sized
+        values = parts["values"] if "values" in parts else _int8_dequantize(parts, count, opts["block"])
         if values.numel() != count:
             raise UserInputError(f"sparse delta: {values.numel()} values for {count} kept entries")
-        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)))
+        return values
 
 
 @register
@@ -262,6 +325,13 @@ class Sign1(Codec):
             return torch.where(_bits_at(parts["signs"], start, stop - start), scale, -scale)
 
         return _rebuild(base, dtype, shape, delta_at)
+
+    def squares(self, parts, n, opts):
+        block = opts["block"]
+        _expect(parts, "signs", (n + 7) // 8, "sign1")
+        _expect(parts, "scale", -(-n // block), "sign1")
+        _finite(parts, "sign1", "scale")
+        return _blockwise_squares(parts["scale"], _block_counts(n, block))
 
 
 @register
@@ -308,6 +378,18 @@ class Ternary(Codec):
             return torch.where(_bits_at(parts["signs"], i, j - i), magnitude, -magnitude)
 
         return _rebuild(base, dtype, shape, _scattered(parts["mask"], kept_values))
+
+    def squares(self, parts, n, opts):
+        block = opts["block"]
+        _expect(parts, "mask", (n + 7) // 8, "ternary")
+        _expect(parts, "scale", -(-n // block), "ternary")
+        _finite(parts, "ternary", "scale")
+        keep = unpack_bits(parts["mask"], n)  # a byte an entry: a quarter of the tensor's float32 size
+        pad = -n % block
+        kept = torch.cat([keep, keep.new_zeros(pad)]).view(-1, block).sum(1) if n else keep.new_zeros(0, dtype=torch.int64)
+        if parts["signs"].numel() != (int(kept.sum()) + 7) // 8:
+            raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {int(kept.sum())} kept entries")
+        return _blockwise_squares(parts["scale"], kept)
 
 
 DEFAULT_CODEC = "ternary"

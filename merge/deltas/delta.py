@@ -42,7 +42,12 @@ Progress = Callable[[int, int, str], None]
 
 
 class DeltaError(UserInputError):
-    """A delta file is corrupt, forged, or does not fit the base it is used with."""
+    """A delta file is corrupt, forged, or does not fit the base it is used with.
+    ``delta_id``: the delta's id, when the file opened (a round excludes that delta)."""
+
+    def __init__(self, message: str, delta_id: str | None = None):
+        super().__init__(message)
+        self.delta_id = delta_id
 
 
 @dataclass
@@ -187,10 +192,23 @@ class DeltaFile:
         parts = {p: self.read_part(part_name(name, p)) for p in entry["parts"]}
         try:
             out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name])
-        except (RuntimeError, KeyError, IndexError) as exc:
-            raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})") from None
-        _check_finite(out, f"{self.path}: decoded tensor {name}")
+        except (RuntimeError, KeyError, IndexError, UserInputError) as exc:
+            raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
+        if out.is_floating_point() and not torch.isfinite(out).all():  # base + delta overflowed
+            raise DeltaError(f"{self.path}: decoded tensor {name} has NaN or Inf values", self.id)
         return out
+
+    def squares(self, name: str) -> float | None:
+        """Sum of the tensor's squared delta entries as encoded, from its parts alone (the
+        codec's rule, codecs.Codec.squares); None when its codec needs the base."""
+        entry = self.manifest["tensors"][name]
+        parts = {p: self.read_part(part_name(name, p)) for p in entry["parts"]}
+        try:
+            return CODECS[entry["codec"]].squares(parts, _numel(entry["shape"]), self._options[name])
+        except UserInputError as exc:
+            raise DeltaError(f"{self.path}: tensor {name}: {exc}", self.id) from None
+        except (RuntimeError, KeyError, IndexError) as exc:
+            raise DeltaError(f"{self.path}: tensor {name} cannot be read ({exc})", self.id) from None
 
     def summary(self) -> dict:
         parts_bytes = self._container.data_bytes()

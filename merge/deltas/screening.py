@@ -1,9 +1,14 @@
 """Screening of deltas before a merge round uses them.
 
 Each delta is checked completely (signature, every hash, the base it was made
-against, that it was signed by the node that committed it, finite values) and its
-norm is measured with exact reductions, so every peer computes the same numbers and
-excludes the same deltas. The outlier rule itself lives in protocol/rounds.py.
+against, that it was signed by the node that committed it, the sizes of its parts and
+that they are finite) and its norm is measured, so every peer computes the same
+numbers and excludes the same deltas. The outlier rule itself lives in protocol/rounds.py.
+
+Screening does not decode: the norm is that of the delta as encoded, from its parts
+(codecs.Codec.squares), so a round decodes each delta once, in its merge. A decoded
+tensor that overflows the base's dtype is found there (DeltaError naming the delta).
+Only codecs that need the base to say anything (lossless) are decoded here.
 """
 
 from __future__ import annotations
@@ -12,19 +17,28 @@ import math
 from collections.abc import Collection
 from pathlib import Path
 
-from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
+import torch
+
+from hivemerge.merge.deltas.delta import DeltaFile, check_base
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.numerics import exact
 from hivemerge.protocol.errors import UserInputError
 
+_SPAN = 1 << 20  # entries of a decoded tensor compared at a time (the norm of lossless deltas)
 
-def delta_norm(source: DeltaSource) -> float:
-    """L2 norm of (expert - base) over all tensors, identical on every peer."""
+
+def delta_norm(delta: DeltaFile, base: SafetensorsModel) -> float:
+    """L2 norm of the delta over all tensors, identical on every peer."""
     squares = []
-    for name in sorted(source.tensors):
-        expert = source.get(name).float()
-        diff = expert - source.base.get(name).float()
-        squares.append(float(exact.dot(diff, diff)))
+    for name in sorted(delta.shapes()):
+        part = delta.squares(name)
+        if part is None:  # its codec needs the base: decoded, compared a span at a time
+            original = base.get(name)
+            expert, original = delta.decode(name, original).reshape(-1), original.reshape(-1)
+            part = math.fsum(float(exact.pairwise_sum((expert[s : s + _SPAN].to(torch.float64)
+                                                       - original[s : s + _SPAN].to(torch.float64)).square()))
+                             for s in range(0, expert.numel(), _SPAN))
+        squares.append(part)
     return math.sqrt(math.fsum(squares))
 
 
@@ -35,8 +49,9 @@ def screen_delta(path: Path, base: SafetensorsModel, committers: Collection[str]
     delta = DeltaFile(path)
     if delta.signer not in committers:
         raise UserInputError(f"signed by {delta.signer[:16]}, not by the participant that committed it")
-    source = DeltaSource(delta, base)  # base id, shapes, every hash
-    norm = delta_norm(source)  # decodes every tensor: non-finite values raise here
+    check_base(delta, base)  # its base's id and shapes
+    delta.files()  # the side files' hashes
+    norm = delta_norm(delta, base)  # every tensor part's hash, size and finiteness
     if not math.isfinite(norm):
         raise UserInputError("non-finite norm")
     return norm

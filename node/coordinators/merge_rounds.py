@@ -166,7 +166,8 @@ class RoundCoordinator(Coordinator):
         included = sorted(d for d in norms if d not in excluded)
         state.update(excluded=excluded, included=included)
         self.save(state)
-        result_id = await asyncio.get_running_loop().run_in_executor(None, self.merge, proposal, included, commitments)
+        result_id = await asyncio.get_running_loop().run_in_executor(
+            None, self.merge_screened, proposal, included, commitments, excluded)
         bundle_id = self.node.store.bundle_of(result_id)
         fields = {
             "round_id": round_id, "result_id": result_id, "bundle_id": bundle_id, "included": included,
@@ -230,6 +231,20 @@ class RoundCoordinator(Coordinator):
             elif exc is not None:
                 excluded[tasks[task]] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
         return excluded
+
+    def merge_screened(self, proposal: dict, included: list[str], commitments: dict[str, dict], excluded: dict[str, str]) -> str:
+        """:meth:`merge` the ``included`` deltas. Screening does not decode, so a delta
+        whose decoded values overflow the base's dtype is found here: it moves from
+        ``included`` to ``excluded`` (both changed in place) with the reason, and the merge
+        runs again without it: every participant finds the same."""
+        while True:
+            try:
+                return self.merge(proposal, included, commitments)
+            except DeltaError as exc:
+                if exc.delta_id not in included:
+                    raise
+                included.remove(exc.delta_id)
+                excluded[exc.delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
         out = self.node.store.partial / f"round-{proposal['round_id']}"
