@@ -28,8 +28,9 @@ from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.io.dtypes import dtype_name
 from hivemerge.merge.io.manifest import model_id
-from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
 from hivemerge.merge.methods import METHODS
 from hivemerge.merge.recipe import validate_params, validate_recipe
 from hivemerge.node.charter_follower import FIND_TIMEOUT, CharterFollower
@@ -67,6 +68,16 @@ def adds_content(method):
         with self.content_lock:
             return method(self, *args, **kwargs)
     return locked
+
+
+def with_base_dtype(document: dict, base: Path | None) -> dict:
+    """A round recipe that names no ``out_dtype`` gets its base's (bf16 in, bf16 out: a
+    float32 consensus of a bf16 base is twice the bytes to move and store). The proposer
+    writes it into the signed proposal, so every participant merges alike."""
+    if "out_dtype" in document or base is None:
+        return document
+    dtype = float_dtype(SafetensorsModel(base))
+    return document if dtype is None else {**document, "out_dtype": dtype_name(dtype)}
 
 
 class Node:
@@ -376,6 +387,8 @@ class Node:
         if base_id is None:
             raise UserInputError(f"base_model: {ref!r} is not a content id")
         _check_round_template(document)
+        local = Path(ref) if not ref.startswith("hm://") else self.store.resolve(base_id) if self.store.has(base_id) else None
+        document = with_base_dtype(document, local)
         if "search" in document:  # a search round: its best recipe becomes a merge round
             if not ref.startswith("hm://") and not self.store.has(base_id):
                 self.store.add_model(Path(ref))  # every node of the search builds the space from the base

@@ -1,6 +1,16 @@
-"""Manifests of local models: every tensor's and side file's hash, and the content id."""
+"""Manifests of local models: every tensor's and side file's hash, and the content id.
+
+Hashing a 7B model reads 14 GB, so a manifest is remembered for the files it was made
+from, each known by path, size, modification and change times, inode and device, and
+looked at again on every use: a file written since (even in place, where size and
+mtime may be kept, ctime is not) is hashed again.
+"""
 
 from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
 
 from hivemerge.merge.io.dtypes import SAFETENSORS_CODES
 from hivemerge.merge.io.sources import SafetensorsModel
@@ -29,7 +39,38 @@ def model_files(model: SafetensorsModel) -> list[str]:
     return sorted({*names, *(n for n in MODEL_FILES if model.side_file(n) is not None)})
 
 
+_REMEMBERED = 64  # manifests kept, the least recently used dropped first
+_manifests: OrderedDict[tuple, dict] = OrderedDict()
+_lock = threading.Lock()  # a node screens deltas on several threads
+
+
+def _files_key(model: SafetensorsModel) -> tuple:
+    """What identifies the files a model's manifest covers, as the file system says now."""
+    key = []
+    for name in model_files(model):
+        path = (model.directory / name).resolve()
+        st = os.stat(path)
+        key.append((str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
+    return tuple(key)
+
+
 def build_model_manifest(model: SafetensorsModel) -> dict:
+    """Every tensor's and side file's hash; remembered while the files stay as they were."""
+    key = _files_key(model)
+    with _lock:
+        if key in _manifests:
+            _manifests.move_to_end(key)
+            return _manifests[key]
+    manifest = _hash_model(model)
+    if _files_key(model) == key:  # unchanged while it was read
+        with _lock:
+            _manifests[key] = manifest
+            while len(_manifests) > _REMEMBERED:
+                _manifests.popitem(last=False)
+    return manifest
+
+
+def _hash_model(model: SafetensorsModel) -> dict:
     tensors = {
         name: {"dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape), "sha256": sha256_hex(model.raw_bytes(name))}
         for name, info in model.tensors.items()

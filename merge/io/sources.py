@@ -129,6 +129,15 @@ def check_layout(file: Path, data_start: int, spans: list[tuple[int, int]],
         raise error(f"{file}: truncated or padded ({size} bytes, expected {expected}){after}")
 
 
+def float_dtype(model) -> torch.dtype | None:
+    """The floating dtype that holds most of a model's parameters (None: it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for info in model.tensors.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
+    return max(sorted(counts, key=str), key=counts.__getitem__) if counts else None
+
+
 class SafetensorsModel:
     """A model directory of safetensors shards, read lazily."""
 
