@@ -13,6 +13,7 @@ import typer
 
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.io.writer import parse_size
+from hivemerge.merge.numerics.threads import use_threads
 from hivemerge.node.cli.charter import network_ref, public_key
 from hivemerge.node.cli.connect import connect
 from hivemerge.node.cli.options import (
@@ -40,6 +41,11 @@ def start(
         help="Each time a round this node attested is known final or not, prune the store as "
              "`hivemerge store prune --keep N` does (off by default).",
     )] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1,
+        help="CPU threads for merges and screening (default: the cores this process may use; fewer leave room for "
+             "other work on the machine).",
+    )] = None,
     max_store: Annotated[Optional[str], typer.Option(
         "--max-store",
         help="Most bytes the content store may hold, staging included (e.g. 500GiB, 2000GB); a fetch that "
@@ -56,6 +62,7 @@ def start(
     except (ValueError, OverflowError) as exc:  # OverflowError: "inf"
         raise UserInputError(f"--max-store: {exc}") from None
     home = default_home(home)
+    threads = use_threads(threads)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -68,7 +75,7 @@ def start(
         node.close()
         raise
     try:
-        print(f"node {node.peer_id} (identity {node.identity.fingerprint}) on {home}", flush=True)
+        print(f"node {node.peer_id} (identity {node.identity.fingerprint}) on {home}, {threads} CPU thread(s)", flush=True)
         for maddr in node.maddrs():
             print(f"listening {maddr}", flush=True)
         if genesis is None:  # said once the node is up: a start that fails says only why

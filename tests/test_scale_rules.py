@@ -1,5 +1,6 @@
-"""A model's manifest is hashed once while its files stay as they were (issue 21:
-publishing and every round re-hashed a 2.2 GB base several times)."""
+"""Issue 21's rules for real model sizes: a model's manifest is hashed once while its
+files stay as they were (publishing and every round re-hashed a 2.2 GB base several
+times), a round keeps its base's dtype, a node sizes its thread pool to its cores."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def test_a_round_recipe_without_out_dtype_keeps_the_bases_dtype(tmp_path):
     assert with_base_dtype(recipe, base) == {**recipe, "out_dtype": "bfloat16"}  # most parameters are bf16
     assert with_base_dtype({**recipe, "out_dtype": "float32"}, base)["out_dtype"] == "float32"  # said: kept
     assert with_base_dtype(recipe, None) == recipe  # a base known only by id, not held here: the recipe's default
+
+
+def test_a_node_uses_the_cores_it_may_run_on_unless_told(monkeypatch):
+    from hivemerge.merge.numerics import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 3, 5})  # e.g. `taskset -c 0,3,5`
+    try:
+        assert threads.use_threads(None) == 3 and torch.get_num_threads() == 3
+        assert threads.use_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
