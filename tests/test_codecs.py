@@ -384,6 +384,9 @@ def test_decoding_a_span_at_a_time_gives_the_whole_tensors_bytes(monkeypatch, sp
         got = codec.decode(base, parts, dtype, (n,), opts)
         assert torch.equal(got.view(torch.uint8 if dtype == torch.float32 else torch.int16).view(-1),
                            want.view(torch.uint8 if dtype == torch.float32 else torch.int16).view(-1)), (spec, span)
+    scratch = base.clone()  # decoded over the base's own copy (a merge's read buffer): the same bytes, no new tensor
+    got = codec.decode(scratch, parts, dtype, (n,), opts, out=scratch)
+    assert got.data_ptr() == scratch.data_ptr() and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
 
 
 def whole_delta(name: str, parts: dict, n: int, opts: dict) -> torch.Tensor:

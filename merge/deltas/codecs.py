@@ -33,7 +33,10 @@ class Codec:
     def encode(self, name: str, base: torch.Tensor, expert: torch.Tensor, opts: dict[str, Any]) -> Parts:
         raise NotImplementedError
 
-    def decode(self, base: torch.Tensor, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...], opts: dict[str, Any]) -> torch.Tensor:
+    def decode(self, base: torch.Tensor, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...], opts: dict[str, Any],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's tensor; written into ``out`` when given (it may be ``base`` itself,
+        read for this decode: a span is read before it is written)."""
         raise NotImplementedError
 
     def squares(self, parts: Parts, n: int, opts: dict[str, Any]) -> float | None:
@@ -63,11 +66,15 @@ def _delta(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
 _DECODE_SPAN = 1 << 20
 
 
-def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor],
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """``(base + delta).to(dtype)`` computed in float32 a span at a time, in order:
-    ``delta_at(start, stop)`` gives the delta of flat entries ``start .. stop-1``."""
+    ``delta_at(start, stop)`` gives the delta of flat entries ``start .. stop-1``. Into
+    ``out`` (it may be ``base``) when it has the size and dtype, else into new memory."""
     flat = base.reshape(-1)
-    out = torch.empty(flat.numel(), dtype=dtype)
+    if out is None or out.numel() != flat.numel() or out.dtype != dtype:
+        out = torch.empty(flat.numel(), dtype=dtype)
+    out = out.view(-1)
     for start in range(0, flat.numel(), _DECODE_SPAN):
         stop = min(flat.numel(), start + _DECODE_SPAN)
         out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
@@ -150,7 +157,7 @@ class Same(Codec):
     def encode(self, name, base, expert, opts):
         return {}
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         return base.to(dtype).reshape(shape).clone()
 
     def squares(self, parts, n, opts):
@@ -169,7 +176,7 @@ class Lossless(Codec):
             return {"xor": expert.reshape(-1).view(bits) ^ base.reshape(-1).view(bits)}
         return {"raw": expert.reshape(-1)}
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         if "raw" in parts:
             return parts["raw"].to(dtype).reshape(shape)
         bits = _BITS_DTYPE[dtype]
@@ -186,9 +193,9 @@ class Fp16(Codec):
         half = delta.to(torch.float16)
         return {"delta": half if torch.isfinite(half).all() else delta}  # fp32 where fp16 overflows
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         _expect(parts, "delta", base.numel(), "fp16")
-        return _rebuild(base, dtype, shape, lambda start, stop: parts["delta"][start:stop].to(torch.float32))
+        return _rebuild(base, dtype, shape, lambda start, stop: parts["delta"][start:stop].to(torch.float32), out)
 
     def squares(self, parts, n, opts):
         _expect(parts, "delta", n, "fp16")
@@ -230,11 +237,11 @@ class Int8(Codec):
     def encode(self, name, base, expert, opts):
         return _int8_quantize(_delta(base, expert), opts["block"])
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         n, block = base.numel(), opts["block"]
         _expect(parts, "q", -(-n // block) * block, "int8")
         _expect(parts, "scale", -(-n // block), "int8")
-        return _rebuild(base, dtype, shape, self._values(parts, block))
+        return _rebuild(base, dtype, shape, self._values(parts, block), out)
 
     def squares(self, parts, n, opts):
         block = opts["block"]
@@ -276,10 +283,10 @@ class Sparse(Codec):
             parts.update(_int8_quantize(values, opts["block"]))
         return parts
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         n = base.numel()
         values = self._kept_values(parts, n, opts)
-        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)))
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)), out)
 
     def squares(self, parts, n, opts):
         values = self._kept_values(parts, n, opts)
@@ -315,7 +322,7 @@ class Sign1(Codec):
         scale = (exact.pairwise_sum(blocks.abs(), dim=1) / counts).to(torch.float16)
         return {"signs": pack_bits(delta >= 0), "scale": scale}
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         n, block = base.numel(), opts["block"]
         _expect(parts, "signs", (n + 7) // 8, "sign1")
         _expect(parts, "scale", -(-n // block), "sign1")
@@ -324,7 +331,7 @@ class Sign1(Codec):
             scale = _per_entry(parts["scale"], block, start, stop)
             return torch.where(_bits_at(parts["signs"], start, stop - start), scale, -scale)
 
-        return _rebuild(base, dtype, shape, delta_at)
+        return _rebuild(base, dtype, shape, delta_at, out)
 
     def squares(self, parts, n, opts):
         block = opts["block"]
@@ -365,7 +372,7 @@ class Ternary(Codec):
         # bf16 scale: fp32's range (fine-tune deltas are tiny), 2 bytes.
         return {"mask": pack_bits(keep), "signs": pack_bits(delta[keep] >= 0), "scale": scale.to(torch.bfloat16)}
 
-    def decode(self, base, parts, dtype, shape, opts):
+    def decode(self, base, parts, dtype, shape, opts, out=None):
         n, block = base.numel(), opts["block"]
         _expect(parts, "mask", (n + 7) // 8, "ternary")
         _expect(parts, "scale", -(-n // block), "ternary")
@@ -377,7 +384,7 @@ class Ternary(Codec):
             magnitude = _per_entry(parts["scale"], block, start, stop)[keep]
             return torch.where(_bits_at(parts["signs"], i, j - i), magnitude, -magnitude)
 
-        return _rebuild(base, dtype, shape, _scattered(parts["mask"], kept_values))
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], kept_values), out)
 
     def squares(self, parts, n, opts):
         block = opts["block"]

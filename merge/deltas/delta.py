@@ -184,14 +184,17 @@ class DeltaFile:
     def tensor_info(self) -> dict[str, TensorInfo]:
         return {n: TensorInfo(DTYPE_OF_CODE[e["dtype"]], tuple(e["shape"])) for n, e in self.manifest["tensors"].items()}
 
-    def decode(self, name: str, base: torch.Tensor) -> torch.Tensor:
+    def decode(self, name: str, base: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """The expert's tensor from the base's. ``in_place``: the base tensor is the caller's
+        own scratch: the expert is written over it (no second tensor of its size)."""
         entry = self.manifest["tensors"][name]
         shape = tuple(entry["shape"])
         if tuple(base.shape) != shape:
             raise DeltaError(f"{self.path}: tensor {name} has shape {list(shape)}, the base's is {list(base.shape)}")
         parts = {p: self.read_part(part_name(name, p)) for p in entry["parts"]}
         try:
-            out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name])
+            out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name],
+                                                out=base if in_place else None)
         except (RuntimeError, KeyError, IndexError, UserInputError) as exc:
             raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
         if out.is_floating_point() and not torch.isfinite(out).all():  # base + delta overflowed
@@ -271,8 +274,9 @@ class DeltaSource:
         return parse_config(self.read_file("config.json"), f"{self.directory}:config.json")
 
     def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The expert's tensor; ``into`` as for :meth:`SafetensorsModel.get` holds the base's."""
-        return self.delta.decode(name, self.base.get(name, into))
+        """The expert's tensor; ``into`` as for :meth:`SafetensorsModel.get` holds the base's,
+        then the expert's, decoded over it."""
+        return self.delta.decode(name, self.base.get(name, into), in_place=True)
 
 
 def apply_delta(base_dir: str | Path, delta_path: str | Path, out_dir: str | Path, overwrite: bool = False,
