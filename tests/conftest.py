@@ -208,3 +208,17 @@ def family(tmp_path_factory):
     from delta_fixtures import shared_family
 
     return shared_family(tmp_path_factory)
+
+
+# Peak RSS as the process's own memory map counts it (VmHWM, since the last reset):
+# ru_maxrss would start at the parent's size at fork.
+PEAK_RSS = """
+from pathlib import Path
+
+def status_kib(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the present RSS
+"""

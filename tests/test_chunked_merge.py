@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import PEAK_RSS
 
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.methods import METHODS, TensorJob, sparsify
@@ -207,19 +208,20 @@ def test_an_unchanged_expert_costs_no_selection(monkeypatch):
 
 
 def test_the_selection_keeps_nothing_of_the_tensors_size():
-    """Peak RSS of a fresh process selecting the top 3/4 of 2**25 zeros (128 MiB): the
-    old select built an index array of 8 bytes per tied element (192 MiB here); this one
-    holds a piece and two histograms (after a warm-up on a small tensor: the kernels' and
-    threads' own memory is no part of the law)."""
-    script = (
-        "import resource, torch\n"
+    """Peak RSS (the process's own VmHWM, reset after a warm-up on a small tensor) of a
+    fresh process selecting the top 3/4 of 2**25 zeros (128 MiB): the old select built an
+    index array of 8 bytes per tied element (it grew by 1.1 GiB here); this one holds a
+    piece and two histograms."""
+    script = PEAK_RSS + (
+        "import torch\n"
         "from hivemerge.merge.numerics import exact\n"
         "exact.top_k_cuts(exact._pieces(torch.zeros(1 << 21)), [1 << 20])  # warm: kernels and threads\n"
         "values = torch.zeros(1 << 25)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "reset_peak()\n"
+        "before = status_kib('VmRSS')\n"
         "cut = exact.top_k_cuts(exact._pieces(values), [3 << 23])[0]\n"
         "assert cut.threshold == 0 and cut.tie_end == 3 << 23\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+        "print(status_kib('VmHWM') - before)\n"
     )
     grown_kib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
     assert grown_kib < 24 * 1024, f"the selection grew the process by {grown_kib / 1024:.0f} MiB"

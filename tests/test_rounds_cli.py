@@ -85,6 +85,7 @@ def test_propose_status_and_fetch_the_consensus_from_the_command_line(setup):
     plain = cli("fetch", "--out", tmp / "again", "--base", family["base"], "--home", tmp / "h2", "--peer", maddrs[0])
     assert plain.returncode == 0, plain.stderr
     assert f"consensus of round {round_id[:12]}, attested by 3" in plain.stderr
+    assert "no network charter: the latest consensus was judged by a private test network's rules" in plain.stderr
 
     # user errors: one line, exit 2
     other = make_llama(tmp / "other-base", seed=77)

@@ -266,8 +266,11 @@ def final_round_stub(tmp_path, me: str, existing: list[dict]):
     async def proposals(base_id):
         return existing
 
+    async def publish_proposal(proposal):  # as the round coordinator stores one (no charter: no state of its own)
+        await store_record("record/proposal", "rounds-key", {**proposal, "issued_at": time.time()}, 60.0)
+
     node = SimpleNamespace(charter=None, clock=time.time, home=tmp_path, identity=SimpleNamespace(public_hex=me), published=lambda: [], record_ttl=60.0,
-                           store_record=store_record, rounds=SimpleNamespace(proposals=proposals))
+                           store_record=store_record, rounds=SimpleNamespace(proposals=proposals, publish_proposal=publish_proposal))
     return SearchCoordinator(node, poll=0.01), stored
 
 
