@@ -1,22 +1,19 @@
 #!/usr/bin/env python
 """Benchmark of a merge round at real expert sizes (issue 21), node by node through the CLI.
 
-Builds (once; cached under --root by shape and seed) a synthetic Llama base in bf16 of
-TinyLlama's shape (1.1B parameters, untied LM head), one tensor and one <= 1 GB shard at
-a time, and --experts experts: the base plus noise of 1% of each tensor's RMS on half of
-its tensors. On 127.0.0.1 it starts one `python -m hivemerge node start` per expert plus
-node 0: node i publishes expert i, node 0 proposes the README's TIES round and, once every
-participant attested the same result, fetches the consensus (verified: recomputed).
-Per step: wall time; CPU seconds of each node process and of its p2pd (utime+stime over
-the process tree, /proc/PID/stat); their peak RSS during the step (VmHWM, reset at the
-step's start through /proc/PID/clear_refs); the CLI command's own CPU and peak RSS
-(wait4). The round is timed on the participants' state files (HOME/rounds/ID.json: no
-polling process competes for the CPU), then checked with `round status --json` on each.
-With the nodes stopped, beside it: `hivemerge delta extract` of expert 1 alone, an offline
-`hivemerge merge` of the same recipe on the round's deltas (hm:// ids in node 1's store;
-its id must equal the round's result), and the I/O floor (the models' weight files read
-from the page cache, second of two reads; one file the consensus's size written and
-fsynced). Prints a markdown table, delta sizes, disk per home and issue 21's goals.
+Builds (once; cached under --root by shape and seed) a synthetic bf16 Llama base of
+TinyLlama's shape (1.1B parameters, untied LM head), one tensor and one <= 1 GB shard at a
+time, and --experts experts: the base plus noise of 1% of each tensor's RMS on half of its
+tensors. Starts one `python -m hivemerge node start` per expert plus node 0 on 127.0.0.1:
+node i publishes expert i, node 0 proposes the README's TIES round and, once every
+participant attested the same result, fetches the consensus (recomputing it: verify).
+Per step: wall time; CPU seconds of each node and of its p2pd (utime+stime over the process
+tree, /proc/PID/stat); their peak RSS in the step (VmHWM, reset through /proc/PID/clear_refs);
+the CLI command's own CPU and peak RSS (GNU time). Beside it, nodes stopped: `delta extract`
+of expert 1 alone, an offline `merge` of the same recipe on the round's deltas (hm:// ids in
+node 1's store; its id must equal the round's result), and the I/O floor (the models' weight
+files read from the page cache; one file the consensus's size written and fsynced). Prints
+a markdown table, delta sizes, disk per home and issue 21's goals.
 
     python scripts/bench_scale.py [--layers 22] [--hidden 2048] [--intermediate 5632] [--vocab 32000]
         [--heads 32] [--kv-heads 4] [--experts 3] [--seed 0] [--deadline 60] [--timeout 1800]
@@ -55,6 +52,7 @@ SHAPE = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "he
 RECIPE = {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5}}  # the README's round recipe
 START_TIMEOUT, STOP_TIMEOUT = 120.0, 60.0
 MB = 1024 * 1024
+TIME = "/usr/bin/time"  # GNU time: a command's own CPU seconds and peak RSS (run_cli)
 
 
 def say(message: str) -> None:
@@ -136,18 +134,20 @@ def reset_peak(pid: int) -> bool:
 
 
 def run_cli(*args: str) -> tuple[str, dict]:
-    """``python -m hivemerge ARGS`` to its end: (stdout, its wall s, CPU s and peak RSS MB)."""
-    with tempfile.TemporaryFile("w+") as errors:
+    """``python -m hivemerge ARGS`` to its end: (stdout, its wall s, CPU s and peak RSS MB).
+
+    Under GNU time: the ru_maxrss that wait4 or RUSAGE_CHILDREN give a child of this
+    process starts at this process's own RSS (subprocess spawns with vfork, and exec keeps
+    the high-water mark), hundreds of MB here; time's child starts from time's few MB."""
+    with tempfile.NamedTemporaryFile("r") as usage:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "hivemerge", *args], stdout=subprocess.PIPE, stderr=errors, text=True)
-        with proc.stdout:
-            out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([TIME, "-f", "%U %S %M", "-o", usage.name, sys.executable, "-m", "hivemerge", *args],
+                              capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - start
         if proc.returncode:
-            errors.seek(0)
-            raise RuntimeError(f"hivemerge {' '.join(args)}: exit {proc.returncode}: {errors.read()[-3000:]}")
-    return out, {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024}
+            raise RuntimeError(f"hivemerge {' '.join(args)}: exit {proc.returncode}: {proc.stderr[-3000:]}")
+        user, system, rss_kb = usage.read().split()[-3:]
+    return proc.stdout, {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mb": int(rss_kb) / 1024}
 
 
 class NodeProcess:
@@ -278,7 +278,8 @@ def run_round(args, family: dict[str, Path], run: Path) -> dict:
                                                   str(base), "--home", str(homes[e]), "--json")))
             steps.append(step.end())
         select = {"domains": [p["domain"] for p in published]}
-        (run / "round.yaml").write_text(json.dumps({**RECIPE, "base_model": str(base), "select": select, "deadline": args.deadline}))
+        round_recipe = {**RECIPE, "base_model": str(base), "select": select, "deadline": args.deadline}
+        (run / "round.yaml").write_text(json.dumps(round_recipe))  # JSON is YAML
         step = Step("proposal -> deadline", nodes)
         proposal = json.loads(step.run("round", "propose", str(run / "round.yaml"), "--home", str(homes[0]), "--json"))
         time.sleep(max(0.0, proposal["deadline"] - time.time()))
@@ -288,7 +289,8 @@ def run_round(args, family: dict[str, Path], run: Path) -> dict:
         steps.append(step.end())
         row = agreed_round(homes[1:], proposal["round_id"])
         step = Step("fetch (node 0, verified)", nodes, actor=0)
-        fetched = json.loads(step.run("fetch", "--out", str(run / "consensus"), "--base", str(base), "--home", str(homes[0]), "--json"))
+        fetched = json.loads(step.run("fetch", "--out", str(run / "consensus"), "--base", str(base), "--home", str(homes[0]),
+                                      "--json"))
         steps.append(step.end())
     finally:
         for node in nodes:
@@ -305,7 +307,8 @@ def beside_round(family: dict[str, Path], run: Path, result: dict) -> dict:
     _, extract = run_cli("delta", "extract", "--base", str(family["base"]), "--model", str(family["expert1"]),
                          "--out", str(run / f"extract{DELTA_SUFFIX}"), "--home", str(home1))
     models = [{"model": f"hm://{d}"} for d in sorted(p["delta_id"] for p in result["published"])]  # the round's order
-    (run / "merge.json").write_text(json.dumps({**RECIPE, "base_model": f"hm://{result['published'][0]['base_id']}", "models": models}))
+    base_id = result["published"][0]["base_id"]
+    (run / "merge.json").write_text(json.dumps({**RECIPE, "base_model": f"hm://{base_id}", "models": models}))
     _, merge = run_cli("merge", str(run / "merge.json"), "--out", str(run / "offline"), "--home", str(home1))
     result["offline_id"] = model_id(SafetensorsModel(run / "offline"))
     files = [p for path in family.values() for p in sorted(path.glob("*.safetensors"))]
@@ -333,8 +336,9 @@ def report(result: dict, beside: dict, largest_f32: int) -> dict:
     for s in result["steps"]:  # the acting node's figures, or the most of any node's
         n = s["nodes"] if s["actor"] is None else [s["nodes"][s["actor"]]]
         total = sum(x["cpu_node"] + x["cpu_daemon"] for x in s["nodes"]) + s["cli_cpu_s"]
-        print(f"| {s['step']} | {s['wall_s']:.2f} | {max(x['cpu_node'] for x in n):.2f} | {max(x['cpu_daemon'] for x in n):.2f} | "
-              f"{total:.2f} | {max(x['rss_node'] for x in n):.0f} / {max(x['rss_daemon'] for x in n):.0f} | "
+        print(f"| {s['step']} | {s['wall_s']:.2f} | {max(x['cpu_node'] for x in n):.2f} | "
+              f"{max(x['cpu_daemon'] for x in n):.2f} | {total:.2f} | "
+              f"{max(x['rss_node'] for x in n):.0f} / {max(x['rss_daemon'] for x in n):.0f} | "
               f"{s['cli_cpu_s']:.2f} | {s['cli_rss_mb']:.0f} |")
     extract, merge = beside["extract"], beside["merge"]
     for name, r in (("delta extract expert1 (alone)", extract), ("offline merge (hm:// in node 1's store)", merge)):
@@ -353,19 +357,20 @@ def report(result: dict, beside: dict, largest_f32: int) -> dict:
           f"{result['recomputed']}), offline merge {result['offline_id'][:16]}: offline {same} to the round's")
     attest = next(s for s in result["steps"] if s["step"] == "deadline -> all attested")
     publish = [s for s in result["steps"] if s["step"].startswith("publish")]
-    merging_cpu = max(x["cpu_node"] + x["cpu_daemon"] for x in attest["nodes"])
-    node_rss = max(x["rss_node"] for x in attest["nodes"])
+    cpu = max(x["cpu_node"] + x["cpu_daemon"] for x in attest["nodes"])
+    rss = max(x["rss_node"] for x in attest["nodes"])
     publish_rss = max(max(s["nodes"][s["actor"]]["rss_node"], s["cli_rss_mb"]) for s in publish)
     floor, limit = max(beside["read_s"] + beside["write_s"], 1e-6), 8 * largest_f32 / MB + 300
-    goals = {"round_cpu_over_offline_cpu": merging_cpu / merge["cpu_s"], "offline_wall_over_io_floor": merge["wall_s"] / floor,
-             "merging_node_rss_mb": node_rss, "offline_merge_rss_mb": merge["rss_mb"], "rss_limit_mb": limit,
+    goals = {"round_cpu_over_offline_cpu": cpu / merge["cpu_s"], "offline_wall_over_io_floor": merge["wall_s"] / floor,
+             "merging_node_rss_mb": rss, "offline_merge_rss_mb": merge["rss_mb"], "rss_limit_mb": limit,
              "publish_wall_over_extract_wall": publish[0]["wall_s"] / extract["wall_s"], "publish_rss_mb": publish_rss}
     print("\ngoals (issue 21):")
-    print(f"- per-node CPU-s deadline -> attested / offline merge CPU-s: {merging_cpu:.2f} / {merge['cpu_s']:.2f} = "
+    print(f"- per-node CPU-s deadline -> attested / offline merge CPU-s: {cpu:.2f} / {merge['cpu_s']:.2f} = "
           f"{goals['round_cpu_over_offline_cpu']:.2f} (goal <= 1.5)")
-    print(f"- offline merge wall / I/O floor: {merge['wall_s']:.2f} / {floor:.3f} = {goals['offline_wall_over_io_floor']:.2f} (goal <= 4)")
-    print(f"- peak RSS of a merging process: node {node_rss:.0f} MB, offline merge {merge['rss_mb']:.0f} MB; goals: < 1536 MB, "
-          f"and < 8 x the largest tensor in float32 + 300 MB = {limit:.0f} MB")
+    print(f"- offline merge wall / I/O floor: {merge['wall_s']:.2f} / {floor:.3f} = {goals['offline_wall_over_io_floor']:.2f} "
+          "(goal <= 4)")
+    print(f"- peak RSS of a merging process: node {rss:.0f} MB, offline merge {merge['rss_mb']:.0f} MB (goals: < 1536 MB; "
+          f"< 8 x the largest tensor in float32 + 300 MB = {limit:.0f} MB)")
     print(f"- publish wall / delta extract wall (expert1): {publish[0]['wall_s']:.2f} / {extract['wall_s']:.2f} = "
           f"{goals['publish_wall_over_extract_wall']:.2f} (goal <= 1.3)")
     print(f"- publish peak RSS (publishing node or CLI): {publish_rss:.0f} MB (goal < 1024 MB)")
@@ -381,6 +386,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/hivemerge-bench-scale"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    if not Path(TIME).is_file():
+        parser.error(f"needs GNU time at {TIME} (apt-get install time)")
     args.root = args.root.resolve()
     family = build_family(args)
     run = args.root / "run"  # the homes and outputs of the last run, kept for a look
@@ -391,7 +398,8 @@ def main() -> None:
     largest = max(args.vocab, args.intermediate, args.hidden) * args.hidden  # embed_tokens and lm_head, at Llama shapes
     goals = report(result, beside, 4 * largest)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result, **beside, "goals": goals}, indent=2))
+        figures = {"args": {k: str(v) for k, v in vars(args).items()}, **result, **beside, "goals": goals}
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
