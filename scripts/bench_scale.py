@@ -339,7 +339,7 @@ def report(result: dict, beside: dict, largest_f32: int) -> dict:
         print(f"| {s['step']} | {s['wall_s']:.2f} | {max(x['cpu_node'] for x in n):.2f} | "
               f"{max(x['cpu_daemon'] for x in n):.2f} | {total:.2f} | "
               f"{max(x['rss_node'] for x in n):.0f} / {max(x['rss_daemon'] for x in n):.0f} | "
-              f"{s['cli_cpu_s']:.2f} | {s['cli_rss_mb']:.0f} |")
+              + (f"{s['cli_cpu_s']:.2f} | {s['cli_rss_mb']:.0f} |" if s["cli_rss_mb"] else "- | - |"))
     extract, merge = beside["extract"], beside["merge"]
     for name, r in (("delta extract expert1 (alone)", extract), ("offline merge (hm:// in node 1's store)", merge)):
         print(f"| {name} | {r['wall_s']:.2f} | - | - | {r['cpu_s']:.2f} | - | {r['cpu_s']:.2f} | {r['rss_mb']:.0f} |")
