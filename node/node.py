@@ -27,7 +27,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemerge.merge.deltas.codecs import DEFAULT_CODEC
 from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.io.atomic import atomic_directory
+from hivemerge.merge.io.atomic import atomic_directory, link_or_copy
 from hivemerge.merge.io.dtypes import dtype_name
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
@@ -529,11 +529,11 @@ class Node:
                 apply_delta(base, path, out, overwrite=overwrite)
                 return out
             with atomic_directory(out, overwrite=overwrite) as staging:
-                shutil.copyfile(path, staging / path.name)
+                link_or_copy(path, staging / path.name)
             return out / path.name
         with atomic_directory(out, overwrite=overwrite) as staging:
             for item in path.iterdir():
-                shutil.copyfile(item, staging / item.name)
+                link_or_copy(item, staging / item.name)  # no second copy of the consensus where --out shares the disk
         if model_id(SafetensorsModel(out)) != path.name:
             raise FetchError(f"{out}: exported model does not hash to {path.name}")
         return out

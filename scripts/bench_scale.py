@@ -308,7 +308,9 @@ def beside_round(family: dict[str, Path], run: Path, result: dict) -> dict:
                          "--out", str(run / f"extract{DELTA_SUFFIX}"), "--home", str(home1))
     models = [{"model": f"hm://{d}"} for d in sorted(p["delta_id"] for p in result["published"])]  # the round's order
     base_id = result["published"][0]["base_id"]
-    (run / "merge.json").write_text(json.dumps({**RECIPE, "base_model": f"hm://{base_id}", "models": models}))
+    # the round keeps the base's dtype (bf16) where its recipe names none; an offline merge says it
+    offline = {**RECIPE, "out_dtype": "bfloat16", "base_model": f"hm://{base_id}", "models": models}
+    (run / "merge.json").write_text(json.dumps(offline))
     _, merge = run_cli("merge", str(run / "merge.json"), "--out", str(run / "offline"), "--home", str(home1))
     result["offline_id"] = model_id(SafetensorsModel(run / "offline"))
     files = [p for path in family.values() for p in sorted(path.glob("*.safetensors"))]

@@ -419,3 +419,19 @@ def test_a_part_of_the_wrong_size_is_refused(spec, part):
     parts[part] = torch.cat([parts[part], parts[part][:1]])  # one entry too many: accepted silently before
     with pytest.raises(UserInputError, match=f"part {part} has"):
         codec.decode(base, parts, torch.float32, (1000,), opts)
+
+
+@pytest.mark.parametrize("spec", ["ternary", "ternary:block=100,threshold=0.5", "ternary:block=8,threshold=0"])
+def test_ternary_encodes_a_span_of_whole_blocks_at_a_time_with_the_same_bytes(monkeypatch, spec):
+    """Encoding goes a span of whole blocks at a time (a 1.1B expert's publish peaked at
+    2.1 GB, issue 21): spans of one 8-block group and of 2**20 entries give the same parts."""
+    from hivemerge.merge.deltas import codecs
+
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(5003, generator=g) * 0.05).bfloat16()
+    expert = (base.float() + torch.randn(5003, generator=g) * 0.003).bfloat16()
+    codec, opts = parse_codec(spec)
+    whole = codec.encode("w", base, expert, opts)
+    monkeypatch.setattr(codecs, "_DECODE_SPAN", 1)  # the smallest span: 8 blocks
+    small = codec.encode("w", base, expert, opts)
+    assert whole.keys() == small.keys() and all(torch.equal(whole[k], small[k]) for k in whole)

@@ -100,8 +100,11 @@ def test_a_node_that_took_no_part_fetches_and_verifies_the_consensus(first_round
         assert latest["result_id"] == result_id and latest["proposal"]["round_id"] == proposal["round_id"]
         out = first_round["root"] / "fetched-consensus"
         summary = e.fetch(None, out=out, base=family["base"])
+        stored = e.store.resolve(result_id)
     finally:
         net.close(e)
+    # one copy of the consensus: --out hard-links the store's files (issue 21)
+    assert (out / "model.safetensors").stat().st_ino == (stored / "model.safetensors").stat().st_ino
     assert summary["content"] == result_id
     assert summary["round_id"] == proposal["round_id"]
     assert summary["attesters"] == keys and summary["participants"] == keys

@@ -27,16 +27,23 @@ def test_a_manifest_is_hashed_once_and_again_when_a_file_changes_in_place(tmp_pa
     assert manifest.model_id(SafetensorsModel(model)) == first and len(hashed) == 1  # a new object: remembered
     twin = shutil.copytree(model, tmp_path / "twin")
     assert manifest.model_id(SafetensorsModel(twin)) == first and len(hashed) == 2  # other files: hashed
-    # the last weight rewritten in place, size and mtime kept: its ctime moved, so it is hashed again
+    linked = tmp_path / "linked"  # hard links (the store's copy of a published base): the same files
+    linked.mkdir()
+    for item in model.iterdir():
+        os.link(item, linked / item.name)
+    assert manifest.model_id(SafetensorsModel(linked)) == first and len(hashed) == 2
+    # the last weight rewritten in place, same size: its modification time moved, so it is hashed again
     weights = model / "model.safetensors"
-    stat = weights.stat()
+    size = weights.stat().st_size
+    os.utime(weights, ns=(0, 0))  # as if written long ago: the rewrite below surely moves the time
+    manifest.model_id(SafetensorsModel(model))  # (hashed again: its time moved back)
     with open(weights, "r+b") as f:
         f.seek(-4, os.SEEK_END)
         f.write(torch.tensor([99.0]).numpy().tobytes())
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert weights.stat().st_size == size
     changed = manifest.model_id(SafetensorsModel(model))
-    assert len(hashed) == 3 and changed != first
+    assert len(hashed) == 4 and changed != first
+    assert manifest.model_id(SafetensorsModel(linked)) == changed  # the links see the rewrite too
 
 
 def test_a_round_recipe_without_out_dtype_keeps_the_bases_dtype(tmp_path):
@@ -118,3 +125,17 @@ def test_a_merge_grows_by_a_few_of_its_largest_tensor_not_by_the_model(tmp_path)
     largest_f32_kib = 4096 * 2048 * 4 // 1024
     grown = int(run.stdout.split()[-1])
     assert grown < 8 * largest_f32_kib, f"grew {grown / 1024:.0f} MiB, {grown / largest_f32_kib:.1f}x the largest tensor"
+
+
+def test_the_store_links_a_models_files_instead_of_copying_them(tmp_path):
+    """A published base is not stored twice on one file system (issue 21: a home held
+    4.7 GB for a 2.2 GB model): the store hard-links its files, and the same id comes out."""
+    from hivemerge.node.storage.store import ContentStore
+
+    base = write_tensors(tmp_path / "base", {"w": torch.arange(64, dtype=torch.float32)}, {"num_hidden_layers": 1})
+    store = ContentStore(tmp_path / "home")
+    cid = store.add_model(base)
+    stored = store.resolve(cid)
+    for name in ("model.safetensors", "config.json"):
+        assert (stored / name).stat().st_ino == (base / name).stat().st_ino
+    assert manifest.model_id(SafetensorsModel(stored)) == cid

@@ -158,6 +158,8 @@ class Same(Codec):
         return {}
 
     def decode(self, base, parts, dtype, shape, opts, out=None):
+        if out is base and base.dtype == dtype:  # decoded over the base's own copy: it is the expert already
+            return base.reshape(shape)
         return base.to(dtype).reshape(shape).clone()
 
     def squares(self, parts, n, opts):
@@ -356,21 +358,31 @@ class Ternary(Codec):
     )
 
     def encode(self, name, base, expert, opts):
-        delta = _delta(base, expert)
         block = opts["block"]
-        blocks = _blocks(delta, block).abs()
-        # sigma from the mean magnitude (sqrt(pi/2) * mean|x| for a Gaussian); sums by a fixed tree.
-        counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
-        if counts.numel():
-            counts[-1] = delta.numel() - block * (blocks.shape[0] - 1)
-        sigma = exact.pairwise_sum(blocks, dim=1) / counts * 1.2533141373155003
-        keep = blocks > (sigma * opts["threshold"]).to(torch.float32).unsqueeze(1)
-        kept = torch.where(keep, blocks, 0.0)
-        # The L2-optimal magnitude for the kept support is their mean magnitude.
-        scale = exact.pairwise_sum(kept, dim=1) / keep.sum(1).clamp(min=1).to(torch.float64)
-        keep = keep.reshape(-1)[: delta.numel()]
+        base, expert = base.reshape(-1), expert.reshape(-1)
+        # Whole blocks a span at a time (each block is encoded on its own): the float64 sums of
+        # a whole embedding's blocks took gigabytes. A multiple of 8 entries: mask bytes stay whole.
+        span = block * 8 * max(1, _DECODE_SPAN // (block * 8))
+        masks, signs, scales = [], [], []
+        for start in range(0, base.numel(), span):
+            delta = _delta(base[start : start + span], expert[start : start + span])
+            blocks = _blocks(delta, block).abs()
+            # sigma from the mean magnitude (sqrt(pi/2) * mean|x| for a Gaussian); sums by a fixed tree.
+            counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
+            counts[-1] = delta.numel() - block * (blocks.shape[0] - 1)  # the tensor's last block may be partial
+            sigma = exact.pairwise_sum(blocks, dim=1) / counts * 1.2533141373155003
+            keep = blocks > (sigma * opts["threshold"]).to(torch.float32).unsqueeze(1)
+            kept = torch.where(keep, blocks, 0.0)
+            # The L2-optimal magnitude for the kept support is their mean magnitude.
+            scales.append(exact.pairwise_sum(kept, dim=1) / keep.sum(1).clamp(min=1).to(torch.float64))
+            keep = keep.reshape(-1)[: delta.numel()]
+            masks.append(pack_bits(keep))
+            signs.append(delta[keep] >= 0)
+        if not masks:  # an empty tensor
+            return {"mask": pack_bits(torch.zeros(0, dtype=torch.bool)), "signs": pack_bits(torch.zeros(0, dtype=torch.bool)),
+                    "scale": torch.zeros(0, dtype=torch.bfloat16)}
         # bf16 scale: fp32's range (fine-tune deltas are tiny), 2 bytes.
-        return {"mask": pack_bits(keep), "signs": pack_bits(delta[keep] >= 0), "scale": scale.to(torch.bfloat16)}
+        return {"mask": torch.cat(masks), "signs": pack_bits(torch.cat(signs)), "scale": torch.cat(scales).to(torch.bfloat16)}
 
     def decode(self, base, parts, dtype, shape, opts, out=None):
         n, block = base.numel(), opts["block"]

@@ -28,6 +28,7 @@ from hivemerge.merge.io.manifest import build_model_manifest, model_id, side_fil
 from hivemerge.merge.io.sources import SafetensorsModel, TensorInfo, parse_config
 from hivemerge.merge.io.writer import AppendingWriter, ShardedWriter
 from hivemerge.merge.layers import natural_key
+from hivemerge.merge.numerics import exact
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import describe_mismatch
@@ -62,7 +63,7 @@ class ExtractReport:
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not exact.all_finite(tensor):
         raise DeltaError(f"{what} has NaN or Inf values")
 
 
@@ -111,17 +112,16 @@ def extract_delta(
 
 
 def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, expert: SafetensorsModel, codec, opts) -> dict:
-    expert_t = expert.get(name)
+    expert_t, base_t = expert.get(name), base.get(name)  # each read once
     _check_finite(expert_t, f"expert tensor {name}")
     # Equal bytes are the same tensor only in the same dtype (0x3C00 is 1.0 in fp16, 1/128 in bf16).
-    if expert.tensors[name].dtype == base.tensors[name].dtype and expert.raw_bytes(name) == base.raw_bytes(name):
+    if expert_t.dtype == base_t.dtype and torch.equal(_bytes_of(expert_t), _bytes_of(base_t)):
         codec, opts = CODECS["same"], {}
     elif codec.lossy and expert_t.is_floating_point() and expert_t.dim() < 2:
         # Norms and biases stay fp16 under a lossy codec: they cost little and matter much.
         codec, opts = CODECS["fp16"], {}
     elif not expert_t.is_floating_point():
         codec, opts = CODECS["lossless"], {}
-    base_t = base.get(name)
     parts = codec.encode(name, base_t, expert_t, opts)
     stored = {}
     for part, tensor in parts.items():
@@ -135,6 +135,10 @@ def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, e
         "params": opts,
         "parts": stored,
     }
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 class DeltaFile:
@@ -197,7 +201,7 @@ class DeltaFile:
                                                 out=base if in_place else None)
         except (RuntimeError, KeyError, IndexError, UserInputError) as exc:
             raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
-        if out.is_floating_point() and not torch.isfinite(out).all():  # base + delta overflowed
+        if not exact.all_finite(out):  # base + delta overflowed
             raise DeltaError(f"{self.path}: decoded tensor {name} has NaN or Inf values", self.id)
         return out
 

@@ -51,6 +51,21 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def link_or_copy(source: str | Path, target: str | Path) -> bool:
+    """Give ``target`` the bytes of ``source``: a hard link where the file system allows
+    (no second copy on disk, none to write), else a copy, synced. True if linked.
+
+    A link shares the file: rewriting one in place rewrites the other. Content ids catch
+    it (a manifest is looked at again on every use: merge/io/manifest.py)."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:  # another file system, or links not supported
+        shutil.copyfile(source, target)
+        fsync_path(target)
+        return False
+
+
 def write_file_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the former file or the new one,
     never an empty or torn one: the data reaches the disk before the rename does (a

@@ -1,9 +1,11 @@
 """Manifests of local models: every tensor's and side file's hash, and the content id.
 
 Hashing a 7B model reads 14 GB, so a manifest is remembered for the files it was made
-from, each known by path, size, modification and change times, inode and device, and
-looked at again on every use: a file written since (even in place, where size and
-mtime may be kept, ctime is not) is hashed again.
+from, each known by its name in the model, device, inode, size and modification time,
+and looked at again on every use: a file written since is hashed again. Hard links of
+the same files (the store's copy of a published base, a fetched model's --out) share the
+manifest. As with make or rsync, a file rewritten in place with its modification time
+set back is not noticed.
 """
 
 from __future__ import annotations
@@ -48,9 +50,8 @@ def _files_key(model: SafetensorsModel) -> tuple:
     """What identifies the files a model's manifest covers, as the file system says now."""
     key = []
     for name in model_files(model):
-        path = (model.directory / name).resolve()
-        st = os.stat(path)
-        key.append((str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
+        st = os.stat(model.directory / name)
+        key.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(key)
 
 

@@ -107,7 +107,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
 def _unchanged(base: torch.Tensor, model: torch.Tensor) -> bool:
     """Whether ``model - base`` is exactly zero everywhere (equal finite values; an
     infinity minus itself is NaN, so a base holding one never counts as unchanged)."""
-    return model.dtype == base.dtype and torch.equal(model, base) and bool(torch.isfinite(base).all())
+    return model.dtype == base.dtype and torch.equal(model, base) and exact.all_finite(base)
 
 
 def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:

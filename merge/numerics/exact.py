@@ -20,6 +20,15 @@ _LO_BUCKETS = 1 << 16
 _INF_BITS = 0x7F800000  # bits of +inf: those of NaN lie above
 
 
+def all_finite(values: torch.Tensor, span: int = 1 << 20) -> bool:
+    """Whether every value is finite, checked a span at a time: ``isfinite`` of a whole
+    bf16 embedding makes float32 and boolean temporaries of its size."""
+    if not values.is_floating_point():
+        return True
+    flat = values.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + span]).all()) for i in range(0, flat.numel(), span))
+
+
 def pairwise_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sum along ``dim`` in float64 by a fixed binary tree of elementwise additions."""
     x = x.to(torch.float64).movedim(dim, -1)

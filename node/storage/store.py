@@ -22,7 +22,7 @@ from pathlib import Path
 from hivemerge.merge.deltas.delta import DeltaFile
 from hivemerge.merge.fusion.packs import PackFile
 from hivemerge.merge.fusion.probe import load_probe, probe_bytes
-from hivemerge.merge.io.atomic import fsync_path, write_file_atomic
+from hivemerge.merge.io.atomic import fsync_path, link_or_copy, write_file_atomic
 from hivemerge.merge.io.manifest import model_files, model_id
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.protocol.bundles import (  # noqa: F401  (the suffixes are declared in protocol; imported from here too)
@@ -236,8 +236,7 @@ class ContentStore:
         if not target.exists():
             staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
             try:
-                shutil.copyfile(path, staging)
-                fsync_path(staging)
+                link_or_copy(path, staging)  # the caller's scratch file, usually: then no copy at all
                 os.replace(staging, target)
                 fsync_path(self.objects)
             finally:
@@ -246,7 +245,8 @@ class ContentStore:
         return cid
 
     def add_model(self, directory: Path) -> str:
-        """Copy a model directory in under its content id (its weights and side files)."""
+        """Take a model directory in under its content id (its weights and side files):
+        hard links where the file system allows, so a published base is not stored twice."""
         directory = Path(directory)
         model = SafetensorsModel(directory)
         cid = model_id(model)
@@ -259,8 +259,7 @@ class ContentStore:
             try:
                 # The files the model's id covers (a model card is written on export).
                 for name in model_files(model):
-                    shutil.copyfile(directory / name, staging / name)
-                    fsync_path(staging / name)
+                    link_or_copy(directory / name, staging / name)
                 os.replace(staging, target)
                 fsync_path(self.models)
             finally:
