@@ -106,6 +106,12 @@ def _finite(parts: Parts, codec: str, *names: str) -> None:
             raise UserInputError(f"{codec} delta: part {name} holds NaN or Inf values")
 
 
+def _non_negative(parts: Parts, codec: str, name: str) -> None:
+    """Scales are magnitudes: one with its sign bit set (-0.0 included) is refused."""
+    if bool(torch.signbit(parts[name]).any()):
+        raise UserInputError(f"{codec} delta: part {name} holds negative values")
+
+
 def _sum_of_squares(values_at: Callable[[int, int], torch.Tensor], count: int) -> float:
     """Sum of the squares of ``count`` float32 values given a span at a time: each square
     is exact in float64; each span is summed by a fixed tree, the spans by math.fsum."""
@@ -141,7 +147,7 @@ def _scattered(mask: torch.Tensor, values_at: Callable[..., torch.Tensor]) -> Ca
         keep = _bits_at(mask, start, stop - start)
         kept = int(keep.sum())
         delta = torch.zeros(stop - start, dtype=torch.float32)
-        delta[keep] = values_at(taken, taken + kept, keep, start, stop)
+        delta.masked_scatter_(keep, values_at(taken, taken + kept, keep, start, stop))  # the kept values, in order
         taken += kept
         return delta
 
@@ -391,18 +397,20 @@ class Ternary(Codec):
         count = _kept_count(parts["mask"], n)
         if parts["signs"].numel() != (count + 7) // 8:
             raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {count} kept entries")
-
-        def kept_values(i: int, j: int, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            magnitude = _per_entry(parts["scale"], block, start, stop)[keep]
-            return torch.where(_bits_at(parts["signs"], i, j - i), magnitude, -magnitude)
-
-        return _rebuild(base, dtype, shape, _scattered(parts["mask"], kept_values), out)
+        _non_negative(parts, "ternary", "scale")
+        # Each entry: its block's scale times +1, -1 (kept, by its sign bit) or +0 (not kept),
+        # without gathering the kept entries' scales: the same values as +-scale where kept.
+        signs = _scattered(parts["mask"], lambda i, j, keep, start, stop: _bits_at(parts["signs"], i, j - i).to(torch.float32)
+                           .mul_(2).sub_(1))
+        return _rebuild(base, dtype, shape, lambda start, stop: signs(start, stop).mul_(_per_entry(parts["scale"], block, start, stop)),
+                        out)
 
     def squares(self, parts, n, opts):
         block = opts["block"]
         _expect(parts, "mask", (n + 7) // 8, "ternary")
         _expect(parts, "scale", -(-n // block), "ternary")
         _finite(parts, "ternary", "scale")
+        _non_negative(parts, "ternary", "scale")
         keep = unpack_bits(parts["mask"], n)  # a byte an entry: a quarter of the tensor's float32 size
         pad = -n % block
         kept = torch.cat([keep, keep.new_zeros(pad)]).view(-1, block).sum(1) if n else keep.new_zeros(0, dtype=torch.int64)
