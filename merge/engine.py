@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,14 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         tensor = model.source.get(name, into).to(device)
         return tensor if method.converts_inputs else tensor.to(recipe.dtype)
 
+    # The inputs are read and decoded side by side: each has its own buffer, and a decode's
+    # bit unpacking and scattering run on one core.
+    with ThreadPoolExecutor(min(len(recipe.inputs), torch.get_num_threads()) or 1) as pool:
+        models = list(pool.map(load, recipe.inputs))
     job = TensorJob(
         name=name,
         base=load(recipe.base) if recipe.base is not None and method.requires_base else None,
-        models=[load(m) for m in recipe.inputs],
+        models=models,
         model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
         params=recipe.global_params_for(name),
         dtype=recipe.dtype,

@@ -55,6 +55,17 @@ MB = 1024 * 1024
 TIME = "/usr/bin/time"  # GNU time: a command's own CPU seconds and peak RSS (run_cli)
 
 
+def linked_bytes(home: Path) -> int:
+    """Bytes of the files under ``home`` that are hard links with a name outside it (a
+    published base, a fetched model's --out): on disk once, whatever du says per folder."""
+    inside: dict[int, list[int]] = {}
+    for path in home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            st = path.stat()
+            inside.setdefault(st.st_ino, [st.st_nlink, st.st_size, 0])[2] += 1
+    return sum(size for nlink, size, names in inside.values() if nlink > names)
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -298,7 +309,8 @@ def run_round(args, family: dict[str, Path], run: Path) -> dict:
     return {"steps": steps, "published": published, "result_id": row["result_id"], "excluded": row.get("excluded") or {},
             "fetched_id": fetched.get("content"), "recomputed": fetched.get("recomputed"),
             "deltas": {h.name: sum(p.stat().st_size for p in (h / "store" / "objects").glob(f"*{DELTA_SUFFIX}")) for h in homes},
-            "disk": {h.name: int(subprocess.check_output(["du", "-sb", str(h)]).split()[0]) for h in homes}}
+            "disk": {h.name: int(subprocess.check_output(["du", "-sb", str(h)]).split()[0]) for h in homes},
+            "linked": {h.name: linked_bytes(h) for h in homes}}
 
 
 def beside_round(family: dict[str, Path], run: Path, result: dict) -> dict:
@@ -351,7 +363,8 @@ def report(result: dict, beside: dict, largest_f32: int) -> dict:
         print("\nnote: /proc/PID/clear_refs refused: the nodes' peaks are since each process started, not per step")
     print("\ndelta sizes (publish --json): " + ", ".join(f"{p['domain']} {p['size'] / MB:.2f} MB" for p in result["published"]))
     print("delta files in each home's store: " + ", ".join(f"{h} {b / MB:.2f} MB" for h, b in result["deltas"].items()))
-    print("disk per home: " + ", ".join(f"{h} {b / MB:.1f} MB" for h, b in result["disk"].items()))
+    print("disk per home: " + ", ".join(f"{h} {b / MB:.1f} MB (of which {result['linked'][h] / MB:.1f} MB hard links "
+                                        "shared with files outside it)" for h, b in result["disk"].items()))
     if result["excluded"]:
         print(f"excluded from the round: {result['excluded']}")
     same = "EQUAL" if result["offline_id"] == result["result_id"] else "DIFFERENT"

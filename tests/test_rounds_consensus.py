@@ -44,7 +44,7 @@ def first_round(tmp_path_factory):
         decodes: list[tuple[str, str]] = []  # (delta id, tensor) of every decode while the round runs
         decode = DeltaFile.decode
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(DeltaFile, "decode", lambda self, name, base: decodes.append((self.id, name)) or decode(self, name, base))
+            patch.setattr(DeltaFile, "decode", lambda self, name, base, **how: decodes.append((self.id, name)) or decode(self, name, base, **how))
             proposal = a.propose(document)
             states = wait_round_done([b, c, d], proposal["round_id"])
         yield {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import os
 import shutil
 from pathlib import Path
 
@@ -202,6 +203,10 @@ def test_a_failed_copy_into_the_store_leaves_no_partial_object(tmp_path, delta_f
         Path(dst).write_bytes(b"half")  # a copy cut short
         raise OSError(28, "No space left on device")
 
+    def no_links(src, dst):  # another file system: the store copies
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
     monkeypatch.setattr(shutil, "copyfile", disk_full)
     with pytest.raises(OSError, match="No space"):
         store.add_delta(path)

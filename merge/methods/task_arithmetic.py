@@ -9,6 +9,7 @@ The semantics follow mergekit's generalized task arithmetic so recipes port as w
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,9 @@ class TaskVectorMerge(MergeMethod):
         models = [m.reshape(-1) for m in job.models]
         weights = [p["weight"] for p in job.model_params]
         densities = [p.get("density", 1.0) for p in job.model_params]
-        rules = [self._keep_rule(base, m, p, job, i) for m, p, i in zip(models, job.model_params, job.model_ids)]
+        # Each model's selection is its own (three passes of bincounts, one core each): side by side.
+        with ThreadPoolExecutor(min(len(models), torch.get_num_threads()) or 1) as pool:
+            rules = list(pool.map(lambda m, p, i: self._keep_rule(base, m, p, job, i), models, job.model_params, job.model_ids))
         rescale = self.family.sparsify == "random" and job.params.get("rescale", False)
         out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
         for start, stop in spans(base.numel(), base.device):
