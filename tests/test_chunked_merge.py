@@ -225,3 +225,16 @@ def test_the_selection_keeps_nothing_of_the_tensors_size():
     )
     grown_kib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
     assert grown_kib < 24 * 1024, f"the selection grew the process by {grown_kib / 1024:.0f} MiB"
+
+
+def test_an_unchanged_tensor_that_overflows_in_the_merge_dtype_is_selected_as_before():
+    """The unchanged-tensor shortcut holds only where the task vector is +0 in the merge's
+    dtype: 1e5 in a bf16 base is inf in fp16, inf - inf is NaN, and the selection must
+    then be the radix select's, not "the first k"."""
+    from hivemerge.merge.methods.sparsify import keep_by_rank
+
+    base = torch.zeros(16, dtype=torch.bfloat16)
+    base[0] = base[5] = 1e5
+    delta = (base.to(torch.float16) - base.to(torch.float16)).abs()
+    got = keep_by_rank(base, base.clone(), torch.float16, 0, 3).keep_bits(delta, 0).bool()
+    assert torch.equal(got, exact.top_k_mask(delta, 3)) and got.tolist()[:4] == [False, True, True, True]

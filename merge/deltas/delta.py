@@ -137,6 +137,13 @@ def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, e
     }
 
 
+def _raise_if_local(exc: Exception) -> None:
+    """A failure of this machine (out of memory), not of the delta: it must not become a
+    public verdict on the delta (a round would exclude it here and nowhere else)."""
+    if isinstance(exc, RuntimeError) and "alloc" in str(exc).lower():
+        raise exc
+
+
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
@@ -200,6 +207,7 @@ class DeltaFile:
             out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name],
                                                 out=base if in_place else None)
         except (RuntimeError, KeyError, IndexError, UserInputError) as exc:
+            _raise_if_local(exc)
             raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
         if not exact.all_finite(out):  # base + delta overflowed
             raise DeltaError(f"{self.path}: decoded tensor {name} has NaN or Inf values", self.id)
@@ -215,6 +223,7 @@ class DeltaFile:
         except UserInputError as exc:
             raise DeltaError(f"{self.path}: tensor {name}: {exc}", self.id) from None
         except (RuntimeError, KeyError, IndexError) as exc:
+            _raise_if_local(exc)
             raise DeltaError(f"{self.path}: tensor {name} cannot be read ({exc})", self.id) from None
 
     def summary(self) -> dict:

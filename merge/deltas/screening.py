@@ -42,6 +42,16 @@ def delta_norm(delta: DeltaFile, base: SafetensorsModel) -> float:
     return math.sqrt(math.fsum(squares))
 
 
+def check_decodes(path: Path, base: SafetensorsModel) -> None:
+    """Decode every tensor of a screened delta onto the base (one tensor at a time, over
+    the base's own copy) and raise DeltaError if any overflows its dtype. For work that
+    decodes a delta many times (a search's candidates) or must find every such delta at
+    once (a round's merge that met one)."""
+    delta = DeltaFile(path)
+    for name in sorted(delta.shapes()):
+        delta.decode(name, base.get(name), in_place=True)
+
+
 def screen_delta(path: Path, base: SafetensorsModel, committers: Collection[str]) -> float:
     """The delta's norm if it passes every check; raises UserInputError saying why not.
     ``committers``: every participant that committed this delta id; its signer must be

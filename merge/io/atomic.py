@@ -57,6 +57,7 @@ def link_or_copy(source: str | Path, target: str | Path) -> bool:
 
     A link shares the file: rewriting one in place rewrites the other. Content ids catch
     it (a manifest is looked at again on every use: merge/io/manifest.py)."""
+    Path(target).unlink(missing_ok=True)  # a leftover of an earlier try: a copy would write through it
     try:
         os.link(source, target)
         return True

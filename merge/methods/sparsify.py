@@ -94,7 +94,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
         delta = model.to(dtype) - base.to(dtype)
         return KeepMask(exact.rank_window_mask(delta.abs(), lo, hi - lo))
     ks = [k for k in (hi, lo) if 0 < k < numel]
-    if _unchanged(base, model):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
+    if _unchanged(base, model, dtype):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
         cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
     else:
         pieces = lambda: (_magnitudes_at(base, model, dtype, start, stop) for start, stop in spans(numel, base.device))  # noqa: E731
@@ -104,10 +104,10 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     return KeepRanked(top, skipped)
 
 
-def _unchanged(base: torch.Tensor, model: torch.Tensor) -> bool:
-    """Whether ``model - base`` is exactly zero everywhere (equal finite values; an
-    infinity minus itself is NaN, so a base holding one never counts as unchanged)."""
-    return model.dtype == base.dtype and torch.equal(model, base) and exact.all_finite(base)
+def _unchanged(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``model - base`` in ``dtype`` is exactly zero everywhere: equal values,
+    finite in ``dtype`` (an infinity minus itself is NaN; 1e5 in bf16 is inf in fp16)."""
+    return model.dtype == base.dtype and torch.equal(model, base) and exact.all_finite(base, dtype)
 
 
 def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:

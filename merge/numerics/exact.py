@@ -20,16 +20,17 @@ _LO_BUCKETS = 1 << 16
 _INF_BITS = 0x7F800000  # bits of +inf: those of NaN lie above
 
 
-def all_finite(values: torch.Tensor, span: int = 1 << 20) -> bool:
+def all_finite(values: torch.Tensor, dtype: torch.dtype | None = None, span: int = 1 << 20) -> bool:
     """Whether every value is finite, checked a span at a time: ``isfinite`` of a whole
     bf16 embedding makes float32 and boolean temporaries of its size. The largest
     magnitude of a span is NaN if any value is (max propagates NaN), and over the
     dtype's largest finite value if any is infinite: one pass, ten times faster than
-    ``isfinite`` on bf16."""
+    ``isfinite`` on bf16. ``dtype``: whether they are finite once converted to it."""
     if not values.is_floating_point():
         return True
-    flat, largest = values.reshape(-1), torch.finfo(values.dtype).max
-    return all(bool(flat[i : i + span].abs().max() <= largest) for i in range(0, flat.numel(), span))
+    dtype = dtype or values.dtype
+    flat, largest = values.reshape(-1), torch.finfo(dtype).max
+    return all(bool(flat[i : i + span].to(dtype).abs().max() <= largest) for i in range(0, flat.numel(), span))
 
 
 def pairwise_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -11,6 +11,7 @@ from hivemerge.node.storage.home import JsonStates, Phase
 from hivemerge.protocol import charter_rules, rounds
 
 PARTICIPANTS_WAIT = 30.0  # how long participants wait for the proposer's list (and the commitments it names)
+LAST_LOOK = 0.05  # seconds before its deadline a proposer reads its round's commitments a last time
 
 
 async def guarded(node, what: str, work) -> None:
@@ -92,6 +93,7 @@ class Coordinator(JsonStates):
         self.dir = node.home / self.phase_dir
         self.dir.mkdir(exist_ok=True)
         self._running: dict[str, asyncio.Task] = {}
+        self._last_looks: dict[str, asyncio.Task] = {}  # round id -> the proposer's reading just before its deadline
 
     # -- what a kind says ---------------------------------------------------------------
     async def joinable(self, base_id: str, now: float) -> list[dict]:
@@ -131,16 +133,36 @@ class Coordinator(JsonStates):
 
     async def while_open(self, state: dict, now: float) -> None:
         """The proposer of a round under a charter keeps the on-time commitments it has seen
-        by each poll: its participant list names only those, so a commitment that first
-        appears after its deadline cannot enter, whatever ``issued_at`` it claims (backdated)."""
+        by each poll, and once more just before its deadline: its participant list names
+        only those, so a commitment that first appears after its deadline cannot enter,
+        whatever ``issued_at`` it claims (backdated)."""
         proposal = state["proposal"]
         if self.node.charter is None or proposal["proposer"] != self.node.identity.public_hex:
             return
+        await self._look(state)
+        rid = proposal["round_id"]
+        if proposal["deadline"] - self.node.clock() <= self.poll and rid not in self._last_looks:
+            self._last_looks[rid] = asyncio.create_task(self._last_look(rid))
+
+    async def _look(self, state: dict) -> None:
+        """One reading of the round's commitments, kept if it began before the deadline (by
+        this node's clock, read now: a tick's ``now`` is older); per signer the latest signed."""
+        proposal = state["proposal"]
+        if self.node.clock() >= proposal["deadline"]:
+            return
         found = (await self.node.network.get_records(rounds.round_key(proposal["round_id"]))).values()
-        on_time = {**state.get("on_time", {}), **rounds.on_time(commitments_of(found), proposal["deadline"])}
+        on_time = dict(state.get("on_time", {}))
+        for publisher, commitment in rounds.on_time(commitments_of(found), proposal["deadline"]).items():
+            if publisher not in on_time or commitment["issued_at"] > on_time[publisher]["issued_at"]:
+                on_time[publisher] = commitment  # a replacement (a fuser adds its fused delta late)
         if on_time != state.get("on_time"):
             state["on_time"] = on_time
             self.save(state)
+
+    async def _last_look(self, round_id: str) -> None:
+        state = self.state(round_id)
+        await asyncio.sleep(max(0.0, state["proposal"]["deadline"] - LAST_LOOK - self.node.clock()))
+        await self._look(state)
 
     async def settle_state(self, state: dict, now: float) -> None:
         """Work on a round whose own work has ended (none by default)."""
@@ -227,6 +249,9 @@ class Coordinator(JsonStates):
             return (await self.round_records(proposal["round_id"], proposal["deadline"]))[0]
         rid, me = proposal["round_id"], self.node.identity.public_hex
         if proposal["proposer"] == me and not state.get("listed"):
+            if rid in self._last_looks:  # its reading just before the deadline, saved to the state file
+                await self._last_looks.pop(rid)
+                state["on_time"] = (self.state(rid) or state).get("on_time", {})
             fields = charter_rules.participants_record_fields(charter, proposal, state.get("on_time", {}), self.node.clock())
             await self.node.store_record("record/participants", rounds.round_key(rid), fields, self.ttl(proposal))
             state["listed"] = sorted(fields["participants"])

@@ -16,8 +16,9 @@ import shutil
 from pathlib import Path
 
 from hivemerge.merge.deltas.delta import DeltaError
-from hivemerge.merge.deltas.screening import screen_delta
+from hivemerge.merge.deltas.screening import check_decodes, screen_delta
 from hivemerge.merge.engine import run_merge
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.coordinators.fusion_rounds import FusionRounds
@@ -198,7 +199,7 @@ class RoundCoordinator(Coordinator):
                 try:
                     norms[delta_id] = await asyncio.get_running_loop().run_in_executor(None, screen_delta, path, base, by)
                 except UserInputError as exc:
-                    excluded[delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
+                    excluded[delta_id] = f"failed verification: {public_reason(exc)}"[:300]
         return norms, excluded
 
     async def _fetch_all(self, delta_ids: list[str], window: float) -> dict[str, str]:
@@ -227,24 +228,30 @@ class RoundCoordinator(Coordinator):
         for task in done:
             exc = task.exception()
             if isinstance(exc, DeltaError):  # it arrived whole, but is not the delta it claims to be
-                excluded[tasks[task]] = f"failed verification: {_without_local_path(exc)}"[:300]
+                excluded[tasks[task]] = f"failed verification: {public_reason(exc)}"[:300]
             elif exc is not None:
                 excluded[tasks[task]] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
         return excluded
 
     def merge_screened(self, proposal: dict, included: list[str], commitments: dict[str, dict], excluded: dict[str, str]) -> str:
         """:meth:`merge` the ``included`` deltas. Screening does not decode, so a delta
-        whose decoded values overflow the base's dtype is found here: it moves from
-        ``included`` to ``excluded`` (both changed in place) with the reason, and the merge
-        runs again without it: every participant finds the same."""
-        while True:
+        whose decoded values overflow the base's dtype is found here. Then every included
+        delta is decoded once to find all such (N of them cost one more merge, not N), they
+        move from ``included`` to ``excluded`` (both changed in place) with the reason, and
+        the merge runs again without them: every participant finds the same."""
+        try:
+            return self.merge(proposal, included, commitments)
+        except DeltaError as exc:
+            if exc.delta_id not in included:
+                raise
+        base = SafetensorsModel(self.node.store.model(proposal["base_id"]))
+        for delta_id in list(included):
             try:
-                return self.merge(proposal, included, commitments)
-            except DeltaError as exc:
-                if exc.delta_id not in included:
-                    raise
-                included.remove(exc.delta_id)
-                excluded[exc.delta_id] = f"failed verification: {_without_local_path(exc)}"[:300]
+                check_decodes(self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}", base)
+            except DeltaError as failed:
+                included.remove(delta_id)
+                excluded[delta_id] = f"failed verification: {public_reason(failed)}"[:300]
+        return self.merge(proposal, included, commitments)
 
     def merge(self, proposal: dict, included: list[str], commitments: dict[str, dict]) -> str:
         out = self.node.store.partial / f"round-{proposal['round_id']}"
@@ -260,7 +267,7 @@ class RoundCoordinator(Coordinator):
         return out
 
 
-def _without_local_path(exc: Exception) -> str:
+def public_reason(exc: Exception) -> str:
     """A delta error's reason without this node's file path: reasons go into public
     attestations, and every participant should state the same one."""
     head, sep, tail = str(exc).partition(f"{DELTA_SUFFIX}: ")

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import asyncio
 
+from hivemerge.merge.deltas.screening import check_decodes
 from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
+from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search import cmaes  # called through the module: tests replace next_candidates
 from hivemerge.merge.search.space import SearchSpace
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
+from hivemerge.node.coordinators.merge_rounds import public_reason
 from hivemerge.node.storage.home import SEARCHES_DIR, Phase
+from hivemerge.node.storage.store import DELTA_SUFFIX
 from hivemerge.protocol import bounds, charter_rules, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
@@ -140,7 +144,14 @@ class SearchCoordinator(Coordinator):
         self.save(state)
         domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
         norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
-        excluded.update(rounds.norm_outliers(norms))
+        base = SafetensorsModel(self.node.store.model(proposal["base_id"]))
+        for delta_id in sorted(d for d in norms if d not in excluded):  # every candidate decodes them: once here first
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, check_decodes, self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}", base)
+            except UserInputError as exc:
+                excluded[delta_id] = f"failed verification: {public_reason(exc)}"[:300]
+        excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in excluded}))
         included = []
         for delta_id in sorted(d for d in norms if d not in excluded):
             if any(domains[d] == domains[delta_id] for d in included):  # searched values are per domain
