@@ -18,7 +18,6 @@ from pathlib import Path
 from hivemerge.merge.deltas.delta import DeltaError
 from hivemerge.merge.deltas.screening import check_decodes, screen_delta
 from hivemerge.merge.engine import run_merge
-from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.coordinators.fusion_rounds import FusionRounds
@@ -244,7 +243,7 @@ class RoundCoordinator(Coordinator):
         except DeltaError as exc:
             if exc.delta_id not in included:
                 raise
-        base = SafetensorsModel(self.node.store.model(proposal["base_id"]))
+        base = self.node.store.model(proposal["base_id"])
         for delta_id in list(included):
             try:
                 check_decodes(self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}", base)

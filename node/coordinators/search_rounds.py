@@ -21,7 +21,6 @@ import asyncio
 from hivemerge.merge.deltas.screening import check_decodes
 from hivemerge.merge.evaluation.fitness import ValidationFitness
 from hivemerge.merge.evaluation.suites import NAMED_SUITES, read_suite_file, validation_suite
-from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.recipe import validate_recipe
 from hivemerge.merge.search import cmaes  # called through the module: tests replace next_candidates
 from hivemerge.merge.search.space import SearchSpace
@@ -144,7 +143,7 @@ class SearchCoordinator(Coordinator):
         self.save(state)
         domains = {d: c["domains"].get(d, "") for _, c in sorted(commitments.items()) for d in c["delta_ids"]}
         norms, excluded = await self.node.rounds.gather_deltas(proposal, commitments)
-        base = SafetensorsModel(self.node.store.model(proposal["base_id"]))
+        base = self.node.store.model(proposal["base_id"])
         for delta_id in sorted(d for d in norms if d not in excluded):  # every candidate decodes them: once here first
             try:
                 await asyncio.get_running_loop().run_in_executor(
