@@ -137,6 +137,10 @@ class BundleServer:
                 raise _Drop("no request within the idle timeout") from None
             except ValueError:  # past the reader's limit (64 KiB): the stream cannot be read on
                 await self._send(writer, wire.encode_header(error="request line too long"))
+                try:  # the rest of the line, read and dropped (1 MiB, 1 s at most): input left unread
+                    await asyncio.wait_for(reader.read(1 << 20), 1.0)  # at close can reset the stream, answer and all
+                except (asyncio.TimeoutError, ConnectionError, ValueError):
+                    pass
                 raise _Drop("request line too long") from None
             if not line:
                 return
