@@ -102,7 +102,7 @@ def _expect(parts: Parts, name: str, count: int, codec: str) -> None:
 
 def _finite(parts: Parts, codec: str, *names: str) -> None:
     for name in names:
-        if parts[name].is_floating_point() and not bool(torch.isfinite(parts[name]).all()):
+        if not exact.all_finite(parts[name]):
             raise UserInputError(f"{codec} delta: part {name} holds NaN or Inf values")
 
 

@@ -202,7 +202,7 @@ class DeltaFile:
         shape = tuple(entry["shape"])
         if tuple(base.shape) != shape:
             raise DeltaError(f"{self.path}: tensor {name} has shape {list(shape)}, the base's is {list(base.shape)}")
-        parts = {p: self.read_part(part_name(name, p)) for p in entry["parts"]}
+        parts = self._parts(name)
         try:
             out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name],
                                                 out=base if in_place else None)
@@ -213,11 +213,15 @@ class DeltaFile:
             raise DeltaError(f"{self.path}: decoded tensor {name} has NaN or Inf values", self.id)
         return out
 
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
+        """A tensor's parts, each read and hash-checked."""
+        return {p: self.read_part(part_name(name, p)) for p in self.manifest["tensors"][name]["parts"]}
+
     def squares(self, name: str) -> float | None:
         """Sum of the tensor's squared delta entries as encoded, from its parts alone (the
         codec's rule, codecs.Codec.squares); None when its codec needs the base."""
         entry = self.manifest["tensors"][name]
-        parts = {p: self.read_part(part_name(name, p)) for p in entry["parts"]}
+        parts = self._parts(name)
         try:
             return CODECS[entry["codec"]].squares(parts, _numel(entry["shape"]), self._options[name])
         except UserInputError as exc:

@@ -246,7 +246,7 @@ class RoundCoordinator(Coordinator):
         base = self.node.store.model(proposal["base_id"])
         for delta_id in list(included):
             try:
-                check_decodes(self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}", base)
+                check_decodes(self.node.store.resolve(delta_id), base)
             except DeltaError as failed:
                 included.remove(delta_id)
                 excluded[delta_id] = f"failed verification: {public_reason(failed)}"[:300]

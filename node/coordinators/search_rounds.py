@@ -27,7 +27,6 @@ from hivemerge.merge.search.space import SearchSpace
 from hivemerge.node.coordinators.base import Coordinator, NodeServices
 from hivemerge.node.coordinators.merge_rounds import public_reason
 from hivemerge.node.storage.home import SEARCHES_DIR, Phase
-from hivemerge.node.storage.store import DELTA_SUFFIX
 from hivemerge.protocol import bounds, charter_rules, rounds, search
 from hivemerge.protocol.content import content_id
 from hivemerge.protocol.errors import UserInputError
@@ -147,7 +146,7 @@ class SearchCoordinator(Coordinator):
         for delta_id in sorted(d for d in norms if d not in excluded):  # every candidate decodes them: once here first
             try:
                 await asyncio.get_running_loop().run_in_executor(
-                    None, check_decodes, self.node.store.objects / f"{delta_id}{DELTA_SUFFIX}", base)
+                    None, check_decodes, self.node.store.resolve(delta_id), base)
             except UserInputError as exc:
                 excluded[delta_id] = f"failed verification: {public_reason(exc)}"[:300]
         excluded.update(rounds.norm_outliers({d: n for d, n in norms.items() if d not in excluded}))
