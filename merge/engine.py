@@ -75,6 +75,38 @@ class ReadBuffers:
             buffer = self._buffers[model.recipe_index] = torch.empty(size, dtype=torch.uint8)
         return buffer
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lies in one of the buffers (the next read overwrites it)."""
+        pointer = tensor.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == pointer for b in self._buffers.values())
+
+
+class WriteBehind:
+    """Writes each merged tensor from a thread of its own while the next one is merged:
+    copying into the page cache (the I/O floor's larger part) overlaps the arithmetic.
+    At most one tensor waits to be written; tensors are written in the order given."""
+
+    def __init__(self, writer: ShardedWriter):
+        self._writer = writer
+        self._thread = ThreadPoolExecutor(1)
+        self._pending = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.wait()
+        self._pending = self._thread.submit(self._writer.write, name, tensor)
+
+    def wait(self) -> None:
+        """Until the tensor last given is written (its error, if any, raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._thread.shutdown()
+
 
 def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None) -> torch.Tensor:
     """The merged value of one tensor, on the CPU in the output dtype (it may view
@@ -121,14 +153,18 @@ def run_merge(
     layout = output_layout(recipe)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, layout, max_shard_bytes)
+        behind = WriteBehind(writer)
         buffers = ReadBuffers()
         try:
             for i, (name, _, _) in enumerate(layout):
-                writer.write(name, merge_tensor(recipe, name, dev, buffers))
+                merged = merge_tensor(recipe, name, dev, buffers)
+                behind.write(name, merged.clone() if buffers.holds(merged) else merged)  # the next read reuses the buffers
                 if progress:
                     progress(i + 1, len(layout), name)
+            behind.close()
             files = writer.finish()
         finally:
+            behind.close()
             writer.abort()
         write_config(recipe, staging)
         files += copy_tokenizer(recipe, staging)

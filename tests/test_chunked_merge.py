@@ -238,3 +238,49 @@ def test_an_unchanged_tensor_that_overflows_in_the_merge_dtype_is_selected_as_be
     delta = (base.to(torch.float16) - base.to(torch.float16)).abs()
     got = keep_by_rank(base, base.clone(), torch.float16, 0, 3).keep_bits(delta, 0).bool()
     assert torch.equal(got, exact.top_k_mask(delta, 3)) and got.tolist()[:4] == [False, True, True, True]
+
+
+# -- writing behind the merge ------------------------------------------------------------
+
+def test_the_writer_thread_writes_in_order_and_a_failed_write_leaves_nothing(tiny_family, tmp_path, monkeypatch):
+    """The output is written from a thread while the next tensor merges: the bytes are
+    those of writing in line, and a write that fails fails the merge, with no output."""
+    from conftest import merge_doc
+
+    from hivemerge.merge.engine import WriteBehind
+    from hivemerge.merge.io.writer import ShardedWriter
+
+    doc = {"merge_method": "ties", "base_model": str(tiny_family["base"]), "parameters": {"density": 0.5, "weight": 1.0},
+           "models": [{"model": str(tiny_family[e])} for e in ("math", "code")]}
+    behind = merge_doc(doc, tmp_path / "behind")
+    monkeypatch.setattr(WriteBehind, "write", lambda self, name, tensor: self._writer.write(name, tensor))
+    in_line = merge_doc(doc, tmp_path / "in-line")
+    assert list(behind) == list(in_line) and all(torch.equal(behind[n], in_line[n]) for n in behind)
+
+    monkeypatch.undo()
+    written = []
+
+    def failing(self, name, tensor):
+        if len(written) == 3:
+            raise OSError("No space left on device")
+        written.append(name)
+        return real(self, name, tensor)
+
+    real = ShardedWriter.write
+    monkeypatch.setattr(ShardedWriter, "write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        merge_doc(doc, tmp_path / "failed")
+    assert not (tmp_path / "failed").exists() and len(written) == 3
+
+
+def test_read_buffers_know_the_tensors_that_lie_in_them():
+    """What the engine copies before the next read overwrites it (a method may return an input as is)."""
+    from types import SimpleNamespace
+
+    from hivemerge.merge.engine import ReadBuffers
+    from hivemerge.merge.io.sources import TensorInfo
+
+    buffers = ReadBuffers()
+    model = SimpleNamespace(recipe_index=0, source=SimpleNamespace(tensors={"w": TensorInfo(torch.float32, (4,))}))
+    buffer = buffers.take(model, "w")
+    assert buffers.holds(buffer[4:8].view(torch.float32)) and not buffers.holds(buffer.clone())

@@ -19,7 +19,7 @@ from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.numerics import rng
-from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
+from hivemerge.merge.numerics.bits import count_bits, pack_bits, signed_bits, unpack_bits
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.identity import Identity
 
@@ -312,6 +312,47 @@ def test_pack_bits_is_little_endian_within_a_byte():
     mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
     assert pack_bits(mask).tolist() == [0b00000001, 0b10000010, 0b00000001]
     assert unpack_bits(torch.tensor([0xFF, 0x80], dtype=torch.uint8), 16).tolist() == [True] * 8 + [False] * 7 + [True]
+
+
+def test_count_bits_counts_only_the_first_count_bits():
+    packed = torch.tensor([0b10110001, 0xFF, 0b11111101], dtype=torch.uint8)
+    assert [count_bits(packed, n) for n in (0, 1, 4, 8, 9, 16, 17, 18, 19, 24)] == [0, 1, 1, 4, 5, 12, 13, 13, 14, 19]
+
+
+def signed_reference(mask: list[bool], signs: list[bool]) -> list[int]:
+    """By hand: each set mask bit takes the next sign bit (1: +1, 0: -1); clear bits are 0."""
+    out, taken = [], 0
+    for bit in mask:
+        out.append((1 if signs[taken] else -1) if bit else 0)
+        taken += bit
+    return out
+
+
+def test_signed_bits_by_hand():
+    mask = torch.tensor([0b00000101, 0b10000000], dtype=torch.uint8)  # entries 0, 2 and 15 kept
+    signs = torch.tensor([0b110], dtype=torch.uint8)  # their signs: -, +, +
+    values, kept = signed_bits(mask, signs, 0, 16, 0)
+    assert values.tolist() == [-1, 0, 1] + [0] * 12 + [1] and kept == 3
+    values, kept = signed_bits(mask, signs, 8, 8, 2)  # the second byte alone, two signs used before it
+    assert values.tolist() == [0] * 7 + [1] and kept == 3
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64, 1001])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("span", [8, 24, 1 << 20])
+def test_signed_bits_span_by_span_match_the_reference_and_ignore_padding_bits(n, density, span):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < density
+    signs = torch.rand(int(mask.sum()), generator=g) < 0.5
+    packed = pack_bits(mask)
+    if n % 8:  # a hostile writer sets the bits past the last entry: they are no entries
+        packed[-1] |= 0xFF ^ ((1 << n % 8) - 1)
+    values, taken = [], 0
+    for start in range(0, n, span):
+        got, taken = signed_bits(packed, pack_bits(signs), start, min(n, start + span) - start, taken)
+        values += got.tolist()
+    assert values == signed_reference(mask.tolist(), signs.tolist()) and taken == int(mask.sum())
+    assert count_bits(packed, n) == int(mask.sum())
 
 
 # -- codec names and options ------------------------------------------------------------

@@ -92,6 +92,21 @@ def test_kth_largest_rejects_bad_input():
         exact.kth_largest(torch.ones(4, dtype=torch.float64), 1)
 
 
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("source", DTYPES, ids=str)
+@pytest.mark.parametrize("target", DTYPES, ids=str)
+def test_all_finite_is_isfinite_after_conversion(source, target):
+    """On the values' bits when the conversion is exact, by conversion otherwise; spans of 3."""
+    for value in (1.0, -0.0, 1e-45, 7e4, -7e4, 3e38, 1e300, math.inf, -math.inf, math.nan):
+        values = torch.tensor([0.5, 0.25, -2.0, 1.0, value, 4.0, 8.0], dtype=source)
+        want = bool(torch.isfinite(values.to(target)).all())
+        assert exact.all_finite(values, target, span=3) is want, (source, target, value)
+        assert exact.all_finite(values, span=3) is bool(torch.isfinite(values).all())
+    assert exact.all_finite(torch.zeros(0, dtype=source), target)
+
+
 def test_pairwise_sum_of_float32_is_exact():
     # torch.rand gives multiples of 2**-24 below 1: 5000 of them sum exactly in float64.
     x = torch.rand(5000, generator=torch.Generator().manual_seed(1))

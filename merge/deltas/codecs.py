@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from hivemerge.merge.numerics import exact, rng
-from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
+from hivemerge.merge.numerics.bits import count_bits, pack_bits, signed_bits, unpack_bits
 from hivemerge.merge.params import ParamSpec
 from hivemerge.protocol.errors import UserInputError
 
@@ -130,10 +130,6 @@ def _block_counts(n: int, block: int) -> torch.Tensor:
     if counts.numel():
         counts[-1] = n - block * (counts.numel() - 1)
     return counts
-
-
-def _kept_count(mask: torch.Tensor, n: int) -> int:
-    return sum(int(_bits_at(mask, s, min(n, s + _DECODE_SPAN) - s).sum()) for s in range(0, n, _DECODE_SPAN))
 
 
 def _scattered(mask: torch.Tensor, values_at: Callable[..., torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
@@ -305,7 +301,7 @@ class Sparse(Codec):
     def _kept_values(parts: Parts, n: int, opts: dict[str, Any]) -> torch.Tensor:
         """The kept entries' values (fp16, or int8 dequantized to float32), one per mask bit set."""
         _expect(parts, "mask", (n + 7) // 8, "sparse")
-        count = _kept_count(parts["mask"], n)
+        count = count_bits(parts["mask"], n)
         values = parts["values"] if "values" in parts else _int8_dequantize(parts, count, opts["block"])
         if values.numel() != count:
             raise UserInputError(f"sparse delta: {values.numel()} values for {count} kept entries")
@@ -394,16 +390,20 @@ class Ternary(Codec):
         n, block = base.numel(), opts["block"]
         _expect(parts, "mask", (n + 7) // 8, "ternary")
         _expect(parts, "scale", -(-n // block), "ternary")
-        count = _kept_count(parts["mask"], n)
+        count = count_bits(parts["mask"], n)
         if parts["signs"].numel() != (count + 7) // 8:
             raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {count} kept entries")
         _non_negative(parts, "ternary", "scale")
         # Each entry: its block's scale times +1, -1 (kept, by its sign bit) or +0 (not kept),
         # without gathering the kept entries' scales: the same values as +-scale where kept.
-        signs = _scattered(parts["mask"], lambda i, j, keep, start, stop: _bits_at(parts["signs"], i, j - i).to(torch.float32)
-                           .mul_(2).sub_(1))
-        return _rebuild(base, dtype, shape, lambda start, stop: signs(start, stop).mul_(_per_entry(parts["scale"], block, start, stop)),
-                        out)
+        taken = 0
+
+        def delta_at(start: int, stop: int) -> torch.Tensor:  # spans come in order
+            nonlocal taken
+            signs, taken = signed_bits(parts["mask"], parts["signs"], start, stop - start, taken)
+            return signs.to(torch.float32).mul_(_per_entry(parts["scale"], block, start, stop))
+
+        return _rebuild(base, dtype, shape, delta_at, out)
 
     def squares(self, parts, n, opts):
         block = opts["block"]
