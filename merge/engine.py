@@ -23,8 +23,9 @@ from hivemerge.merge.io.model_card import copy_tokenizer, write_config, write_mo
 from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.methods import TensorJob
+from hivemerge.merge.numerics import exact
 from hivemerge.merge.recipe import ModelInput, Recipe
-from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.errors import ComputationError, UserInputError
 
 # progress(done_tensors, total_tensors, tensor_name)
 Progress = Callable[[int, int, str], None]
@@ -137,7 +138,10 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         model_ids=[m.recipe_index for m in recipe.inputs],
         seed=recipe.seed,
     )
-    return method.merge(job).to(recipe.out_dtype).cpu()
+    merged = method.merge(job).to(recipe.out_dtype)
+    if not exact.all_finite(merged):  # whatever the method: a model with NaN or Inf is never written
+        raise ComputationError(f"{method.name} produced NaN or Inf values in tensor {name}; nothing was written")
+    return merged.cpu()
 
 
 def run_merge(

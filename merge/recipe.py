@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
-from hivemerge.merge.io.dtypes import parse_dtype
+from hivemerge.merge.io.dtypes import dtype_name, parse_dtype
 from hivemerge.merge.io.manifest import model_id
-from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
 from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
@@ -253,8 +253,11 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
         if not errors and reference is not None:
             _check_coverage(method, document.get("parameters") or {}, models, base, reference, num_layers, errors)
 
+    # The math runs in float32 unless ``dtype`` says otherwise; the output keeps the
+    # inputs' dtype (bf16 in, bf16 out, as mergekit writes it) unless a dtype is named.
     dtype = _dtype_field(document, "dtype", "float32", errors)
-    out_dtype = _dtype_field(document, "out_dtype", document.get("dtype") or "float32", errors)
+    inputs_dtype = float_dtype(reference.source) if reference is not None else None
+    out_dtype = _dtype_field(document, "out_dtype", document.get("dtype") or dtype_name(inputs_dtype or torch.float32), errors)
 
     tokenizer_source = reference
     tok = document.get("tokenizer_source", "base")

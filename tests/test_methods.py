@@ -483,7 +483,56 @@ def test_model_stock_filter_wise(tmp_path):
     assert close(sum(whole, []), want_whole, rel=1e-6, abs_=1e-6)
 
 
+@pytest.mark.parametrize("nudge", [0.0, 2**-20])
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular(tmp_path, nudge):
+    """Experts e and 2*base - e: cos = -1, so 1 + (N-1) cos = 0 and the ratio N cos / 0
+    is infinite (NaN written before); with one entry nudged by 2**-20, 1 + cos is
+    about 1e-13 (-8388608 written before). Either way the tensor keeps the base; the 2-D tensor
+    beside it, whose experts agree, is merged as usual."""
+    base = [0.5, -1.0, 2.0, 0.25]
+    e = [1.5, -0.5, 1.0, 0.25]
+    mirror = [2 * b - x for b, x in zip(base, e)]
+    mirror[0] += nudge
+    fine_base = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    fine = [fine_base + torch.tensor([[0.5, 0.25], [0.0, 0.5]]), fine_base + torch.tensor([[0.25, 0.5], [0.5, 0.0]])]
+    dirs = {name: str(write_tensors(tmp_path / name, {"w": vec(w), "m": m}))
+            for name, w, m in (("base", base, fine_base), ("e", e, fine[0]), ("mirror", mirror, fine[1]))}
+    out = merge_doc({**F32, "merge_method": "model_stock", "base_model": dirs["base"],
+                     "models": [{"model": dirs["e"]}, {"model": dirs["mirror"]}]}, tmp_path / "out")
+    assert out["w"].tolist() == base
+    want, t = model_stock_expected(sum(fine_base.tolist(), []), [sum(f.tolist(), []) for f in fine])
+    assert 0.1 < t < 0.99 and close(out["m"].reshape(-1).tolist(), want)
+
+
+def test_a_merge_that_produces_inf_exits_1_and_writes_nothing(tmp_path):
+    """Finite float32 inputs whose average overflows float16: one error line naming the
+    tensor, exit 1, no output directory (whatever the method; the cast is the engine's)."""
+    from conftest import run_cli
+
+    p = models(tmp_path, a=[1.0, 7.0e4], b=[1.0, 8.0e4])
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nout_dtype: float16\nparameters: {{weight: 1.0}}\nmodels:\n  - model: {p['a']}\n  - model: {p['b']}\n")
+    proc = run_cli("merge", tmp_path / "r.yaml", "--out", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: linear produced NaN or Inf values in tensor w; nothing was written"]
+    assert not (tmp_path / "out").exists()
+
+
 # -- dtypes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_without_a_dtype_the_output_keeps_the_inputs_dtype_and_the_math_is_float32(tmp_path, stored):
+    """As mergekit writes it: bf16 in, bf16 out. The average of 1 and 1 + 2**-8 is
+    1 + 2**-9 in float32, which bf16 rounds to 1 (ties to even) and float16 keeps; a
+    bf16 sum would round 2 + 2**-8 to 2 first."""
+    a = torch.tensor([1.0, 3.0], dtype=stored)
+    b = torch.tensor([1.0 + 2**-8, 5.0], dtype=stored)
+    dirs = {n: str(write_tensors(tmp_path / n, {"w": t})) for n, t in (("a", a), ("b", b))}
+    out = merge_doc({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": dirs["a"]}, {"model": dirs["b"]}]},
+                    tmp_path / "out")
+    assert out["w"].dtype == stored
+    assert out["w"].tolist() == [torch.tensor(1 + 2**-9).to(stored).item(), 4.0]
 
 
 def test_out_dtype_is_applied_after_float32_math(tmp_path):

@@ -7,6 +7,7 @@ from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 
 EPS = 1e-8
+SINGULAR = 1e-6  # |1 + (N-1) cos| below this: the ratio is meaningless
 
 
 @register
@@ -33,7 +34,11 @@ class ModelStock(MergeMethod):
                 pairs += 1
         cos = exact.divide(cos_sum, pairs)
         n = len(models)
-        ratio = (n * cos) / (1 + (n - 1) * cos)  # float64
+        denominator = 1 + (n - 1) * cos
+        # Where it (nearly) vanishes, e.g. experts e and 2*base - e, the ratio is +-inf or
+        # millions: that tensor keeps the base (ratio 0) rather than write NaN or garbage.
+        singular = denominator.abs() < SINGULAR
+        ratio = torch.where(singular, 0.0, (n * cos) / torch.where(singular, 1.0, denominator))  # float64
         ratio = ratio.to(base.dtype)
         if row_wise:
             ratio = ratio.unsqueeze(-1)

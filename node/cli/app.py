@@ -2,7 +2,8 @@
 each, see __init__.py) and runs it.
 
 Every command turns a :class:`UserInputError` into one ``error:`` line on stderr and
-exit status 2; other failures exit 1.
+exit status 2, a :class:`ComputationError` (a merge that produced NaN) into one line and
+exit status 1; other failures exit 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hivemerge.node.cli import round as cmd_round
 from hivemerge.node.cli import search as cmd_search
 from hivemerge.node.cli import store as cmd_store
 from hivemerge.node.ui import quiet_third_party
-from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.errors import ComputationError, UserInputError
 
 app = typer.Typer(
     name="hivemerge",
@@ -58,6 +59,9 @@ def main() -> None:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except ComputationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
