@@ -35,6 +35,9 @@ class ParamSpec:
     low_open: bool = False  # (low, ...] instead of [low, ...]
     doc: str = ""
     choices: tuple[str, ...] = ()  # for kind str
+    # Accepted because mergekit accepts it, but it changes nothing here (e.g. density on
+    # task_arithmetic): a recipe that sets it is merged, with one warning naming it.
+    ignored: bool = False
 
     @property
     def required(self) -> bool:

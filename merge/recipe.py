@@ -70,6 +70,7 @@ class Recipe:
     num_layers: int
     document: dict  # the recipe as written, for the model card
     name: str | None = None
+    warnings: list[str] = field(default_factory=list)  # shown once, before the merge
 
     @property
     def reference(self) -> ModelInput:
@@ -157,6 +158,7 @@ def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", re
 
 def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Resolver | None = None) -> Recipe:
     errors: list[str] = []
+    warnings: list[str] = []
     opened: dict[str, ModelSource] = {}
     base: ModelInput | None = None
 
@@ -249,7 +251,9 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
             )
             extra = " besides base_model" if method.drops_base_from_models else ""
             errors.append(f"models: {method.name} merges {want} model(s){extra}, got {count}")
-        validate_params(method, document.get("parameters"), models, base, num_layers, errors)
+        ignored = validate_params(method, document.get("parameters"), models, base, num_layers, errors)
+        if ignored:
+            warnings.append(f"{', '.join(sorted(ignored))}: no effect on {method.name} (accepted, as mergekit accepts it)")
         if not errors and reference is not None:
             _check_coverage(method, document.get("parameters") or {}, models, base, reference, num_layers, errors)
 
@@ -293,12 +297,16 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
         num_layers=num_layers,
         document=document,
         name=name,
+        warnings=warnings,
     )
 
 
 def validate_params(
     method: MergeMethod, global_params: Any, models: list[ModelInput], base: ModelInput | None, num_layers: int, errors: list[str]
-) -> None:
+) -> set[str]:
+    """Append each problem to ``errors``; return the names of the ignored parameters set
+    (:attr:`ParamSpec.ignored`)."""
+    ignored: set[str] = set()
     if global_params is None:
         global_params = {}
     if not isinstance(global_params, dict):
@@ -312,6 +320,8 @@ def validate_params(
             errors.append(f"parameters.{name}: unknown parameter for {method.name}; expected one of {sorted(global_allowed) or 'none'}")
         else:
             validate_value(spec, value, f"parameters.{name}", num_layers, errors)
+            if spec.ignored:
+                ignored.add(name)
     for spec in method.global_params:
         if spec.required and spec.name not in global_params:
             errors.append(f"parameters.{spec.name}: required by {method.name}")
@@ -326,11 +336,14 @@ def validate_params(
                 )
             else:
                 validate_value(spec, value, f"{m.key}.parameters.{name}", num_layers, errors)
+                if spec.ignored:
+                    ignored.add(name)
         for spec in method.model_params:
             if spec.required and spec.name not in m.params and spec.name not in global_params:
                 if method.drops_base_from_models and base is not None and m.source is base.source:
                     continue  # the base listed among the models contributes no task vector
                 errors.append(f"{m.key}.parameters.{spec.name}: required by {method.name}")
+    return ignored
 
 
 def _check_coverage(

@@ -4,6 +4,7 @@ included, whatever the chunk size."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -38,6 +39,13 @@ def reference_top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask | at
 
 
+def l1_factor(delta: torch.Tensor, keep: torch.Tensor) -> float:
+    """mergekit's rescale, summed exactly: sum|delta| / sum|kept| as float32 (1 where either is below 1e-7)."""
+    total = math.fsum(delta.abs().double().tolist())
+    kept = math.fsum(torch.where(keep, delta, 0.0).abs().double().tolist())
+    return 1.0 if total < 1e-7 or kept < 1e-7 else float(torch.tensor(total / kept, dtype=torch.float32))
+
+
 def reference_merge(method: str, job: TensorJob) -> torch.Tensor:
     """TaskVectorMerge on whole tensors with torch.where, as it was before chunking."""
     family = METHODS[method].family
@@ -51,13 +59,16 @@ def reference_merge(method: str, job: TensorJob) -> torch.Tensor:
                 keep = rng.bernoulli_mask(rng.stream_key(job.seed, job.name, model_id), n, density)
             else:
                 target, skip = int(density * n), 0
+                if family.sparsify == "magnitude":  # mergekit keeps at least one entry
+                    target = max(1, target)
                 if family.sparsify == "outliers":
                     skip = int(params["gamma"] * n)
                     skip += min(0, n - target - skip)
                 keep = reference_top_k_mask(delta.abs(), skip + target) & ~reference_top_k_mask(delta.abs(), skip)
+            factor = l1_factor(delta, keep) if job.params.get("rescale", False) else 1.0
             delta = torch.where(keep, delta, 0.0)
-            if family.sparsify == "random" and job.params.get("rescale", False):
-                delta = delta / density
+            if factor != 1.0:
+                delta = delta * factor
         weighted.append(delta * params["weight"])
     if family.consensus:
         total = weighted[0]
@@ -99,7 +110,8 @@ def inputs(non_finite: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def job_for(method: str, dtype: torch.dtype, non_finite: bool) -> TensorJob:
     base, models = inputs(non_finite)
     model_params = [{"weight": w, "density": d, "gamma": 0.05} for w, d in zip(WEIGHTS, DENSITIES)]
-    params = {"normalize": method != "task_arithmetic", "lambda": 1.3, "rescale": True}
+    # rescale of a task vector holding inf is NaN everywhere (sum|delta| is inf), which the engine refuses to write
+    params = {"normalize": method != "task_arithmetic", "lambda": 1.3, "rescale": not non_finite}
     return TensorJob("w", base, models, model_params, params, dtype, torch.float16, model_ids=[0, 1, 2], seed=5)
 
 
@@ -284,3 +296,39 @@ def test_read_buffers_know_the_tensors_that_lie_in_them():
     model = SimpleNamespace(recipe_index=0, source=SimpleNamespace(tensors={"w": TensorInfo(torch.float32, (4,))}))
     buffer = buffers.take(model, "w")
     assert buffers.holds(buffer[4:8].view(torch.float32)) and not buffers.holds(buffer.clone())
+
+
+# -- DELLA's rank-dependent drop ------------------------------------------------------------
+
+def test_della_masks_do_not_depend_on_the_block_or_chunk_size(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(37, 29, generator=g).bfloat16()
+    models = [(base.float() + torch.round(torch.randn(37, 29, generator=g) * 3) / 64).bfloat16() for _ in range(2)]
+    params = [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}, {"weight": 0.5, "density": 0.3, "epsilon": 0.1}]
+
+    def merged():
+        job = TensorJob("m", base, models, params, {"normalize": True, "lambda": 1.0, "rescale": True}, torch.float32,
+                        torch.bfloat16, model_ids=[0, 1], seed=2)
+        return METHODS["della"].merge(job).view(torch.int16)
+
+    want = merged()
+    for block, chunk in ((8, 1 << 12), (64, 40), (1 << 20, 1 << 18)):
+        monkeypatch.setattr(sparsify, "_BLOCK", block)
+        monkeypatch.setattr(sparsify, "_CPU_CHUNK", chunk)
+        assert torch.equal(merged(), want), (block, chunk)
+
+
+def test_della_keeps_each_rank_with_its_probability():
+    """400 rows of 50: the entry of ascending magnitude rank r is kept with probability
+    0.5 - 0.3 + 0.6 r / 49 (0.2 for the smallest, 0.8 for the largest); the kept fraction
+    of each fifth of the ranks is within 4 standard errors of its mean probability."""
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(400, 50, generator=g)
+    rule = sparsify.KeepDella(torch.zeros(20000), delta.reshape(-1), torch.float32, (400, 50), 0.5, 0.3, (123, 456))
+    keep = rule.keep_bits(delta.reshape(-1), 0).bool().view(400, 50)
+    rank = torch.argsort(torch.argsort(delta.abs(), dim=1, stable=True), dim=1)
+    for fifth in range(5):
+        ranks = range(10 * fifth, 10 * fifth + 10)
+        p = sum(0.2 + 0.6 * r / 49 for r in ranks) / 10
+        kept = sum(int(keep[rank == r].sum()) for r in ranks) / 4000
+        assert abs(kept - p) < 4 * math.sqrt(p * (1 - p) / 4000), (fifth, kept, p)

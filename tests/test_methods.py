@@ -15,6 +15,7 @@ import torch
 from conftest import merge_doc, write_tensors
 
 from hivemerge.merge.numerics import rng
+from hivemerge.protocol.errors import UserInputError
 
 F32 = {"dtype": "float32", "out_dtype": "float32"}
 
@@ -240,6 +241,11 @@ def dare_masks(seed, indices=(1, 2), densities=(0.5, 0.25)):
     return masks
 
 
+def l1_scale(deltas, keep):
+    """mergekit's rescale by hand: the sum of |delta| over all entries over that of the kept ones."""
+    return sum(abs(d) for d in deltas) / sum(abs(d) for d, k in zip(deltas, keep) if k)
+
+
 def dare_models(tmp_path):
     return models(tmp_path, base=DB, m1=[b + d for b, d in zip(DB, E1)], m2=[b + d for b, d in zip(DB, E2)])
 
@@ -251,12 +257,13 @@ SEED = 4
 def test_dare_linear(tmp_path, rescale):
     got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_linear", SEED, rescale=rescale))
     k1, k2 = dare_masks(SEED)
-    s1, s2 = (1 / 0.5, 1 / 0.25) if rescale else (1.0, 1.0)
+    s1, s2 = (l1_scale(E1, k1), l1_scale(E2, k2)) if rescale else (1.0, 1.0)
+    assert not rescale or (s1 != 1 / 0.5 and s2 != 1 / 0.25)  # not the division by density it was before mergekit 0.1.5
     want = [
         b + 1.0 * (d1 * s1 if keep1 else 0.0) + 0.75 * (d2 * s2 if keep2 else 0.0)
         for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2)
     ]
-    assert got == want  # every step is exact on these dyadic values
+    assert close(got, want) and (rescale or got == want)  # exact on these dyadic values without the scale
     # The masks are keyed by the position in `models`: other positions give other results.
     w1, w2 = dare_masks(SEED, indices=(0, 1))
     assert got != [b + (d1 * s1 if a else 0.0) + 0.75 * (d2 * s2 if c else 0.0) for b, d1, d2, a, c in zip(DB, E1, E2, w1, w2)]
@@ -265,8 +272,9 @@ def test_dare_linear(tmp_path, rescale):
 def test_dare_linear_normalize(tmp_path):
     got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_linear", SEED, normalize=True))
     k1, k2 = dare_masks(SEED)
+    s1, s2 = l1_scale(E1, k1), l1_scale(E2, k2)
     want = [
-        b + ((d1 / 0.5 if keep1 else 0.0) + 0.75 * (d2 / 0.25 if keep2 else 0.0)) / 1.75
+        b + ((d1 * s1 if keep1 else 0.0) + 0.75 * (d2 * s2 if keep2 else 0.0)) / 1.75
         for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2)
     ]
     assert close(got, want)
@@ -278,22 +286,24 @@ def test_dare_linear_model_index_without_base_listed(tmp_path):
     doc["models"] = doc["models"][1:]  # now the experts are indices 0 and 1
     got = merged_w(tmp_path, doc)
     k1, k2 = dare_masks(SEED, indices=(0, 1))
-    want = [b + (d1 / 0.5 if a else 0.0) + 0.75 * (d2 / 0.25 if c else 0.0) for b, d1, d2, a, c in zip(DB, E1, E2, k1, k2)]
-    assert got == want
+    s1, s2 = l1_scale(E1, k1), l1_scale(E2, k2)
+    want = [b + (d1 * s1 if a else 0.0) + 0.75 * (d2 * s2 if c else 0.0) for b, d1, d2, a, c in zip(DB, E1, E2, k1, k2)]
+    assert close(got, want)
 
 
 @pytest.mark.parametrize("seed", [SEED, 11])
 def test_dare_ties(tmp_path, seed):
     got = merged_w(tmp_path, dare_doc(dare_models(tmp_path), "dare_ties", seed))
     k1, k2 = dare_masks(seed)
+    s1, s2 = l1_scale(E1, k1), l1_scale(E2, k2)
     want = []
     for b, d1, d2, keep1, keep2 in zip(DB, E1, E2, k1, k2):
-        v1 = 1.0 * (d1 / 0.5 if keep1 else 0.0)  # weight * rescaled kept delta
-        v2 = 0.75 * (d2 / 0.25 if keep2 else 0.0)
+        v1 = 1.0 * (d1 * s1 if keep1 else 0.0)  # weight * rescaled kept delta
+        v2 = 0.75 * (d2 * s2 if keep2 else 0.0)
         sign = 1.0 if v1 + v2 >= 0 else -1.0
         mixed = sum(v for v in (v1, v2) if v != 0 and math.copysign(1.0, v) == sign)
         want.append(b + mixed)  # dare_ties does not normalize by default
-    assert got == want
+    assert close(got, want)
 
 
 def test_dare_ties_normalized(tmp_path):
@@ -307,6 +317,96 @@ def test_dare_ties_normalized(tmp_path):
         divisor = sum(w for _, w in agree) or 1.0
         want.append(b + sum(v for v, _ in agree) / divisor)
     assert close(got, want)
+
+
+# -- DELLA -------------------------------------------------------------------------
+
+DELLA_BASE = [[0.5, -1.0, 2.0, 0.0, 1.0], [0.25, 0.75, -0.5, 1.5, -2.0]]
+DELLA_D1 = [[1.0, -3.0, 0.5, 2.0, -0.25], [-1.5, 0.5, 4.0, -2.5, 1.0]]
+DELLA_D2 = [[-2.0, 1.0, 0.5, -1.0, 3.0], [2.0, -0.5, 1.0, 0.25, -3.5]]
+
+
+def della_keep(deltas, density, epsilon, seed, index):
+    """By hand: in each row, entry of ascending |delta| rank r (ties by position) of c is
+    kept with probability (density - epsilon) + 2 epsilon r / (c - 1); the draw is the
+    keyed stream's integer below p * 2**32."""
+    cols = len(deltas[0])
+    stream = rng.uint32_stream(rng.stream_key(seed, "m", index), 0, cols * len(deltas)).tolist()
+    keep = []
+    for row, values in enumerate(deltas):
+        order = sorted(range(cols), key=lambda i: (abs(values[i]), i))
+        rank = {i: r for r, i in enumerate(order)}
+        for i in range(cols):
+            p = torch.tensor(rank[i] / (cols - 1), dtype=torch.float32) * 2 * epsilon + (density - epsilon)  # float32, as mergekit
+            keep.append(stream[row * cols + i] < float(p) * 2**32)
+    return keep
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della(tmp_path, method):
+    flat = lambda rows: [x for r in rows for x in r]  # noqa: E731
+    dirs = {name: str(write_tensors(tmp_path / name, {"m": torch.tensor(
+        [[b + d for b, d in zip(br, dr)] for br, dr in zip(DELLA_BASE, rows)] if rows else DELLA_BASE)}))
+        for name, rows in (("base", None), ("m1", DELLA_D1), ("m2", DELLA_D2))}
+    doc = {**F32, "merge_method": method, "base_model": dirs["base"], "seed": 3,
+           "models": [{"model": dirs["m1"], "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.3}},
+                      {"model": dirs["m2"], "parameters": {"weight": 0.5, "density": 0.4, "epsilon": 0.2}}]}
+    got = flat(merge_doc(doc, tmp_path / "out")["m"].tolist())
+    k1, k2 = della_keep(DELLA_D1, 0.5, 0.3, 3, 0), della_keep(DELLA_D2, 0.4, 0.2, 3, 1)
+    d1, d2 = flat(DELLA_D1), flat(DELLA_D2)
+    assert 0 < sum(k1) < 10 and 0 < sum(k2) < 10 and k1 != k2  # the draw keeps some and drops some
+    v1 = [1.0 * d * l1_scale(d1, k1) if k else 0.0 for d, k in zip(d1, k1)]  # rescale is on by default
+    v2 = [0.5 * d * l1_scale(d2, k2) if k else 0.0 for d, k in zip(d2, k2)]
+    want = []
+    for b, x, y in zip(flat(DELLA_BASE), v1, v2):
+        if method == "della_linear":  # a weighted sum, not normalized by default
+            want.append(b + x + y)
+            continue
+        sign = 1.0 if x + y >= 0 else -1.0  # della: TIES sign election, normalized by the agreeing weights
+        agree = [(v, w) for v, w in ((x, 1.0), (y, 0.5)) if v != 0 and math.copysign(1.0, v) == sign]
+        want.append(b + sum(v for v, _ in agree) / (sum(w for _, w in agree) or 1.0))
+    assert close(got, want)
+
+
+def test_della_refuses_an_epsilon_that_leaves_0_1(tmp_path):
+    p = models(tmp_path, base=[0.0] * 4, m1=[1.0, -2.0, 3.0, 0.5])
+    with pytest.raises(UserInputError, match="density \\+- epsilon must lie in"):
+        merged_w(tmp_path, {"merge_method": "della", "base_model": p["base"],
+                            "models": [{"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.15}}]})
+
+
+def test_ties_rescale_and_at_least_one_entry_kept(tmp_path):
+    """ties with mergekit's rescale: the kept entries times sum|delta| / sum|kept|; and a
+    density whose int(density * n) is 0 keeps the largest entry (mergekit keeps one)."""
+    d1, d2 = [1.0, -3.0, 0.5, 2.0], [-0.5, 2.0, 1.5, -1.0]
+    p = models(tmp_path, base=[0.0] * 4, m1=d1, m2=d2)
+    doc = {"merge_method": "ties", "base_model": p["base"], "parameters": {"rescale": True},
+           "models": [{"model": p["m1"], "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": p["m2"], "parameters": {"weight": 1.0, "density": 0.1}}]}
+    got = merged_w(tmp_path, doc)
+    k1 = [False, True, False, True]  # the 2 largest of |d1|: 3 and 2
+    k2 = [False, True, False, False]  # int(0.4) = 0, so the one largest: 2
+    v1 = [d * l1_scale(d1, k1) if k else 0.0 for d, k in zip(d1, k1)]  # x 6.5 / 5
+    v2 = [d * l1_scale(d2, k2) if k else 0.0 for d, k in zip(d2, k2)]  # x 5 / 2
+    assert close(v1, [0.0, -3.9, 0.0, 2.6]) and v2 == [0.0, 5.0, 0.0, 0.0]
+    # signs: -3.9 + 5 > 0 elects +, so index 1 is 5 / 1; index 3 is 2.6 / 1
+    assert close(got, [0.0, 5.0, 0.0, 2.6])
+
+
+def test_parameters_mergekit_ignores_are_accepted_with_one_warning(tmp_path):
+    from conftest import run_cli
+
+    p = models(tmp_path, base=[0.0, 1.0], m1=[1.0, 3.0])
+    recipe = {"merge_method": "task_arithmetic", "base_model": p["base"], "parameters": {"rescale": True},
+              "models": [{"model": p["m1"], "parameters": {"weight": 0.5, "density": 0.3}}]}
+    (tmp_path / "r.json").write_text(__import__("json").dumps(recipe))
+    proc = run_cli("merge", tmp_path / "r.json", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: density, rescale: no effect on task_arithmetic (accepted, as mergekit accepts it)"]
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["w"].tolist() == [0.5, 2.0]  # nothing dropped
 
 
 # -- breadcrumbs -------------------------------------------------------------------

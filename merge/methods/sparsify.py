@@ -8,12 +8,15 @@ of :func:`exact.rank_window_mask` on ``|model - base|`` and of :func:`rng.bernou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 from hivemerge.merge.numerics import exact, rng
+from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
+from hivemerge.protocol.errors import UserInputError
 
 # Elements per chunk: on a CPU the temporaries of a chunk stay in its caches; a GPU
 # wants few, large kernels. The size never changes a result, only the speed.
@@ -79,6 +82,60 @@ class KeepRandom:
 
     def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         return exact.mask_bits(rng.bernoulli_chunk(self.key, start, delta.numel(), self.density, delta.device), delta)
+
+
+class KeepDella:
+    """DELLA's MagPrune: in each row (a 1-D tensor is one row), the entry of ascending
+    magnitude rank r of c is kept with probability (density - epsilon) + 2 epsilon r/(c-1),
+    drawn from the keyed stream. Ranks tie by lower index (a stable sort). The mask is
+    decided a block of whole rows at a time and kept packed: one bit per entry."""
+
+    def __init__(self, base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
+                 density: float, epsilon: float, key: tuple[int, int]):
+        if not (0 < density - epsilon and density + epsilon < 1):
+            raise UserInputError(f"della: density +- epsilon must lie in (0, 1), got density {density:g}, epsilon {epsilon:g}")
+        numel = base.numel()
+        cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel
+        rows_per_block = max(8, _BLOCK // max(cols, 1) // 8 * 8)  # a multiple of 8: each block packs to whole bytes
+        packed = []
+        for row in range(0, numel // max(cols, 1), rows_per_block):
+            start, stop = row * cols, min(numel, (row + rows_per_block) * cols)
+            values = magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype))).view(-1, cols)
+            order = torch.argsort(values, dim=1, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=order.device).expand_as(order))
+            # float32 as mergekit computes it: (rank - min) / (max - min), then the affine map
+            spread = rank.to(torch.float32).div_(float(max(cols - 1, 1))).clamp_(0, 1)
+            probability = spread.mul_(2).mul_(epsilon).add_(density - epsilon)
+            packed.append(pack_bits(rng.bernoulli_each(key, start, probability)))
+        self.bits = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
+
+    def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        first = start // 8
+        span = unpack_bits(self.bits[first : (start + delta.numel() + 7) // 8], start - 8 * first + delta.numel())
+        return exact.mask_bits(span[start - 8 * first :].to(delta.device), delta)
+
+
+_BLOCK = 1 << 20  # entries per block of rows decided at a time (DELLA): bounds the sort's temporaries
+_RESCALE_SPAN = 1 << 18  # the L1 sums' spans: one size on every device, so every peer sums alike
+
+
+def l1_rescale(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, rule: KeepRule) -> float:
+    """mergekit's ``rescale``: the factor that gives the kept entries the L1 norm of the
+    whole task vector, sum|delta| / sum|kept| (1 where either is below 1e-7), as float32.
+    The sums are exact per span (float32 magnitudes summed in float64 by a fixed tree)
+    and added by math.fsum: every device gets the same factor."""
+    before, after = [], []
+    for start in range(0, base.numel(), _RESCALE_SPAN):
+        stop = min(base.numel(), start + _RESCALE_SPAN)
+        delta = model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype))
+        keep = rule.keep_bits(delta, start)
+        size = delta.abs_()
+        before.append(float(exact.pairwise_sum(size)))
+        after.append(float(exact.pairwise_sum(exact.keep_or_zero(size, keep))))
+    total, kept = math.fsum(before), math.fsum(after)
+    if total < 1e-7 or kept < 1e-7:
+        return 1.0
+    return float(torch.tensor(total / kept, dtype=torch.float32))
 
 
 def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo: int, hi: int) -> KeepRule | None:

@@ -1,10 +1,14 @@
-"""The task-vector family: task arithmetic, TIES, DARE and breadcrumbs.
+"""The task-vector family: task arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
 Every member computes task vectors ``delta_i = model_i - base``, sparsifies each
-(none, by magnitude, by random drop, or by magnitude outliers), optionally elects a
-sign per coordinate and drops disagreeing entries (TIES consensus), and adds
-``lambda * sum_i(w_i * delta_i) [/ sum of contributing weights]`` to the base.
-The semantics follow mergekit's generalized task arithmetic so recipes port as written.
+(none, by magnitude, by random drop, by magnitude outliers, or by DELLA's
+rank-dependent random drop), optionally rescales what is kept to the task vector's L1
+norm, optionally elects a sign per coordinate and drops disagreeing entries (TIES
+consensus), and adds ``lambda * sum_i(w_i * delta_i) [/ sum of contributing weights]``
+to the base. The semantics and parameters follow mergekit 0.1.5's generalized task
+arithmetic so recipes port as written; where they differ (ties at a magnitude
+threshold are broken by position; random drops come from the keyed stream), see
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
-from hivemerge.merge.methods.sparsify import KeepRandom, KeepRule, keep_by_rank, spans
+from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, keep_by_rank, l1_rescale, spans
 from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
 
@@ -24,18 +28,25 @@ DENSITY = ParamSpec("density", float, 1.0, low=0.0, high=1.0, low_open=True, doc
 GAMMA = ParamSpec("gamma", float, 0.01, low=0.0, high=1.0, doc="fraction of the largest-magnitude entries dropped")
 LAMBDA = ParamSpec("lambda", float, 1.0, doc="scale of the merged task vector")
 INT8_MASK = ParamSpec("int8_mask", bool, False, doc="accepted for mergekit compatibility; no effect")
+EPSILON = ParamSpec("epsilon", float, 0.15, low=0.0, high=1.0, low_open=True,
+                    doc="DELLA: keep probabilities run from density - epsilon (smallest) to density + epsilon (largest)")
+UNUSED_DENSITY = ParamSpec("density", float, 1.0, low=0.0, high=1.0, low_open=True, ignored=True,
+                           doc="accepted as mergekit accepts it; no effect (nothing is sparsified)")
 
 
 def _normalize(default: bool) -> ParamSpec:
     return ParamSpec("normalize", bool, default, doc="divide by the sum of the weights that contribute")
 
 
-RESCALE = ParamSpec("rescale", bool, True, doc="divide kept entries by density (DARE rescaling)")
+def _rescale(default: bool, ignored: bool = False) -> ParamSpec:
+    return ParamSpec("rescale", bool, default, ignored=ignored,
+                     doc="accepted as mergekit accepts it; no effect (nothing is sparsified)" if ignored else
+                     "scale each sparsified task vector back to its L1 norm: x sum|delta| / sum|kept| (mergekit's rescale)")
 
 
 @dataclass(frozen=True)
 class _Family:
-    sparsify: str | None  # None, "magnitude", "random", "outliers"
+    sparsify: str | None  # None, "magnitude", "random", "outliers", "della"
     consensus: bool
 
 
@@ -52,21 +63,19 @@ class TaskVectorMerge(MergeMethod):
         base = job.base.reshape(-1)
         models = [m.reshape(-1) for m in job.models]
         weights = [p["weight"] for p in job.model_params]
-        densities = [p.get("density", 1.0) for p in job.model_params]
         # Each model's selection is its own (three passes of bincounts, one core each): side by side.
         with ThreadPoolExecutor(min(len(models), torch.get_num_threads()) or 1) as pool:
             rules = list(pool.map(lambda m, p, i: self._keep_rule(base, m, p, job, i), models, job.model_params, job.model_ids))
-        rescale = self.family.sparsify == "random" and job.params.get("rescale", False)
         out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
         for start, stop in spans(base.numel(), base.device):
             b = base[start:stop].to(job.dtype)
             weighted = []
-            for model, rule, density, w in zip(models, rules, densities, weights):
+            for model, (rule, factor), w in zip(models, rules, weights):
                 delta = model[start:stop].to(job.dtype, copy=True).sub_(b)  # our own: in-place work is safe
                 if rule is not None:
                     exact.keep_or_zero(delta, rule.keep_bits(delta, start))
-                    if rescale:
-                        exact.divide(delta, density, out=delta)
+                    if factor != 1.0:
+                        delta.mul_(factor)
                 weighted.append(delta.mul_(w))
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
         return out.view(job.base.shape)
@@ -89,16 +98,28 @@ class TaskVectorMerge(MergeMethod):
             mixed.mul_(params["lambda"])
         return mixed
 
-    def _keep_rule(self, base: torch.Tensor, model: torch.Tensor, params: dict, job: TensorJob, model_id: int) -> KeepRule | None:
-        """What the family's sparsifier keeps of ``model - base``; None: everything."""
+    def _keep_rule(self, base: torch.Tensor, model: torch.Tensor, params: dict, job: TensorJob,
+                   model_id: int) -> tuple[KeepRule | None, float]:
+        """What the family's sparsifier keeps of ``model - base`` (None: everything), and
+        the factor the kept entries are multiplied by (``rescale``)."""
+        rule = self._sparsifier(base, model, params, job, model_id)
+        if rule is None or not job.params.get("rescale", False):
+            return rule, 1.0
+        return rule, l1_rescale(base, model, job.dtype, rule)
+
+    def _sparsifier(self, base: torch.Tensor, model: torch.Tensor, params: dict, job: TensorJob, model_id: int) -> KeepRule | None:
         kind = self.family.sparsify
         density = params.get("density", 1.0)
         if kind is None or density >= 1.0:
             return None
         if kind == "random":  # DARE
             return KeepRandom(rng.stream_key(job.seed, job.name, model_id), density)
+        if kind == "della":
+            return KeepDella(base, model, job.dtype, tuple(job.base.shape), density, params["epsilon"],
+                             rng.stream_key(job.seed, job.name, model_id))
         n = base.numel()
-        target = int(density * n)
+        # mergekit's magnitude selection keeps at least one entry of a non-empty tensor
+        target = max(1, int(density * n)) if kind == "magnitude" and n else int(density * n)
         skip_top = 0
         if kind == "outliers":
             skip_top = int(params["gamma"] * n)
@@ -138,7 +159,10 @@ def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[to
     return mixed, divisor.add_((divisor == 0).view(torch.uint8).to(dtype))  # 0 -> 1; others + 0.0, unchanged
 
 
-def _define(name: str, summary: str, family: _Family, normalize: bool, extra_global=(), extra_model=()):
+def _define(name: str, summary: str, family: _Family, normalize: bool, rescale: bool, extra_model=()):
+    """One member: mergekit's defaults for ``normalize`` and ``rescale``; every member
+    takes ``density`` (and ``rescale``), as in mergekit, even where nothing is sparsified."""
+    sparsified = family.sparsify is not None
     cls = type(
         name,
         (TaskVectorMerge,),
@@ -146,48 +170,24 @@ def _define(name: str, summary: str, family: _Family, normalize: bool, extra_glo
             "name": name,
             "summary": summary,
             "family": family,
-            "global_params": (_normalize(normalize), LAMBDA, INT8_MASK, *extra_global),
-            "model_params": (WEIGHT, *extra_model),
+            "global_params": (_normalize(normalize), LAMBDA, INT8_MASK, _rescale(rescale, ignored=not sparsified)),
+            "model_params": (WEIGHT, DENSITY if sparsified else UNUSED_DENSITY, *extra_model),
         },
     )
     return register(cls)
 
 
-_define("task_arithmetic", "Base plus the weighted sum of task vectors.", _Family(None, False), False)
-_define(
-    "ties",
-    "TIES: keep each task vector's top-density magnitudes, elect signs, average agreeing entries.",
-    _Family("magnitude", True),
-    True,
-    extra_model=(DENSITY,),
-)
-_define(
-    "dare_linear",
-    "DARE: drop task-vector entries at random (keep probability = density), rescale, add.",
-    _Family("random", False),
-    False,
-    extra_global=(RESCALE,),
-    extra_model=(DENSITY,),
-)
-_define(
-    "dare_ties",
-    "DARE drop and rescale, then TIES sign election.",
-    _Family("random", True),
-    False,
-    extra_global=(RESCALE,),
-    extra_model=(DENSITY,),
-)
-_define(
-    "breadcrumbs",
-    "Model breadcrumbs: drop the largest (gamma) and smallest entries, keep density.",
-    _Family("outliers", False),
-    False,
-    extra_model=(DENSITY, GAMMA),
-)
-_define(
-    "breadcrumbs_ties",
-    "Breadcrumbs sparsification with TIES sign election.",
-    _Family("outliers", True),
-    False,
-    extra_model=(DENSITY, GAMMA),
-)
+_define("task_arithmetic", "Base plus the weighted sum of task vectors.", _Family(None, False), False, False)
+_define("ties", "TIES: keep each task vector's top-density magnitudes, elect signs, average agreeing entries.",
+        _Family("magnitude", True), True, False)
+_define("dare_linear", "DARE: drop task-vector entries at random (keep probability = density), rescale, add.",
+        _Family("random", False), False, True)
+_define("dare_ties", "DARE drop and rescale, then TIES sign election.", _Family("random", True), False, True)
+_define("breadcrumbs", "Model breadcrumbs: drop the largest (gamma) and smallest entries, keep density.",
+        _Family("outliers", False), False, False, extra_model=(GAMMA,))
+_define("breadcrumbs_ties", "Breadcrumbs sparsification with TIES sign election.", _Family("outliers", True), False, False,
+        extra_model=(GAMMA,))
+_define("della", "DELLA: drop entries at random, larger magnitudes kept more often (density +- epsilon by rank), "
+        "rescale, elect signs.", _Family("della", True), True, True, extra_model=(EPSILON,))
+_define("della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum (no sign election).",
+        _Family("della", False), False, True, extra_model=(EPSILON,))

@@ -71,6 +71,14 @@ def bernoulli_mask(
     return mask
 
 
+def bernoulli_each(key: tuple[int, int], start: int, probabilities: torch.Tensor) -> torch.Tensor:
+    """Entries ``start ..`` of a keyed draw, entry i True with its own probability (float32
+    ``probabilities``, flat): the stream's integer below p * 2**32, compared exactly in
+    float64 (both sides are exact there)."""
+    stream = uint32_stream(key, start, probabilities.numel(), probabilities.device)
+    return stream.to(torch.float64) < probabilities.reshape(-1).to(torch.float64) * float(1 << 32)
+
+
 def bernoulli_chunk(
     key: tuple[int, int], start: int, count: int, keep_probability: float, device: torch.device | str = "cpu"
 ) -> torch.Tensor:

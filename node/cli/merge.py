@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,8 @@ def merge(
         torch.set_num_threads(threads)
     store = ContentStore(default_home(home))
     plan = load_recipe(recipe, resolver=store.resolve)  # validated whole before any weight is read
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     with tensor_progress("merging") as progress:
         result = run_merge(plan, out, device=device, max_shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
     err.print(
