@@ -160,6 +160,23 @@ FAMILY_RECIPES = {
         "dtype": "float32",
         "out_dtype": "float16",
     },
+    "della": lambda f: {
+        "merge_method": "della",
+        "base_model": str(f["base"]),
+        "seed": 5,
+        "models": [
+            {"model": str(f["math"]), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.2}},
+            {"model": str(f["code"]), "parameters": {"weight": 0.7, "density": 0.4, "epsilon": 0.1}},
+        ],
+        "dtype": "float32",
+    },
+    "sce": lambda f: {
+        "merge_method": "sce",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f["math"])}, {"model": str(f["code"])}, {"model": str(f["logic"])}],
+        "parameters": {"select_topk": 0.5},
+        "dtype": "float32",
+    },
 }
 
 

@@ -41,6 +41,12 @@ METHOD_PARAMS = {
     "trimmed_mean": ({"trim": 0.34}, [{}, {}, {}]),
     "centered_clip": ({"tau": 0.01, "iterations": 3}, [{}, {}, {}]),
     "slerp": ({"t": 0.3}, [{}]),
+    "nearswap": ({"t": 0.002}, [{}]),
+    "della": ({}, [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {"weight": 0.6, "density": 0.5, "epsilon": 0.2},
+                   {"weight": 0.9, "density": 0.7, "epsilon": 0.15}]),
+    "della_linear": ({}, [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {"weight": 0.6, "density": 0.5, "epsilon": 0.2},
+                          {"weight": 0.9, "density": 0.7, "epsilon": 0.15}]),
+    "sce": ({"select_topk": 0.4}, [{}, {}, {}]),
 }
 
 
@@ -50,7 +56,7 @@ def test_every_registered_method_is_covered():
 
 def recipe_for(method: str, base: Path, experts: list[Path], dtype: str) -> dict:
     global_params, model_params = METHOD_PARAMS[method]
-    if method == "slerp":
+    if method in ("slerp", "nearswap"):
         models = [{"model": str(base)}, {"model": str(experts[0])}]
     else:
         models = [{"model": str(p), "parameters": params} for p, params in zip(experts, model_params)]

@@ -131,7 +131,7 @@ def test_methods_json(tmp_path_factory):
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     assert sorted(listed) == sorted(
         ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
-         "median", "trimmed_mean", "centered_clip"]
+         "median", "trimmed_mean", "centered_clip", "della", "della_linear", "nearswap", "sce"]
     )
 
     def param(method, name):
@@ -145,6 +145,8 @@ def test_methods_json(tmp_path_factory):
     assert param("ties", "normalize")["default"] is True
     assert param("task_arithmetic", "normalize")["default"] is False
     assert param("dare_ties", "rescale")["default"] is True
+    assert param("ties", "rescale")["default"] is False and param("della", "epsilon")["default"] == 0.15
+    assert param("sce", "select_topk")["range"] == "[0, 1]" and listed["nearswap"]["models"] == "1..1"
     t = param("slerp", "t")
     assert (t["required"], t["range"], t["default"]) == (True, "[0, 1]", None)
     assert listed["slerp"]["models"] == "1..1" and listed["slerp"]["requires_base"] is True

@@ -409,6 +409,50 @@ def test_parameters_mergekit_ignores_are_accepted_with_one_warning(tmp_path):
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["w"].tolist() == [0.5, 2.0]  # nothing dropped
 
 
+# -- NearSwap and SCE -------------------------------------------------------------------
+
+def test_nearswap(tmp_path):
+    p = models(tmp_path, base=[0.0, 1.0, 2.0, -1.0], m=[0.25, 3.0, 2.0, -1.5])
+    got = merged_w(tmp_path, {"merge_method": "nearswap", "base_model": p["base"], "parameters": {"t": 0.5},
+                              "models": [{"model": p["m"]}]})
+    # |base - m| = 0.25, 2, 0 (counted as 1e-6), 0.5: weights on m min(1, 0.5 / d) = 1, 0.25, 1, 1
+    assert got == [0.25, 0.25 * 3.0 + 0.75 * 1.0, 2.0, -1.5]
+
+
+SCE_TV = [[1.0, -2.0, 0.5, 0.0, 3.0, -1.0, 0.25, 2.0],
+          [2.0, 1.0, -0.5, 0.0, 1.0, -1.0, 0.25, -2.0],
+          [-1.0, -1.0, 0.5, 0.0, 2.0, 1.0, 0.25, 1.0]]
+
+
+def sce_by_hand(base, tvs, fraction):
+    n, size = len(tvs), len(base)
+    if fraction < 1:
+        var = [sum((tv[i] - sum(t[i] for t in tvs) / n) ** 2 for tv in tvs) / n for i in range(size)]
+        k = int(sum(v != 0 for v in var) * fraction)
+        kept = sorted(range(size), key=lambda i: (-var[i], i))[:k]  # ties by position
+        tvs = [[x if i in kept else 0.0 for i, x in enumerate(tv)] for tv in tvs]
+    squares = [sum(x * x for x in tv) / size for tv in tvs]
+    weights = [q / sum(squares) for q in squares]
+    out = []
+    for i in range(size):
+        sign = 1.0 if sum(tv[i] for tv in tvs) >= 0 else -1.0
+        agree = [(tv[i], w) for tv, w in zip(tvs, weights) if tv[i] != 0 and math.copysign(1.0, tv[i]) == sign]
+        out.append(base[i] + sum(x * w for x, w in agree) / max(sum(w for _, w in agree), 1e-6))
+    return out
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_sce(tmp_path, fraction):
+    base = [0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.25, 1.5]
+    p = models(tmp_path, base=base, **{f"m{j}": [b + d for b, d in zip(base, tv)] for j, tv in enumerate(SCE_TV)})
+    got = merged_w(tmp_path, {"merge_method": "sce", "base_model": p["base"], "parameters": {"select_topk": fraction},
+                              "models": [{"model": p[f"m{j}"]} for j in range(3)]})
+    want = sce_by_hand(base, SCE_TV, fraction)
+    assert close(got, want)
+    if fraction < 1:  # the selection dropped something that mattered
+        assert not close(want, sce_by_hand(base, SCE_TV, 1.0))
+
+
 # -- breadcrumbs -------------------------------------------------------------------
 
 # m1: gamma 0.125 -> drop int(1) largest; density 0.5 -> keep the next int(4).
