@@ -129,7 +129,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         models = list(pool.map(load, recipe.inputs))
     job = TensorJob(
         name=name,
-        base=load(recipe.base) if recipe.base is not None and method.requires_base else None,
+        base=load(recipe.base) if recipe.base is not None and (method.requires_base or method.uses_base) else None,
         models=models,
         model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
         params=recipe.global_params_for(name),

@@ -170,6 +170,24 @@ FAMILY_RECIPES = {
         ],
         "dtype": "float32",
     },
+    "nuslerp": lambda f: {
+        "merge_method": "nuslerp",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f["math"]), "parameters": {"weight": 0.3}}, {"model": str(f["code"]), "parameters": {"weight": 0.7}}],
+        "parameters": {"nuslerp_flatten": False},
+        "dtype": "float32",
+    },
+    "multislerp": lambda f: {
+        "merge_method": "multislerp",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f[n]), "parameters": {"weight": w}} for n, w in (("math", 1.0), ("code", 0.5), ("logic", 0.8))],
+        "dtype": "float32",
+    },
+    "karcher": lambda f: {
+        "merge_method": "karcher",
+        "models": [{"model": str(f["math"])}, {"model": str(f["code"])}, {"model": str(f["logic"])}],
+        "dtype": "float32",
+    },
     "sce": lambda f: {
         "merge_method": "sce",
         "base_model": str(f["base"]),

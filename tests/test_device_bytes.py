@@ -47,6 +47,9 @@ METHOD_PARAMS = {
     "della_linear": ({}, [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {"weight": 0.6, "density": 0.5, "epsilon": 0.2},
                           {"weight": 0.9, "density": 0.7, "epsilon": 0.15}]),
     "sce": ({"select_topk": 0.4}, [{}, {}, {}]),
+    "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.9}]),
+    "multislerp": ({}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.9}]),
+    "karcher": ({"max_iter": 5}, [{}, {}, {}]),
 }
 
 
@@ -59,7 +62,7 @@ def recipe_for(method: str, base: Path, experts: list[Path], dtype: str) -> dict
     if method in ("slerp", "nearswap"):
         models = [{"model": str(base)}, {"model": str(experts[0])}]
     else:
-        models = [{"model": str(p), "parameters": params} for p, params in zip(experts, model_params)]
+        models = [{"model": str(p), "parameters": params} for p, params in zip(experts, model_params)]  # nuslerp: the first 2
     return {
         "merge_method": method, "base_model": str(base), "models": models, "parameters": global_params,
         "dtype": dtype, "out_dtype": "float32" if dtype == "float32" else dtype, "seed": 11,

@@ -453,6 +453,73 @@ def test_sce(tmp_path, fraction):
         assert not close(want, sce_by_hand(base, SCE_TV, 1.0))
 
 
+# -- NuSLERP, Multi-SLERP, Karcher ------------------------------------------------------
+
+def slerp_by_hand(t, a, b):
+    """Spherical interpolation of two vectors (lists), the straight line when (anti)parallel."""
+    cos = sum(x * y for x, y in zip(a, b)) / (math.hypot(*a) * math.hypot(*b))
+    if 1 - cos * cos <= 1e-16:
+        return [(1 - t) * x + t * y for x, y in zip(a, b)]
+    theta = math.acos(cos)
+    return [(math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta) for x, y in zip(a, b)]
+
+
+def test_nuslerp_per_row_per_column_and_whole_with_a_base(tmp_path):
+    a = [[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]]
+    b = [[0.0, 1.0, 1.0], [1.0, 2.0, -2.0]]
+    base = [[0.25, 0.5, -0.5], [0.0, 1.0, 0.5]]
+    dirs = {n: str(write_tensors(tmp_path / n, {"m": torch.tensor(v)})) for n, v in (("a", a), ("b", b), ("base", base))}
+
+    def run(params, with_base=False):
+        doc = {**F32, "merge_method": "nuslerp", "parameters": params,
+               "models": [{"model": dirs["a"], "parameters": {"weight": 1.0}}, {"model": dirs["b"], "parameters": {"weight": 3.0}}]}
+        if with_base:
+            doc["base_model"] = dirs["base"]
+        return merge_doc(doc, tmp_path / f"out-{len(list(tmp_path.iterdir()))}")["m"].tolist()
+
+    t = 3.0 / 4.0
+    rows = [slerp_by_hand(t, ra, rb) for ra, rb in zip(a, b)]
+    assert all(close(g, w) for g, w in zip(run({"nuslerp_flatten": False}), rows))
+    columns = [slerp_by_hand(t, [r[j] for r in a], [r[j] for r in b]) for j in range(3)]
+    got = run({"nuslerp_flatten": False, "nuslerp_row_wise": True})
+    assert all(close([got[i][j] for i in range(2)], columns[j]) for j in range(3))
+    flat = lambda m: [x for r in m for x in r]  # noqa: E731
+    tv = slerp_by_hand(t, [x - y for x, y in zip(flat(a), flat(base))], [x - y for x, y in zip(flat(b), flat(base))])
+    assert close(flat(run({}, with_base=True)), [x + y for x, y in zip(tv, flat(base))])
+    assert not close(flat(run({"nuslerp_flatten": False})), flat(run({})))  # per row is not whole
+
+
+def test_multislerp_by_hand(tmp_path):
+    xs = [[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [-0.5, 0.5, 1.5]]
+    ws = [1.0, 2.0, 1.0]
+    p = models(tmp_path, **{f"m{i}": x for i, x in enumerate(xs)})
+    got = merged_w(tmp_path, {"merge_method": "multislerp",
+                              "models": [{"model": p[f"m{i}"], "parameters": {"weight": w}} for i, w in enumerate(ws)]})
+    w = [x / sum(ws) for x in ws]
+    eps = 1e-8
+    norms = [math.hypot(*x) for x in xs]
+    units = [[v / (n + eps) for v in x] for x, n in zip(xs, norms)]
+    mean = [sum(wi * u[k] for wi, u in zip(w, units)) for k in range(3)]
+    mean = [m / math.hypot(*mean) for m in mean]
+    tangents = [[u[k] - sum(a * b for a, b in zip(u, mean)) * mean[k] for k in range(3)] for u in units]
+    tangent = [sum(wi * tg[k] for wi, tg in zip(w, tangents)) for k in range(3)]
+    size = math.hypot(*tangent) + eps
+    scale = sum(n * wi for n, wi in zip(norms, w))
+    want = [(mean[k] * math.cos(size) + tangent[k] * math.sin(size) / size) * scale for k in range(3)]
+    assert close(got, want)
+
+
+def test_karcher_mean_of_orthogonal_directions_is_their_diagonal(tmp_path):
+    """By symmetry, the Karcher mean of e1, 2 e2 and 3 e3 (equal weights) points along
+    (1, 1, 1), with the mean norm 2; and that of two directions is their midpoint."""
+    p = models(tmp_path, a=[1.0, 0.0, 0.0], b=[0.0, 2.0, 0.0], c=[0.0, 0.0, 3.0])
+    got = merged_w(tmp_path, {"merge_method": "karcher", "parameters": {"max_iter": 50, "tol": 1e-9},
+                              "models": [{"model": p[n]} for n in "abc"]})
+    assert close(got, [2 / math.sqrt(3)] * 3, rel=1e-5, abs_=1e-5)
+    got = merged_w(tmp_path / "pair", {"merge_method": "karcher", "models": [{"model": p["a"]}, {"model": p["b"]}]})
+    assert close(got, [1.5 / math.sqrt(2), 1.5 / math.sqrt(2), 0.0], rel=1e-5, abs_=1e-5)
+
+
 # -- breadcrumbs -------------------------------------------------------------------
 
 # m1: gamma 0.125 -> drop int(1) largest; density 0.5 -> keep the next int(4).

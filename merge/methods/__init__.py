@@ -1,6 +1,8 @@
 """Merge methods. Importing this package registers every built-in method."""
 
-from hivemerge.merge.methods import linear, model_stock, nearswap, robust, sce, slerp, task_arithmetic  # noqa: F401
+from hivemerge.merge.methods import (  # noqa: F401
+    linear, model_stock, nearswap, robust, sce, slerp, spherical, task_arithmetic,
+)
 from hivemerge.merge.methods.registry import METHODS, MergeMethod, TensorJob, register
 
 __all__ = ["METHODS", "MergeMethod", "TensorJob", "register"]

@@ -42,6 +42,8 @@ class MergeMethod:
     global_params: ClassVar[tuple[ParamSpec, ...]] = ()
     model_params: ClassVar[tuple[ParamSpec, ...]] = ()
     requires_base: ClassVar[bool] = False
+    # Takes the base when the recipe names one (interpolating task vectors, not weights).
+    uses_base: ClassVar[bool] = False
     # Task-vector methods merge (model - base): a model equal to the base adds nothing
     # and is dropped from their inputs, as mergekit does.
     drops_base_from_models: ClassVar[bool] = False
