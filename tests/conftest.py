@@ -188,6 +188,13 @@ FAMILY_RECIPES = {
         "models": [{"model": str(f["math"])}, {"model": str(f["code"])}, {"model": str(f["logic"])}],
         "dtype": "float32",
     },
+    "ramplus_tl": lambda f: {
+        "merge_method": "ramplus_tl",
+        "base_model": str(f["base"]),
+        "models": [{"model": str(f["math"])}, {"model": str(f["code"])}, {"model": str(f["logic"])}],
+        "parameters": {"epsilon": 0.001, "r": 0.3},
+        "dtype": "float32",
+    },
     "sce": lambda f: {
         "merge_method": "sce",
         "base_model": str(f["base"]),

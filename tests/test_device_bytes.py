@@ -50,6 +50,8 @@ METHOD_PARAMS = {
     "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.9}]),
     "multislerp": ({}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.9}]),
     "karcher": ({"max_iter": 5}, [{}, {}, {}]),
+    "ram": ({"epsilon": 0.002}, [{}, {}, {}]),
+    "ramplus_tl": ({"epsilon": 0.002, "r": 0.3, "alpha": 0.5}, [{}, {}, {}]),
 }
 
 

@@ -520,6 +520,30 @@ def test_karcher_mean_of_orthogonal_directions_is_their_diagonal(tmp_path):
     assert close(got, [1.5 / math.sqrt(2), 1.5 / math.sqrt(2), 0.0], rel=1e-5, abs_=1e-5)
 
 
+# -- RAM -----------------------------------------------------------------------------
+
+RAM_BASE = [0.5, -1.0, 2.0, 0.0, 1.0]
+RAM_TV = [[1.0, 0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.5, 1.0], [0.0, 0.0, -1.0, 0.0, 0.0]]
+
+
+def ram_doc(tmp_path, method, params):
+    p = models(tmp_path, base=RAM_BASE, **{f"m{j}": [b + d for b, d in zip(RAM_BASE, tv)] for j, tv in enumerate(RAM_TV)})
+    return {"merge_method": method, "base_model": p["base"], "parameters": params, "models": [{"model": p[f"m{j}"]} for j in range(3)]}
+
+
+def test_ram(tmp_path):
+    # changes per entry: 1 (m0), 0, 3, 1 (m1), 2: unique ones kept whole, shared ones averaged
+    got = merged_w(tmp_path, ram_doc(tmp_path, "ram", {}))
+    assert close(got, [b + d for b, d in zip(RAM_BASE, [1.0, 0.0, (2.0 + 3.0 - 1.0) / 3, 0.5, (-1.0 + 1.0) / 2])])
+
+
+@pytest.mark.parametrize("alpha, scale", [(0.2, 1.1), (5.0, 2.0)])
+def test_ramplus_tl(tmp_path, alpha, scale):
+    """m0 and m1 each change 1 entry alone and 2 with others: rho = 2, scale 1 + 0.5 min(2, alpha)."""
+    got = merged_w(tmp_path, ram_doc(tmp_path, "ramplus_tl", {"r": 0.5, "alpha": alpha}))
+    assert close(got, [b + d for b, d in zip(RAM_BASE, [1.0 * scale, 0.0, 4.0 / 3, 0.5 * scale, 0.0])])
+
+
 # -- breadcrumbs -------------------------------------------------------------------
 
 # m1: gamma 0.125 -> drop int(1) largest; density 0.5 -> keep the next int(4).
