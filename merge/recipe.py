@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from hivemerge.merge.deltas.delta import DeltaFile, DeltaSource
+from hivemerge.merge.io.adapters import ADAPTER_CONFIG, AdapterSource, LoraAdapter, is_adapter
 from hivemerge.merge.io.dtypes import dtype_name, parse_dtype
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
@@ -39,7 +40,7 @@ MODEL_KEYS = {"model", "parameters"}
 
 
 # What a recipe input reads like: a model directory, or a base plus a delta.
-ModelSource = Union[SafetensorsModel, DeltaSource]
+ModelSource = Union[SafetensorsModel, DeltaSource, AdapterSource]
 
 
 class RecipeError(UserInputError):
@@ -143,6 +144,15 @@ def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", re
         path = resolver(wanted_id)
     else:
         path = resolve_model_path(ref, recipe_dir)
+        if not path.exists() and "+" in ref:  # mergekit's BASE+ADAPTER
+            base_ref, adapter_ref = ref.rsplit("+", 1)
+            return _adapted(SafetensorsModel(resolve_model_path(base_ref, recipe_dir)), resolve_model_path(adapter_ref, recipe_dir), ref)
+        if path.is_dir() and is_adapter(path):
+            named = LoraAdapter(path).base_reference()
+            if named is None or not Path(named).is_dir():
+                raise UserInputError(f"{ref}: a LoRA adapter whose config names base {named!r}, which is not a local model "
+                                     f"directory; write the base before it: BASE+{ref}")
+            return _adapted(SafetensorsModel(named), path, ref)
     if path.is_file():
         delta = DeltaFile(path)
         if base is None:
@@ -154,6 +164,12 @@ def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", re
     if wanted_id and model_id(model) != wanted_id:
         raise UserInputError(f"{ref}: the stored model's id is {model_id(model)}")
     return model
+
+
+def _adapted(base: SafetensorsModel, adapter_dir: Path, ref: str) -> AdapterSource:
+    if not is_adapter(adapter_dir):
+        raise UserInputError(f"{ref}: {adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    return AdapterSource(base, LoraAdapter(adapter_dir))
 
 
 def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Resolver | None = None) -> Recipe:

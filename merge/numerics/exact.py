@@ -80,6 +80,19 @@ def dot(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tenso
     return pairwise_sum(a.to(torch.float64) * b.to(torch.float64), dim)
 
 
+def ordered_matmul(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """``scale * (b @ a)`` (``.T`` when ``transpose``) in float64, one rank-1 term at a time
+    in order: float32 products are exact in float64, so the sum depends on nothing but the
+    inputs (a library matmul's order varies with device and threads)."""
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    if transpose:
+        b64, a64 = a64.T, b64.T
+    out = torch.zeros(b64.shape[0], a64.shape[1], dtype=torch.float64, device=b.device)
+    for k in range(b64.shape[1]):
+        out.add_(b64[:, k : k + 1] * a64[k : k + 1, :])
+    return out.mul_(scale)
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest (1-based) of non-negative float32 ``values``, exactly."""
     flat = values.reshape(-1)

@@ -1,0 +1,116 @@
+"""PEFT LoRA adapters as merge inputs (``BASE+ADAPTER``, or an adapter whose config names
+its base): equal to PEFT's own ``merge_and_unload``; what is not a plain safetensors
+LoRA adapter is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import merge_doc, run_cli
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lora") / "base"
+    LlamaForCausalLM(LLAMA).save_pretrained(path)
+    return path
+
+
+def make_adapter(model_class, base: Path, out: Path, perturb_saved: bool = False, **config) -> dict[str, torch.Tensor]:
+    """A PEFT adapter with random A and B (PEFT's default B = 0 would change nothing),
+    saved as safetensors; returns PEFT's own merge of it into the base."""
+    torch.manual_seed(1)
+    model = get_peft_model(model_class.from_pretrained(base), LoraConfig(init_lora_weights=False, **config))
+    if perturb_saved:  # a fine-tuned modules_to_save copy: it replaces the base's tensor
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.25)
+    model.save_pretrained(out)
+    return PeftModel.from_pretrained(model_class.from_pretrained(base), out).merge_and_unload().state_dict()
+
+
+def assert_equals_peft(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], base: Path, changed: set[str]):
+    base_state = LlamaForCausalLM.from_pretrained(base).state_dict() if "llama" in str(base) else None
+    assert set(got) == set(want)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=1e-6, msg=name)
+    if base_state is not None:  # the adapter did change these, and only these
+        assert {n for n in got if not torch.equal(want[n], base_state[n])} == changed
+
+
+def test_base_plus_adapter_equals_peft_merge_and_unload(llama_base, tmp_path):
+    want = make_adapter(LlamaForCausalLM, llama_base, tmp_path / "adapter", perturb_saved=True, r=4, lora_alpha=8,
+                        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    got = merge_doc({"merge_method": "linear", "parameters": {"weight": 1.0},
+                     "models": [{"model": f"{llama_base}+{tmp_path / 'adapter'}"}]}, tmp_path / "out")
+    changed = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert_equals_peft(got, want, llama_base, changed | {"model.embed_tokens.weight", "lm_head.weight"})
+
+
+def test_rslora_and_per_module_rank_and_alpha(llama_base, tmp_path):
+    want = make_adapter(LlamaForCausalLM, llama_base, tmp_path / "adapter", r=4, lora_alpha=16, use_rslora=True,
+                        target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}, alpha_pattern={"q_proj": 3})
+    got = merge_doc({"merge_method": "linear", "parameters": {"weight": 1.0},
+                     "models": [{"model": f"{llama_base}+{tmp_path / 'adapter'}"}]}, tmp_path / "out")
+    assert_equals_peft(got, want, llama_base, {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "o_proj")})
+
+
+def test_fan_in_fan_out_layers(tmp_path):
+    """GPT-2's Conv1D stores (in, out): PEFT's fan_in_fan_out transposes B A."""
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "base")
+    want = make_adapter(GPT2LMHeadModel, tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8,
+                        target_modules=["c_attn"], fan_in_fan_out=True)
+    got = merge_doc({"merge_method": "linear", "parameters": {"weight": 1.0},
+                     "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'adapter'}"}]}, tmp_path / "out")
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"],
+                           GPT2LMHeadModel.from_pretrained(tmp_path / "base").state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_an_adapter_that_names_its_base_and_a_task_arithmetic_of_two(llama_base, tmp_path):
+    """An adapter directory alone, its config naming the local base; two adapters merged by
+    task arithmetic give the base plus the sum of their deltas."""
+    first = make_adapter(LlamaForCausalLM, llama_base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    second = make_adapter(LlamaForCausalLM, llama_base, tmp_path / "b", r=4, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_base)
+    got = merge_doc({"merge_method": "task_arithmetic", "base_model": str(llama_base), "dtype": "float32",
+                     "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}},
+                                {"model": f"{llama_base}+{tmp_path / 'b'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out")
+    base = LlamaForCausalLM.from_pretrained(llama_base).state_dict()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, base[name] + (first[name] - base[name]) + (second[name] - base[name]),
+                                   rtol=1e-6, atol=1e-6, msg=name)
+
+
+def refused(tmp_path, ref: str) -> str:
+    (tmp_path / "r.json").write_text(json.dumps({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": ref}]}))
+    proc = run_cli("merge", tmp_path / "r.json", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and not (tmp_path / "out").exists(), proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    return line
+
+
+def test_what_is_not_a_plain_safetensors_lora_adapter_is_refused(llama_base, tmp_path):
+    make_adapter(LlamaForCausalLM, llama_base, tmp_path / "dora", r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)
+    assert "a DoRA adapter" in refused(tmp_path, f"{llama_base}+{tmp_path / 'dora'}")
+    make_adapter(LlamaForCausalLM, llama_base, tmp_path / "pickled", r=2, lora_alpha=4, target_modules=["q_proj"])
+    (tmp_path / "pickled" / "adapter_model.safetensors").rename(tmp_path / "pickled" / "adapter_model.bin")
+    assert "is a pickle, which hivemerge never loads" in refused(tmp_path, f"{llama_base}+{tmp_path / 'pickled'}")
+    make_adapter(LlamaForCausalLM, llama_base, tmp_path / "hub", r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-2-7b"}))
+    assert "write the base before it: BASE+" in refused(tmp_path, str(tmp_path / "hub"))
+    # an adapter made for another architecture: its factors do not fit the base's tensors
+    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    assert "rank 2 in the weights, r=3" in refused(tmp_path, f"{llama_base}+{tmp_path / 'hub'}")
