@@ -237,7 +237,7 @@ def test_extract_refuses_bad_experts(cli, family, tmp_path, expert, fragment):
 
 
 @pytest.mark.parametrize("codec,fragment", [
-    ("nope", "--codec: unknown codec 'nope'; expected one of ['fp16', 'int8', 'lossless', 'sign1', 'sparse', 'ternary']"),
+    ("nope", "--codec: unknown codec 'nope'; expected one of ['fp16', 'int8', 'lossless', 'lowrank', 'sign1', 'sparse', 'ternary']"),
     ("sparse:density=2", "--codec sparse.density: must be in (0, 1], got 2.0"),
     ("sparse:densty=0.5", "--codec sparse: unknown option 'densty=0.5'"),
 ])

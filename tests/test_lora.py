@@ -5,6 +5,7 @@ LoRA adapter is refused with the reason."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,68 @@ def test_what_is_not_a_plain_safetensors_lora_adapter_is_refused(llama_base, tmp
     config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
     (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     assert "rank 2 in the weights, r=3" in refused(tmp_path, f"{llama_base}+{tmp_path / 'hub'}")
+
+
+# -- an adapter as a signed low-rank delta -------------------------------------------------
+
+def test_an_adapter_is_extracted_as_its_factors_and_rebuilds_the_merged_expert_exactly(llama_base, tmp_path):
+    from delta_fixtures import load_dir_tensors
+
+    from hivemerge.merge.deltas.delta import DeltaFile, apply_delta, extract_delta
+    from hivemerge.protocol.identity import Identity
+
+    make_adapter(LlamaForCausalLM, llama_base, tmp_path / "adapter", perturb_saved=True, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    report = extract_delta(llama_base, tmp_path / "adapter", tmp_path / "d.delta.safetensors", Identity.generate())
+    # q, v (2 layers) and the embeddings as factors; lm_head (modules_to_save) exact; the rest unchanged
+    assert report.codecs == {"lowrank": 5, "same": 15, "lossless": 1}
+    delta = DeltaFile(tmp_path / "d.delta.safetensors")
+    parts = delta.manifest["tensors"]["model.layers.0.self_attn.q_proj.weight"]["parts"]
+    assert (parts["a"]["shape"], parts["b"]["shape"]) == ([4, 32], [32, 4])
+    assert delta.manifest["tensors"]["model.embed_tokens.weight"]["params"]["transposed"] is True
+    rebuilt = apply_delta(llama_base, tmp_path / "d.delta.safetensors", tmp_path / "rebuilt")
+    assert rebuilt["exact"] and rebuilt["rebuilt_id"] == report.expert_id
+    via_adapter = merge_doc({"merge_method": "linear", "parameters": {"weight": 1.0},
+                             "models": [{"model": f"{llama_base}+{tmp_path / 'adapter'}"}]}, tmp_path / "a")
+    assert all(torch.equal(t, via_adapter[n]) for n, t in load_dir_tensors(tmp_path / "rebuilt").items())
+
+
+def test_lowrank_codec_is_a_truncated_svd(tmp_path):
+    """rank 3 of a rank-3 delta gives it back (to float32 rounding); rank 2 leaves the
+    smallest singular value as the Frobenius error (Eckart-Young)."""
+    from hivemerge.merge.deltas.codecs import parse_codec
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 24, generator=g)
+    delta = (torch.randn(40, 3, generator=g) @ torch.randn(3, 24, generator=g)) * 0.01
+    sigma = torch.linalg.svdvals(delta.double())
+    for spec, error in (("lowrank:rank=3", 0.0), ("lowrank:rank=2", float(sigma[2])), ("lowrank:rank=3,transposed=true", 0.0)):
+        codec, opts = parse_codec(spec)
+        parts = codec.encode("w", base, base + delta, opts)
+        got = codec.decode(base, parts, torch.float32, (40, 24), opts)
+        assert abs(float(torch.linalg.norm((got - base - delta).double())) - error) < 1e-5, spec
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, o: {**p, "b": p["b"][:-1]}, "part b has 117 entries"),
+    (lambda p, o: {**p, "a": torch.cat([p["a"], p["a"][:1]])}, "part a has 96 entries, 72 expected"),
+    (lambda p, o: {**p, "a": p["a"].clone().index_fill_(0, torch.tensor([0]), float("nan"))}, "holds NaN or Inf"),
+])
+def test_a_lowrank_delta_of_the_wrong_size_or_values_is_refused(change, message):
+    from hivemerge.merge.deltas.codecs import parse_codec
+    from hivemerge.protocol.errors import UserInputError
+
+    codec, opts = parse_codec("lowrank:rank=3")
+    base = torch.zeros(40, 24)
+    parts = codec.encode("w", base, base + torch.randn(40, 3) @ torch.randn(3, 24), opts)
+    with pytest.raises(UserInputError, match=message):
+        codec.decode(base, change(parts, opts), torch.float32, (40, 24), opts)
+
+
+def test_a_lowrank_rank_above_the_cap_is_refused():
+    """A decode costs rank passes: a delta cannot make every peer compute without bound."""
+    from hivemerge.merge.deltas.codecs import CODECS, MAX_RANK, check_options
+    from hivemerge.protocol.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=re.escape(f"rank: must be in [1, {MAX_RANK}]")):
+        check_options(CODECS["lowrank"], {"rank": MAX_RANK + 1}, "t")

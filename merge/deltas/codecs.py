@@ -419,6 +419,60 @@ class Ternary(Codec):
         return _blockwise_squares(parts["scale"], kept)
 
 
+MAX_RANK = 256  # a decode costs rank passes over the matrix: what one delta can make every peer compute is bounded
+
+
+@register
+class LowRank(Codec):
+    name = "lowrank"
+    summary = ("The delta as a rank-r product B A: a truncated SVD of a full fine-tune, or a LoRA adapter's own factors "
+               "(r x (rows + columns) floats per matrix).")
+    options = (
+        ParamSpec("rank", int, 32, low=1, high=MAX_RANK, doc="the most factors kept (truncated SVD)"),
+        ParamSpec("scale", float, 1.0, doc="the product's factor (an adapter's lora_alpha / r)"),
+        ParamSpec("transposed", bool, False, doc="the tensor is (B A) transposed (embeddings, fan-in-fan-out layers)"),
+    )
+
+    def encode(self, name, base, expert, opts):
+        if expert.dim() != 2:
+            raise UserInputError(f"lowrank: tensor {name} is not a matrix")
+        delta = _delta(base, expert).view(expert.shape)
+        rank = min(opts["rank"], *delta.shape)
+        u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)  # the best rank-r approximation (Eckart-Young)
+        b, a = u[:, :rank] * sigma[:rank], vh[:rank]
+        if opts["transposed"]:
+            b, a = a.T, b.T
+        return {"a": a.contiguous().to(torch.float32), "b": b.contiguous().to(torch.float32)}
+
+    def decode(self, base, parts, dtype, shape, opts, out=None):
+        rows_of = self._rows(parts, shape, opts)
+        cols = shape[1]
+
+        def delta_at(start: int, stop: int) -> torch.Tensor:
+            first, last = start // cols, -(-stop // cols)
+            return rows_of(first, last).reshape(-1)[start - first * cols : stop - first * cols]
+
+        return _rebuild(base, dtype, shape, delta_at, out)
+
+    def squares(self, parts, n, opts):
+        return None  # the shape is needed: screening decodes it (bounded by MAX_RANK passes)
+
+    @staticmethod
+    def _rows(parts: Parts, shape, opts) -> Callable[[int, int], torch.Tensor]:
+        """Rows ``i .. j-1`` of the delta in float32, after checking the parts' sizes."""
+        if len(shape) != 2:
+            raise UserInputError(f"lowrank delta: a tensor of shape {list(shape)} is not a matrix")
+        # B A is (rows, cols), or (cols, rows) when the tensor is its transpose
+        rows, cols = (shape[1], shape[0]) if opts["transposed"] else tuple(shape)
+        rank = parts["b"].numel() // rows if rows else 0
+        if not 1 <= rank <= min(opts["rank"], rows, cols) or parts["b"].numel() != rows * rank:
+            raise UserInputError(f"lowrank delta: part b has {parts['b'].numel()} entries, not rows x a rank up to {opts['rank']}")
+        _expect(parts, "a", rank * cols, "lowrank")
+        _finite(parts, "lowrank", "a", "b")
+        b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
+        return lambda i, j: exact.lowrank_rows(b, a, opts["scale"], opts["transposed"], i, j).to(torch.float32)
+
+
 DEFAULT_CODEC = "ternary"
 
 

@@ -22,6 +22,7 @@ import torch
 
 from hivemerge.merge.deltas.codecs import CODECS, DEFAULT_CODEC, check_options, parse_codec
 from hivemerge.merge.deltas.signed_container import SignedContainer
+from hivemerge.merge.io.adapters import AdapterSource, LoraAdapter, adapter_manifest, is_adapter
 from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.io.dtypes import DTYPE_OF_CODE, SAFETENSORS_CODES
 from hivemerge.merge.io.manifest import build_model_manifest, model_id, side_files
@@ -75,14 +76,24 @@ def extract_delta(
     codec: str = DEFAULT_CODEC,
     progress: Progress | None = None,
 ) -> ExtractReport:
-    """Encode (expert - base) with ``codec``, sign it with ``identity``, write ``out_file`` atomically."""
+    """Encode (expert - base) with ``codec``, sign it with ``identity``, write ``out_file`` atomically.
+
+    ``expert_dir`` may be a LoRA adapter of the base (merge/io/adapters.py): its adapted
+    tensors are stored as their low-rank factors (codec ``lowrank``, megabytes where the
+    expert is gigabytes), the tensors it replaces losslessly, the rest as ``same``: the
+    delta names the merged expert, which it rebuilds exactly."""
     started = time.perf_counter()
     main_codec, main_opts = parse_codec(codec)
-    base, expert = SafetensorsModel(base_dir), SafetensorsModel(expert_dir)
-    if base.shapes() != expert.shapes():
-        raise DeltaError(f"{expert_dir}: architecture differs from the base ({describe_mismatch(base.shapes(), expert.shapes())})")
+    base = SafetensorsModel(base_dir)
     base_manifest = build_model_manifest(base)
-    expert_manifest = build_model_manifest(expert)
+    if is_adapter(Path(expert_dir)):
+        expert = AdapterSource(base, LoraAdapter(expert_dir))
+        expert_manifest = adapter_manifest(expert, base_manifest)
+    else:
+        expert = SafetensorsModel(expert_dir)
+        if base.shapes() != expert.shapes():
+            raise DeltaError(f"{expert_dir}: architecture differs from the base ({describe_mismatch(base.shapes(), expert.shapes())})")
+        expert_manifest = build_model_manifest(expert)
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +102,12 @@ def extract_delta(
         entries: dict[str, dict] = {}
         names = sorted(expert.tensors, key=natural_key)
         for i, name in enumerate(names):
-            entries[name] = _encode_tensor(writer, name, base, expert, main_codec, main_opts)
+            if isinstance(expert, AdapterSource) and name not in expert.replaced:
+                entries[name] = _adapter_entry(writer, name, expert)
+            elif isinstance(expert, AdapterSource):  # modules_to_save: few, and kept exact like the factors
+                entries[name] = _encode_tensor(writer, name, base, expert, CODECS["lossless"], {})
+            else:
+                entries[name] = _encode_tensor(writer, name, base, expert, main_codec, main_opts)
             if progress:
                 progress(i + 1, len(names), name)
         files = {}
@@ -109,6 +125,23 @@ def extract_delta(
         out_file, content_id(manifest), manifest["base"], manifest["expert"],
         dict(Counter(e["codec"] for e in entries.values())), out_file.stat().st_size, time.perf_counter() - started,
     )
+
+
+def _adapter_entry(writer: AppendingWriter, name: str, expert: AdapterSource) -> dict:
+    """An adapter's tensor: its factors as they are (lowrank), or ``same`` where it adapts nothing."""
+    info = expert.tensors[name]
+    pair = expert.pairs.get(name)
+    parts, codec, params = {}, "same", {}
+    if pair is not None:
+        parts = {"a": pair.a.to(torch.float32).contiguous(), "b": pair.b.to(torch.float32).contiguous()}
+        params = check_options(CODECS["lowrank"], {"rank": pair.a.shape[0], "scale": pair.scale, "transposed": pair.transposed},
+                               f"{expert.adapter.directory}: {name}")
+        codec = "lowrank"
+    stored = {}
+    for part, tensor in parts.items():
+        _check_finite(tensor, f"adapter factor {part} of {name}")
+        stored[part] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape), "sha256": writer.add(part_name(name, part), tensor)}
+    return {"codec": codec, "dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape), "params": params, "parts": stored}
 
 
 def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, expert: SafetensorsModel, codec, opts) -> dict:

@@ -20,15 +20,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from hivemerge.merge.io.manifest import side_files
 from hivemerge.merge.io.sources import SafetensorsModel, parse_config, read_header
 from hivemerge.merge.numerics import exact
+from hivemerge.protocol.content import sha256_hex
 from hivemerge.protocol.errors import UserInputError
+from hivemerge.protocol.manifests import model_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PICKLED = ("adapter_model.bin", "adapter_model.pt")
 _MAX_CONFIG_BYTES = 1 << 20
 _PREFIX = "base_model.model."
+_ROWS_AT_ONCE = 1 << 20  # entries of a row block merged at a time
 _KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
 
 
@@ -45,10 +49,9 @@ class LoraPair:
     scale: float
     transposed: bool
 
-    def delta(self) -> torch.Tensor:
-        """scale * B @ A in float64, summed over the rank in a fixed order (exact products):
-        the same values on every device, unlike a library matmul."""
-        return exact.ordered_matmul(self.b, self.a, self.scale, transpose=self.transposed)
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of the delta in float32, as a low-rank delta decodes them (exact.lowrank_rows)."""
+        return exact.lowrank_rows(self.b, self.a, self.scale, self.transposed, start, stop).to(torch.float32)
 
 
 class LoraAdapter:
@@ -147,6 +150,9 @@ class AdapterSource:
         self.directory = Path(f"{base.directory}+{adapter.directory}")
         self.tensors = base.tensors
         self.pairs = adapter.pairs(base.shapes())
+        # PEFT saves the base's own embeddings beside an embedding adapter: only what differs replaces
+        self.replaced = {n: t.to(self.tensors[n].dtype) for n, t in adapter.replaced.items()
+                         if not torch.equal(t.to(self.tensors[n].dtype), base.get(n))}
 
     def names(self) -> list[str]:
         return self.base.names()
@@ -164,10 +170,26 @@ class AdapterSource:
         return parse_config(self.read_file("config.json"), self.base.directory / "config.json")
 
     def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        replaced = self.adapter.replaced.get(name)
-        weight = self.base.get(name, into) if replaced is None else replaced.to(self.tensors[name].dtype).clone()
+        replaced = self.replaced.get(name)
+        weight = self.base.get(name, into) if replaced is None else replaced.clone()
         pair = self.pairs.get(name)
         if pair is None:
             return weight
-        merged = weight.to(torch.float32).add_(pair.delta().to(torch.float32))
-        return weight.copy_(merged)  # one rounding to the weight's dtype, in the weight's memory
+        step = max(1, _ROWS_AT_ONCE // max(weight.shape[1], 1))
+        for row in range(0, weight.shape[0], step):  # a block of rows at a time: float32 temporaries stay small
+            rows = weight[row : row + step]
+            rows.copy_(rows.to(torch.float32).add_(pair.rows(row, min(weight.shape[0], row + step))))  # one rounding
+        return weight
+
+
+def adapter_manifest(source: AdapterSource, base_manifest: dict) -> dict:
+    """The manifest of the model the adapter makes of the base (what ``delta apply`` and a
+    merge of it rebuild): the base's hashes, but for the tensors it adapts or replaces."""
+    tensors = dict(base_manifest["tensors"])
+    for name in sorted({*source.pairs, *source.replaced}):
+        tensor = source.get(name)
+        tensors[name] = {"dtype": tensors[name]["dtype"], "shape": list(tensor.shape),
+                         "sha256": sha256_hex(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())}
+    files = {name: sha256_hex(data) for name, data in side_files(source).items()}
+    return model_manifest(tensors, files)
+

@@ -80,16 +80,22 @@ def dot(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tenso
     return pairwise_sum(a.to(torch.float64) * b.to(torch.float64), dim)
 
 
-def ordered_matmul(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
-    """``scale * (b @ a)`` (``.T`` when ``transpose``) in float64, one rank-1 term at a time
-    in order: float32 products are exact in float64, so the sum depends on nothing but the
-    inputs (a library matmul's order varies with device and threads)."""
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    if transpose:
-        b64, a64 = a64.T, b64.T
-    out = torch.zeros(b64.shape[0], a64.shape[1], dtype=torch.float64, device=b.device)
-    for k in range(b64.shape[1]):
-        out.add_(b64[:, k : k + 1] * a64[k : k + 1, :])
+_LOWRANK_BLOCK = 1 << 18  # float64 entries of a row block: its rank-1 updates stay in the cache
+
+
+def lowrank_rows(b: torch.Tensor, a: torch.Tensor, scale: float, transposed: bool, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start .. stop-1`` of ``scale * (b @ a)`` (of its transpose when ``transposed``)
+    in float64, summed over the rank one term at a time, in order: float32 products are
+    exact in float64, so each entry depends on the inputs alone (a library matmul's order
+    varies with device and threads), and on no row block size."""
+    left, right = (a.T, b.T) if transposed else (b, a)  # (rows, r) and (r, cols)
+    left, right = left[start:stop].to(torch.float64), right.to(torch.float64)
+    out = torch.zeros(stop - start, right.shape[1], dtype=torch.float64, device=b.device)
+    step = max(1, _LOWRANK_BLOCK // max(right.shape[1], 1))
+    for row in range(0, stop - start, step):
+        block = out[row : row + step]
+        for k in range(right.shape[0]):
+            block.add_(left[row : row + step, k : k + 1] * right[k : k + 1])
     return out.mul_(scale)
 
 
