@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from conftest import make_llama
 from network_fixtures import check_no_leftover_p2pd, wait_until
 
@@ -45,6 +46,23 @@ def build_family(root: Path, names: list[str], base_seed: int = 0) -> dict[str, 
     for i, name in enumerate(names):
         family[name] = make_llama(root / name, seed=1000 * (base_seed + 1) + i, base=family["base"])
     return family
+
+
+def lora_expert(base: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter of ``base`` (random A and B, small), saved as safetensors: an
+    expert published as its adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    with torch.no_grad():  # a fine-tune's size of change
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.2)
+    model.save_pretrained(out)
+    return out
 
 
 def model_id_of(directory: Path) -> str:

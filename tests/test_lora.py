@@ -180,3 +180,18 @@ def test_a_lowrank_rank_above_the_cap_is_refused():
 
     with pytest.raises(UserInputError, match=re.escape(f"rank: must be in [1, {MAX_RANK}]")):
         check_options(CODECS["lowrank"], {"rank": MAX_RANK + 1}, "t")
+
+
+def test_a_lowrank_deltas_screening_norm_comes_from_its_factors():
+    """Screening reads no base and decodes nothing: ||scale B A||^2 from the r x r Gram
+    matrices equals the sum of the squares of the product (float64, by matmul here)."""
+    from hivemerge.merge.deltas.codecs import parse_codec
+
+    g = torch.Generator().manual_seed(3)
+    for spec in ("lowrank:rank=5,scale=0.5", "lowrank:rank=5,scale=2,transposed=true"):
+        codec, opts = parse_codec(spec)
+        b, a = torch.randn(30, 5, generator=g), torch.randn(5, 20, generator=g)
+        product = opts["scale"] * (b.double() @ a.double())
+        shape = (20, 30) if opts["transposed"] else (30, 20)
+        got = codec.squares({"a": a, "b": b}, shape, opts)
+        assert abs(got - float(product.square().sum())) <= 1e-12 * got

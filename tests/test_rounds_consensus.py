@@ -1,7 +1,8 @@
 """A whole merge round among real nodes on 127.0.0.1.
 
 Four nodes: ``a`` proposes (it holds no expert), ``b``, ``c`` and ``d`` each publish one
-expert of the same tiny base (math, code, logic). Every participant commits, fetches
+expert of the same tiny base (math, code: full fine-tunes; logic: a LoRA adapter, which
+travels as its low-rank factors). Every participant commits, fetches
 the others' deltas, merges locally and attests; the round is final. A fifth node that
 took no part fetches the latest consensus, checks it and loads it in transformers; the
 result equals an offline merge of the three delta files with the same recipe.
@@ -13,7 +14,9 @@ import time
 from collections import Counter
 
 import pytest
-from round_fixtures import RoundNet, build_family, model_id_of, offline_merge, round_document, wait_committed, wait_round_done
+from round_fixtures import (
+    RoundNet, build_family, lora_expert, model_id_of, offline_merge, round_document, wait_committed, wait_round_done,
+)
 
 from hivemerge.merge.deltas.delta import DeltaFile
 from hivemerge.protocol.errors import UserInputError
@@ -33,6 +36,7 @@ TEMPLATE = {
 def first_round(tmp_path_factory):
     root = tmp_path_factory.mktemp("consensus")
     family = build_family(root / "models", DOMAINS)
+    family["logic"] = lora_expert(family["base"], root / "models" / "logic-lora", seed=7)
     net = RoundNet(root / "nodes")
     try:
         a, b, c, d = net.start_many(["a", "b", "c", "d"])
@@ -132,6 +136,19 @@ def test_the_consensus_equals_an_offline_merge_of_the_deltas(first_round):
     swapped = {d: {"math": "code", "code": "math", "logic": "logic"}[dom] for d, dom in domain_of.items()}
     assert offline_merge(first_round["root"] / "offline-swapped", first_round["family"]["base"], files, TEMPLATE,
                          swapped) != result_id
+
+
+def test_a_lora_expert_travels_as_its_factors_and_merges_as_the_adapter_does_offline(first_round):
+    """The logic expert was published from its adapter: its delta holds the factors
+    (lowrank) and unchanged tensors, and the round's consensus equals an offline merge
+    that reads the adapter itself (BASE+ADAPTER) where the round had its delta."""
+    published, family = first_round["published"], first_round["family"]
+    assert published["logic"]["codecs"] == {"lowrank": 6, "same": 15}
+    files = {p["delta_id"]: first_round["participants"][dom].store.resolve(p["delta_id"]) for dom, p in published.items()}
+    domain_of = {p["delta_id"]: dom for dom, p in published.items()}
+    files[published["logic"]["delta_id"]] = f"{family['base']}+{family['logic']}"
+    merged = offline_merge(first_round["root"] / "offline-adapter", family["base"], files, TEMPLATE, domain_of)
+    assert merged == first_round["states"][0]["result_id"]
 
 
 def test_a_later_round_without_quorum_keeps_the_previous_consensus(first_round):

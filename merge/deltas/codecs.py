@@ -39,7 +39,7 @@ class Codec:
         read for this decode: a span is read before it is written)."""
         raise NotImplementedError
 
-    def squares(self, parts: Parts, n: int, opts: dict[str, Any]) -> float | None:
+    def squares(self, parts: Parts, shape: tuple[int, ...], opts: dict[str, Any]) -> float | None:
         """The sum of the squared delta entries as encoded (float32 entries squared exactly
         in float64, summed in a fixed order: every peer gets the same number), from the
         parts alone, after checking their sizes and that they are finite; None when the
@@ -164,7 +164,7 @@ class Same(Codec):
             return base.reshape(shape)
         return base.to(dtype).reshape(shape).clone()
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
         return 0.0
 
 
@@ -201,7 +201,8 @@ class Fp16(Codec):
         _expect(parts, "delta", base.numel(), "fp16")
         return _rebuild(base, dtype, shape, lambda start, stop: parts["delta"][start:stop].to(torch.float32), out)
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
+        n = math.prod(shape)
         _expect(parts, "delta", n, "fp16")
         _finite(parts, "fp16", "delta")
         return _sum_of_squares(lambda start, stop: parts["delta"][start:stop].to(torch.float32), n)
@@ -247,7 +248,8 @@ class Int8(Codec):
         _expect(parts, "scale", -(-n // block), "int8")
         return _rebuild(base, dtype, shape, self._values(parts, block), out)
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
+        n = math.prod(shape)
         block = opts["block"]
         _expect(parts, "q", -(-n // block) * block, "int8")
         _expect(parts, "scale", -(-n // block), "int8")
@@ -292,7 +294,8 @@ class Sparse(Codec):
         values = self._kept_values(parts, n, opts)
         return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)), out)
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
+        n = math.prod(shape)
         values = self._kept_values(parts, n, opts)
         _finite({"values": values}, "sparse", "values")
         return _sum_of_squares(lambda i, j: values[i:j].to(torch.float32), values.numel())
@@ -337,7 +340,8 @@ class Sign1(Codec):
 
         return _rebuild(base, dtype, shape, delta_at, out)
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
+        n = math.prod(shape)
         block = opts["block"]
         _expect(parts, "signs", (n + 7) // 8, "sign1")
         _expect(parts, "scale", -(-n // block), "sign1")
@@ -405,7 +409,8 @@ class Ternary(Codec):
 
         return _rebuild(base, dtype, shape, delta_at, out)
 
-    def squares(self, parts, n, opts):
+    def squares(self, parts, shape, opts):
+        n = math.prod(shape)
         block = opts["block"]
         _expect(parts, "mask", (n + 7) // 8, "ternary")
         _expect(parts, "scale", -(-n // block), "ternary")
@@ -454,8 +459,17 @@ class LowRank(Codec):
 
         return _rebuild(base, dtype, shape, delta_at, out)
 
-    def squares(self, parts, n, opts):
-        return None  # the shape is needed: screening decodes it (bounded by MAX_RANK passes)
+    def squares(self, parts, shape, opts):
+        """||scale B A||^2 = scale^2 sum_kl (B^T B)_kl (A A^T)_kl, from the r x r Gram
+        matrices (exact dots, fixed order): r^2 (rows + cols) work instead of a decode's
+        r rows cols. The norm of the exact product, before its entries round to float32."""
+        self._rows(parts, shape, opts)  # sizes and values checked
+        rows, cols = (shape[1], shape[0]) if opts["transposed"] else tuple(shape)
+        rank = parts["b"].numel() // rows
+        b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
+        left = [exact.dot(b[:, k : k + 1], b, dim=0) for k in range(rank)]  # row k of B^T B
+        right = [exact.dot(a[k : k + 1], a, dim=1) for k in range(rank)]  # row k of A A^T
+        return opts["scale"] ** 2 * math.fsum(float(x) for k in range(rank) for x in left[k] * right[k])
 
     @staticmethod
     def _rows(parts: Parts, shape, opts) -> Callable[[int, int], torch.Tensor]:

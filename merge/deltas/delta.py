@@ -256,7 +256,7 @@ class DeltaFile:
         entry = self.manifest["tensors"][name]
         parts = self._parts(name)
         try:
-            return CODECS[entry["codec"]].squares(parts, _numel(entry["shape"]), self._options[name])
+            return CODECS[entry["codec"]].squares(parts, tuple(entry["shape"]), self._options[name])
         except UserInputError as exc:
             raise DeltaError(f"{self.path}: tensor {name}: {exc}", self.id) from None
         except (RuntimeError, KeyError, IndexError) as exc:

@@ -60,7 +60,7 @@ class SearchSpace:
     def __init__(self, recipe: Recipe, blocks: int | None = None, max_weight: float = 2.0,
                  min_density: float = MIN_DENSITY, recipe_dir: Path | None = None):
         method = recipe.method
-        params = [s.name for s in method.model_params if s.name in SEARCHED]
+        params = [s.name for s in method.model_params if s.name in SEARCHED and not s.ignored]  # not what changes nothing
         if "weight" not in params:
             raise UserInputError(
                 f"merge_method: {method.name} has no per-model weight to search; use task_arithmetic, ties, "
