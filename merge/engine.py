@@ -57,7 +57,7 @@ def output_layout(recipe: Recipe) -> list[tuple[str, torch.dtype, tuple[int, ...
     for name in sorted(tensors, key=natural_key):
         info = tensors[name]
         dtype = recipe.out_dtype if info.dtype.is_floating_point else info.dtype
-        layout.append((name, dtype, info.shape))
+        layout.append((name, dtype, recipe.vocab.shape(name, info.shape) if recipe.vocab else info.shape))
     return layout
 
 
@@ -117,6 +117,8 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         return reference.get(name)  # integer buffers (position ids, masks) pass through
 
     method = recipe.method
+    if recipe.vocab is not None and name in recipe.vocab.tensors:
+        return _merge_token_rows(recipe, name, device)
 
     def load(model: ModelInput) -> torch.Tensor:
         into = buffers.take(model, name) if buffers is not None else None
@@ -142,6 +144,41 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
     if not exact.all_finite(merged):  # whatever the method: a model with NaN or Inf is never written
         raise ComputationError(f"{method.name} produced NaN or Inf values in tensor {name}; nothing was written")
     return merged.cpu()
+
+
+def _merge_token_rows(recipe: Recipe, name: str, device: torch.device) -> torch.Tensor:
+    """An embedding or LM head over lined-up vocabularies (merge/io/vocab.py): the rows of
+    the tokens every input has, merged by the method; each other token's row, the mean of
+    the rows of the inputs that have it (the row itself where one input has it)."""
+    plan, method = recipe.vocab, recipe.method
+    uses_base = recipe.base is not None and (method.requires_base or method.uses_base)
+    everyone = ([recipe.base] if uses_base else []) + list(recipe.inputs)
+    whole = {m.recipe_index: m.source.get(name).to(device) for m in everyone}
+    common = [t for t in range(len(plan.tokens)) if all(plan.rows[i][t] >= 0 for i in whole)]
+
+    def rows(model: ModelInput, tokens: list[int]) -> torch.Tensor:
+        picked = whole[model.recipe_index].index_select(0, torch.tensor([plan.rows[model.recipe_index][t] for t in tokens],
+                                                                          dtype=torch.long, device=device))
+        return picked if method.converts_inputs else picked.to(recipe.dtype)
+
+    out = torch.empty(plan.shape(name, whole[everyone[0].recipe_index].shape), dtype=recipe.out_dtype)
+    if common:
+        job = TensorJob(name=name, base=rows(recipe.base, common) if uses_base else None,
+                        models=[rows(m, common) for m in recipe.inputs],
+                        model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
+                        params=recipe.global_params_for(name), dtype=recipe.dtype, out_dtype=recipe.out_dtype,
+                        model_ids=[m.recipe_index for m in recipe.inputs], seed=recipe.seed)
+        out[torch.tensor(common, dtype=torch.long)] = method.merge(job).to(recipe.out_dtype).cpu()
+    for token in sorted(set(range(len(plan.tokens))) - set(common)):
+        having = [m for m in recipe.inputs if plan.rows[m.recipe_index][token] >= 0]
+        total = None
+        for m in having:  # in recipe order, float32: the same sum on every device
+            row = whole[m.recipe_index][plan.rows[m.recipe_index][token]].to(torch.float32)
+            total = row.clone() if total is None else total.add_(row)
+        out[token] = exact.divide(total, len(having)).to(recipe.out_dtype).cpu()
+    if not exact.all_finite(out):
+        raise ComputationError(f"{method.name} produced NaN or Inf values in tensor {name}; nothing was written")
+    return out
 
 
 def run_merge(

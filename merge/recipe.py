@@ -22,6 +22,7 @@ from hivemerge.merge.io.adapters import ADAPTER_CONFIG, AdapterSource, LoraAdapt
 from hivemerge.merge.io.dtypes import dtype_name, parse_dtype
 from hivemerge.merge.io.manifest import model_id
 from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
+from hivemerge.merge.io.vocab import TOKEN_ROWS, VocabPlan, plan_vocabulary
 from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
@@ -72,6 +73,7 @@ class Recipe:
     document: dict  # the recipe as written, for the model card
     name: str | None = None
     warnings: list[str] = field(default_factory=list)  # shown once, before the merge
+    vocab: VocabPlan | None = None  # inputs' token rows lined up (tokenizer_source), when vocabularies differ
 
     @property
     def reference(self) -> ModelInput:
@@ -166,6 +168,12 @@ def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", re
     return model
 
 
+def _vocab_free(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes with the token dimension of embeddings and LM heads left out (vocabularies
+    are lined up by tokenizer_source; the rest of the architecture must match)."""
+    return {n: (0, *s[1:]) if TOKEN_ROWS.fullmatch(n) and len(s) == 2 else s for n, s in shapes.items()}
+
+
 def _adapted(base: SafetensorsModel, adapter_dir: Path, ref: str) -> AdapterSource:
     if not is_adapter(adapter_dir):
         raise UserInputError(f"{ref}: {adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
@@ -244,12 +252,20 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
     num_layers = -1
     if reference is not None:
         ref_shapes = reference.source.shapes()
-        ref_print = architecture_fingerprint(ref_shapes)
+        ref_print = architecture_fingerprint(_vocab_free(ref_shapes))
         for m in models:
-            if m.source is not reference.source and architecture_fingerprint(m.source.shapes()) != ref_print:
+            if m.source is reference.source or architecture_fingerprint(m.source.shapes()) == architecture_fingerprint(ref_shapes):
+                continue
+            if architecture_fingerprint(_vocab_free(m.source.shapes())) != ref_print:
                 errors.append(
                     f"{m.key}.model: architecture differs from {reference.key} "
                     f"({describe_mismatch(ref_shapes, m.source.shapes())}); heterogeneous experts go through `hivemerge fuse`"
+                )
+            elif "tokenizer_source" not in document:  # the same model, another vocabulary (added tokens)
+                errors.append(
+                    f"{m.key}.model: its vocabulary differs from {reference.key}'s ({describe_mismatch(ref_shapes, m.source.shapes())}); "
+                    "set tokenizer_source: union (every model's tokens, new rows from the models that have them) or base "
+                    "(the base's tokens only)"
                 )
         if not errors:
             num_layers = count_layers(ref_shapes, reference.source.config())
@@ -283,13 +299,23 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
     tok = document.get("tokenizer_source", "base")
     if isinstance(tok, str) and tok.startswith("model:"):
         tok = tok.removeprefix("model:")
+    vocab_mode = "base"
     if tok == "base":
         if base is not None:
             tokenizer_source = base
+    elif tok == "union":
+        vocab_mode = "union"
     elif isinstance(tok, str) and any(m.ref == tok for m in models):
-        tokenizer_source = next(m for m in models if m.ref == tok)
+        tokenizer_source, vocab_mode = next(m for m in models if m.ref == tok), "model"
     else:
-        errors.append(f"tokenizer_source: must be 'base' or one of the recipe's models, got {tok!r}")
+        errors.append(f"tokenizer_source: must be 'base', 'union' or one of the recipe's models, got {tok!r}")
+    vocab = None
+    everyone = [m for m in models if reference is not None and m.source is not reference.source]
+    if not errors and any(m.source.shapes() != reference.source.shapes() for m in everyone):  # the token rows differ
+        try:
+            vocab = plan_vocabulary(vocab_mode, reference, everyone, tokenizer_source)
+        except UserInputError as exc:
+            errors.append(f"tokenizer_source: {exc}")
 
     seed = document.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -314,6 +340,7 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
         document=document,
         name=name,
         warnings=warnings,
+        vocab=vocab,
     )
 
 

@@ -107,8 +107,8 @@ CASES = {
         ["parameters.t: required by slerp"],
     ),
     "bad_tokenizer_source": (
-        edit(lambda d, f, x: d.update(tokenizer_source="union")),
-        ["tokenizer_source: must be 'base' or one of the recipe's models, got 'union'"],
+        edit(lambda d, f, x: d.update(tokenizer_source="intersection")),
+        ["tokenizer_source: must be 'base', 'union' or one of the recipe's models, got 'intersection'"],
     ),
     "filter_without_value": (
         edit(lambda d, f, x: d["models"][0]["parameters"].update(weight=[{"filter": "mlp"}, {"value": 1.0}])),

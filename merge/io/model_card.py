@@ -19,6 +19,8 @@ def write_config(recipe, out: Path) -> None:
         # transformers 5 reads `dtype`; older releases `torch_dtype`.
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = dtype_name(recipe.out_dtype)
+        if recipe.vocab is not None and "vocab_size" in config:
+            config["vocab_size"] = len(recipe.vocab.tokens)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = source.read_file("generation_config.json")
     if generation is not None:
@@ -33,6 +35,15 @@ def copy_tokenizer(recipe, out: Path) -> list[str]:
         if data is not None:
             (out / name).write_bytes(data)
             copied.append(name)
+    if recipe.vocab is not None and recipe.vocab.tokenizer is not None:  # the union's tokenizer, its added tokens in both files
+        (out / "tokenizer.json").write_text(json.dumps(recipe.vocab.tokenizer, ensure_ascii=False) + "\n")
+        config_file = out / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            decoder = {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in recipe.vocab.tokenizer["added_tokens"]}
+            config["added_tokens_decoder"] = decoder
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        copied = sorted({*copied, "tokenizer.json"})
     return copied
 
 
