@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_merge  # noqa: E402  (its mergekit venv)
+import bench_merge  # its mergekit venv
 
-from hivemerge.merge.engine import run_merge  # noqa: E402
-from hivemerge.merge.recipe import validate_recipe  # noqa: E402
+from hivemerge.merge.engine import run_merge
+from hivemerge.merge.recipe import validate_recipe
 
 F32 = {"dtype": "float32", "out_dtype": "float32"}
 W3 = [1.0, 0.5, 0.8]

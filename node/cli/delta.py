@@ -32,7 +32,7 @@ app = typer.Typer(help="Signed weight deltas: expert minus base, encoded by a co
 @app.command(epilog=_codec_help())
 def extract(
     base: Annotated[Path, typer.Option("--base", help="The base model directory.")],
-    model: Annotated[Path, typer.Option("--model", help="The expert model directory (fine-tuned from the base).")],
+    model: Annotated[Path, typer.Option("--model", help="The expert model directory (fine-tuned from the base), or a PEFT LoRA adapter of the base (stored as its factors).")],
     out: Annotated[Path, typer.Option("--out", help="The delta file to write (*.delta.safetensors).")],
     codec: Annotated[Optional[str], typer.Option("--codec", help="Codec, e.g. sign1, lossless, sparse:density=0.05.")] = None,
     home: HomeOption = None,

@@ -96,7 +96,8 @@ def start(
 
 
 def publish(
-    model_dir: Annotated[Path, typer.Argument(help="The expert model directory.")],
+    model_dir: Annotated[Path, typer.Argument(help="The expert model directory, or a PEFT LoRA adapter directory of the base "
+                                                   "(published as its low-rank factors).")],
     domain: Annotated[str, typer.Option("--domain", help="What the expert is good at, e.g. math.")],
     base: Annotated[Path, typer.Option("--base", help="The base model directory it was fine-tuned from.")],
     codec: Annotated[Optional[str], typer.Option("--codec", help="Delta codec (default: ternary).")] = None,
