@@ -73,6 +73,7 @@ def recipes(m: dict) -> dict[str, dict]:
         "multislerp": with_base("multislerp", None, weights),
         "karcher": with_base("karcher", None, base=False),
         "nearswap": with_base("nearswap", {"t": 0.005}, models=[m["e1"]]),
+        "arcee_fusion": with_base("arcee_fusion", models=[m["e1"]]),
         "sce": with_base("sce", {"select_topk": 0.5}),
         "model_stock": with_base("model_stock"),
         "ram": with_base("ram", {"epsilon": 0.01}),

@@ -51,6 +51,7 @@ METHOD_PARAMS = {
     "multislerp": ({}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.9}]),
     "karcher": ({"max_iter": 5}, [{}, {}, {}]),
     "ram": ({"epsilon": 0.002}, [{}, {}, {}]),
+    "arcee_fusion": ({}, [{}]),
     "ramplus_tl": ({"epsilon": 0.002, "r": 0.3, "alpha": 0.5}, [{}, {}, {}]),
 }
 
@@ -61,7 +62,7 @@ def test_every_registered_method_is_covered():
 
 def recipe_for(method: str, base: Path, experts: list[Path], dtype: str) -> dict:
     global_params, model_params = METHOD_PARAMS[method]
-    if method in ("slerp", "nearswap"):
+    if method in ("slerp", "nearswap", "arcee_fusion"):
         models = [{"model": str(base)}, {"model": str(experts[0])}]
     else:
         models = [{"model": str(p), "parameters": params} for p, params in zip(experts, model_params)]  # nuslerp: the first 2

@@ -779,3 +779,31 @@ def test_out_dtype_is_applied_after_float32_math(tmp_path):
     assert out["w"].dtype == torch.float16
     # (3 + (2 + 2**-12)) / 2 = 2.5 + 2**-13 in float32; float16's step at 2.5 is 2**-9
     assert out["w"].tolist() == [1.5, 2.0, 2.5]
+
+
+# -- Arcee Fusion ----------------------------------------------------------------------
+
+def test_arcee_fusion_by_hand(tmp_path):
+    """importance = |m - b| x the row's KL(softmax(m) || softmax(b)); kept where it reaches
+    median + 1.5 IQR of the sorted importances (at floor(q (n - 1))); else the base's."""
+    base = [[0.0, 0.5, -0.5, 1.0], [0.25, 0.0, 0.5, -1.0], [1.0, 1.0, 1.0, 1.0]]
+    model = [[0.1, 0.5, -0.5, 3.0], [0.25, 0.05, 0.5, -1.0], [1.0, 1.2, 1.0, 1.0]]
+    dirs = {n: str(write_tensors(tmp_path / n, {"m": torch.tensor(v)})) for n, v in (("base", base), ("model", model))}
+    got = merge_doc({**F32, "merge_method": "arcee_fusion", "base_model": dirs["base"], "models": [{"model": dirs["model"]}]},
+                    tmp_path / "out")["m"].tolist()
+
+    def softmax(row):
+        e = [math.exp(x - max(row)) for x in row]
+        return [v / sum(e) + 1e-8 for v in e]
+
+    importance = []
+    for b, m in zip(base, model):
+        p, q = softmax(m), softmax(b)
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        importance.append([abs(x - y) * kl for x, y in zip(m, b)])
+    flat = sorted(v for row in importance for v in row)
+    q1, median, q3 = (flat[math.floor(q * (len(flat) - 1))] for q in (0.25, 0.5, 0.75))
+    threshold = median + 1.5 * (q3 - q1)
+    want = [[m if i >= threshold else b for b, m, i in zip(br, mr, ir)] for br, mr, ir in zip(base, model, importance)]
+    assert want != base and want != model  # some entries taken, some not
+    assert all(close(g, w) for g, w in zip(got, want))
