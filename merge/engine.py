@@ -52,6 +52,13 @@ def resolve_device(device: str) -> torch.device:
 
 def output_layout(recipe: Recipe) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every output tensor, in writing order."""
+    if recipe.slices is not None:  # a frankenmerge: each output tensor is one source tensor, renumbered
+        layout = []
+        for name in sorted(recipe.slices.tensors, key=natural_key):
+            index, source_name = recipe.slices.source(name)
+            info = recipe.inputs[index].source.tensors[source_name]
+            layout.append((name, recipe.out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
+        return layout
     tensors = recipe.reference.source.tensors
     layout = []
     for name in sorted(tensors, key=natural_key):
@@ -112,6 +119,10 @@ class WriteBehind:
 def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None) -> torch.Tensor:
     """The merged value of one tensor, on the CPU in the output dtype (it may view
     ``buffers``, so write it before the next call)."""
+    if recipe.slices is not None:
+        index, source_name = recipe.slices.source(name)
+        tensor = recipe.inputs[index].source.get(source_name)
+        return tensor.to(recipe.out_dtype) if tensor.is_floating_point() else tensor
     reference = recipe.reference.source
     if not reference.tensors[name].dtype.is_floating_point:
         return reference.get(name)  # integer buffers (position ids, masks) pass through

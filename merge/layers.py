@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 
 # model.layers.3.mlp..., transformer.h.3..., gpt_neox.layers.3..., blocks.3...
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # where configs say how many layers
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -21,9 +22,17 @@ def layer_index(tensor_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def with_layer_index(tensor_name: str, index: int) -> str:
+    """The name of the same tensor in layer ``index`` (slices renumber stacked layers)."""
+    match = _LAYER_RE.search(tensor_name)
+    if match is None:
+        return tensor_name
+    return f"{tensor_name[: match.start(1)]}{index}{tensor_name[match.end(1):]}"
+
+
 def count_layers(tensor_names: Iterable[str], config: dict | None = None) -> int:
     """Number of layers: from the config when it says, else from the tensor names."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in LAYER_COUNT_KEYS:
         if config and isinstance(config.get(key), int):
             return config[key]
     indices = [i for i in map(layer_index, tensor_names) if i is not None]

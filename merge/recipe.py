@@ -25,14 +25,15 @@ from hivemerge.merge.io.sources import SafetensorsModel, float_dtype
 from hivemerge.merge.io.vocab import TOKEN_ROWS, VocabPlan, plan_vocabulary
 from hivemerge.merge.layers import count_layers, natural_key
 from hivemerge.merge.methods import METHODS, MergeMethod
+from hivemerge.merge.slices import Slice, SlicePlan, plan_slices
 from hivemerge.merge.params import ParamSpec, resolve_value, validate_value
 from hivemerge.protocol.content import ID_PREFIX, parse_content_ref
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.fingerprint import architecture_fingerprint, describe_mismatch
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed", "name"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed",
+                  "name"}
 UNSUPPORTED_KEYS = {
-    "slices": "slice-based (frankenmerge) recipes are not supported; list whole models under `models`",
     "modules": "per-module recipes are not supported",
     "tokenizer": "tokenizer merging is not supported; use tokenizer_source",
     "chat_template": "chat_template is not supported; it is copied from tokenizer_source",
@@ -74,6 +75,7 @@ class Recipe:
     name: str | None = None
     warnings: list[str] = field(default_factory=list)  # shown once, before the merge
     vocab: VocabPlan | None = None  # inputs' token rows lined up (tokenizer_source), when vocabularies differ
+    slices: SlicePlan | None = None  # passthrough over mergekit's slices: which source tensor each output tensor is
 
     @property
     def reference(self) -> ModelInput:
@@ -168,6 +170,58 @@ def open_input(ref: str, recipe_dir: Path | None, base: "ModelSource | None", re
     return model
 
 
+def _slices_recipe(document: dict, method: MergeMethod | None, open_model, errors: list[str]) -> Recipe:
+    """A frankenmerge: ``slices`` of one source each, ``{model, layer_range: [start, stop]}``, stacked."""
+    if method is not None and method.name != "passthrough":
+        errors.append(f"slices: hivemerge stacks slices with merge_method passthrough; {method.name} merges whole models "
+                      "listed under models")
+    for key in ("models", "base_model"):
+        if key in document:
+            errors.append(f"{key}: not with slices (each slice names its model)")
+    raw = document["slices"]
+    if not isinstance(raw, list) or not raw:
+        errors.append("slices: must be a non-empty list of {sources: [{model: PATH, layer_range: [start, stop]}]}")
+        raw = []
+    inputs: dict[str, ModelInput] = {}
+    slices: list[Slice] = []
+    for i, entry in enumerate(raw):
+        key = f"slices[{i}]"
+        sources = entry.get("sources") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or set(entry) != {"sources"} or not isinstance(sources, list) or len(sources) != 1 \
+                or not isinstance(sources[0], dict) or set(sources[0]) != {"model", "layer_range"}:
+            errors.append(f"{key}: must be {{sources: [{{model: PATH, layer_range: [start, stop]}}]}} (one source a slice)")
+            continue
+        ref, span = sources[0]["model"], sources[0]["layer_range"]
+        source = open_model(ref, f"{key}.sources[0].model")
+        if source is None:
+            continue
+        layers = count_layers(source.shapes(), source.config())
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                and 0 <= span[0] < span[1] <= layers):
+            errors.append(f"{key}.sources[0].layer_range: must be [start, stop] with 0 <= start < stop <= {layers}, got {span!r}")
+            continue
+        model = inputs.setdefault(ref, ModelInput(ref, f"{key}.sources[0]", source, {}, len(inputs)))
+        slices.append(Slice(model.recipe_index, f"{key}.sources[0]", source.shapes(), span[0], span[1]))
+    plan = None
+    if not errors:
+        try:
+            plan = plan_slices(slices)
+        except UserInputError as exc:
+            errors.append(str(exc))
+    models = list(inputs.values())
+    dtype = _dtype_field(document, "dtype", "float32", errors)
+    inputs_dtype = float_dtype(models[0].source) if models else None
+    out_dtype = _dtype_field(document, "out_dtype", document.get("dtype") or dtype_name(inputs_dtype or torch.float32), errors)
+    for key in ("parameters", "tokenizer_source"):
+        if document.get(key):
+            errors.append(f"{key}: not with slices (passthrough takes no parameters; the tokenizer is the first slice's model's)")
+    if errors:
+        raise RecipeError(errors)
+    return Recipe(method=METHODS["passthrough"], base=None, inputs=models, params={}, dtype=dtype, out_dtype=out_dtype,
+                  tokenizer_source=models[0], seed=0, num_layers=plan.num_layers, document=document,
+                  name=document.get("name") if isinstance(document.get("name"), str) else None, slices=plan)
+
+
 def _vocab_free(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Shapes with the token dimension of embeddings and LM heads left out (vocabularies
     are lined up by tokenizer_source; the rest of the architecture must match)."""
@@ -211,6 +265,9 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
         errors.append(f"merge_method: required; one of {sorted(METHODS)}")
     elif method is None:
         errors.append(f"merge_method: unknown method {method_name!r}; expected one of {sorted(METHODS)}")
+
+    if "slices" in document:
+        return _slices_recipe(document, method, open_model, errors)
 
     if document.get("base_model") is not None:
         source = open_model(document["base_model"], "base_model")

@@ -52,6 +52,7 @@ METHOD_PARAMS = {
     "karcher": ({"max_iter": 5}, [{}, {}, {}]),
     "ram": ({"epsilon": 0.002}, [{}, {}, {}]),
     "arcee_fusion": ({}, [{}]),
+    "passthrough": ({}, [{}]),
     "ramplus_tl": ({"epsilon": 0.002, "r": 0.3, "alpha": 0.5}, [{}, {}, {}]),
 }
 

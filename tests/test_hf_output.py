@@ -131,7 +131,7 @@ def test_methods_json(tmp_path_factory):
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     assert sorted(listed) == sorted(
         ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
-         "median", "trimmed_mean", "centered_clip", "della", "della_linear", "nearswap", "sce", "nuslerp", "multislerp", "karcher", "ram", "ramplus_tl", "arcee_fusion"]
+         "median", "trimmed_mean", "centered_clip", "della", "della_linear", "nearswap", "sce", "nuslerp", "multislerp", "karcher", "ram", "ramplus_tl", "arcee_fusion", "passthrough"]
     )
 
     def param(method, name):

@@ -9,6 +9,7 @@ import yaml
 
 from hivemerge.merge.io.dtypes import dtype_name
 from hivemerge.merge.io.manifest import TOKENIZER_FILES
+from hivemerge.merge.layers import LAYER_COUNT_KEYS
 from hivemerge.protocol.fingerprint import architecture_fingerprint
 
 
@@ -21,6 +22,14 @@ def write_config(recipe, out: Path) -> None:
         config[key] = dtype_name(recipe.out_dtype)
         if recipe.vocab is not None and "vocab_size" in config:
             config["vocab_size"] = len(recipe.vocab.tokens)
+        if recipe.slices is not None:  # stacked layers: their count, and per-layer lists (layer_types) layer by layer
+            before = next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+            for k, value in list(config.items()):
+                if isinstance(value, list) and before is not None and len(value) == before:
+                    config[k] = [value[i] for i in recipe.slices.layers]
+            for k in LAYER_COUNT_KEYS:
+                if isinstance(config.get(k), int):
+                    config[k] = recipe.slices.num_layers
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = source.read_file("generation_config.json")
     if generation is not None:
