@@ -120,7 +120,7 @@ CASES = {
     ),
     "slices": (
         edit(lambda d, f, x: d.update(slices=[{"sources": [{"model": str(f["math"]), "layer_range": [0, 2]}]}])),
-        ["slices: slice-based (frankenmerge) recipes are not supported"],
+        ["slices: hivemerge stacks slices with merge_method passthrough; ties merges whole models", "models: not with slices"],
     ),
     "two_problems_at_once": (
         edit(lambda d, f, x: (d["models"][1]["parameters"].update(density=1.5), d.update(out_dtype="int3"))),
