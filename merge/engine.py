@@ -24,6 +24,7 @@ from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.methods import TensorJob
 from hivemerge.merge.numerics import exact
+from hivemerge.merge.numerics.threads import limit_allocator_arenas
 from hivemerge.merge.recipe import ModelInput, Recipe
 from hivemerge.protocol.errors import ComputationError, UserInputError
 
@@ -201,6 +202,7 @@ def run_merge(
     progress: Progress | None = None,
 ) -> MergeResult:
     started = time.perf_counter()
+    limit_allocator_arenas()  # before the merge's threads allocate: freed memory is reused, not kept per thread
     dev = resolve_device(device)
     layout = output_layout(recipe)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:

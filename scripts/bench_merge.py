@@ -12,7 +12,9 @@ What it does, in order:
    or 1.0 with --no-gradient; dtype float32, out_dtype float16), which both tools read
    as written. --method dare_ties merges the same recipe with DARE's random drop
    instead of TIES's magnitude trim: its masks are hivemerge's keyed hash, so its output
-   is not expected to equal mergekit's.
+   is not expected to equal mergekit's; so does --method della (DELLA's magnitude-ranked
+   drop, epsilon 0.15). --method sce merges the experts with SCE (select_topk 0.5, no
+   per-model density), which both tools compute deterministically.
 3. Reads every input file once (a warm-up: the OS page cache cannot be dropped without
    root, so all runs read from a warm cache instead, equally), then times each run in
    its own process under /usr/bin/time, which gives wall and CPU seconds and the peak
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli", action="store_true",
                         help="Run hivemerge through its command line (`python -m hivemerge merge ...`) instead of "
                              "calling hivemerge.merge.engine.run_merge in a fresh process (same work, no progress bar).")
-    parser.add_argument("--method", choices=("ties", "dare_ties"), default="ties",
+    parser.add_argument("--method", choices=("ties", "dare_ties", "della", "sce"), default="ties",
                         help="The recipe's merge method (default: %(default)s).")
     parser.add_argument("--no-gradient", action="store_true",
                         help="Give expert3 weight 1.0 instead of the gradient [0.9, 1.1]. Tools that place the final norm "
@@ -559,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = workdir / "recipe.yaml"
     weight3 = "1.0" if args.no_gradient else "[0.9, 1.1]    # a mild gradient over the layers"
-    recipe.write_text(RECIPE.format(method=args.method, expert3_weight=weight3, **{m: str(models_dir / m) for m in MODEL_NAMES}))
+    text = RECIPE.format(method=args.method, expert3_weight=weight3, **{m: str(models_dir / m) for m in MODEL_NAMES})
+    if args.method == "sce":  # no per-model density or normalize: its own selection (select_topk) instead
+        text = text.replace("      density: 0.5\n", "").replace("  normalize: true\n", "  select_topk: 0.5\n")
+    recipe.write_text(text)
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir(parents=True)
     logs = out_root / "logs"

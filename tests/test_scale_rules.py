@@ -115,8 +115,9 @@ def test_a_merge_grows_by_a_few_of_its_largest_tensor_not_by_the_model(tmp_path)
     """TIES over three ternary deltas of a bf16 model whose embedding and head (2**23
     entries each, 32 MiB in float32) are most of it, in a fresh process after a warm-up
     merge: peak RSS grows by less than 8x the largest tensor's float32 size (issue 21's
-    law). Measured: 5.4x; before, 18x (every delta decoded to four float32 copies of the
-    embedding, and the top-k select built index arrays of 8 bytes per tied entry)."""
+    law). Measured: 4.2-4.6x with glibc's arenas capped at the merge's threads, 6.3-7.6x
+    without (numerics/threads.limit_allocator_arenas); before issue 21, 18x (every delta
+    decoded to four float32 copies of the embedding, the top-k select's index arrays)."""
     small = embedding_family(tmp_path / "small", 64, 64, 1)
     big = embedding_family(tmp_path / "big", 4096, 2048, 2)
     run = subprocess.run([sys.executable, "-c", MERGE_RSS, json.dumps([small, big, str(tmp_path / "out")])],
