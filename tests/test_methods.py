@@ -807,3 +807,16 @@ def test_arcee_fusion_by_hand(tmp_path):
     want = [[m if i >= threshold else b for b, m, i in zip(br, mr, ir)] for br, mr, ir in zip(base, model, importance)]
     assert want != base and want != model  # some entries taken, some not
     assert all(close(g, w) for g, w in zip(got, want))
+
+
+def test_a_weight_on_a_method_that_weighs_no_model_is_accepted_with_a_warning(tmp_path):
+    """mergekit reads only what a method declares, so its sce or karcher recipes often
+    carry weights: accepted, named in one warning, changing nothing."""
+    from hivemerge.merge.recipe import validate_recipe
+
+    p = models(tmp_path, base=[0.0, 1.0], m1=[1.0, 3.0], m2=[2.0, -1.0])
+    doc = {"merge_method": "sce", "base_model": p["base"], "models": [{"model": p["m1"]}, {"model": p["m2"]}]}
+    weighted = {**doc, "models": [{"model": m["model"], "parameters": {"weight": 0.3}} for m in doc["models"]]}
+    assert validate_recipe(weighted).warnings == ["weight: no effect on sce (accepted, as mergekit accepts it)"]
+    assert validate_recipe(doc).warnings == []
+    assert merged_w(tmp_path / "a", weighted) == merged_w(tmp_path / "b", doc)

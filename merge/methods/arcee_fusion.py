@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.numerics import exact
 
@@ -17,6 +18,7 @@ SMOOTHING = 1e-8  # added to each softmax probability, as mergekit does
 class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     summary = "Arcee Fusion: the model's entries whose |change| x the row's KL(softmax(model) || softmax(base)) exceed median + 1.5 IQR."
+    model_params = (UNUSED_WEIGHT,)
     requires_base = True
     drops_base_from_models = True
     min_models = 1

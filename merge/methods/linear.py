@@ -7,6 +7,9 @@ from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 
 WEIGHT = ParamSpec("weight", float, doc="the model's weight")
+# mergekit reads only the parameters a method declares, so its recipes often give every
+# model a weight: the methods that weigh no model accept it, with a warning.
+UNUSED_WEIGHT = ParamSpec("weight", float, 1.0, ignored=True, doc="accepted as mergekit accepts it; no effect")
 NORMALIZE_TRUE = ParamSpec("normalize", bool, True, doc="divide by the sum of the weights")
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
@@ -14,6 +15,7 @@ SINGULAR = 1e-6  # |1 + (N-1) cos| below this: the ratio is meaningless
 class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "Model Stock: interpolate between the base and the models' average by their task vectors' angle."
+    model_params = (UNUSED_WEIGHT,)
     global_params = (ParamSpec("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),)
     requires_base = True
     drops_base_from_models = True

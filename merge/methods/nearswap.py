@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.params import ParamSpec
 
@@ -14,6 +15,7 @@ CLOSE = 1e-6  # distances below this count as this (no division by zero)
 class NearSwap(MergeMethod):
     name = "nearswap"
     summary = "NearSwap: per entry, weight min(1, t / |model - base|) on the model, the rest on the base."
+    model_params = (UNUSED_WEIGHT,)
     global_params = (ParamSpec("t", float, low=0.0, low_open=True, doc="the sameness threshold: distances up to t swap fully"),)
     requires_base = True
     drops_base_from_models = True

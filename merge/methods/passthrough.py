@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 
 
@@ -13,6 +14,7 @@ from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 class Passthrough(MergeMethod):
     name = "passthrough"
     summary = "Passthrough: one model unchanged (a dtype conversion), or with slices: layer ranges of models stacked."
+    model_params = (UNUSED_WEIGHT,)
     min_models = 1
     max_models = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.params import ParamSpec
 
@@ -12,6 +13,7 @@ EPSILON = ParamSpec("epsilon", float, 1e-5, low=0.0, doc="a task-vector entry co
 
 
 class _Ram(MergeMethod):
+    model_params = (UNUSED_WEIGHT,)
     requires_base = True
     drops_base_from_models = True
 

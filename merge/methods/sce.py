@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.methods.task_arithmetic import INT8_MASK
 from hivemerge.merge.numerics import exact
@@ -18,6 +19,7 @@ SMALL = 1e-6  # a weight sum below this: the models weigh alike; a divisor below
 class Sce(MergeMethod):
     name = "sce"
     summary = "SCE: keep the select_topk entries of largest variance across models, weigh models by mean square, elect signs."
+    model_params = (UNUSED_WEIGHT,)
     global_params = (
         ParamSpec("select_topk", float, 1.0, low=0.0, high=1.0, doc="fraction of the varying entries kept (by variance across models)"),
         INT8_MASK,

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
@@ -16,6 +17,7 @@ EPS = 1e-8
 class Slerp(MergeMethod):
     name = "slerp"
     summary = "Spherical interpolation from the base model (t=0) to the other model (t=1)."
+    model_params = (UNUSED_WEIGHT,)
     global_params = (ParamSpec("t", float, low=0.0, high=1.0, doc="interpolation factor"),)
     requires_base = True
     drops_base_from_models = True

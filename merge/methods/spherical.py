@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from hivemerge.merge.methods.linear import WEIGHT
+from hivemerge.merge.methods.linear import UNUSED_WEIGHT, WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
@@ -117,6 +117,7 @@ class MultiSlerp(MergeMethod):
 class Karcher(MergeMethod):
     name = "karcher"
     summary = "Karcher mean: the equal-weight Riemannian mean of the models' directions, scaled by their mean norm."
+    model_params = (UNUSED_WEIGHT,)
     global_params = (
         ParamSpec("max_iter", int, 10, low=1, high=1000, doc="most gradient steps"),
         ParamSpec("tol", float, 1e-5, low=0.0, low_open=True, doc="stop when the tangent step is below this"),
