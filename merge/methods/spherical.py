@@ -13,7 +13,7 @@ import math
 import torch
 
 from hivemerge.merge.methods.linear import UNUSED_WEIGHT, WEIGHT
-from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register, weighted_sum
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
 from hivemerge.protocol.errors import ComputationError
@@ -98,16 +98,16 @@ class MultiSlerp(MergeMethod):
         eps = job.params["eps"]
         norms = [_norm(v) for v in vectors]
         units = [exact.divide(v, n + eps) for v, n in zip(vectors, norms)]
-        mean = _combine(units, weights)
+        mean = weighted_sum(units, weights)
         mean_norm = _norm(mean)
         if mean_norm < eps:
             if len(vectors) == 2:  # antipodal pair: the straight line
-                return _with_base(job, _combine(vectors, weights))
+                return _with_base(job, weighted_sum(vectors, weights))
             raise ComputationError(f"multislerp: the weighted mean of the unit inputs of {job.name} is zero "
                                    "(antipodal inputs whose weights balance); change the weights")
         mean = exact.divide(mean, mean_norm)
         tangents = [u - mean * float(exact.dot(u, mean)) for u in units]
-        tangent = _combine(tangents, weights)
+        tangent = weighted_sum(tangents, weights)
         size = _norm(tangent) + eps
         result = (mean * math.cos(size)).add_(tangent * (math.sin(size) / size))
         return _with_base(job, result.mul_(math.fsum(n * w for n, w in zip(norms, weights))))
@@ -134,7 +134,7 @@ class Karcher(MergeMethod):
             return torch.zeros_like(tensors[0])
         units = [exact.divide(tensors[i], norms[i]) for i in valid]
         weights = [alphas[i] / math.fsum(alphas[j] for j in valid) for i in valid]
-        mean = _combine(units, weights)
+        mean = weighted_sum(units, weights)
         mean_norm = _norm(mean)
         mean = units[0].clone() if mean_norm < tol else exact.divide(mean, mean_norm)
         for _ in range(job.params["max_iter"]):
@@ -154,10 +154,3 @@ class Karcher(MergeMethod):
                 mean = exact.divide(mean, size)
         return mean.mul_(math.fsum(a * n for a, n in zip(alphas, norms)))
 
-
-def _combine(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_i w_i x_i into a new tensor, in order, one rounding per product and per sum."""
-    total = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:]):
-        total.add_(x * w)
-    return total
