@@ -119,7 +119,7 @@ class Karcher(MergeMethod):
     summary = "Karcher mean: the equal-weight Riemannian mean of the models' directions, scaled by their mean norm."
     model_params = (UNUSED_WEIGHT,)
     global_params = (
-        ParamSpec("max_iter", int, 10, low=1, high=1000, doc="most gradient steps"),
+        ParamSpec("max_iter", int, 10, low=1, high=100, doc="most gradient steps (each a pass over every model: bounded for rounds)"),
         ParamSpec("tol", float, 1e-5, low=0.0, low_open=True, doc="stop when the tangent step is below this"),
     )
 
