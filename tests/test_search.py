@@ -87,6 +87,25 @@ def test_vector_to_recipe_by_hand(char_family):
     assert recipe.model_params_for(recipe.inputs[1], "lm_head.weight") == {"weight": 1.2, "density": 1.0}
 
 
+@pytest.mark.parametrize("method, params, searched", [
+    ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, ("weight", "density")),
+    ("nuslerp", {"weight": 1.0}, ("weight",)),
+    ("multislerp", {"weight": 1.0}, ("weight",)),
+])
+def test_the_new_methods_search_their_weights_and_densities(char_family, tmp_path, method, params, searched):
+    """The methods with per-model weights (and densities) are searched like ties; the
+    recipe a point gives merges."""
+    from hivemerge.merge.engine import run_merge
+
+    document = {"merge_method": method, "base_model": str(char_family["base"]), "dtype": "float32",
+                "models": [{"model": str(char_family[m]), "parameters": dict(params)} for m in ("a", "b")]}
+    space = SearchSpace(validate_recipe(document), blocks=2)
+    assert [c.label for c in space.coords] == [f"models[{m}].{p}.{b}" for m in (0, 1) for p in searched
+                                               for b in ("default", "block0", "block1")]
+    run_merge(validate_recipe(space.recipe([0.4] * space.dimension)), tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_space_refuses_what_it_cannot_search(char_family):
     slerp = {"merge_method": "slerp", "base_model": str(char_family["base"]),
              "models": [{"model": str(char_family["base"])}, {"model": str(char_family["a"])}], "parameters": {"t": 0.5}}
