@@ -116,6 +116,13 @@ class WriteBehind:
         finally:
             self._thread.shutdown()
 
+    def discard(self) -> None:
+        """Let the pending write end, ignoring its outcome (a failure is already on its way)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.exception()
+        self._thread.shutdown()
+
 
 def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None) -> torch.Tensor:
     """The merged value of one tensor, on the CPU in the output dtype (it may view
@@ -123,7 +130,12 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
     if recipe.slices is not None:
         index, source_name = recipe.slices.source(name)
         tensor = recipe.inputs[index].source.get(source_name)
-        return tensor.to(recipe.out_dtype) if tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            return tensor
+        tensor = tensor.to(recipe.out_dtype)
+        if not exact.all_finite(tensor):  # e.g. float32 values past float16's range
+            raise ComputationError(f"passthrough produced NaN or Inf values in tensor {name}; nothing was written")
+        return tensor
     reference = recipe.reference.source
     if not reference.tensors[name].dtype.is_floating_point:
         return reference.get(name)  # integer buffers (position ids, masks) pass through
@@ -217,8 +229,10 @@ def run_merge(
                     progress(i + 1, len(layout), name)
             behind.close()
             files = writer.finish()
+        except BaseException:
+            behind.discard()  # the error raised here is the cause; a pending write's own is dropped
+            raise
         finally:
-            behind.close()
             writer.abort()
         write_config(recipe, staging)
         files += copy_tokenizer(recipe, staging)

@@ -64,8 +64,8 @@ class ParamSpec:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: must be a number, got {value!r}")
             return
-        if self.kind is int and not float(value).is_integer():
-            errors.append(f"{path}: must be an integer, got {value!r}")
+        if self.kind is int and (not isinstance(value, int) or abs(value) > 1 << 53):
+            errors.append(f"{path}: must be an integer (at most 2**53), got {str(value)[:40]}")
             return
         if not math.isfinite(value):
             errors.append(f"{path}: must be finite, got {value!r}")

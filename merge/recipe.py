@@ -370,7 +370,7 @@ def validate_recipe(document: dict, recipe_dir: Path | None = None, resolver: Re
     everyone = [m for m in models if reference is not None and m.source is not reference.source]
     if not errors and any(m.source.shapes() != reference.source.shapes() for m in everyone):  # the token rows differ
         try:
-            vocab = plan_vocabulary(vocab_mode, reference, everyone, tokenizer_source)
+            vocab = plan_vocabulary(vocab_mode, reference, models, tokenizer_source)  # every model: the base listed among them too
         except UserInputError as exc:
             errors.append(f"tokenizer_source: {exc}")
 

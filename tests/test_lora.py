@@ -5,6 +5,7 @@ LoRA adapter is refused with the reason."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -195,3 +196,27 @@ def test_a_lowrank_deltas_screening_norm_comes_from_its_factors():
         shape = (20, 30) if opts["transposed"] else (30, 20)
         got = codec.squares({"a": a, "b": b}, shape, opts)
         assert abs(got - float(product.square().sum())) <= 1e-12 * got
+
+
+def test_hostile_lowrank_options_and_factor_dtypes_are_refused():
+    """A peer's lowrank delta: a scale whose square overflows, float64 factors (whose
+    products are no longer exact in float64) and a float where an integer option goes are
+    refused as the delta's fault (UserInputError -> DeltaError), never a crash."""
+    from hivemerge.merge.deltas.codecs import CODECS, MAX_SCALE, check_options, parse_codec
+    from hivemerge.protocol.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="scale: must be in"):
+        check_options(CODECS["lowrank"], {"rank": 2, "scale": 1e200}, "t")
+    with pytest.raises(UserInputError, match="rank: must be an integer"):
+        check_options(CODECS["lowrank"], {"rank": 2.0}, "t")
+    with pytest.raises(UserInputError, match="block: must be an integer"):
+        check_options(CODECS["ternary"], {"block": 8.0}, "t")
+    codec, opts = parse_codec(f"lowrank:rank=2,scale={MAX_SCALE}")
+    parts = {"a": torch.full((2, 6), 1e150, dtype=torch.float64), "b": torch.full((4, 2), 1e150, dtype=torch.float64)}
+    for call in (lambda: codec.decode(torch.zeros(4, 6), parts, torch.float32, (4, 6), opts),
+                 lambda: codec.squares(parts, (4, 6), opts)):
+        with pytest.raises(UserInputError, match="float32 expected"):
+            call()
+    # the largest float32 factors at the largest scale still give a finite float64 norm: no overflow to raise
+    big = {"a": torch.full((2, 6), 3e38), "b": torch.full((4, 2), 3e38)}
+    assert math.isfinite(codec.squares(big, (4, 6), opts))

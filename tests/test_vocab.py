@@ -96,3 +96,14 @@ def test_model_takes_that_models_vocabulary(family, tmp_path):
     assert out["lm_head.weight"].shape[0] == base_size + 2  # chat's two tokens; <tool> is not in its vocabulary
     assert torch.equal(out["lm_head.weight"][base_size], chat["lm_head.weight"][base_size])  # <|user|>: chat's alone
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (family["chat"] / "tokenizer.json").read_bytes()
+
+
+def test_union_with_the_base_listed_among_the_models(family, tmp_path):
+    """linear keeps the base as an input when it is listed: its rows are lined up too."""
+    doc = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32", "base_model": str(family["base"]),
+           "models": [{"model": str(family[n]), "parameters": {"weight": 1.0}} for n in ("base", "chat", "tools")]}
+    out = merge_doc(doc, tmp_path / "out")
+    chat, base = rows(family["chat"]), rows(family["base"])
+    size = base["lm_head.weight"].shape[0]
+    assert torch.equal(out["lm_head.weight"][size], chat["lm_head.weight"][size])  # <|user|>: chat's alone
+    assert out["lm_head.weight"].shape[0] == size + 3

@@ -425,6 +425,7 @@ class Ternary(Codec):
 
 
 MAX_RANK = 256  # a decode costs rank passes over the matrix: what one delta can make every peer compute is bounded
+MAX_SCALE = 1e6  # lora_alpha / r is a few units; bounded so that no square of it overflows
 
 
 @register
@@ -434,7 +435,7 @@ class LowRank(Codec):
                "(r x (rows + columns) floats per matrix).")
     options = (
         ParamSpec("rank", int, 32, low=1, high=MAX_RANK, doc="the most factors kept (truncated SVD)"),
-        ParamSpec("scale", float, 1.0, doc="the product's factor (an adapter's lora_alpha / r)"),
+        ParamSpec("scale", float, 1.0, low=-MAX_SCALE, high=MAX_SCALE, doc="the product's factor (an adapter's lora_alpha / r)"),
         ParamSpec("transposed", bool, False, doc="the tensor is (B A) transposed (embeddings, fan-in-fan-out layers)"),
     )
 
@@ -469,7 +470,10 @@ class LowRank(Codec):
         b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
         left = [exact.dot(b[:, k : k + 1], b, dim=0) for k in range(rank)]  # row k of B^T B
         right = [exact.dot(a[k : k + 1], a, dim=1) for k in range(rank)]  # row k of A A^T
-        return opts["scale"] ** 2 * math.fsum(float(x) for k in range(rank) for x in left[k] * right[k])
+        total = opts["scale"] ** 2 * math.fsum(x for k in range(rank) for x in (left[k] * right[k]).tolist())
+        if not math.isfinite(total):
+            raise UserInputError("lowrank delta: its squared norm overflows")
+        return total
 
     @staticmethod
     def _rows(parts: Parts, shape, opts) -> Callable[[int, int], torch.Tensor]:
@@ -482,6 +486,8 @@ class LowRank(Codec):
         if not 1 <= rank <= min(opts["rank"], rows, cols) or parts["b"].numel() != rows * rank:
             raise UserInputError(f"lowrank delta: part b has {parts['b'].numel()} entries, not rows x a rank up to {opts['rank']}")
         _expect(parts, "a", rank * cols, "lowrank")
+        if parts["a"].dtype != torch.float32 or parts["b"].dtype != torch.float32:
+            raise UserInputError(f"lowrank delta: factors are {parts['a'].dtype} and {parts['b'].dtype}, float32 expected")
         _finite(parts, "lowrank", "a", "b")
         b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
         return lambda i, j: exact.lowrank_rows(b, a, opts["scale"], opts["transposed"], i, j).to(torch.float32)

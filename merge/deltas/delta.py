@@ -170,6 +170,11 @@ def _encode_tensor(writer: AppendingWriter, name: str, base: SafetensorsModel, e
     }
 
 
+# What a delta's own numbers can raise in a codec (overflowing Python floats, fsum of infinities):
+# a verdict on the delta, like its malformed parts.
+_ARITHMETIC = (ArithmeticError, ValueError, TypeError)
+
+
 def _raise_if_local(exc: Exception) -> None:
     """A failure of this machine (out of memory), not of the delta: it must not become a
     public verdict on the delta (a round would exclude it here and nowhere else)."""
@@ -239,7 +244,7 @@ class DeltaFile:
         try:
             out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name],
                                                 out=base if in_place else None)
-        except (RuntimeError, KeyError, IndexError, UserInputError) as exc:
+        except (RuntimeError, KeyError, IndexError, UserInputError, *_ARITHMETIC) as exc:
             _raise_if_local(exc)
             raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
         if not exact.all_finite(out):  # base + delta overflowed
@@ -259,7 +264,7 @@ class DeltaFile:
             return CODECS[entry["codec"]].squares(parts, tuple(entry["shape"]), self._options[name])
         except UserInputError as exc:
             raise DeltaError(f"{self.path}: tensor {name}: {exc}", self.id) from None
-        except (RuntimeError, KeyError, IndexError) as exc:
+        except (RuntimeError, KeyError, IndexError, *_ARITHMETIC) as exc:
             _raise_if_local(exc)
             raise DeltaError(f"{self.path}: tensor {name} cannot be read ({exc})", self.id) from None
 

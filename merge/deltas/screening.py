@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hivemerge.merge.deltas.delta import DeltaFile, check_base
+from hivemerge.merge.deltas.delta import DeltaError, DeltaFile, check_base
 from hivemerge.merge.io.sources import SafetensorsModel
 from hivemerge.merge.numerics import exact
 from hivemerge.protocol.errors import UserInputError
@@ -39,7 +39,10 @@ def delta_norm(delta: DeltaFile, base: SafetensorsModel) -> float:
                                                        - original[s : s + _SPAN].to(torch.float64)).square()))
                              for s in range(0, expert.numel(), _SPAN))
         squares.append(part)
-    return math.sqrt(math.fsum(squares))
+    try:
+        return math.sqrt(math.fsum(squares))
+    except (OverflowError, ValueError):  # finite squares whose sum overflows
+        raise DeltaError(f"{delta.path}: its squared norm overflows", delta.id) from None
 
 
 def check_decodes(path: Path, base: SafetensorsModel) -> None:

@@ -103,6 +103,9 @@ def plan_vocabulary(mode: str, reference, inputs: list, chosen=None) -> VocabPla
                                      "a row per token is needed to line them up")
     if all(len(vocabs[m.recipe_index].tokens) == len(ref.tokens) for m in inputs):
         return None  # prefixes of one another, of one length: the same vocabulary
+    if not token_row_tensors(reference.source.shapes(), len(ref.tokens)):
+        raise UserInputError(f"{reference.key}: no embedding or LM head has one row per token ({len(ref.tokens)} tokens; "
+                             "a padded vocabulary?): hivemerge lines up vocabularies with a row per token")
     if mode == "base":
         target = list(ref.tokens)
     elif mode == "union":
@@ -116,8 +119,12 @@ def plan_vocabulary(mode: str, reference, inputs: list, chosen=None) -> VocabPla
         target = list(vocabs[chosen.recipe_index].tokens)
     rows = {}
     for index, vocab in vocabs.items():
-        where = {t: i for i, t in enumerate(vocab.tokens)}
-        rows[index] = [where.get(t, -1) for t in target]
+        # the reference's tokens are at their own ids in every input (checked above); an added
+        # token is found among the input's added ids, by its first occurrence
+        added_at: dict[str, int] = {}
+        for i in range(len(ref.tokens), len(vocab.tokens)):
+            added_at.setdefault(vocab.tokens[i], i)
+        rows[index] = [k if k < len(ref.tokens) else added_at.get(t, -1) for k, t in enumerate(target)]
     added = list(range(len(ref.tokens), len(target)))
     # base and model: that tokenizer_source's own files are the output's; union: the reference's plus the added tokens
     tokenizer = _tokenizer(ref, vocabs, [m.recipe_index for m in inputs], target) if mode == "union" else None

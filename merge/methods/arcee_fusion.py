@@ -12,6 +12,7 @@ from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
 from hivemerge.merge.numerics import exact
 
 SMOOTHING = 1e-8  # added to each softmax probability, as mergekit does
+_BLOCK = 1 << 18  # float64 entries of a block of rows
 
 
 @register
@@ -40,8 +41,15 @@ def _row_divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     the CPU with every sum by a fixed tree (exact.pairwise_sum), rounded to float32: a
     column of the rows' shape (1-D tensors: one row). exp and log are elementwise (within
     an ulp of float64 on any libm), far below the float32 rounding of the result."""
-    p, q = _softmax(model.to("cpu", torch.float64)).add_(SMOOTHING), _softmax(base.to("cpu", torch.float64)).add_(SMOOTHING)
-    return exact.pairwise_sum(p * torch.log(p / q), dim=-1).to(torch.float32).unsqueeze(-1)
+    width = model.shape[-1] if model.dim() else 1
+    rows_m, rows_b = model.reshape(-1, width), base.reshape(-1, width)
+    step = max(1, _BLOCK // max(width, 1))  # a block of rows at a time: float64 temporaries stay small
+    out = torch.empty(rows_m.shape[0], dtype=torch.float32)
+    for r in range(0, rows_m.shape[0], step):
+        p = _softmax(rows_m[r : r + step].to("cpu", torch.float64)).add_(SMOOTHING)
+        q = _softmax(rows_b[r : r + step].to("cpu", torch.float64)).add_(SMOOTHING)
+        out[r : r + step] = exact.pairwise_sum(p * torch.log(p / q), dim=-1).to(torch.float32)
+    return out.view(*model.shape[:-1], 1) if model.dim() else out.view(())
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:

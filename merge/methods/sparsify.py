@@ -104,7 +104,7 @@ class KeepDella:
             order = torch.argsort(values, dim=1, stable=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=order.device).expand_as(order))
             # float32 as mergekit computes it: (rank - min) / (max - min), then the affine map
-            spread = rank.to(torch.float32).div_(float(max(cols - 1, 1))).clamp_(0, 1)
+            spread = exact.divide(rank.to(torch.float32), max(cols - 1, 1)).clamp_(0, 1)  # CUDA would multiply by 1/(c-1)
             probability = spread.mul_(2).mul_(epsilon).add_(density - epsilon)
             packed.append(pack_bits(rng.bernoulli_each(key, start, probability)))
         self.bits = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)

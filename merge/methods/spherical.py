@@ -16,7 +16,7 @@ from hivemerge.merge.methods.linear import UNUSED_WEIGHT, WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register, weighted_sum
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
-from hivemerge.protocol.errors import ComputationError
+from hivemerge.protocol.errors import ComputationError, UserInputError
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -94,6 +94,8 @@ class MultiSlerp(MergeMethod):
             return job.models[0].clone()
         weights = [p["weight"] for p in job.model_params]
         if job.params["normalize_weights"]:
+            if abs(math.fsum(weights)) < 1e-12:
+                raise UserInputError(f"multislerp: the weights sum to 0 and normalize_weights divides by their sum ({job.name})")
             weights = [w / math.fsum(weights) for w in weights]
         eps = job.params["eps"]
         norms = [_norm(v) for v in vectors]

@@ -8,7 +8,7 @@ consensus), and adds ``lambda * sum_i(w_i * delta_i) [/ sum of contributing weig
 to the base. The semantics and parameters follow mergekit 0.1.5's generalized task
 arithmetic so recipes port as written; where they differ (ties at a magnitude
 threshold are broken by position; random drops come from the keyed stream), see
-docs/methods.md.
+docs/merging.md.
 """
 
 from __future__ import annotations

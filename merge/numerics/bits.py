@@ -61,7 +61,7 @@ def signed_bits(mask: torch.Tensor, signs: torch.Tensor, start: int, count: int,
     table row, so no entry-sized index is built (masked_scatter is several times slower).
     Mask bits past ``count`` in the last byte are ignored."""
     rows = _signed_rows().to(mask.device)
-    m = mask[start // 8 : (start + count + 7) // 8].to(torch.int64)
+    m = mask[start // 8 : (start + count + 7) // 8].to(torch.int64, copy=True)  # ours: the last byte is masked in place
     if count % 8:
         m[-1] &= (1 << count % 8) - 1
     per_byte = torch.index_select(_ONES_IN_BYTE.to(mask.device), 0, m)
