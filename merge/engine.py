@@ -132,10 +132,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         tensor = recipe.inputs[index].source.get(source_name)
         if not tensor.is_floating_point():
             return tensor
-        tensor = tensor.to(recipe.out_dtype)
-        if not exact.all_finite(tensor):  # e.g. float32 values past float16's range
-            raise ComputationError(f"passthrough produced NaN or Inf values in tensor {name}; nothing was written")
-        return tensor
+        return _finite_or_refused(tensor.to(recipe.out_dtype), recipe.method.name, name)  # e.g. past float16's range
     reference = recipe.reference.source
     if not reference.tensors[name].dtype.is_floating_point:
         return reference.get(name)  # integer buffers (position ids, masks) pass through
@@ -164,10 +161,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         model_ids=[m.recipe_index for m in recipe.inputs],
         seed=recipe.seed,
     )
-    merged = method.merge(job).to(recipe.out_dtype)
-    if not exact.all_finite(merged):  # whatever the method: a model with NaN or Inf is never written
-        raise ComputationError(f"{method.name} produced NaN or Inf values in tensor {name}; nothing was written")
-    return merged.cpu()
+    return _finite_or_refused(method.merge(job).to(recipe.out_dtype), method.name, name).cpu()
 
 
 def _merge_token_rows(recipe: Recipe, name: str, device: torch.device) -> torch.Tensor:
@@ -200,9 +194,14 @@ def _merge_token_rows(recipe: Recipe, name: str, device: torch.device) -> torch.
             row = whole[m.recipe_index][plan.rows[m.recipe_index][token]].to(torch.float32)
             total = row.clone() if total is None else total.add_(row)
         out[token] = exact.divide(total, len(having)).to(recipe.out_dtype).cpu()
-    if not exact.all_finite(out):
-        raise ComputationError(f"{method.name} produced NaN or Inf values in tensor {name}; nothing was written")
-    return out
+    return _finite_or_refused(out, method.name, name)
+
+
+def _finite_or_refused(merged: torch.Tensor, method: str, name: str) -> torch.Tensor:
+    """``merged``, unless it holds NaN or Inf: whatever the method, such a model is never written."""
+    if not exact.all_finite(merged):
+        raise ComputationError(f"{method} produced NaN or Inf values in tensor {name}; nothing was written")
+    return merged
 
 
 def run_merge(

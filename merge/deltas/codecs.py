@@ -464,10 +464,8 @@ class LowRank(Codec):
         """||scale B A||^2 = scale^2 sum_kl (B^T B)_kl (A A^T)_kl, from the r x r Gram
         matrices (exact dots, fixed order): r^2 (rows + cols) work instead of a decode's
         r rows cols. The norm of the exact product, before its entries round to float32."""
-        self._rows(parts, shape, opts)  # sizes and values checked
-        rows, cols = (shape[1], shape[0]) if opts["transposed"] else tuple(shape)
-        rank = parts["b"].numel() // rows
-        b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
+        b, a = self._factors(parts, shape, opts)
+        rank = a.shape[0]
         left = [exact.dot(b[:, k : k + 1], b, dim=0) for k in range(rank)]  # row k of B^T B
         right = [exact.dot(a[k : k + 1], a, dim=1) for k in range(rank)]  # row k of A A^T
         total = opts["scale"] ** 2 * math.fsum(x for k in range(rank) for x in (left[k] * right[k]).tolist())
@@ -475,9 +473,15 @@ class LowRank(Codec):
             raise UserInputError("lowrank delta: its squared norm overflows")
         return total
 
+    @classmethod
+    def _rows(cls, parts: Parts, shape, opts) -> Callable[[int, int], torch.Tensor]:
+        """Rows ``i .. j-1`` of the delta in float32."""
+        b, a = cls._factors(parts, shape, opts)
+        return lambda i, j: exact.lowrank_rows(b, a, opts["scale"], opts["transposed"], i, j).to(torch.float32)
+
     @staticmethod
-    def _rows(parts: Parts, shape, opts) -> Callable[[int, int], torch.Tensor]:
-        """Rows ``i .. j-1`` of the delta in float32, after checking the parts' sizes."""
+    def _factors(parts: Parts, shape, opts) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (rows x r) and A (r x cols), after checking their sizes, dtype and values."""
         if len(shape) != 2:
             raise UserInputError(f"lowrank delta: a tensor of shape {list(shape)} is not a matrix")
         # B A is (rows, cols), or (cols, rows) when the tensor is its transpose
@@ -489,8 +493,7 @@ class LowRank(Codec):
         if parts["a"].dtype != torch.float32 or parts["b"].dtype != torch.float32:
             raise UserInputError(f"lowrank delta: factors are {parts['a'].dtype} and {parts['b'].dtype}, float32 expected")
         _finite(parts, "lowrank", "a", "b")
-        b, a = parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
-        return lambda i, j: exact.lowrank_rows(b, a, opts["scale"], opts["transposed"], i, j).to(torch.float32)
+        return parts["b"].reshape(rows, rank), parts["a"].reshape(rank, cols)
 
 
 DEFAULT_CODEC = "ternary"

@@ -87,6 +87,7 @@ def plan_vocabulary(mode: str, reference, inputs: list, chosen=None) -> VocabPla
             raise UserInputError(f"{m.key}: no tokenizer.json: tokenizer_source {mode} lines up embeddings by token")
         vocabs[m.recipe_index] = vocab
     ref = vocabs[reference.recipe_index]
+    tensors = token_row_tensors(reference.source.shapes(), len(ref.tokens))
     for m in inputs:
         tokens = vocabs[m.recipe_index].tokens
         common = min(len(tokens), len(ref.tokens))
@@ -97,13 +98,13 @@ def plan_vocabulary(mode: str, reference, inputs: list, chosen=None) -> VocabPla
             raise UserInputError(f"{m.key}: its vocabulary does not extend {reference.key}'s ({where}); hivemerge lines up "
                                  "vocabularies that keep the base's tokens and add new ones after them")
         rows = m.source.shapes()
-        for name in token_row_tensors(reference.source.shapes(), len(ref.tokens)):
+        for name in tensors:
             if rows.get(name, (None,))[0] != len(tokens):
                 raise UserInputError(f"{m.key}: {name} has {rows.get(name, (0,))[0]} rows for {len(tokens)} tokens; "
                                      "a row per token is needed to line them up")
     if all(len(vocabs[m.recipe_index].tokens) == len(ref.tokens) for m in inputs):
         return None  # prefixes of one another, of one length: the same vocabulary
-    if not token_row_tensors(reference.source.shapes(), len(ref.tokens)):
+    if not tensors:
         raise UserInputError(f"{reference.key}: no embedding or LM head has one row per token ({len(ref.tokens)} tokens; "
                              "a padded vocabulary?): hivemerge lines up vocabularies with a row per token")
     if mode == "base":
@@ -128,7 +129,7 @@ def plan_vocabulary(mode: str, reference, inputs: list, chosen=None) -> VocabPla
     added = list(range(len(ref.tokens), len(target)))
     # base and model: that tokenizer_source's own files are the output's; union: the reference's plus the added tokens
     tokenizer = _tokenizer(ref, vocabs, [m.recipe_index for m in inputs], target) if mode == "union" else None
-    return VocabPlan(target, rows, token_row_tensors(reference.source.shapes(), len(ref.tokens)), tokenizer, added)
+    return VocabPlan(target, rows, tensors, tokenizer, added)
 
 
 def _tokenizer(ref: Vocabulary, vocabs: dict[int, Vocabulary], order: list[int], target: list[str]) -> dict:

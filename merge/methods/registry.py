@@ -94,6 +94,14 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
+def ordered_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """t0 + t1 + ..., in list order, into a new tensor: the same sum on every device."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total.add_(t)
+    return total
+
+
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """sum_i w_i * x_i, one rounding per product and per addition, in list order."""
     total = tensors[0] * weights[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from hivemerge.merge.methods.linear import UNUSED_WEIGHT
-from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
 from hivemerge.merge.methods.task_arithmetic import INT8_MASK
 from hivemerge.merge.numerics import exact
 from hivemerge.merge.params import ParamSpec
@@ -34,10 +34,7 @@ class Sce(MergeMethod):
         if fraction < 1:
             keep = self._select(vectors, fraction)
             vectors = [v.mul_(keep) for v in vectors]
-        total = vectors[0].clone()
-        for v in vectors[1:]:
-            total.add_(v)
-        majority = (total >= 0).to(base.dtype).mul_(2).sub_(1)
+        majority = (ordered_sum(vectors) >= 0).to(base.dtype).mul_(2).sub_(1)
         # Each model's weight: the mean square of its (selected) task vector, summed exactly.
         squares = [float(exact.dot(v, v)) / max(v.numel(), 1) for v in vectors]
         whole = sum(squares)
@@ -55,10 +52,7 @@ class Sce(MergeMethod):
         """1 at the int(fraction x nonzero-variance count) entries of largest variance across
         the models (ties by position), else 0."""
         n = len(vectors)
-        total = vectors[0].clone()
-        for v in vectors[1:]:  # in order, one addition at a time: the same sum on every device
-            total.add_(v)
-        mean = exact.divide(total, n)
+        mean = exact.divide(ordered_sum(vectors), n)
         variance = None
         for v in vectors:
             square = (v - mean).square_()

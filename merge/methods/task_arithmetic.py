@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
-from hivemerge.merge.methods.registry import MergeMethod, TensorJob, register
+from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
 from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, keep_by_rank, l1_rescale, spans
 from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
@@ -85,7 +85,7 @@ class TaskVectorMerge(MergeMethod):
         if self.family.consensus:
             mixed, divisor = _elect_signs(weighted, weights)
         else:
-            mixed = _sum(weighted)
+            mixed = ordered_sum(weighted)
             divisor = sum(weights)
             if abs(divisor) < 1e-8:
                 divisor = 1.0
@@ -129,14 +129,6 @@ class TaskVectorMerge(MergeMethod):
         return keep_by_rank(base, model, job.dtype, skip_top, skip_top + target)
 
 
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """t0 + t1 + ..., in order, into a new tensor."""
-    total = tensors[0].clone()
-    for t in tensors[1:]:
-        total.add_(t)
-    return total
-
-
 def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES consensus: the sum of the entries whose sign is that of their total (>= 0
     counts as +), and the sum of their weights (1 where that is 0).
@@ -147,7 +139,7 @@ def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[to
     and 0 or -1 elsewhere (sign of NaN is 0). Zeros may come out as -0.0 in the weight
     sums, which changes no sum that is not 0, and 0 becomes 1."""
     dtype = weighted[0].dtype
-    positive = _sum(weighted) >= 0
+    positive = ordered_sum(weighted) >= 0
     majority = positive.view(torch.uint8).to(dtype).mul_(2).sub_(1)  # +1 or -1
     mixed = divisor = None
     for d, w in zip(weighted, weights):

@@ -4,10 +4,10 @@ packs and distillation."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
@@ -49,12 +49,18 @@ def limit_allocator_arenas(arenas: int | None = None) -> bool:
     lower at the same speed, and the test merge of a large embedding grew 4.5-5.3x its
     largest tensor instead of 6.3-7.6x (tests/test_scale_rules.py). False where there is
     no glibc."""
-    name = ctypes.util.find_library("c")
-    if os.name != "posix" or name is None:
-        return False
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, max(1, arenas or torch.get_num_threads())))
+
+
+@cache
+def _mallopt():
+    """glibc's mallopt from the symbols already loaded in this process (no library search,
+    which runs ldconfig), or None."""
+    if os.name != "posix":
+        return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        return ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, max(1, arenas or torch.get_num_threads())))
+        return None
 
