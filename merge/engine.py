@@ -146,10 +146,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         tensor = model.source.get(name, into).to(device)
         return tensor if method.converts_inputs else tensor.to(recipe.dtype)
 
-    # The inputs are read and decoded side by side: each has its own buffer, and a decode's
-    # bit unpacking and scattering run on one core.
-    with ThreadPoolExecutor(min(len(recipe.inputs), torch.get_num_threads()) or 1) as pool:
-        models = list(pool.map(load, recipe.inputs))
+    models = [load(m) for m in recipe.inputs]  # one at a time: a read and a decode are split among the workers
     job = TensorJob(
         name=name,
         base=load(recipe.base) if recipe.base is not None and (method.requires_base or method.uses_base) else None,

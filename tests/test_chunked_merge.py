@@ -137,7 +137,7 @@ def test_top_k_cuts_over_chunks_match_the_whole_selection():
     values[3::211] = float("inf")
     pieces = [values[s : s + 777] for s in range(0, values.numel(), 777)]
     for k in (1, 50, 3333, 9000, 10_000):
-        cut = exact.top_k_cuts(lambda: iter(pieces), [k])[0]
+        cut = exact.top_k_cuts(exact.Spans(lambda start, stop: values[start:stop], values.numel(), 777), [k])[0]
         got = torch.cat([cut.keep_bits(p, 777 * i) for i, p in enumerate(pieces)]).bool()
         assert torch.equal(got, reference_top_k_mask(values, k)), k
         assert torch.equal(exact.top_k_mask(values, k), reference_top_k_mask(values, k)), k
@@ -332,3 +332,105 @@ def test_della_keeps_each_rank_with_its_probability():
         p = sum(0.2 + 0.6 * r / 49 for r in ranks) / 10
         kept = sum(int(keep[rank == r].sum()) for r in ranks) / 4000
         assert abs(kept - p) < 4 * math.sqrt(p * (1 - p) / 4000), (fifth, kept, p)
+
+
+# -- passes split among the merge's workers (numerics/threads.py) ---------------------------
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Sets how many workers split the spans (restored after the test)."""
+    from hivemerge.merge.numerics import threads
+
+    monkeypatch.setattr(threads, "_width", threads._width)
+    return lambda n: monkeypatch.setattr(threads, "_width", n)
+
+
+def test_in_parallel_keeps_order_runs_nested_work_in_place_and_raises_once_all_are_done(workers):
+    import threading
+    import time
+
+    from hivemerge.merge.numerics import threads
+
+    workers(3)
+    seen = []
+
+    def nested(i: int) -> list:
+        names = threads.in_parallel(lambda j: threading.current_thread().name, [0, 1, 2])
+        return [i, len(set(names))]  # inside a worker: the worker itself runs the nested items
+
+    assert threads.in_parallel(nested, [0, 1, 2, 3]) == [[0, 1], [1, 1], [2, 1], [3, 1]]
+    assert threads.each(lambda x: x * x, range(10)) == [x * x for x in range(10)]
+    assert threads.split(10, 3) == [range(0, 3), range(3, 6), range(6, 10)] and threads.split(2, 5) == [range(0, 1), range(1, 2)]
+
+    def slow_or_failing(i: int) -> int:
+        if i == 0:
+            raise ValueError("span 0")
+        time.sleep(0.2)
+        seen.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="span 0"):
+        threads.in_parallel(slow_or_failing, [0, 1, 2])
+    assert sorted(seen) == [1, 2]  # the others had finished when the error came out
+
+
+def test_workers_run_torch_at_one_thread_and_the_caller_keeps_its_count(workers):
+    from hivemerge.merge.numerics import threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers(3)
+        assert threads.in_parallel(lambda _: torch.get_num_threads(), [0, 1, 2, 3]) == [1, 1, 1, 1]
+        assert torch.get_num_threads() == 2  # the caller's own count (a per-thread setting)
+        workers(1)
+        assert threads.in_parallel(lambda _: torch.get_num_threads(), [0, 1]) == [2, 2]  # one worker: the caller runs them
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_a_merge_split_among_1_2_or_3_workers_gives_the_same_bytes(monkeypatch, workers, method):
+    """Small chunks (many spans per tensor) so that each pass is really split; the
+    reference is the whole-tensor formulation, and 1, 2 and 3 workers agree with it."""
+    monkeypatch.setattr(sparsify, "_CPU_CHUNK", 1 << 9)
+    base, models = grid_inputs(3)
+    params = {"normalize": True, "lambda": 1.0, "rescale": True, "epsilon": 0.1}
+    model_params = [{"weight": w, "density": 0.35, "gamma": 0.05, "epsilon": 0.1} for w in (0.6, 1.0, -0.4)]
+    job = TensorJob("w", base, models, model_params, params, torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=5)
+    results = []
+    for n in (1, 2, 3):
+        workers(n)
+        results.append(METHODS[method].merge(job).view(torch.int16))
+    if method != "della":  # della's draw has no whole-tensor reference here; its masks are tested below
+        assert torch.equal(results[0], reference_merge(method, job).view(torch.int16))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_the_radix_select_split_among_workers_equals_the_sort(workers):
+    g = torch.Generator().manual_seed(8)
+    values = torch.randint(0, 9, (20_011,), generator=g).float() / 8
+    values[::97] = float("nan")
+    for n in (1, 3):
+        workers(n)
+        for k in (1, 777, 10_000, 19_000):
+            cut = exact.top_k_cuts(exact.Spans(lambda a, b: values[a:b], values.numel(), 301), [k])[0]
+            assert torch.equal(cut.keep_bits(values).bool(), reference_top_k_mask(values, k)), (n, k)
+
+
+@pytest.mark.parametrize("spec", ["ternary", "sparse:density=0.3", "int8:block=50"])
+def test_a_decode_split_among_workers_gives_the_bytes_of_one(monkeypatch, workers, spec):
+    from hivemerge.merge.deltas import codecs
+
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(10_007, generator=g) * 0.05).bfloat16()
+    expert = (base.float() + 0.01 * torch.randn(10_007, generator=g)).bfloat16()
+    codec, opts = codecs.parse_codec(spec)
+    parts = codec.encode("w", base, expert, opts)
+    workers(1)
+    whole = codec.decode(base, parts, torch.bfloat16, tuple(base.shape), opts)
+    monkeypatch.setattr(codecs, "_DECODE_SPAN", 64)  # 157 spans, each decoded on its own
+    for n in (2, 3):
+        workers(n)
+        got = codec.decode(base.clone(), parts, torch.bfloat16, tuple(base.shape), opts)
+        assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), (spec, n)

@@ -62,10 +62,11 @@ def test_a_node_uses_the_cores_it_may_run_on_unless_told(monkeypatch):
     from hivemerge.merge.numerics import threads
 
     before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_width", threads._width)  # restored after the test
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 3, 5})  # e.g. `taskset -c 0,3,5`
     try:
-        assert threads.use_threads(None) == 3 and torch.get_num_threads() == 3
-        assert threads.use_threads(1) == 1 and torch.get_num_threads() == 1
+        assert threads.use_threads(None) == 3 and torch.get_num_threads() == 3 and threads.workers() == 3
+        assert threads.use_threads(1) == 1 and torch.get_num_threads() == 1 and threads.workers() == 1
     finally:
         torch.set_num_threads(before)
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from hivemerge.merge.numerics import exact, rng
+from hivemerge.merge.numerics import exact, rng, threads
 from hivemerge.merge.numerics.bits import count_bits, pack_bits, signed_bits, unpack_bits
 from hivemerge.merge.params import ParamSpec
 from hivemerge.protocol.errors import UserInputError
@@ -61,24 +61,40 @@ def _delta(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
 
 # Elements decoded at a time (a multiple of 8, so spans start on a mask byte): a decode's
 # float32 temporaries are span-sized, whatever the tensor (a 128k-vocabulary embedding
-# decoded whole made four float32 copies of itself). Elementwise work: the size never
-# changes a byte.
-_DECODE_SPAN = 1 << 20
+# decoded whole made four float32 copies of itself), and the spans are shared among the
+# merge's workers. Elementwise work: the size never changes a byte.
+_DECODE_SPAN = 1 << 18
 
 
 def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor],
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(base + delta).to(dtype)`` computed in float32 a span at a time, in order:
-    ``delta_at(start, stop)`` gives the delta of flat entries ``start .. stop-1``. Into
-    ``out`` (it may be ``base``) when it has the size and dtype, else into new memory."""
+    """``(base + delta).to(dtype)`` computed in float32 a span at a time, the spans split
+    among the merge's workers: ``delta_at(start, stop)`` gives the delta of flat entries
+    ``start .. stop-1`` of a span, whichever span came before. Into ``out`` (it may be
+    ``base``: each span is read before it is written) when it has the size and dtype,
+    else into new memory."""
     flat = base.reshape(-1)
     if out is None or out.numel() != flat.numel() or out.dtype != dtype:
         out = torch.empty(flat.numel(), dtype=dtype)
     out = out.view(-1)
-    for start in range(0, flat.numel(), _DECODE_SPAN):
+
+    def rebuild(start: int) -> None:
         stop = min(flat.numel(), start + _DECODE_SPAN)
         out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
+
+    threads.each(rebuild, range(0, flat.numel(), _DECODE_SPAN), None if flat.device.type == "cpu" else 1)
     return out.view(shape)
+
+
+def _kept_before(mask: torch.Tensor, count: int) -> tuple[list[int], int]:
+    """How many of the first ``count`` bits of a packed mask are set before each decode
+    span (so that the spans decode on their own), and in all."""
+    before, total = [], 0
+    for start in range(0, count, _DECODE_SPAN):
+        before.append(total)
+        size = min(_DECODE_SPAN, count - start)
+        total += count_bits(mask[start // 8 : (start + size + 7) // 8], size)
+    return before, total
 
 
 def _bits_at(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -132,19 +148,18 @@ def _block_counts(n: int, block: int) -> torch.Tensor:
     return counts
 
 
-def _scattered(mask: torch.Tensor, values_at: Callable[..., torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
-    """A ``delta_at`` for :func:`_rebuild` that is zero off the bit ``mask`` and, on it,
-    ``values_at(i, j, keep, start, stop)``: kept entries ``i .. j-1`` in float32, for the
-    span ``start .. stop-1`` whose mask is ``keep``. Spans come in order, so the kept entries before each are counted as it goes."""
-    taken = 0
+def _scattered(mask: torch.Tensor, count: int, values_at: Callable[..., torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """A ``delta_at`` for :func:`_rebuild` over ``count`` entries that is zero off the bit
+    ``mask`` and, on it, ``values_at(i, j, keep, start, stop)``: kept entries ``i .. j-1``
+    in float32, for the span ``start .. stop-1`` whose mask is ``keep``."""
+    before, _ = _kept_before(mask, count)
 
     def delta_at(start: int, stop: int) -> torch.Tensor:
-        nonlocal taken
         keep = _bits_at(mask, start, stop - start)
+        taken = before[start // _DECODE_SPAN]
         kept = int(keep.sum())
         delta = torch.zeros(stop - start, dtype=torch.float32)
         delta.masked_scatter_(keep, values_at(taken, taken + kept, keep, start, stop))  # the kept values, in order
-        taken += kept
         return delta
 
     return delta_at
@@ -292,7 +307,7 @@ class Sparse(Codec):
     def decode(self, base, parts, dtype, shape, opts, out=None):
         n = base.numel()
         values = self._kept_values(parts, n, opts)
-        return _rebuild(base, dtype, shape, _scattered(parts["mask"], lambda i, j, keep, start, stop: values[i:j].to(torch.float32)), out)
+        return _rebuild(base, dtype, shape, _scattered(parts["mask"], n, lambda i, j, keep, start, stop: values[i:j].to(torch.float32)), out)
 
     def squares(self, parts, shape, opts):
         n = math.prod(shape)
@@ -394,17 +409,15 @@ class Ternary(Codec):
         n, block = base.numel(), opts["block"]
         _expect(parts, "mask", (n + 7) // 8, "ternary")
         _expect(parts, "scale", -(-n // block), "ternary")
-        count = count_bits(parts["mask"], n)
+        before, count = _kept_before(parts["mask"], n)
         if parts["signs"].numel() != (count + 7) // 8:
             raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {count} kept entries")
         _non_negative(parts, "ternary", "scale")
         # Each entry: its block's scale times +1, -1 (kept, by its sign bit) or +0 (not kept),
         # without gathering the kept entries' scales: the same values as +-scale where kept.
-        taken = 0
 
-        def delta_at(start: int, stop: int) -> torch.Tensor:  # spans come in order
-            nonlocal taken
-            signs, taken = signed_bits(parts["mask"], parts["signs"], start, stop - start, taken)
+        def delta_at(start: int, stop: int) -> torch.Tensor:
+            signs, _ = signed_bits(parts["mask"], parts["signs"], start, stop - start, before[start // _DECODE_SPAN])
             return signs.to(torch.float32).mul_(_per_entry(parts["scale"], block, start, stop))
 
         return _rebuild(base, dtype, shape, delta_at, out)

@@ -9,12 +9,12 @@ of :func:`exact.rank_window_mask` on ``|model - base|`` and of :func:`rng.bernou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 
-from hivemerge.merge.numerics import exact, rng
+from hivemerge.merge.numerics import exact, rng, threads
 from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
 from hivemerge.protocol.errors import UserInputError
 
@@ -22,13 +22,24 @@ from hivemerge.protocol.errors import UserInputError
 # wants few, large kernels. The size never changes a result, only the speed.
 _CPU_CHUNK = 1 << 18
 _GPU_CHUNK = 1 << 24
+T = TypeVar("T")
 
 
-def spans(numel: int, device: torch.device) -> Iterator[tuple[int, int]]:
+def chunk_size(device: torch.device) -> int:
+    return _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+
+
+def spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
     """(start, stop) of consecutive chunks covering ``range(numel)``."""
-    chunk = _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
-    for start in range(0, numel, chunk):
-        yield start, min(numel, start + chunk)
+    chunk = chunk_size(device)
+    return [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+
+
+def each_span(numel: int, device: torch.device, work: Callable[[int, int], T]) -> list[T]:
+    """``work(start, stop)`` for every chunk, in flat order, the chunks split in contiguous
+    runs among the merge's workers (each chunk's work is its own: no result depends on
+    how they are split)."""
+    return threads.each(lambda bounds: work(*bounds), spans(numel, device), None if device.type == "cpu" else 1)
 
 
 class KeepRule(Protocol):
@@ -97,8 +108,8 @@ class KeepDella:
         numel = base.numel()
         cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel
         rows_per_block = max(8, _BLOCK // max(cols, 1) // 8 * 8)  # a multiple of 8: each block packs to whole bytes
-        packed = []
-        for row in range(0, numel // max(cols, 1), rows_per_block):
+
+        def block_bits(row: int) -> torch.Tensor:
             start, stop = row * cols, min(numel, (row + rows_per_block) * cols)
             values = magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype))).view(-1, cols)
             order = torch.argsort(values, dim=1, stable=True)
@@ -106,7 +117,10 @@ class KeepDella:
             # float32 as mergekit computes it: (rank - min) / (max - min), then the affine map
             spread = exact.divide(rank.to(torch.float32), max(cols - 1, 1)).clamp_(0, 1)  # CUDA would multiply by 1/(c-1)
             probability = spread.mul_(2).mul_(epsilon).add_(density - epsilon)
-            packed.append(pack_bits(rng.bernoulli_each(key, start, probability)))
+            return pack_bits(rng.bernoulli_each(key, start, probability))
+
+        rows = range(0, numel // max(cols, 1), rows_per_block)
+        packed = threads.each(block_bits, rows, None if base.device.type == "cpu" else 1)
         self.bits = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
 
     def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
@@ -124,15 +138,15 @@ def l1_rescale(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, rule
     whole task vector, sum|delta| / sum|kept| (1 where either is below 1e-7), as float32.
     The sums are exact per span (float32 magnitudes summed in float64 by a fixed tree)
     and added by math.fsum: every device gets the same factor."""
-    before, after = [], []
-    for start in range(0, base.numel(), _RESCALE_SPAN):
+    def sums(start: int) -> tuple[float, float]:
         stop = min(base.numel(), start + _RESCALE_SPAN)
         delta = model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype))
         keep = rule.keep_bits(delta, start)
         size = delta.abs_()
-        before.append(float(exact.pairwise_sum(size)))
-        after.append(float(exact.pairwise_sum(exact.keep_or_zero(size, keep))))
-    total, kept = math.fsum(before), math.fsum(after)
+        return float(exact.pairwise_sum(size)), float(exact.pairwise_sum(exact.keep_or_zero(size, keep)))
+
+    found = threads.each(sums, range(0, base.numel(), _RESCALE_SPAN))
+    total, kept = math.fsum(b for b, _ in found), math.fsum(a for _, a in found)
     if total < 1e-7 or kept < 1e-7:
         return 1.0
     return float(torch.tensor(total / kept, dtype=torch.float32))
@@ -154,8 +168,8 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     if _unchanged(base, model, dtype):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
         cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
     else:
-        pieces = lambda: (_magnitudes_at(base, model, dtype, start, stop) for start, stop in spans(numel, base.device))  # noqa: E731
-        cuts = iter(exact.top_k_cuts(pieces, ks))
+        values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device))
+        cuts = iter(exact.top_k_cuts(values, ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None
     return KeepRanked(top, skipped)

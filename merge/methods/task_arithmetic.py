@@ -13,14 +13,13 @@ docs/merging.md.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
-from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, keep_by_rank, l1_rescale, spans
+from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, each_span, keep_by_rank, l1_rescale
 from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
 
@@ -63,11 +62,11 @@ class TaskVectorMerge(MergeMethod):
         base = job.base.reshape(-1)
         models = [m.reshape(-1) for m in job.models]
         weights = [p["weight"] for p in job.model_params]
-        # Each model's selection is its own (three passes of bincounts, one core each): side by side.
-        with ThreadPoolExecutor(min(len(models), torch.get_num_threads()) or 1) as pool:
-            rules = list(pool.map(lambda m, p, i: self._keep_rule(base, m, p, job, i), models, job.model_params, job.model_ids))
+        # Each selection's passes are split among the merge's workers (numerics/exact.py).
+        rules = [self._keep_rule(base, m, p, job, i) for m, p, i in zip(models, job.model_params, job.model_ids)]
         out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
-        for start, stop in spans(base.numel(), base.device):
+
+        def merge_chunk(start: int, stop: int) -> None:
             b = base[start:stop].to(job.dtype)
             weighted = []
             for model, (rule, factor), w in zip(models, rules, weights):
@@ -78,6 +77,8 @@ class TaskVectorMerge(MergeMethod):
                         delta.mul_(factor)
                 weighted.append(delta.mul_(w))
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
+
+        each_span(base.numel(), base.device, merge_chunk)
         return out.view(job.base.shape)
 
     def _mix(self, weighted: list[torch.Tensor], weights: list[float], params: dict) -> torch.Tensor:

@@ -10,10 +10,12 @@ helpers only use elementwise operations and integer counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from hivemerge.merge.numerics import threads
 
 _HI_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit clear)
 _LO_BUCKETS = 1 << 16
@@ -34,9 +36,11 @@ def all_finite(values: torch.Tensor, dtype: torch.dtype | None = None, span: int
         # On the bits, no conversion: finite iff the exponent bits (those of inf) are not all set.
         ints = int_like(flat)
         exponent = int(torch.tensor(math.inf, dtype=values.dtype).view(ints))
-        return all(bool(flat[i : i + span].view(ints).bitwise_and(exponent).max() < exponent) for i in range(0, flat.numel(), span))
-    largest = torch.finfo(dtype).max
-    return all(bool(flat[i : i + span].to(dtype).abs().max() <= largest) for i in range(0, flat.numel(), span))
+        finite = lambda i: bool(flat[i : i + span].view(ints).bitwise_and(exponent).max() < exponent)  # noqa: E731
+    else:
+        largest = torch.finfo(dtype).max
+        finite = lambda i: bool(flat[i : i + span].to(dtype).abs().max() <= largest)  # noqa: E731
+    return all(threads.each(finite, range(0, flat.numel(), span), None if flat.device.type == "cpu" else 1))
 
 
 def _widens(source: torch.dtype, target: torch.dtype) -> bool:
@@ -134,79 +138,115 @@ class TopK:
         return keep
 
 
-Pieces = Callable[[], Iterable[torch.Tensor]]
+@dataclass(frozen=True)
+class Spans:
+    """Non-negative float32 values that are never whole in memory: ``at(start, stop)``
+    computes flat entries ``start .. stop-1`` afresh, ``span`` entries at a time."""
+
+    at: Callable[[int, int], torch.Tensor]
+    numel: int
+    span: int = 1 << 18
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return [(start, min(self.numel, start + self.span)) for start in range(0, self.numel, self.span)]
+
+    def reduce(self, count: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The sum over the spans of ``count(values)`` (integer counts: any order gives the
+        same sum), the spans split among the merge's workers."""
+        bounds = self.bounds()
+
+        def run(group: range) -> torch.Tensor:
+            total = None
+            for i in group:
+                found = count(self.at(*bounds[i]))
+                total = found if total is None else total.add_(found)
+            return total
+
+        partial = threads.in_parallel(run, threads.split(len(bounds), threads.workers()))
+        total = partial[0]
+        for more in partial[1:]:
+            total.add_(more)
+        return total
 
 
-def top_k_cuts(pieces: Pieces, ks: list[int]) -> list[TopK]:
+def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     """The :class:`TopK` of each k (1 <= k <= count) over non-negative float32 values.
 
-    ``pieces()`` yields the values in flat order, in pieces of any size, afresh at each
-    call, so the values never need to be whole in memory and nothing of their size is
-    kept: a radix select on the float bits (for non-negative IEEE floats the bit pattern
-    orders like the value) in three passes. The first counts the high 16 bits of every
-    value, which gives each k's bucket; the second counts the low 16 bits of the values
-    in those buckets, which gives each threshold; the third finds the flat index past
-    the last value equal to a threshold that is kept (ties go to the lowest indices).
-    Integer counts, no sort, no index arrays.
+    A radix select on the float bits (for non-negative IEEE floats the bit pattern
+    orders like the value) in three passes over the spans, each split among the merge's
+    workers; nothing of the values' size is kept. The first counts the high 16 bits of
+    every value, which gives each k's bucket; the second counts the low 16 bits of the
+    values in those buckets, which gives each threshold; the third finds the flat index
+    past the last value equal to a threshold that is kept (ties go to the lowest
+    indices). Integer counts, no sort, no index arrays.
     """
-    counts = None
-    for values in pieces():
-        found = torch.bincount(values.view(torch.int32) >> 16, minlength=_HI_BUCKETS)
-        counts = found if counts is None else counts.add_(found)
+    counts = values.reduce(lambda v: torch.bincount(v.view(torch.int32) >> 16, minlength=_HI_BUCKETS))
     buckets = [_select_bucket(counts, k) for k in ks]
     inf_bucket = _INF_BITS >> 16
     nan_zone = int(counts[inf_bucket:].sum()) > 0  # inf or NaN: the selection must know how many NaN there are
-    lows = _low_counts(pieces, {bucket for bucket, _ in buckets} | ({inf_bucket} if nan_zone else set()))
+    lows = _low_counts(values, sorted({bucket for bucket, _ in buckets} | ({inf_bucket} if nan_zone else set())))
     nans = int(counts[inf_bucket + 1 :].sum()) + int(lows[inf_bucket][1:].sum()) if nan_zone else 0
     thresholds, needs = [], []
     for k, (bucket, above) in zip(ks, buckets):
         low_bucket, above_low = _select_bucket(lows[bucket], k - above)
         thresholds.append((bucket << 16) | low_bucket)
         needs.append(k - (above + above_low - nans))  # values equal to the threshold to keep
-    ends = _tie_ends(pieces, thresholds, needs)
+    ends = _tie_ends(values, thresholds, needs)
     return [TopK(t, end, nans > 0) for t, end in zip(thresholds, ends)]
 
 
-def _low_counts(pieces: Pieces, buckets: set[int]) -> dict[int, torch.Tensor]:
+def _low_counts(values: Spans, buckets: list[int]) -> dict[int, torch.Tensor]:
     """For each high-bits bucket, the histogram of the low 16 bits of the values in it."""
-    counts: dict[int, torch.Tensor] = {}
-    for values in pieces():
-        bits = values.view(torch.int32)
-        for bucket in buckets:
-            # Offset into the bucket and clamp: values below it count in bin 0, above it in
-            # the last; no boolean mask and no index array (a bucket may hold most values).
-            found = torch.bincount((bits - (bucket << 16)).clamp_(-1, _LO_BUCKETS).add_(1), minlength=_LO_BUCKETS + 2)
-            counts[bucket] = found if bucket not in counts else counts[bucket].add_(found)
-    return {bucket: found[1 : _LO_BUCKETS + 1] for bucket, found in counts.items()}
+    bins = _LO_BUCKETS + 2
+
+    def count(piece: torch.Tensor) -> torch.Tensor:
+        bits = piece.view(torch.int32)
+        # Offset into each bucket and clamp: values below it count in bin 0, above it in the
+        # last; no boolean mask and no index array (a bucket may hold most values).
+        return torch.cat([torch.bincount((bits - (bucket << 16)).clamp_(-1, _LO_BUCKETS).add_(1), minlength=bins)
+                          for bucket in buckets])
+
+    found = values.reduce(count).view(len(buckets), bins)
+    return {bucket: found[i, 1 : _LO_BUCKETS + 1] for i, bucket in enumerate(buckets)}
 
 
-def _tie_ends(pieces: Pieces, thresholds: list[int], needs: list[int]) -> list[int]:
+def _tie_ends(values: Spans, thresholds: list[int], needs: list[int]) -> list[int]:
     """For each threshold, the flat index just past the ``need``-th value equal to it (all
-    of them if there are fewer); 0 where none is kept (nothing equals a NaN threshold)."""
+    of them if there are fewer); 0 where none is kept (nothing equals a NaN threshold).
+
+    The spans are counted a wave at a time (one span per worker), in order, and the scan
+    stops at the wave that holds the last tie needed: most cuts need a few of their ties."""
     ends = [0] * len(thresholds)
     left = {i: need for i, (t, need) in enumerate(zip(thresholds, needs)) if need > 0 and t <= _INF_BITS}
-    start = 0
-    for values in pieces():
+    bounds = values.bounds()
+    wave = max(1, threads.workers())
+    for first in range(0, len(bounds), wave):
         if not left:
             break
-        bits = values.view(torch.int32)
-        for i in list(left):
-            equal = bits == thresholds[i]
-            count = int(torch.count_nonzero(equal))
-            if count >= left[i]:
-                ends[i] = start + int(equal.nonzero()[left[i] - 1, 0]) + 1
-                del left[i]
-            else:
-                left[i] -= count
-        start += bits.numel()
+        looking = list(left)
+
+        def equal_counts(where: tuple[int, int]) -> list[int]:
+            bits = values.at(*where).view(torch.int32)
+            return [int(torch.count_nonzero(bits == thresholds[i])) for i in looking]
+
+        for (start, stop), counts in zip(bounds[first : first + wave], threads.in_parallel(equal_counts, bounds[first : first + wave])):
+            for i, count in zip(looking, counts):
+                if i not in left:
+                    continue
+                if count >= left[i]:
+                    equal = values.at(start, stop).view(torch.int32) == thresholds[i]
+                    ends[i] = start + int(equal.nonzero()[left[i] - 1, 0]) + 1
+                    del left[i]
+                else:
+                    left[i] -= count
     for i in left:
-        ends[i] = start
+        ends[i] = values.numel
     return ends
 
 
-def _pieces(flat: torch.Tensor, size: int = 1 << 18) -> Pieces:
-    """``flat`` in consecutive pieces, for :func:`top_k_cuts`."""
-    return lambda: (flat[i : i + size] for i in range(0, flat.numel(), size))
+def _pieces(flat: torch.Tensor, size: int = 1 << 18) -> Spans:
+    """``flat`` as :class:`Spans`, for :func:`top_k_cuts`."""
+    return Spans(lambda start, stop: flat[start:stop], flat.numel(), size)
 
 
 def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
 from hivemerge.merge.io.writer import parse_size
 from hivemerge.merge.methods import METHODS
+from hivemerge.merge.numerics.threads import use_threads
 from hivemerge.merge.recipe import load_recipe
 from hivemerge.node.cli.options import HomeOption, JsonTableOption, OverwriteOption
 from hivemerge.node.storage.store import ContentStore
@@ -33,7 +33,7 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML or JSON, mergekit dialect).")],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads for the merge math (0: torch's default).", min=0)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for the merge (0: the cores this process may use).", min=0)] = 0,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     overwrite: OverwriteOption = False,
     home: HomeOption = None,
@@ -49,8 +49,7 @@ def merge(
         shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise UserInputError(f"--max-shard-size: {exc}") from None
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads or None)
     store = ContentStore(default_home(home))
     plan = load_recipe(recipe, resolver=store.resolve)  # validated whole before any weight is read
     for warning in plan.warnings:
