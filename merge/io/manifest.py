@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 from hivemerge.merge.io.dtypes import SAFETENSORS_CODES
 from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.numerics import threads
 from hivemerge.protocol.content import content_id, sha256_hex
 from hivemerge.protocol.manifests import MODEL_FILES, TOKENIZER_FILES, WEIGHTS_INDEX_FILE, model_manifest
 
@@ -72,9 +73,12 @@ def build_model_manifest(model: SafetensorsModel) -> dict:
 
 
 def _hash_model(model: SafetensorsModel) -> dict:
+    names = list(model.tensors)
+    # One tensor per task, taken by whichever worker is free (sizes differ); hashlib lets go of the GIL.
+    hashes = threads.in_parallel(lambda name: sha256_hex(model.raw_bytes(name)), names)
     tensors = {
-        name: {"dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape), "sha256": sha256_hex(model.raw_bytes(name))}
-        for name, info in model.tensors.items()
+        name: {"dtype": SAFETENSORS_CODES[model.tensors[name].dtype], "shape": list(model.tensors[name].shape), "sha256": digest}
+        for name, digest in zip(names, hashes)
     }
     files = {name: sha256_hex(data) for name, data in side_files(model).items()}
     return model_manifest(tensors, files)

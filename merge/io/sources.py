@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hivemerge.merge.io.dtypes import DTYPE_OF_CODE
+from hivemerge.merge.numerics import threads
 from hivemerge.protocol.errors import UserInputError
 from hivemerge.protocol.manifests import WEIGHTS_INDEX_FILE, is_weights_file
 
@@ -29,6 +31,9 @@ INDEX_FILE = WEIGHTS_INDEX_FILE
 SINGLE_FILE = "model.safetensors"
 MAX_INDEX_BYTES = 16 * 1024 * 1024  # a large model's index is a few hundred KB
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+_READ_SPAN = 4 << 20  # bytes of a tensor read by one worker at a time
 
 
 @dataclass(frozen=True)
@@ -250,13 +255,17 @@ class SafetensorsModel:
             tensor = into[:size].view(info.dtype).view(info.shape)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         with where.file.open("rb", buffering=0) as f:
-            f.seek(where.begin)
-            done = 0
-            while done < size:  # one read returns at most ~2 GiB
-                got = f.readinto(buffer[done:])
-                if not got:
-                    raise UserInputError(f"{where.file}: truncated (tensor {name})")
-                done += got
+
+            def read(start: int) -> None:  # positioned reads: the workers share the file
+                done, stop = start, min(size, start + _READ_SPAN)
+                while done < stop:
+                    got = os.preadv(f.fileno(), [buffer[done:stop]], where.begin + done)
+                    if not got:
+                        raise UserInputError(f"{where.file}: truncated (tensor {name})")
+                    done += got
+
+            # Copying from the page cache is most of a read: the spans are split among the workers.
+            threads.each(read, range(0, size, _READ_SPAN))
         return tensor
 
     def raw_bytes(self, name: str) -> bytes:
