@@ -434,3 +434,27 @@ def test_a_decode_split_among_workers_gives_the_bytes_of_one(monkeypatch, worker
         workers(n)
         got = codec.decode(base.clone(), parts, torch.bfloat16, tuple(base.shape), opts)
         assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), (spec, n)
+
+
+def test_a_cut_among_the_zeros_of_half_precision_deltas_needs_no_low_bits_pass():
+    """|a - b| of bf16 numbers is 0 or at least 2**-133 (float32 bits 0x10000): a cut
+    that falls among the zeros (a ternary delta under TIES at density 0.5) is found from
+    the high-bits counts, then the ties: the spans are computed fewer than twice each,
+    and the selection is the sort's."""
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(40_000, generator=g) * 0.05).bfloat16()
+    model = (base.float() + torch.sign(torch.randn(40_000, generator=g)) * 0.01 * (torch.rand(40_000, generator=g) > 0.58)).bfloat16()
+    magnitudes = (model.float() - base.float()).abs()
+    calls = []
+
+    def at(start: int, stop: int) -> torch.Tensor:
+        calls.append(start)
+        return magnitudes[start:stop]
+
+    k = 20_000  # about 42% are nonzero: the cut is at zero
+    cut = exact.top_k_cuts(exact.Spans(at, magnitudes.numel(), 1000, zeros_alone=True), [k])[0]
+    assert cut.threshold == 0
+    assert torch.equal(cut.keep_bits(magnitudes).bool(), reference_top_k_mask(magnitudes, k))
+    assert 40 <= len(calls) < 80  # the first pass (40 spans) and the ties' few; no second pass
+    full = exact.top_k_cuts(exact.Spans(lambda a, b: magnitudes[a:b], magnitudes.numel(), 1000), [k])[0]
+    assert full == cut

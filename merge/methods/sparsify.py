@@ -168,7 +168,9 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     if _unchanged(base, model, dtype):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
         cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
     else:
-        values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device))
+        half = (torch.float16, torch.bfloat16)
+        values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device),
+                             zeros_alone=dtype in half or (base.dtype in half and model.dtype in half))
         cuts = iter(exact.top_k_cuts(values, ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None

@@ -146,6 +146,10 @@ class Spans:
     at: Callable[[int, int], torch.Tensor]
     numel: int
     span: int = 1 << 18
+    # True when no value lies strictly between 0 and 2**-133 (float32 bits 0x10000): then
+    # the lowest high-bits bucket holds only zeros. So it is for |a - b| of half-precision
+    # numbers: a nonzero difference is a multiple of their smallest step, bf16's 2**-133.
+    zeros_alone: bool = False
 
     def bounds(self) -> list[tuple[int, int]]:
         return [(start, min(self.numel, start + self.span)) for start in range(0, self.numel, self.span)]
@@ -184,7 +188,9 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     buckets = [_select_bucket(counts, k) for k in ks]
     inf_bucket = _INF_BITS >> 16
     nan_zone = int(counts[inf_bucket:].sum()) > 0  # inf or NaN: the selection must know how many NaN there are
-    lows = _low_counts(values, sorted({bucket for bucket, _ in buckets} | ({inf_bucket} if nan_zone else set())))
+    wanted = {bucket for bucket, _ in buckets} | ({inf_bucket} if nan_zone else set())
+    known = {0: _only_zeros(counts[0])} if values.zeros_alone and 0 in wanted else {}  # e.g. ternary deltas' cut
+    lows = {**_low_counts(values, sorted(wanted - set(known))), **known}
     nans = int(counts[inf_bucket + 1 :].sum()) + int(lows[inf_bucket][1:].sum()) if nan_zone else 0
     thresholds, needs = [], []
     for k, (bucket, above) in zip(ks, buckets):
@@ -195,8 +201,17 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     return [TopK(t, end, nans > 0) for t, end in zip(thresholds, ends)]
 
 
+def _only_zeros(count: torch.Tensor) -> torch.Tensor:
+    """The low-bits histogram of a bucket 0 that holds ``count`` zeros and nothing else."""
+    found = torch.zeros(_LO_BUCKETS, dtype=count.dtype, device=count.device)
+    found[0] = count
+    return found
+
+
 def _low_counts(values: Spans, buckets: list[int]) -> dict[int, torch.Tensor]:
     """For each high-bits bucket, the histogram of the low 16 bits of the values in it."""
+    if not buckets:
+        return {}
     bins = _LO_BUCKETS + 2
 
     def count(piece: torch.Tensor) -> torch.Tensor:
