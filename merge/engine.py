@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hivemerge.merge.deltas.delta import DeltaSource
 from hivemerge.merge.io.atomic import atomic_directory
 from hivemerge.merge.io.model_card import copy_tokenizer, write_config, write_model_card
 from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -141,15 +142,23 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
     if recipe.vocab is not None and name in recipe.vocab.tensors:
         return _merge_token_rows(recipe, name, device)
 
-    def load(model: ModelInput) -> torch.Tensor:
+    def read(model: ModelInput) -> torch.Tensor:
         into = buffers.take(model, name) if buffers is not None else None
-        tensor = model.source.get(name, into).to(device)
+        if stored_base is not None and isinstance(model.source, DeltaSource) and model.source.base is recipe.base.source:
+            return model.source.get_over(name, stored_base, into)  # the base read once, not again for each delta
+        return model.source.get(name, into)
+
+    def prepared(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(device)
         return tensor if method.converts_inputs else tensor.to(recipe.dtype)
 
-    models = [load(m) for m in recipe.inputs]  # one at a time: a read and a decode are split among the workers
+    stored_base = None  # read first: the deltas are decoded from it
+    if recipe.base is not None and (method.requires_base or method.uses_base):
+        stored_base = read(recipe.base)
+    models = [prepared(read(m)) for m in recipe.inputs]  # one at a time: a read and a decode are split among the workers
     job = TensorJob(
         name=name,
-        base=load(recipe.base) if recipe.base is not None and (method.requires_base or method.uses_base) else None,
+        base=prepared(stored_base) if stored_base is not None else None,
         models=models,
         model_params=[recipe.model_params_for(m, name) for m in recipe.inputs],
         params=recipe.global_params_for(name),

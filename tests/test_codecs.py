@@ -476,3 +476,20 @@ def test_ternary_encodes_a_span_of_whole_blocks_at_a_time_with_the_same_bytes(mo
     monkeypatch.setattr(codecs, "_DECODE_SPAN", 1)  # the smallest span: 8 blocks
     small = codec.encode("w", base, expert, opts)
     assert whole.keys() == small.keys() and all(torch.equal(whole[k], small[k]) for k in whole)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 255, 256, 257, 4099])
+def test_kept_entries_per_block_are_counted_by_byte_with_padding_bits_ignored(n):
+    """Screening counts a ternary delta's kept entries per block from mask bytes; a mask
+    whose last byte has its padding bits set (a hostile writer) counts as written."""
+    from hivemerge.merge.numerics.bits import count_bits_per_group
+
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.4
+    packed = pack_bits(keep)
+    if n % 8:
+        packed[-1] |= 0xFF ^ ((1 << (n % 8)) - 1)
+    for group in (8, 16, 256):
+        want = torch.cat([keep, keep.new_zeros(-n % group)]).view(-1, group).sum(1)
+        assert torch.equal(count_bits_per_group(packed, n, group), want), group
+    with pytest.raises(ValueError):
+        count_bits_per_group(packed, n, 12)

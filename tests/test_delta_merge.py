@@ -108,3 +108,26 @@ def test_corrupt_delta_in_a_recipe_is_refused_before_merging(cli, family, deltas
     assert_user_error(result, "models[1].model: ", "fails its hash check")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.delta.safetensors", "corrupt.yaml"]
+
+
+def test_a_merge_of_deltas_reads_each_base_tensor_once(family, deltas, tmp_path, monkeypatch):
+    """The engine reads the base's tensor once and decodes every delta from that copy
+    (it used to read it again for each delta); the bytes are those of the merge of the
+    rebuilt experts."""
+    from collections import Counter
+
+    from hivemerge.merge.engine import run_merge
+    from hivemerge.merge.io.sources import SafetensorsModel
+    from hivemerge.merge.recipe import validate_recipe
+
+    paths, _ = deltas
+    rebuilt = tmp_path / "sign1-expert"
+    apply_delta(family.base, paths["sign1"], rebuilt)
+    run_merge(validate_recipe(ties(family.base, rebuilt, family.expert)), tmp_path / "from-experts", device="cpu")
+    reads = []
+    real = SafetensorsModel.get
+    monkeypatch.setattr(SafetensorsModel, "get", lambda self, name, into=None: reads.append((self.directory, name)) or real(self, name, into))
+    run_merge(validate_recipe(ties(family.base, paths["sign1"], paths["lossless"])), tmp_path / "from-deltas", device="cpu")
+    base_reads = Counter(name for directory, name in reads if directory == family.base)
+    assert len(base_reads) == len(SafetensorsModel(family.base).tensors) and set(base_reads.values()) == {1}
+    assert (tmp_path / "from-deltas" / "model.safetensors").read_bytes() == (tmp_path / "from-experts" / "model.safetensors").read_bytes()

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from hivemerge.merge.numerics import exact, rng, threads
-from hivemerge.merge.numerics.bits import count_bits, pack_bits, signed_bits, unpack_bits
+from hivemerge.merge.numerics.bits import count_bits, count_bits_per_group, pack_bits, signed_bits, unpack_bits
 from hivemerge.merge.params import ParamSpec
 from hivemerge.protocol.errors import UserInputError
 
@@ -177,6 +177,8 @@ class Same(Codec):
     def decode(self, base, parts, dtype, shape, opts, out=None):
         if out is base and base.dtype == dtype:  # decoded over the base's own copy: it is the expert already
             return base.reshape(shape)
+        if out is not None and out.numel() == base.numel() and out.dtype == dtype:
+            return out.view(shape).copy_(base.reshape(shape))
         return base.to(dtype).reshape(shape).clone()
 
     def squares(self, parts, shape, opts):
@@ -429,9 +431,12 @@ class Ternary(Codec):
         _expect(parts, "scale", -(-n // block), "ternary")
         _finite(parts, "ternary", "scale")
         _non_negative(parts, "ternary", "scale")
-        keep = unpack_bits(parts["mask"], n)  # a byte an entry: a quarter of the tensor's float32 size
-        pad = -n % block
-        kept = torch.cat([keep, keep.new_zeros(pad)]).view(-1, block).sum(1) if n else keep.new_zeros(0, dtype=torch.int64)
+        if block % 8 == 0:  # blocks of whole mask bytes: counted a byte at a time
+            kept = count_bits_per_group(parts["mask"], n, block)
+        else:
+            keep = unpack_bits(parts["mask"], n)  # a byte an entry: a quarter of the tensor's float32 size
+            pad = -n % block
+            kept = torch.cat([keep, keep.new_zeros(pad)]).view(-1, block).sum(1) if n else keep.new_zeros(0, dtype=torch.int64)
         if parts["signs"].numel() != (int(kept.sum()) + 7) // 8:
             raise UserInputError(f"ternary delta: {parts['signs'].numel()} sign bytes for {int(kept.sum())} kept entries")
         return _blockwise_squares(parts["scale"], kept)

@@ -233,17 +233,20 @@ class DeltaFile:
     def tensor_info(self) -> dict[str, TensorInfo]:
         return {n: TensorInfo(DTYPE_OF_CODE[e["dtype"]], tuple(e["shape"])) for n, e in self.manifest["tensors"].items()}
 
-    def decode(self, name: str, base: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def decode(self, name: str, base: torch.Tensor, in_place: bool = False, into: torch.Tensor | None = None) -> torch.Tensor:
         """The expert's tensor from the base's. ``in_place``: the base tensor is the caller's
-        own scratch: the expert is written over it (no second tensor of its size)."""
+        own scratch: the expert is written over it (no second tensor of its size).
+        ``into``: a uint8 buffer to write the expert into, when it is large enough."""
         entry = self.manifest["tensors"][name]
-        shape = tuple(entry["shape"])
+        shape, dtype = tuple(entry["shape"]), DTYPE_OF_CODE[entry["dtype"]]
         if tuple(base.shape) != shape:
             raise DeltaError(f"{self.path}: tensor {name} has shape {list(shape)}, the base's is {list(base.shape)}")
         parts = self._parts(name)
+        out = base if in_place else None
+        if into is not None and into.numel() >= base.numel() * dtype.itemsize:
+            out = into[: base.numel() * dtype.itemsize].view(dtype).view(shape)
         try:
-            out = CODECS[entry["codec"]].decode(base, parts, DTYPE_OF_CODE[entry["dtype"]], shape, self._options[name],
-                                                out=base if in_place else None)
+            out = CODECS[entry["codec"]].decode(base, parts, dtype, shape, self._options[name], out=out)
         except (RuntimeError, KeyError, IndexError, UserInputError, *_ARITHMETIC) as exc:
             _raise_if_local(exc)
             raise DeltaError(f"{self.path}: tensor {name} cannot be decoded ({exc})", self.id) from None
@@ -332,6 +335,11 @@ class DeltaSource:
         """The expert's tensor; ``into`` as for :meth:`SafetensorsModel.get` holds the base's,
         then the expert's, decoded over it."""
         return self.delta.decode(name, self.base.get(name, into), in_place=True)
+
+    def get_over(self, name: str, base: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's tensor decoded from ``base``, the base's tensor as the caller read
+        it from :attr:`base` (left as it is), into the uint8 buffer ``into`` when it is large enough."""
+        return self.delta.decode(name, base, into=into)
 
 
 def apply_delta(base_dir: str | Path, delta_path: str | Path, out_dir: str | Path, overwrite: bool = False,

@@ -38,6 +38,23 @@ def count_bits(packed: torch.Tensor, count: int) -> int:
     return total
 
 
+def count_bits_per_group(packed: torch.Tensor, count: int, group: int) -> torch.Tensor:
+    """How many of the first ``count`` bits of ``packed`` are set in each run of
+    ``group`` bits (a multiple of 8; the last run may be short), as int64: a byte's
+    count by table, a byte an entry, not a boolean per bit."""
+    if group % 8:
+        raise ValueError(f"group of {group} bits is not whole bytes")
+    whole, rest = divmod(count, 8)
+    per_byte = torch.index_select(_ONES_IN_BYTE.to(packed.device), 0, packed[: whole + (rest > 0)].reshape(-1).to(torch.int32))
+    if rest:  # bits past count in the last byte (a writer may set them) are not counted
+        per_byte[-1] = (int(packed[whole]) & ((1 << rest) - 1)).bit_count()
+    per_group = group // 8
+    pad = -per_byte.numel() % per_group
+    if pad:
+        per_byte = torch.cat([per_byte, per_byte.new_zeros(pad)])
+    return per_byte.view(-1, per_group).sum(1)
+
+
 @cache
 def _signed_rows() -> torch.Tensor:
     """Row ``m * 256 + w``: the 8 entries of mask byte ``m`` as int8, 0 where its bit is
