@@ -458,3 +458,25 @@ def test_a_cut_among_the_zeros_of_half_precision_deltas_needs_no_low_bits_pass()
     assert 40 <= len(calls) < 80  # the first pass (40 spans) and the ties' few; no second pass
     full = exact.top_k_cuts(exact.Spans(lambda a, b: magnitudes[a:b], magnitudes.numel(), 1000), [k])[0]
     assert full == cut
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"])
+@pytest.mark.parametrize("lam, normalize", [(1.0, True), (-0.5, False)])
+def test_a_tensor_no_expert_changed_merges_as_the_whole_formulation_without_selecting(monkeypatch, method, lam, normalize):
+    """Every expert left the tensor as it was: the merged task vector of +0 entries is
+    computed once and added to each base entry, signed zeros included (-0.0 + +0.0 is
+    +0.0, so the output is not simply the base), and nothing is selected or drawn."""
+    monkeypatch.setattr(exact, "top_k_cuts", lambda *a: pytest.fail("selected"))
+    monkeypatch.setattr(sparsify, "KeepDella", lambda *a, **k: pytest.fail("drew"))
+    base = torch.tensor([0.0, -0.0, 1.5, -2.25, 1e-3, -0.0, 3.0, 0.0] * 100, dtype=torch.bfloat16)
+    models = [base.clone() for _ in range(3)]
+    params = {"normalize": normalize, "lambda": lam, "rescale": True, "epsilon": 0.1}
+    model_params = [{"weight": w, "density": 0.4, "gamma": 0.05, "epsilon": 0.1} for w in (0.6, 1.0, -0.4)]
+    job = TensorJob("w", base, models, model_params, params, torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=5)
+    got = METHODS[method].merge(job)
+    if method != "della":
+        assert torch.equal(got.view(torch.int16), reference_merge(method, job).view(torch.int16))
+    zero = 0.0 * lam  # the merged task vector: +0.0 times lambda (-0.0 for a negative lambda)
+    assert torch.equal(got.view(torch.int16), (base.float() + zero).bfloat16().view(torch.int16))
+    if lam > 0:  # -0.0 + +0.0 is +0.0: the base's -0.0 entries come out +0.0
+        assert torch.equal(got.view(torch.int16)[base.view(torch.int16) == -32768], torch.zeros(200, dtype=torch.int16))

@@ -165,7 +165,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
         delta = model.to(dtype) - base.to(dtype)
         return KeepMask(exact.rank_window_mask(delta.abs(), lo, hi - lo))
     ks = [k for k in (hi, lo) if 0 < k < numel]
-    if _unchanged(base, model, dtype):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
+    if unchanged(base, model, dtype):  # |delta| is +0 everywhere: the k largest are the first k, by the tie rule
         cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
     else:
         half = (torch.float16, torch.bfloat16)
@@ -177,7 +177,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     return KeepRanked(top, skipped)
 
 
-def _unchanged(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> bool:
+def unchanged(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether ``model - base`` in ``dtype`` is exactly zero everywhere: equal values,
     finite in ``dtype`` (an infinity minus itself is NaN; 1e5 in bf16 is inf in fp16)."""
     return model.dtype == base.dtype and torch.equal(model, base) and exact.all_finite(base, dtype)

@@ -19,7 +19,7 @@ import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
-from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, each_span, keep_by_rank, l1_rescale
+from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, each_span, keep_by_rank, l1_rescale, unchanged
 from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
 
@@ -62,9 +62,17 @@ class TaskVectorMerge(MergeMethod):
         base = job.base.reshape(-1)
         models = [m.reshape(-1) for m in job.models]
         weights = [p["weight"] for p in job.model_params]
-        # Each selection's passes are split among the merge's workers (numerics/exact.py).
-        rules = [self._keep_rule(base, m, p, job, i) for m, p, i in zip(models, job.model_params, job.model_ids)]
+        # A task vector that is +0 everywhere (an expert that left the tensor as it was) needs
+        # no selection: whatever is kept of it is +0. Each selection's passes are split among
+        # the merge's workers (numerics/exact.py).
+        same = [unchanged(base, m, job.dtype) for m in models]
+        rules = [(None, 1.0) if s else self._keep_rule(base, m, p, job, i)
+                 for s, m, p, i in zip(same, models, job.model_params, job.model_ids)]
         out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
+        if all(same):  # every entry's merged task vector is that of +0 entries: computed once, as the chunks would
+            zero = self._mix([torch.zeros(1, dtype=job.dtype, device=base.device).mul_(w) for w in weights], weights, job.params)
+            each_span(base.numel(), base.device, lambda start, stop: out[start:stop].copy_(base[start:stop].to(job.dtype).add_(zero)))
+            return out.view(job.base.shape)
 
         def merge_chunk(start: int, stop: int) -> None:
             b = base[start:stop].to(job.dtype)
@@ -75,7 +83,7 @@ class TaskVectorMerge(MergeMethod):
                     exact.keep_or_zero(delta, rule.keep_bits(delta, start))
                     if factor != 1.0:
                         delta.mul_(factor)
-                weighted.append(delta.mul_(w))
+                weighted.append(delta if w == 1.0 else delta.mul_(w))  # x * 1.0 is x (a NaN stays a NaN)
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
 
         each_span(base.numel(), base.device, merge_chunk)
@@ -146,7 +154,7 @@ def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[to
     for d, w in zip(weighted, weights):
         agrees = torch.sign(d).mul_(majority).clamp_min_(0)  # 1 where agreeing, else 0 (maybe -0.0)
         term = exact.keep_or_zero(d, agrees.to(exact.int_like(d)).neg_())
-        share = agrees.mul_(w)
+        share = agrees if w == 1.0 else agrees.mul_(w)
         mixed = term if mixed is None else mixed.add_(term)
         divisor = share if divisor is None else divisor.add_(share)
     return mixed, divisor.add_((divisor == 0).view(torch.uint8).to(dtype))  # 0 -> 1; others + 0.0, unchanged
