@@ -17,7 +17,7 @@ a markdown table, delta sizes, disk per home and issue 21's goals.
 
     python scripts/bench_scale.py [--layers 22] [--hidden 2048] [--intermediate 5632] [--vocab 32000]
         [--heads 32] [--kv-heads 4] [--experts 3] [--seed 0] [--deadline 60] [--timeout 1800]
-        [--root /tmp/hivemerge-bench-scale] [--json FILE]
+        [--root /tmp/hivemerge-bench-scale] [--json FILE] [--repeat 1]
 
 A quick run: --layers 1 --hidden 64 --intermediate 128 --vocab 512 --heads 4 --kv-heads 2
 """
@@ -313,17 +313,23 @@ def run_round(args, family: dict[str, Path], run: Path) -> dict:
             "linked": {h.name: linked_bytes(h) for h in homes}}
 
 
-def beside_round(family: dict[str, Path], run: Path, result: dict) -> dict:
-    """delta extract alone, the offline merge of the round's deltas, and the I/O floor."""
+def beside_round(family: dict[str, Path], run: Path, result: dict, repeat: int) -> dict:
+    """delta extract alone, the offline merge of the round's deltas (each ``repeat`` times:
+    the median by wall time stands for it), and the I/O floor."""
     home1 = run / "node1"
-    _, extract = run_cli("delta", "extract", "--base", str(family["base"]), "--model", str(family["expert1"]),
-                         "--out", str(run / f"extract{DELTA_SUFFIX}"), "--home", str(home1))
     models = [{"model": f"hm://{d}"} for d in sorted(p["delta_id"] for p in result["published"])]  # the round's order
     base_id = result["published"][0]["base_id"]
     # the round keeps the base's dtype (bf16) where its recipe names none; an offline merge says it
     offline = {**RECIPE, "out_dtype": "bfloat16", "base_model": f"hm://{base_id}", "models": models}
     (run / "merge.json").write_text(json.dumps(offline))
-    _, merge = run_cli("merge", str(run / "merge.json"), "--out", str(run / "offline"), "--home", str(home1))
+    extracts, merges = [], []
+    for _ in range(repeat):  # alternated: a machine whose speed drifts slows both alike
+        (run / f"extract{DELTA_SUFFIX}").unlink(missing_ok=True)
+        extracts.append(run_cli("delta", "extract", "--base", str(family["base"]), "--model", str(family["expert1"]),
+                                "--out", str(run / f"extract{DELTA_SUFFIX}"), "--home", str(home1))[1])
+        merges.append(run_cli("merge", str(run / "merge.json"), "--out", str(run / "offline"), "--home", str(home1),
+                              "--overwrite")[1])
+    extract, merge = (sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2] for runs in (extracts, merges))
     result["offline_id"] = model_id(SafetensorsModel(run / "offline"))
     files = [p for path in family.values() for p in sorted(path.glob("*.safetensors"))]
     buffer = bytearray(16 * MB)
@@ -341,7 +347,8 @@ def beside_round(family: dict[str, Path], run: Path, result: dict) -> dict:
         os.fsync(f.fileno())
     write = time.perf_counter() - start
     (run / "floor.bin").unlink()
-    return {"extract": extract, "merge": merge, "read_s": read, "read_files": len(files), "write_s": write, "write_bytes": size}
+    return {"extract": extract, "merge": merge, "extract_runs": extracts, "merge_runs": merges, "read_s": read,
+            "read_files": len(files), "write_s": write, "write_bytes": size}
 
 
 def report(result: dict, beside: dict, largest_f32: int) -> dict:
@@ -355,8 +362,11 @@ def report(result: dict, beside: dict, largest_f32: int) -> dict:
               f"{max(x['rss_node'] for x in n):.0f} / {max(x['rss_daemon'] for x in n):.0f} | "
               + (f"{s['cli_cpu_s']:.2f} | {s['cli_rss_mb']:.0f} |" if s["cli_rss_mb"] else "- | - |"))
     extract, merge = beside["extract"], beside["merge"]
-    for name, r in (("delta extract expert1 (alone)", extract), ("offline merge (hm:// in node 1's store)", merge)):
-        print(f"| {name} | {r['wall_s']:.2f} | - | - | {r['cpu_s']:.2f} | - | {r['cpu_s']:.2f} | {r['rss_mb']:.0f} |")
+    for name, runs in (("delta extract expert1 (alone)", beside["extract_runs"]),
+                       ("offline merge (hm:// in node 1's store)", beside["merge_runs"])):
+        for i, r in enumerate(runs):
+            label = name if len(runs) == 1 else f"{name}, run {i + 1}"
+            print(f"| {label} | {r['wall_s']:.2f} | - | - | {r['cpu_s']:.2f} | - | {r['cpu_s']:.2f} | {r['rss_mb']:.0f} |")
     print(f"| I/O floor: read {beside['read_files']} weight files (cached) | {beside['read_s']:.3f} | - | - | - | - | - | - |")
     print(f"| I/O floor: write {beside['write_bytes'] / MB:.1f} MB + fsync | {beside['write_s']:.3f} | - | - | - | - | - | - |")
     if not all(s["peak_reset"] for s in result["steps"]):
@@ -400,6 +410,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="most seconds from the deadline until all attested")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hivemerge-bench-scale"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of delta extract and of the offline merge, alternated (the median stands, the lower of two; this machine's speed drifts)")
     args = parser.parse_args()
     if not Path(TIME).is_file():
         parser.error(f"needs GNU time at {TIME} (apt-get install time)")
@@ -409,7 +421,7 @@ def main() -> None:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     result = run_round(args, family, run)
-    beside = beside_round(family, run, result)
+    beside = beside_round(family, run, result, args.repeat)
     largest = max(args.vocab, args.intermediate, args.hidden) * args.hidden  # embed_tokens and lm_head, at Llama shapes
     goals = report(result, beside, 4 * largest)
     if args.json:
