@@ -393,8 +393,11 @@ def test_workers_run_torch_at_one_thread_and_the_caller_keeps_its_count(workers)
 def test_a_merge_split_among_1_2_or_3_workers_gives_the_same_bytes(monkeypatch, workers, method):
     """Small chunks (many spans per tensor) so that each pass is really split; the
     reference is the whole-tensor formulation, and 1, 2 and 3 workers agree with it."""
-    monkeypatch.setattr(sparsify, "_CPU_CHUNK", 1 << 9)
+    monkeypatch.setattr(sparsify, "_CPU_CHUNK", 1 << 9)  # 10 chunks
+    monkeypatch.setattr(sparsify, "_RESCALE_SPAN", 1 << 9)  # 10 spans of L1 sums
+    monkeypatch.setattr(sparsify, "_BLOCK", 1 << 9)  # DELLA: blocks of 8 rows, 6 of them
     base, models = grid_inputs(3)
+    base, models = base[:5002].view(41, 122), [m[:5002].view(41, 122) for m in models]
     params = {"normalize": True, "lambda": 1.0, "rescale": True, "epsilon": 0.1}
     model_params = [{"weight": w, "density": 0.35, "gamma": 0.05, "epsilon": 0.1} for w in (0.6, 1.0, -0.4)]
     job = TensorJob("w", base, models, model_params, params, torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=5)
@@ -434,6 +437,13 @@ def test_a_decode_split_among_workers_gives_the_bytes_of_one(monkeypatch, worker
         workers(n)
         got = codec.decode(base.clone(), parts, torch.bfloat16, tuple(base.shape), opts)
         assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), (spec, n)
+        scratch = base.clone()  # over the base's own copy, as a delta source decodes
+        assert codec.decode(scratch, parts, torch.bfloat16, tuple(base.shape), opts, out=scratch).data_ptr() == scratch.data_ptr()
+        assert torch.equal(scratch.view(torch.int16), whole.view(torch.int16)), (spec, n)
+        into = torch.full((base.numel(),), -1.0, dtype=torch.bfloat16)  # into a buffer of its own, the base left alone
+        kept = base.clone()
+        codec.decode(kept, parts, torch.bfloat16, tuple(base.shape), opts, out=into)
+        assert torch.equal(into.view(torch.int16), whole.view(torch.int16)) and torch.equal(kept.view(torch.int16), base.view(torch.int16))
 
 
 def test_a_cut_among_the_zeros_of_half_precision_deltas_needs_no_low_bits_pass():
@@ -480,3 +490,64 @@ def test_a_tensor_no_expert_changed_merges_as_the_whole_formulation_without_sele
     assert torch.equal(got.view(torch.int16), (base.float() + zero).bfloat16().view(torch.int16))
     if lam > 0:  # -0.0 + +0.0 is +0.0: the base's -0.0 entries come out +0.0
         assert torch.equal(got.view(torch.int16)[base.view(torch.int16) == -32768], torch.zeros(200, dtype=torch.int16))
+
+
+def test_a_tensor_no_expert_changed_leaves_the_callers_base_as_it_was():
+    base = torch.tensor([0.0, -0.0, 1.5, -0.0] * 10)  # float32 base and math: .to() would be the base itself
+    job = TensorJob("w", base, [base.clone(), base.clone()], [{"weight": 1.0, "density": 0.5}] * 2,
+                    {"normalize": True, "lambda": 1.0}, torch.float32, torch.float32, model_ids=[0, 1], seed=5)
+    before = base.clone()
+    got = METHODS["ties"].merge(job)
+    assert torch.equal(base.view(torch.int32), before.view(torch.int32))  # its -0.0 entries are still -0.0
+    assert torch.equal(got.view(torch.int32), (before + 0.0).view(torch.int32))
+
+
+def test_della_bounds_are_checked_even_where_no_expert_changed_the_tensor():
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    job = TensorJob("w", base, [base.clone()], [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}],
+                    {"normalize": True, "lambda": 1.0, "rescale": True}, torch.float32, torch.bfloat16, model_ids=[0], seed=5)
+    with pytest.raises(UserInputError, match="density \\+- epsilon"):
+        METHODS["della"].merge(job)
+
+
+def test_workers_that_cannot_start_leave_the_work_to_the_caller(workers, monkeypatch):
+    from hivemerge.merge.numerics import threads
+
+    class NoThreads:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, *args):
+            raise RuntimeError("can't start new thread")
+
+        def shutdown(self, wait=True):
+            pass
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", NoThreads)
+    monkeypatch.setattr(threads, "_pools", {})
+    workers(5)
+    assert threads.in_parallel(lambda x: x + 1, [1, 2, 3]) == [2, 3, 4]  # in the caller, not an error
+    assert torch.get_num_threads() == before
+
+
+def test_single_thread_keeps_the_spans_in_the_caller(workers):
+    import threading
+
+    from hivemerge.merge.numerics import threads
+
+    workers(3)
+    with threads.single_thread():
+        assert threads.workers() == 1
+        assert set(threads.in_parallel(lambda _: threading.current_thread().name, [0, 1, 2])) == {threading.current_thread().name}
+    assert threads.workers() == 3
+
+
+def test_bit_counts_read_a_mask_of_any_shape_flat():
+    from hivemerge.merge.numerics.bits import count_bits, count_bits_per_group, pack_bits
+
+    keep = torch.rand(1003, generator=torch.Generator().manual_seed(1)) > 0.5
+    flat = pack_bits(keep)
+    shaped = flat.view(2, -1)  # 126 bytes as 2 x 63
+    assert count_bits(shaped, 1003) == count_bits(flat, 1003) == int(keep.sum())
+    assert torch.equal(count_bits_per_group(shaped, 1003, 256), count_bits_per_group(flat, 1003, 256))

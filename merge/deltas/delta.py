@@ -255,8 +255,9 @@ class DeltaFile:
         return out
 
     def _parts(self, name: str) -> dict[str, torch.Tensor]:
-        """A tensor's parts, each read and hash-checked."""
-        return {p: self.read_part(part_name(name, p)) for p in self.manifest["tensors"][name]["parts"]}
+        """A tensor's parts, each read and hash-checked, flat: a part's shape is its writer's
+        to choose, and codecs check sizes and read entries in flat order."""
+        return {p: self.read_part(part_name(name, p)).reshape(-1) for p in self.manifest["tensors"][name]["parts"]}
 
     def squares(self, name: str) -> float | None:
         """Sum of the tensor's squared delta entries as encoded, from its parts alone (the

@@ -75,7 +75,7 @@ def build_model_manifest(model: SafetensorsModel) -> dict:
 def _hash_model(model: SafetensorsModel) -> dict:
     names = list(model.tensors)
     # One tensor per task, taken by whichever worker is free (sizes differ); hashlib lets go of the GIL.
-    hashes = threads.in_parallel(lambda name: sha256_hex(model.raw_bytes(name)), names)
+    hashes = threads.in_parallel(model.sha256, names)
     tensors = {
         name: {"dtype": SAFETENSORS_CODES[model.tensors[name].dtype], "shape": list(model.tensors[name].shape), "sha256": digest}
         for name, digest in zip(names, hashes)

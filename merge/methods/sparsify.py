@@ -95,6 +95,12 @@ class KeepRandom:
         return exact.mask_bits(rng.bernoulli_chunk(self.key, start, delta.numel(), self.density, delta.device), delta)
 
 
+def della_bounds(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities run from density - epsilon to density + epsilon: inside (0, 1)."""
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise UserInputError(f"della: density +- epsilon must lie in (0, 1), got density {density:g}, epsilon {epsilon:g}")
+
+
 class KeepDella:
     """DELLA's MagPrune: in each row (a 1-D tensor is one row), the entry of ascending
     magnitude rank r of c is kept with probability (density - epsilon) + 2 epsilon r/(c-1),
@@ -103,8 +109,7 @@ class KeepDella:
 
     def __init__(self, base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
                  density: float, epsilon: float, key: tuple[int, int]):
-        if not (0 < density - epsilon and density + epsilon < 1):
-            raise UserInputError(f"della: density +- epsilon must lie in (0, 1), got density {density:g}, epsilon {epsilon:g}")
+        della_bounds(density, epsilon)
         numel = base.numel()
         cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel
         rows_per_block = max(8, _BLOCK // max(cols, 1) // 8 * 8)  # a multiple of 8: each block packs to whole bytes
@@ -170,7 +175,8 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     else:
         half = (torch.float16, torch.bfloat16)
         values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device),
-                             zeros_alone=dtype in half or (base.dtype in half and model.dtype in half))
+                             zeros_alone=dtype in half or (base.dtype in half and model.dtype in half),
+                             parallel=base.device.type == "cpu")  # a GPU's chunks are whole kernels already
         cuts = iter(exact.top_k_cuts(values, ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None

@@ -19,7 +19,7 @@ import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
-from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, each_span, keep_by_rank, l1_rescale, unchanged
+from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, della_bounds, each_span, keep_by_rank, l1_rescale, unchanged
 from hivemerge.merge.numerics import exact, rng
 from hivemerge.merge.params import ParamSpec
 
@@ -65,13 +65,17 @@ class TaskVectorMerge(MergeMethod):
         # A task vector that is +0 everywhere (an expert that left the tensor as it was) needs
         # no selection: whatever is kept of it is +0. Each selection's passes are split among
         # the merge's workers (numerics/exact.py).
+        if self.family.sparsify == "della":  # checked whether or not a draw is needed
+            for p in job.model_params:
+                della_bounds(p.get("density", 1.0), p["epsilon"])
         same = [unchanged(base, m, job.dtype) for m in models]
         rules = [(None, 1.0) if s else self._keep_rule(base, m, p, job, i)
                  for s, m, p, i in zip(same, models, job.model_params, job.model_ids)]
         out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
         if all(same):  # every entry's merged task vector is that of +0 entries: computed once, as the chunks would
             zero = self._mix([torch.zeros(1, dtype=job.dtype, device=base.device).mul_(w) for w in weights], weights, job.params)
-            each_span(base.numel(), base.device, lambda start, stop: out[start:stop].copy_(base[start:stop].to(job.dtype).add_(zero)))
+            each_span(base.numel(), base.device,
+                      lambda start, stop: out[start:stop].copy_(base[start:stop].to(job.dtype, copy=True).add_(zero)))
             return out.view(job.base.shape)
 
         def merge_chunk(start: int, stop: int) -> None:

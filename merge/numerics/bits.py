@@ -31,7 +31,8 @@ def count_bits(packed: torch.Tensor, count: int) -> int:
     """How many of the first ``count`` bits of ``packed`` are set (bits past ``count`` in
     its last byte, which a writer may have set, are not counted)."""
     whole, rest = divmod(count, 8)
-    found = torch.bincount(packed[:whole].reshape(-1), minlength=256).cpu()
+    packed = packed.reshape(-1)  # a part's shape is the writer's to choose
+    found = torch.bincount(packed[:whole], minlength=256).cpu()
     total = int(found @ _ONES_IN_BYTE)
     if rest:
         total += (int(packed[whole]) & ((1 << rest) - 1)).bit_count()
@@ -45,7 +46,8 @@ def count_bits_per_group(packed: torch.Tensor, count: int, group: int) -> torch.
     if group % 8:
         raise ValueError(f"group of {group} bits is not whole bytes")
     whole, rest = divmod(count, 8)
-    per_byte = torch.index_select(_ONES_IN_BYTE.to(packed.device), 0, packed[: whole + (rest > 0)].reshape(-1).to(torch.int32))
+    packed = packed.reshape(-1)  # a part's shape is the writer's to choose
+    per_byte = torch.index_select(_ONES_IN_BYTE.to(packed.device), 0, packed[: whole + (rest > 0)].to(torch.int32))
     if rest:  # bits past count in the last byte (a writer may set them) are not counted
         per_byte[-1] = (int(packed[whole]) & ((1 << rest) - 1)).bit_count()
     per_group = group // 8

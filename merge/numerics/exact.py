@@ -150,6 +150,10 @@ class Spans:
     # the lowest high-bits bucket holds only zeros. So it is for |a - b| of half-precision
     # numbers: a nonzero difference is a multiple of their smallest step, bf16's 2**-133.
     zeros_alone: bool = False
+    parallel: bool = True  # the spans split among the merge's workers (CPU work; a GPU's spans are big kernels)
+
+    def parts(self) -> int:
+        return threads.workers() if self.parallel else 1
 
     def bounds(self) -> list[tuple[int, int]]:
         return [(start, min(self.numel, start + self.span)) for start in range(0, self.numel, self.span)]
@@ -166,7 +170,7 @@ class Spans:
                 total = found if total is None else total.add_(found)
             return total
 
-        partial = threads.in_parallel(run, threads.split(len(bounds), threads.workers()))
+        partial = threads.in_parallel(run, threads.split(len(bounds), self.parts()))
         total = partial[0]
         for more in partial[1:]:
             total.add_(more)
@@ -234,7 +238,7 @@ def _tie_ends(values: Spans, thresholds: list[int], needs: list[int]) -> list[in
     ends = [0] * len(thresholds)
     left = {i: need for i, (t, need) in enumerate(zip(thresholds, needs)) if need > 0 and t <= _INF_BITS}
     bounds = values.bounds()
-    wave = max(1, threads.workers())
+    wave = values.parts()
     for first in range(0, len(bounds), wave):
         if not left:
             break

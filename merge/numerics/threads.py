@@ -26,6 +26,7 @@ def usable_cores() -> int:
 
 
 _width: int | None = None  # the workers use_threads set; None: torch's thread count
+_local = threading.local()  # .inside: this thread is one of the workers; .single: in single_thread()
 
 
 def use_threads(threads: int | None) -> int:
@@ -39,7 +40,9 @@ def use_threads(threads: int | None) -> int:
 
 
 def workers() -> int:
-    """How many threads :func:`in_parallel` runs work on."""
+    """How many threads :func:`in_parallel` runs work on (one inside :func:`single_thread`)."""
+    if getattr(_local, "single", False):
+        return 1
     return _width if _width is not None else torch.get_num_threads()
 
 
@@ -47,12 +50,14 @@ def workers() -> int:
 def single_thread() -> Iterator[None]:
     """Tiny models gain nothing from more threads, and on a busy machine extra threads
     make them many times slower (oversubscription)."""
-    threads = torch.get_num_threads()
+    threads, single = torch.get_num_threads(), getattr(_local, "single", False)
     torch.set_num_threads(1)
+    _local.single = True
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        _local.single = single
 
 
 def split(count: int, parts: int) -> list[range]:
@@ -61,25 +66,25 @@ def split(count: int, parts: int) -> list[range]:
     return [range(count * i // parts, count * (i + 1) // parts) for i in range(parts)]
 
 
-_local = threading.local()  # .inside: this thread is one of the workers
-_executor: ThreadPoolExecutor | None = None
-_executor_size = 0
+_pools: dict[int, ThreadPoolExecutor | None] = {}  # by size; never replaced (another thread may be using one)
 _lock = threading.Lock()
 
 
 def in_parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[fn(item) for item in items]``, the items run side by side on the workers while
-    the caller waits. Serial, in the caller, with one worker or one item, and inside a
-    worker: one that waited on its own pool could stall it.
+    the caller waits. Serial, in the caller, with one worker or one item, inside a
+    worker (one that waited on its own pool could stall it), and where the workers could
+    not be started.
 
     Each worker runs torch at one thread: the items are the parallelism, and each
     worker's ops fanning out to every core again would oversubscribe them (a
     307M-parameter merge spent a quarter more CPU that way). The caller keeps its own
     thread count (torch's count is per thread) for the work it does itself."""
     width = workers()
-    if width <= 1 or len(items) <= 1 or getattr(_local, "inside", False):
+    pool = _pool(width) if width > 1 and len(items) > 1 and not getattr(_local, "inside", False) else None
+    if pool is None:
         return [fn(item) for item in items]
-    futures = [_pool(width).submit(fn, item) for item in items]
+    futures = [pool.submit(fn, item) for item in items]
     errors = [f.exception() for f in futures]  # every item is done before anything returns
     for error in errors:
         if error is not None:
@@ -94,19 +99,18 @@ def each(fn: Callable[[T], R], items: Sequence[T], parts: int | None = None) -> 
     return [result for run in runs for result in run]
 
 
-def _pool(size: int) -> ThreadPoolExecutor:
-    global _executor, _executor_size
+def _pool(size: int) -> ThreadPoolExecutor | None:
     with _lock:
-        if _executor is None or _executor_size != size:
-            if _executor is not None:
-                _executor.shutdown(wait=False)
-            _executor, _executor_size = _start_workers(size), size
-        return _executor
+        if size not in _pools:
+            _pools[size] = _start_workers(size)
+        return _pools[size]
 
 
-def _start_workers(size: int) -> ThreadPoolExecutor:
-    """``size`` threads, each set to run torch at one thread. torch.set_num_threads sets
-    the calling thread's OpenMP count but also process-wide ones (MKL's, and the count
+def _start_workers(size: int) -> ThreadPoolExecutor | None:
+    """``size`` threads, each set to run torch at one thread, or None where they could
+    not all start (the work then runs in the caller: a failure here is this machine's,
+    never to be blamed on the data being worked on). torch.set_num_threads sets the
+    calling thread's OpenMP count but also process-wide ones (MKL's, and the count
     threads take when they first run torch), so the caller's are set again once every
     worker has started."""
     own = torch.get_num_threads()
@@ -119,10 +123,16 @@ def _start_workers(size: int) -> ThreadPoolExecutor:
         started.wait(60)
 
     executor = ThreadPoolExecutor(size, thread_name_prefix="hivemerge-worker", initializer=start)
-    for _ in range(size):
-        executor.submit(int)  # each submission starts a thread while fewer than size run
-    started.wait(60)
-    torch.set_num_threads(own)
+    try:
+        for _ in range(size):
+            executor.submit(int)  # each submission starts a thread while fewer than size run
+        started.wait(60)
+    except (RuntimeError, threading.BrokenBarrierError):  # a thread that could not start, or did not in time
+        started.abort()
+        executor.shutdown(wait=False)
+        return None
+    finally:
+        torch.set_num_threads(own)
     return executor
 
 
