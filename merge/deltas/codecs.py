@@ -82,7 +82,7 @@ def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[
         stop = min(flat.numel(), start + _DECODE_SPAN)
         out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
 
-    threads.each(rebuild, range(0, flat.numel(), _DECODE_SPAN), None if flat.device.type == "cpu" else 1)
+    threads.each(rebuild, range(0, flat.numel(), _DECODE_SPAN), threads.parts_on(flat.device))
     return out.view(shape)
 
 

@@ -37,6 +37,17 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 _READ_SPAN = 4 << 20  # bytes of a tensor read by one worker at a time
 
 
+def read_exactly(fd: int, into: memoryview, offset: int, truncated: str) -> None:
+    """Fill ``into`` from the file at ``offset`` by positioned reads (threads may share
+    the file); UserInputError(``truncated``) where the file ends first."""
+    done = 0
+    while done < len(into):  # one read returns at most ~2 GiB
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if not got:
+            raise UserInputError(truncated)
+        done += got
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -257,13 +268,9 @@ class SafetensorsModel:
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         with where.file.open("rb", buffering=0) as f:
 
-            def read(start: int) -> None:  # positioned reads: the workers share the file
-                done, stop = start, min(size, start + _READ_SPAN)
-                while done < stop:
-                    got = os.preadv(f.fileno(), [buffer[done:stop]], where.begin + done)
-                    if not got:
-                        raise UserInputError(f"{where.file}: truncated (tensor {name})")
-                    done += got
+            def read(start: int) -> None:
+                read_exactly(f.fileno(), buffer[start : start + _READ_SPAN], where.begin + start,
+                             f"{where.file}: truncated (tensor {name})")
 
             # Copying from the page cache is most of a read: the spans are split among the workers.
             threads.each(read, range(0, size, _READ_SPAN))
@@ -273,16 +280,13 @@ class SafetensorsModel:
         """The sha256 of the tensor's bytes as stored (what manifests hash), read a piece at
         a time: hashing side by side, the workers hold a piece each, not a tensor each."""
         info = self._locations[name]
-        digest, left = hashlib.sha256(), info.end - info.begin
-        piece = bytearray(min(left, _READ_SPAN))
+        digest, size = hashlib.sha256(), info.end - info.begin
+        piece = memoryview(bytearray(min(size, _READ_SPAN)))
         with info.file.open("rb", buffering=0) as f:
-            f.seek(info.begin)
-            while left:
-                got = f.readinto(memoryview(piece)[: min(left, len(piece))])
-                if not got:
-                    raise UserInputError(f"{info.file}: truncated (tensor {name})")
-                digest.update(memoryview(piece)[:got])
-                left -= got
+            for start in range(0, size, _READ_SPAN):
+                view = piece[: min(_READ_SPAN, size - start)]
+                read_exactly(f.fileno(), view, info.begin + start, f"{info.file}: truncated (tensor {name})")
+                digest.update(view)
         return digest.hexdigest()
 
     def raw_bytes(self, name: str) -> bytes:

@@ -39,7 +39,7 @@ def each_span(numel: int, device: torch.device, work: Callable[[int, int], T]) -
     """``work(start, stop)`` for every chunk, in flat order, the chunks split in contiguous
     runs among the merge's workers (each chunk's work is its own: no result depends on
     how they are split)."""
-    return threads.each(lambda bounds: work(*bounds), spans(numel, device), None if device.type == "cpu" else 1)
+    return threads.each(lambda bounds: work(*bounds), spans(numel, device), threads.parts_on(device))
 
 
 class KeepRule(Protocol):
@@ -105,11 +105,11 @@ class KeepDella:
     """DELLA's MagPrune: in each row (a 1-D tensor is one row), the entry of ascending
     magnitude rank r of c is kept with probability (density - epsilon) + 2 epsilon r/(c-1),
     drawn from the keyed stream. Ranks tie by lower index (a stable sort). The mask is
-    decided a block of whole rows at a time and kept packed: one bit per entry."""
+    decided a block of whole rows at a time and kept packed: one bit per entry. Its
+    bounds (della_bounds) are checked by the method, before any shortcut."""
 
     def __init__(self, base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
                  density: float, epsilon: float, key: tuple[int, int]):
-        della_bounds(density, epsilon)
         numel = base.numel()
         cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel
         rows_per_block = max(8, _BLOCK // max(cols, 1) // 8 * 8)  # a multiple of 8: each block packs to whole bytes
@@ -125,7 +125,7 @@ class KeepDella:
             return pack_bits(rng.bernoulli_each(key, start, probability))
 
         rows = range(0, numel // max(cols, 1), rows_per_block)
-        packed = threads.each(block_bits, rows, None if base.device.type == "cpu" else 1)
+        packed = threads.each(block_bits, rows, threads.parts_on(base.device))
         self.bits = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
 
     def keep_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
@@ -175,8 +175,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
     else:
         half = (torch.float16, torch.bfloat16)
         values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device),
-                             zeros_alone=dtype in half or (base.dtype in half and model.dtype in half),
-                             parallel=base.device.type == "cpu")  # a GPU's chunks are whole kernels already
+                             zeros_alone=dtype in half or (base.dtype in half and model.dtype in half), device=base.device)
         cuts = iter(exact.top_k_cuts(values, ks))
     top = next(cuts) if hi < numel else None
     skipped = next(cuts) if lo > 0 else None

@@ -40,7 +40,7 @@ def all_finite(values: torch.Tensor, dtype: torch.dtype | None = None, span: int
     else:
         largest = torch.finfo(dtype).max
         finite = lambda i: bool(flat[i : i + span].to(dtype).abs().max() <= largest)  # noqa: E731
-    return all(threads.each(finite, range(0, flat.numel(), span), None if flat.device.type == "cpu" else 1))
+    return all(threads.each(finite, range(0, flat.numel(), span), threads.parts_on(flat.device)))
 
 
 def _widens(source: torch.dtype, target: torch.dtype) -> bool:
@@ -150,10 +150,10 @@ class Spans:
     # the lowest high-bits bucket holds only zeros. So it is for |a - b| of half-precision
     # numbers: a nonzero difference is a multiple of their smallest step, bf16's 2**-133.
     zeros_alone: bool = False
-    parallel: bool = True  # the spans split among the merge's workers (CPU work; a GPU's spans are big kernels)
+    device: torch.device = torch.device("cpu")  # where ``at`` computes: it decides how the passes split
 
     def parts(self) -> int:
-        return threads.workers() if self.parallel else 1
+        return threads.parts_on(self.device)
 
     def bounds(self) -> list[tuple[int, int]]:
         return [(start, min(self.numel, start + self.span)) for start in range(0, self.numel, self.span)]
@@ -265,7 +265,7 @@ def _tie_ends(values: Spans, thresholds: list[int], needs: list[int]) -> list[in
 
 def _pieces(flat: torch.Tensor, size: int = 1 << 18) -> Spans:
     """``flat`` as :class:`Spans`, for :func:`top_k_cuts`."""
-    return Spans(lambda start, stop: flat[start:stop], flat.numel(), size)
+    return Spans(lambda start, stop: flat[start:stop], flat.numel(), size, device=flat.device)
 
 
 def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:

@@ -60,6 +60,12 @@ def single_thread() -> Iterator[None]:
         _local.single = single
 
 
+def parts_on(device: torch.device) -> int:
+    """How many runs a pass over a tensor on ``device`` splits into: the workers on the
+    CPU; one elsewhere (a GPU's spans are whole kernels already)."""
+    return workers() if device.type == "cpu" else 1
+
+
 def split(count: int, parts: int) -> list[range]:
     """``range(count)`` in at most ``parts`` contiguous ranges of near-equal length (none empty)."""
     parts = max(1, min(parts, count))

@@ -24,7 +24,7 @@ from hivemerge.merge.fusion.packs import PackFile
 from hivemerge.merge.fusion.probe import load_probe, probe_bytes
 from hivemerge.merge.io.atomic import fsync_path, link_or_copy, write_file_atomic
 from hivemerge.merge.io.manifest import model_files, model_id
-from hivemerge.merge.io.sources import SafetensorsModel
+from hivemerge.merge.io.sources import SafetensorsModel, read_exactly
 from hivemerge.merge.numerics import threads
 from hivemerge.protocol.bundles import (  # noqa: F401  (the suffixes are declared in protocol; imported from here too)
     DEFAULT_CHUNK_SIZE,
@@ -74,14 +74,9 @@ def _chunk_hashes(path: Path, chunk_size: int) -> list[str]:
     with path.open("rb") as f:
 
         def chunk(start: int) -> str:
-            data, want = [], min(chunk_size, size - start)
-            while want > 0:  # positioned reads: the workers share the file
-                got = os.pread(f.fileno(), want, start)
-                if not got:
-                    raise UserInputError(f"{path}: shrank while it was hashed")
-                data.append(got)
-                start, want = start + len(got), want - len(got)
-            return hashlib.sha256(b"".join(data)).hexdigest()
+            data = bytearray(min(chunk_size, size - start))
+            read_exactly(f.fileno(), memoryview(data), start, f"{path}: shrank while it was hashed")
+            return hashlib.sha256(data).hexdigest()
 
         return threads.in_parallel(chunk, range(0, max(size, 1), chunk_size))
 
