@@ -5,7 +5,8 @@
 - methods/: the merge methods, each declaring its parameters (registry.py)
 - io/: reading and writing model folders (sources, writer, dtypes, manifests, model cards,
   atomic writes, JSONL)
-- numerics/: exact reductions, the keyed counter RNG, bit packing (same bits on any device)
+- numerics/: exact reductions, the keyed counter RNG, bit packing (same bits on any device), the
+  merge's worker threads, fused CPU loops (numba) that write what the torch operations write
 - deltas/: codecs, signed delta files, signed containers, screening
 - fusion/: probe sets, logit packs, token alignment, fusion, distillation, a round's check
 - evaluation/: suites, accuracy and loss, the fitness of a candidate recipe

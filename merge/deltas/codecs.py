@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from hivemerge.merge.numerics import exact, rng, threads
+from hivemerge.merge.numerics import exact, kernels, rng, threads
 from hivemerge.merge.numerics.bits import count_bits, count_bits_per_group, pack_bits, signed_bits, unpack_bits
 from hivemerge.merge.params import ParamSpec
 from hivemerge.protocol.errors import UserInputError
@@ -67,20 +67,26 @@ _DECODE_SPAN = 1 << 18
 
 
 def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor],
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, fused: Callable[[torch.Tensor, torch.Tensor, int, int], None] | None = None) -> torch.Tensor:
     """``(base + delta).to(dtype)`` computed in float32 a span at a time, the spans split
     among the merge's workers: ``delta_at(start, stop)`` gives the delta of flat entries
     ``start .. stop-1`` of a span, whichever span came before. Into ``out`` (it may be
     ``base``: each span is read before it is written) when it has the size and dtype,
-    else into new memory."""
+    else into new memory. ``fused(base, out, start, stop)``, where given and the
+    tensors suit numerics/kernels.py, writes a span in one loop instead."""
     flat = base.reshape(-1)
     if out is None or out.numel() != flat.numel() or out.dtype != dtype:
         out = torch.empty(flat.numel(), dtype=dtype)
     out = out.view(-1)
+    if fused is not None and not kernels.usable(flat, out):
+        fused = None
 
     def rebuild(start: int) -> None:
         stop = min(flat.numel(), start + _DECODE_SPAN)
-        out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
+        if fused is not None:
+            fused(flat, out, start, stop)
+        else:
+            out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
 
     threads.each(rebuild, range(0, flat.numel(), _DECODE_SPAN), threads.parts_on(flat.device))
     return out.view(shape)
@@ -422,7 +428,13 @@ class Ternary(Codec):
             signs, _ = signed_bits(parts["mask"], parts["signs"], start, stop - start, before[start // _DECODE_SPAN])
             return signs.to(torch.float32).mul_(_per_entry(parts["scale"], block, start, stop))
 
-        return _rebuild(base, dtype, shape, delta_at, out)
+        def fused(flat: torch.Tensor, into: torch.Tensor, start: int, stop: int) -> None:
+            kernels.ternary_span(flat, parts["mask"], parts["signs"], parts["scale"], block, start, stop,
+                                 before[start // _DECODE_SPAN], into)
+
+        usable = kernels.usable(parts["scale"]) and all(
+            parts[p].dtype == torch.uint8 and parts[p].device.type == "cpu" for p in ("mask", "signs"))
+        return _rebuild(base, dtype, shape, delta_at, out, fused if usable else None)
 
     def squares(self, parts, shape, opts):
         n = math.prod(shape)

@@ -19,8 +19,18 @@ import torch
 
 from hivemerge.merge.methods.linear import WEIGHT
 from hivemerge.merge.methods.registry import MergeMethod, TensorJob, ordered_sum, register
-from hivemerge.merge.methods.sparsify import KeepDella, KeepRandom, KeepRule, della_bounds, each_span, keep_by_rank, l1_rescale, unchanged
-from hivemerge.merge.numerics import exact, rng
+from hivemerge.merge.methods.sparsify import (
+    KeepDella,
+    KeepRandom,
+    KeepRanked,
+    KeepRule,
+    della_bounds,
+    each_span,
+    keep_by_rank,
+    l1_rescale,
+    unchanged,
+)
+from hivemerge.merge.numerics import exact, kernels, rng
 from hivemerge.merge.params import ParamSpec
 
 DENSITY = ParamSpec("density", float, 1.0, low=0.0, high=1.0, low_open=True, doc="fraction of the task vector kept")
@@ -78,6 +88,13 @@ class TaskVectorMerge(MergeMethod):
                       lambda start, stop: out[start:stop].copy_(base[start:stop].to(job.dtype, copy=True).add_(zero)))
             return out.view(job.base.shape)
 
+        def merge_chunk_fused(start: int, stop: int) -> None:  # merge_chunk's operations, in one loop per expert and one to mix
+            rows = kernels.scratch("task vectors", len(models) * (stop - start)).view(len(models), stop - start)
+            for row, model, (rule, factor), w in zip(rows, models, rules, weights):
+                kernels.task_vector(base[start:stop], model[start:stop], start, *_cuts_or_mask(rule, start, stop), factor, w, row)
+            kernels.mix(rows, weights, self.family.consensus, job.params["normalize"], _plain_divisor(weights),
+                        job.params["lambda"], base[start:stop], out[start:stop])
+
         def merge_chunk(start: int, stop: int) -> None:
             b = base[start:stop].to(job.dtype)
             weighted = []
@@ -90,7 +107,8 @@ class TaskVectorMerge(MergeMethod):
                 weighted.append(delta if w == 1.0 else delta.mul_(w))  # x * 1.0 is x (a NaN stays a NaN)
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
 
-        each_span(base.numel(), base.device, merge_chunk)
+        fused = job.dtype == torch.float32 and kernels.usable(base, *models, out)
+        each_span(base.numel(), base.device, merge_chunk_fused if fused else merge_chunk)
         return out.view(job.base.shape)
 
     def _mix(self, weighted: list[torch.Tensor], weights: list[float], params: dict) -> torch.Tensor:
@@ -98,10 +116,7 @@ class TaskVectorMerge(MergeMethod):
         if self.family.consensus:
             mixed, divisor = _elect_signs(weighted, weights)
         else:
-            mixed = ordered_sum(weighted)
-            divisor = sum(weights)
-            if abs(divisor) < 1e-8:
-                divisor = 1.0
+            mixed, divisor = ordered_sum(weighted), _plain_divisor(weights)
         if params["normalize"]:
             if isinstance(divisor, torch.Tensor):  # per entry (the elected signs' weights)
                 mixed.div_(divisor)
@@ -140,6 +155,22 @@ class TaskVectorMerge(MergeMethod):
             if surplus < 0:  # fewer large entries dropped so the target density is met
                 skip_top += surplus
         return keep_by_rank(base, model, job.dtype, skip_top, skip_top + target)
+
+
+def _plain_divisor(weights: list[float]) -> float:
+    """What a merge without sign election divides by when it normalizes: the sum of the weights (1 where it is about 0)."""
+    total = sum(weights)
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def _cuts_or_mask(rule: KeepRule | None, start: int, stop: int) -> tuple[exact.TopK | None, exact.TopK | None, torch.Tensor | None]:
+    """A keep rule as the fused loop takes it: rank cuts (top, skipped), or the span's mask
+    (a random draw's, DELLA's); nothing for "keep every entry"."""
+    if rule is None:
+        return None, None, None
+    if isinstance(rule, KeepRanked):
+        return rule.top, rule.skipped, None
+    return None, None, rule.keep_bits(torch.empty(stop - start, dtype=torch.float32), start)  # a mask's width is its delta's
 
 
 def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

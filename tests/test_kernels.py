@@ -1,0 +1,180 @@
+"""The fused CPU loops (merge/numerics/kernels.py) write the bytes the torch operations
+write: every task-vector method, bfloat16 and float32 in and out, signed zeros, NaN,
+infinities, ties and rounding halfway between two bfloat16 values; and a ternary
+delta's decode, whatever the block, the span and the scales (+0 included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hivemerge.merge.deltas.codecs import CODECS
+from hivemerge.merge.methods import METHODS, TensorJob
+from hivemerge.merge.numerics import kernels
+from hivemerge.merge.numerics.bits import pack_bits
+
+TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                       "della", "della_linear"]
+N = 70_001  # spans of 2**18 would hide a partial one: the sparsify chunk is shrunk below
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def calls(monkeypatch) -> dict[str, int]:
+    """How often each fused loop ran: a comparison that never ran them would prove nothing."""
+    seen = {"mix": 0, "task_vector": 0, "ternary_span": 0}
+    for name in seen:
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            seen[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    return seen
+
+
+def experts(dtype: torch.dtype, non_finite: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base holding +0 and -0, and three experts: one with few distinct deltas (ties), one
+    that leaves 40% of entries as they are, one with deltas of -0.0 and large values."""
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(N, generator=g) * 0.05).to(dtype)
+    base[::13] = 0.0
+    base[5::17] = -0.0
+    ties = (base.float() + torch.randint(-3, 4, (N,), generator=g) / 64).to(dtype)
+    some = (base.float() + torch.randn(N, generator=g) * 0.01).to(dtype)
+    same = torch.rand(N, generator=g) < 0.4
+    some[same] = base[same]  # unchanged entries
+    wide = (base.float() + torch.randn(N, generator=g) * 3).to(dtype)
+    wide[::7] = -0.0  # -0.0 - (+0.0) is -0.0 where the base is +0
+    if non_finite:
+        ties[::997] = float("inf")
+        some[3::1009] = float("nan")
+        wide[7::2003] = -float("inf")
+    return base, [ties, some, wide]
+
+
+def job(method: str, dtype: torch.dtype, out_dtype: torch.dtype, non_finite: bool, normalize: bool) -> TensorJob:
+    base, models = experts(dtype, non_finite)
+    model_params = [{"weight": w, "density": d, "gamma": 0.05, "epsilon": 0.1}
+                    for w, d in zip([1.0, -0.5, 0.7], [0.37, 0.8, 0.2])]
+    params = {"normalize": normalize, "lambda": 1.3, "rescale": not non_finite, "int8_mask": False}
+    return TensorJob("w", base, models, model_params, params, torch.float32, out_dtype, model_ids=[0, 1, 2], seed=5)
+
+
+@pytest.mark.parametrize("method", TASK_VECTOR_METHODS)
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)], ids=["bf16", "f32-bf16", "bf16-f32"])
+@pytest.mark.parametrize("non_finite", [False, True], ids=["finite", "inf-nan"])
+def test_fused_merge_writes_the_bytes_of_the_torch_operations(monkeypatch, method, dtype, out_dtype, non_finite):
+    from hivemerge.merge.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "_CPU_CHUNK", 1 << 14)  # several spans, the last one partial
+    seen = calls(monkeypatch)
+    for normalize in (True, False):
+        with kernels.disabled():
+            want = METHODS[method].merge(job(method, dtype, out_dtype, non_finite, normalize))
+        assert seen["mix"] == 0
+        got = METHODS[method].merge(job(method, dtype, out_dtype, non_finite, normalize))
+        assert seen["mix"] == 5 and seen["task_vector"] == 15  # 70001 entries: 5 spans of 2**14, 3 experts
+        seen.update(mix=0, task_vector=0)
+        assert got.dtype == out_dtype
+        assert torch.equal(bits(got), bits(want)), (method, normalize)
+        assert (got == 0).any()  # zeros are written (over bases of -0.0 too): their signs were compared
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "breadcrumbs"])
+def test_fused_merge_keeps_the_sign_of_a_zero_sum(method):
+    """Over a base of -0.0, experts of +-0.0 with negative weights: every weighted task
+    vector entry is -0.0 (+0 x -w), so is their sum, and -0.0 + -0.0 is written. A sum
+    started from +0.0 would write +0.0."""
+    base = torch.full((4096,), -0.0, dtype=torch.bfloat16)
+    models = [torch.zeros(4096, dtype=torch.bfloat16) for _ in range(3)]
+    models[1][::2] = -0.0
+    for m in models:
+        m[:8] = 0.25  # a changed entry: not the unchanged-tensor shortcut
+    run = TensorJob("w", base, models, [{"weight": -0.5, "density": 0.9, "gamma": 0.01}] * 3,
+                    {"normalize": False, "lambda": 1.0}, torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=0)
+    with kernels.disabled():
+        want = METHODS[method].merge(run)
+    got = METHODS[method].merge(run)
+    assert torch.equal(bits(got), bits(want))
+    if method == "task_arithmetic":
+        assert torch.signbit(got[8:]).all() and (got[8:] == 0).all()
+
+
+def test_fused_merge_rounds_to_bfloat16_as_torch_does():
+    """float32 bases whose low 16 bits are exactly halfway (ties to even), just above and
+    below it, NaN and the largest finite values (which round to inf), merged with
+    experts equal to them: the output is the base rounded to bfloat16."""
+    high = torch.arange(0, 1 << 16, 7, dtype=torch.int64) << 16
+    lows = torch.tensor([0x8000, 0x7FFF, 0x8001, 0xFFFF, 0x0001], dtype=torch.int64)
+    patterns = (high.view(-1, 1) | lows.view(1, -1)).reshape(-1)
+    base = patterns.to(torch.int32).view(torch.float32).clone()
+    base[-3:] = torch.tensor([float("nan"), 3.4028235e38, -3.4028235e38])
+    run = TensorJob("w", base, [base.clone()], [{"weight": 1.0}], {"normalize": False, "lambda": 1.0}, torch.float32,
+                    torch.bfloat16, model_ids=[0], seed=0)
+    with kernels.disabled():
+        want = METHODS["task_arithmetic"].merge(run)
+    got = METHODS["task_arithmetic"].merge(run)
+    assert torch.equal(bits(got), bits(want))
+    assert torch.isinf(got[-2:]).all() and bits(got)[-3] == bits(want)[-3]
+
+
+def ternary_parts(n: int, block: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    keep = torch.rand(n, generator=g) < 0.42
+    scale = (torch.rand(-(-n // block), generator=g) * 0.01).bfloat16()
+    scale[::3] = 0.0  # +0 scales: a kept entry of sign -1 is then -0.0, as torch computes it
+    return {"mask": pack_bits(keep), "signs": pack_bits(torch.rand(int(keep.sum()), generator=g) < 0.5), "scale": scale}
+
+
+@pytest.mark.parametrize("base_dtype, dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)], ids=["bf16", "f32-bf16", "bf16-f32"])
+@pytest.mark.parametrize("n, block", [(70_001, 256), (50_000, 100), (33, 8), (8, 8), (262_153, 1000)])
+def test_fused_ternary_decode_writes_the_bytes_of_the_torch_operations(monkeypatch, base_dtype, dtype, n, block):
+    from hivemerge.merge.deltas import codecs
+
+    monkeypatch.setattr(codecs, "_DECODE_SPAN", 1 << 13)  # many spans, each starting after some kept bits
+    g = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=g) * 0.05).to(base_dtype)
+    base[::5] = 0.0
+    base[1::5] = -0.0
+    base[2::1001] = float("nan")
+    base[3::1003] = float("inf")
+    parts = ternary_parts(n, block, g)
+    seen = calls(monkeypatch)
+    opts = {"block": block, "threshold": 0.8}
+    with kernels.disabled():
+        want = CODECS["ternary"].decode(base, parts, dtype, (n,), opts)
+    assert seen["ternary_span"] == 0
+    got = CODECS["ternary"].decode(base, parts, dtype, (n,), opts)
+    assert seen["ternary_span"] == -(-n // (1 << 13))
+    assert torch.equal(bits(got), bits(want))
+    if base_dtype == dtype:  # into the base's own memory, as the engine decodes
+        in_place = base.clone()
+        assert torch.equal(bits(CODECS["ternary"].decode(in_place, parts, dtype, (n,), opts, out=in_place)), bits(want))
+
+
+def test_fused_loops_refuse_spans_outside_the_parts():
+    """The loops index without bounds checks: their wrappers check the sizes first."""
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    parts = ternary_parts(64, 8, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError):
+        kernels.ternary_span(base, parts["mask"][:4], parts["signs"], parts["scale"], 8, 0, 64, 0, base.clone())
+    with pytest.raises(ValueError):
+        kernels.ternary_span(base, parts["mask"], parts["signs"], parts["scale"][:3], 8, 0, 64, 0, base.clone())
+    with pytest.raises(ValueError):
+        kernels.task_vector(base, base[:10], 0, None, None, None, 1.0, 1.0, torch.empty(64))
+    with pytest.raises(ValueError):
+        kernels.mix(torch.zeros(2, 64), [1.0], True, True, 1.0, 1.0, base, base.clone())
+
+
+def test_other_dtypes_and_devices_take_the_torch_operations():
+    assert kernels.usable(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4))
+    assert not kernels.usable(torch.zeros(4, dtype=torch.float16))
+    assert not kernels.usable(torch.zeros(4, dtype=torch.float64))
+    assert not kernels.usable(torch.zeros(4, 4).T)  # not contiguous
+    with kernels.disabled():
+        assert not kernels.usable(torch.zeros(4))
+    assert kernels.usable(torch.zeros(4))
