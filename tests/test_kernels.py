@@ -178,3 +178,12 @@ def test_other_dtypes_and_devices_take_the_torch_operations():
     with kernels.disabled():
         assert not kernels.usable(torch.zeros(4))
     assert kernels.usable(torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_magnitudes_are_the_selections_values(dtype):
+    """|model - base| as the selection compares it: NaN with its sign bit cleared, inf, +0 for -0.0."""
+    base, models = experts(dtype, non_finite=True)
+    for model in models:
+        want = (model.float() - base.float()).abs()
+        assert torch.equal(bits(kernels.magnitudes(base, model)), bits(want))

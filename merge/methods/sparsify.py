@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from hivemerge.merge.numerics import exact, rng, threads
+from hivemerge.merge.numerics import exact, kernels, rng, threads
 from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
 from hivemerge.protocol.errors import UserInputError
 
@@ -189,5 +189,9 @@ def unchanged(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> bo
 
 
 def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
-    """|model - base| over a span, computed as the merge computes it."""
+    """|model - base| over a span, computed as the merge computes it (by the fused loop
+    where it can: then in the thread's scratch, which the selection's passes use up
+    before they ask for the next span)."""
+    if dtype == torch.float32 and kernels.usable(base, model):
+        return kernels.magnitudes(base[start:stop], model[start:stop])
     return magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype)))

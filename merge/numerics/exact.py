@@ -141,7 +141,8 @@ class TopK:
 @dataclass(frozen=True)
 class Spans:
     """Non-negative float32 values that are never whole in memory: ``at(start, stop)``
-    computes flat entries ``start .. stop-1`` afresh, ``span`` entries at a time."""
+    computes flat entries ``start .. stop-1`` afresh, ``span`` entries at a time (its
+    result may be reused memory: each pass is done with it before it calls ``at`` again)."""
 
     at: Callable[[int, int], torch.Tensor]
     numel: int

@@ -270,6 +270,22 @@ def _mix(rows, weights, consensus, normalize, divisor, scale, base, work, out):
     _scale_add(total, scale, base, out)
 
 
+@_jit
+def _magnitudes(base, model, out):
+    for i in range(out.size):
+        out[i] = _float_of_bits(_bits_of_float(_widen(model[i]) - _widen(base[i])) & _SIGN_MASK)
+
+
+def magnitudes(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """|model - base| in float32 (NaN's sign bit cleared, as torch's abs does), into this
+    thread's scratch: valid until this thread's next call."""
+    if base.numel() != model.numel():
+        raise ValueError("magnitude span sizes differ")
+    out = scratch("magnitudes", base.numel())
+    _magnitudes(_raw(base), _raw(model), out.numpy())
+    return out
+
+
 _NO_CUT = np.array([-1, 0, 0], dtype=np.int64)
 _NO_MASK = np.zeros(0, dtype=np.int32)
 
