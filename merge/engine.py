@@ -91,6 +91,23 @@ class ReadBuffers:
         return any(b.untyped_storage().data_ptr() == pointer for b in self._buffers.values())
 
 
+class OutputBuffers:
+    """Two byte buffers the merged tensors are written into, in turn: one is being
+    written to disk (WriteBehind) while the next tensor is merged into the other. Fresh
+    memory for every tensor cost its page faults, which on a virtual machine were a
+    tenth of a 1.1B merge's time."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        self._turn = 0
+
+    def next(self, size: int) -> torch.Tensor:
+        self._turn ^= 1
+        if self._buffers[self._turn].numel() < size:
+            self._buffers[self._turn] = torch.empty(size, dtype=torch.uint8)
+        return self._buffers[self._turn]
+
+
 class WriteBehind:
     """Writes each merged tensor from a thread of its own while the next one is merged:
     copying into the page cache (the I/O floor's larger part) overlaps the arithmetic.
@@ -125,9 +142,10 @@ class WriteBehind:
         self._thread.shutdown()
 
 
-def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None) -> torch.Tensor:
+def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadBuffers | None = None,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
     """The merged value of one tensor, on the CPU in the output dtype (it may view
-    ``buffers``, so write it before the next call)."""
+    ``buffers`` or ``into``, a byte buffer for the result: write it before they are reused)."""
     if recipe.slices is not None:
         index, source_name = recipe.slices.source(name)
         tensor = recipe.inputs[index].source.get(source_name)
@@ -166,6 +184,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         out_dtype=recipe.out_dtype,
         model_ids=[m.recipe_index for m in recipe.inputs],
         seed=recipe.seed,
+        into=into if device.type == "cpu" else None,
     )
     return _finite_or_refused(method.merge(job).to(recipe.out_dtype), method.name, name).cpu()
 
@@ -225,10 +244,10 @@ def run_merge(
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, layout, max_shard_bytes)
         behind = WriteBehind(writer)
-        buffers = ReadBuffers()
+        buffers, outputs = ReadBuffers(), OutputBuffers()
         try:
-            for i, (name, _, _) in enumerate(layout):
-                merged = merge_tensor(recipe, name, dev, buffers)
+            for i, (name, dtype, shape) in enumerate(layout):
+                merged = merge_tensor(recipe, name, dev, buffers, outputs.next(math.prod(shape) * dtype.itemsize))
                 behind.write(name, merged.clone() if buffers.holds(merged) else merged)  # the next read reuses the buffers
                 if progress:
                     progress(i + 1, len(layout), name)

@@ -551,3 +551,16 @@ def test_bit_counts_read_a_mask_of_any_shape_flat():
     shaped = flat.view(2, -1)  # 126 bytes as 2 x 63
     assert count_bits(shaped, 1003) == count_bits(flat, 1003) == int(keep.sum())
     assert torch.equal(count_bits_per_group(shaped, 1003, 256), count_bits_per_group(flat, 1003, 256))
+
+
+def test_merged_tensors_take_turns_in_two_reused_buffers():
+    """One buffer is being written while the next tensor is merged into the other; each
+    grows only when a larger tensor comes."""
+    from hivemerge.merge.engine import OutputBuffers
+
+    outputs = OutputBuffers()
+    a, b = outputs.next(100), outputs.next(50)
+    assert a.data_ptr() != b.data_ptr() and a.numel() >= 100 and b.numel() >= 50
+    assert outputs.next(80).data_ptr() == a.data_ptr()
+    assert outputs.next(60).data_ptr() != b.data_ptr()  # 50 bytes were too few: a larger one
+    assert outputs.next(10).data_ptr() == a.data_ptr()

@@ -10,12 +10,19 @@ import torch
 
 from hivemerge.merge.deltas.codecs import CODECS
 from hivemerge.merge.methods import METHODS, TensorJob
-from hivemerge.merge.numerics import kernels
+from hivemerge.merge.numerics import exact, kernels
 from hivemerge.merge.numerics.bits import pack_bits
 
 TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                        "della", "della_linear"]
 N = 70_001  # spans of 2**18 would hide a partial one: the sparsify chunk is shrunk below
+
+
+@pytest.fixture(autouse=True)
+def fused_at_any_size(monkeypatch):
+    """These tensors are small: the loops take them anyway (they leave tensors below
+    MIN_ENTRIES to torch only to spare small merges numba's load time)."""
+    monkeypatch.setattr(kernels, "MIN_ENTRIES", 0)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +177,7 @@ def test_fused_loops_refuse_spans_outside_the_parts():
         kernels.mix(torch.zeros(2, 64), [1.0], True, True, 1.0, 1.0, base, base.clone())
 
 
-def test_other_dtypes_and_devices_take_the_torch_operations():
+def test_other_dtypes_devices_and_small_tensors_take_the_torch_operations(monkeypatch):
     assert kernels.usable(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4))
     assert not kernels.usable(torch.zeros(4, dtype=torch.float16))
     assert not kernels.usable(torch.zeros(4, dtype=torch.float64))
@@ -178,6 +185,28 @@ def test_other_dtypes_and_devices_take_the_torch_operations():
     with kernels.disabled():
         assert not kernels.usable(torch.zeros(4))
     assert kernels.usable(torch.zeros(4))
+    monkeypatch.setattr(kernels, "MIN_ENTRIES", 1 << 20)
+    assert not kernels.usable(torch.zeros(4)) and kernels.fits(torch.zeros(4))
+    assert kernels.usable(torch.zeros(4), torch.zeros(1 << 20))
+
+
+def test_a_small_merge_never_loads_numba(tmp_path):
+    """Tests, the demo and other small merges keep the torch operations, and the second
+    numba would cost each process to load."""
+    code = (
+        "import sys, torch\n"
+        "from hivemerge.merge.methods import METHODS, TensorJob\n"
+        "base = torch.randn(1000).bfloat16(); models = [base + 1, base - 1]\n"
+        "job = TensorJob('w', base, models, [{'weight': 1.0, 'density': 0.5}] * 2, {'normalize': True, 'lambda': 1.0},\n"
+        "                torch.float32, torch.bfloat16, model_ids=[0, 1], seed=0)\n"
+        "METHODS['ties'].merge(job)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert found.stdout.strip() == "False", found.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -187,3 +216,17 @@ def test_fused_magnitudes_are_the_selections_values(dtype):
     for model in models:
         want = (model.float() - base.float()).abs()
         assert torch.equal(bits(kernels.magnitudes(base, model)), bits(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_finiteness_check_sees_every_inf_and_nan(dtype):
+    values = torch.randn(10_001).to(dtype)
+    values[7] = torch.finfo(dtype).max
+    values[8] = -torch.finfo(dtype).max
+    assert kernels.finite(values)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        for at in (0, 5000, 10_000):
+            spoiled = values.clone()
+            spoiled[at] = bad
+            assert not kernels.finite(spoiled)
+            assert not exact.all_finite(spoiled)

@@ -67,7 +67,8 @@ _DECODE_SPAN = 1 << 18
 
 
 def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[int, int], torch.Tensor],
-             out: torch.Tensor | None = None, fused: Callable[[torch.Tensor, torch.Tensor, int, int], None] | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, fused: Callable[[kernels.Array, kernels.Array, int, int], None] | None = None
+             ) -> torch.Tensor:
     """``(base + delta).to(dtype)`` computed in float32 a span at a time, the spans split
     among the merge's workers: ``delta_at(start, stop)`` gives the delta of flat entries
     ``start .. stop-1`` of a span, whichever span came before. Into ``out`` (it may be
@@ -80,11 +81,13 @@ def _rebuild(base: torch.Tensor, dtype: torch.dtype, shape, delta_at: Callable[[
     out = out.view(-1)
     if fused is not None and not kernels.usable(flat, out):
         fused = None
+    if fused is not None:  # numpy views, made once
+        raw_flat, raw_out = kernels.raw(flat), kernels.raw(out)
 
     def rebuild(start: int) -> None:
         stop = min(flat.numel(), start + _DECODE_SPAN)
         if fused is not None:
-            fused(flat, out, start, stop)
+            fused(raw_flat, raw_out, start, stop)
         else:
             out[start:stop] = (flat[start:stop].to(torch.float32) + delta_at(start, stop)).to(dtype)
 
@@ -428,12 +431,12 @@ class Ternary(Codec):
             signs, _ = signed_bits(parts["mask"], parts["signs"], start, stop - start, before[start // _DECODE_SPAN])
             return signs.to(torch.float32).mul_(_per_entry(parts["scale"], block, start, stop))
 
-        def fused(flat: torch.Tensor, into: torch.Tensor, start: int, stop: int) -> None:
-            kernels.ternary_span(flat, parts["mask"], parts["signs"], parts["scale"], block, start, stop,
-                                 before[start // _DECODE_SPAN], into)
+        def fused(flat: kernels.Array, into: kernels.Array, start: int, stop: int) -> None:
+            kernels.ternary_span(flat, *raw_parts, block, start, stop, before[start // _DECODE_SPAN], into)
 
-        usable = kernels.usable(parts["scale"]) and all(
+        usable = kernels.fits(parts["scale"]) and all(
             parts[p].dtype == torch.uint8 and parts[p].device.type == "cpu" for p in ("mask", "signs"))
+        raw_parts = [kernels.raw(parts[p]) for p in ("mask", "signs", "scale")] if usable else []
         return _rebuild(base, dtype, shape, delta_at, out, fused if usable else None)
 
     def squares(self, parts, shape, opts):

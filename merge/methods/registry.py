@@ -34,6 +34,16 @@ class TensorJob:
     out_dtype: torch.dtype  # what the engine writes; a method may already return it
     model_ids: list[int] = field(default_factory=list)  # stable indices, key the random streams
     seed: int = 0
+    into: torch.Tensor | None = None  # a uint8 buffer the result may be written into (the engine reuses it)
+
+    def output(self, numel: int) -> torch.Tensor:
+        """``numel`` entries of ``out_dtype`` for the result, flat: in ``into`` when it is
+        on the base's device and large enough, else new memory."""
+        device = self.base.device if self.base is not None else torch.device("cpu")
+        size = numel * self.out_dtype.itemsize
+        if self.into is not None and self.into.device == device and self.into.numel() >= size:
+            return self.into[:size].view(self.out_dtype)
+        return torch.empty(numel, dtype=self.out_dtype, device=device)
 
 
 class MergeMethod:

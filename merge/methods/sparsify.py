@@ -174,7 +174,7 @@ def keep_by_rank(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, lo
         cuts = iter([exact.TopK(threshold=0, tie_end=k, nan=False) for k in ks])
     else:
         half = (torch.float16, torch.bfloat16)
-        values = exact.Spans(lambda start, stop: _magnitudes_at(base, model, dtype, start, stop), numel, chunk_size(base.device),
+        values = exact.Spans(_magnitudes_of(base, model, dtype), numel, chunk_size(base.device),
                              zeros_alone=dtype in half or (base.dtype in half and model.dtype in half), device=base.device)
         cuts = iter(exact.top_k_cuts(values, ks))
     top = next(cuts) if hi < numel else None
@@ -188,10 +188,11 @@ def unchanged(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> bo
     return model.dtype == base.dtype and torch.equal(model, base) and exact.all_finite(base, dtype)
 
 
-def _magnitudes_at(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
-    """|model - base| over a span, computed as the merge computes it (by the fused loop
-    where it can: then in the thread's scratch, which the selection's passes use up
-    before they ask for the next span)."""
+def _magnitudes_of(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
+    """``at(start, stop)``: |model - base| over a span, computed as the merge computes it
+    (by the fused loop where it can: then in the thread's scratch, which the selection's
+    passes use up before they ask for the next span)."""
     if dtype == torch.float32 and kernels.usable(base, model):
-        return kernels.magnitudes(base[start:stop], model[start:stop])
-    return magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype)))
+        raw_base, raw_model = kernels.raw(base), kernels.raw(model)
+        return lambda start, stop: kernels.magnitudes(raw_base[start:stop], raw_model[start:stop])
+    return lambda start, stop: magnitudes(model[start:stop].to(dtype, copy=True).sub_(base[start:stop].to(dtype)))

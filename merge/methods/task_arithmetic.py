@@ -81,7 +81,7 @@ class TaskVectorMerge(MergeMethod):
         same = [unchanged(base, m, job.dtype) for m in models]
         rules = [(None, 1.0) if s else self._keep_rule(base, m, p, job, i)
                  for s, m, p, i in zip(same, models, job.model_params, job.model_ids)]
-        out = torch.empty(base.numel(), dtype=job.out_dtype, device=base.device)
+        out = job.output(base.numel())
         if all(same):  # every entry's merged task vector is that of +0 entries: computed once, as the chunks would
             zero = self._mix([torch.zeros(1, dtype=job.dtype, device=base.device).mul_(w) for w in weights], weights, job.params)
             each_span(base.numel(), base.device,
@@ -90,10 +90,11 @@ class TaskVectorMerge(MergeMethod):
 
         def merge_chunk_fused(start: int, stop: int) -> None:  # merge_chunk's operations, in one loop per expert and one to mix
             rows = kernels.scratch("task vectors", len(models) * (stop - start)).view(len(models), stop - start)
-            for row, model, (rule, factor), w in zip(rows, models, rules, weights):
-                kernels.task_vector(base[start:stop], model[start:stop], start, *_cuts_or_mask(rule, start, stop), factor, w, row)
+            for row, model, (rule, factor), w in zip(rows, raw_models, rules, weights):
+                kernels.task_vector(raw_base[start:stop], model[start:stop], start, *_cuts_or_mask(rule, start, stop), factor, w,
+                                    row)
             kernels.mix(rows, weights, self.family.consensus, job.params["normalize"], _plain_divisor(weights),
-                        job.params["lambda"], base[start:stop], out[start:stop])
+                        job.params["lambda"], raw_base[start:stop], raw_out[start:stop])
 
         def merge_chunk(start: int, stop: int) -> None:
             b = base[start:stop].to(job.dtype)
@@ -108,6 +109,8 @@ class TaskVectorMerge(MergeMethod):
             out[start:stop] = self._mix(weighted, weights, job.params).add_(b)
 
         fused = job.dtype == torch.float32 and kernels.usable(base, *models, out)
+        if fused:  # numpy views, made once: the spans slice them
+            raw_base, raw_models, raw_out = kernels.raw(base), [kernels.raw(m) for m in models], kernels.raw(out)
         each_span(base.numel(), base.device, merge_chunk_fused if fused else merge_chunk)
         return out.view(job.base.shape)
 
