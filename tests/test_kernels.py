@@ -163,6 +163,18 @@ def test_fused_ternary_decode_writes_the_bytes_of_the_torch_operations(monkeypat
         assert torch.equal(bits(CODECS["ternary"].decode(in_place, parts, dtype, (n,), opts, out=in_place)), bits(want))
 
 
+def test_fused_ternary_decode_of_a_delta_that_keeps_nothing(monkeypatch):
+    """No kept entry: no sign byte at all, and every entry is the base + 0."""
+    n = 4099
+    base = torch.randn(n).bfloat16()
+    parts = {"mask": torch.zeros((n + 7) // 8, dtype=torch.uint8), "signs": torch.zeros(0, dtype=torch.uint8),
+             "scale": torch.full((-(-n // 256),), 0.5).bfloat16()}
+    seen = calls(monkeypatch)
+    got = CODECS["ternary"].decode(base, parts, torch.bfloat16, (n,), {"block": 256, "threshold": 0.8})
+    assert seen["ternary_span"] == 1
+    assert torch.equal(bits(got), bits((base.float() + 0.0).bfloat16()))
+
+
 def test_fused_loops_refuse_spans_outside_the_parts():
     """The loops index without bounds checks: their wrappers check the sizes first."""
     base = torch.zeros(64, dtype=torch.bfloat16)

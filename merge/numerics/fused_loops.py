@@ -75,7 +75,9 @@ def ternary_span(base, mask, signs, scale, block, start, stop, taken, rows, lane
     for b in range(lanes.size):
         m = np.int64(masks[b])
         at = k >> 3
-        window = ((np.int64(signs[min(at, last)]) | (np.int64(signs[min(at + 1, last)]) << 8)) >> (k & 7)) & 0xFF
+        window = 0  # a delta that keeps nothing has no sign byte to read
+        if last >= 0:
+            window = ((np.int64(signs[min(at, last)]) | (np.int64(signs[min(at + 1, last)]) << 8)) >> (k & 7)) & 0xFF
         lanes[b] = rows[(m << 8) | window]
         k += np.int64(_ones(m))
     entries = lanes.view(np.int8)
