@@ -29,9 +29,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def calls(monkeypatch) -> dict[str, int]:
+def calls(monkeypatch, names=("mix", "task_vector", "ternary_span")) -> dict[str, int]:
     """How often each fused loop ran: a comparison that never ran them would prove nothing."""
-    seen = {"mix": 0, "task_vector": 0, "ternary_span": 0}
+    seen = dict.fromkeys(names, 0)
     for name in seen:
         real = getattr(kernels, name)
 
@@ -242,3 +242,27 @@ def test_fused_finiteness_check_sees_every_inf_and_nan(dtype):
             spoiled[at] = bad
             assert not kernels.finite(spoiled)
             assert not exact.all_finite(spoiled)
+
+
+def test_fused_high_bit_counts_are_torchs_bincount():
+    values = (torch.rand(300_001) * 10.0).pow(8)  # magnitudes over many exponents
+    values[::97] = 0.0
+    values[5::1001] = float("inf")
+    values[9::1003] = float("nan")
+    want = torch.bincount(values.view(torch.int32) >> 16, minlength=1 << 15)
+    assert torch.equal(kernels.high_bit_counts(values, 1 << 15), want)
+    with pytest.raises(ValueError):  # a negative value: bincount refuses it too
+        kernels.high_bit_counts(torch.tensor([1.0, -2.0]), 1 << 15)
+
+
+def test_the_radix_select_counts_by_the_fused_loop_and_cuts_as_the_sort(monkeypatch):
+    seen = calls(monkeypatch, names=("high_bit_counts",))
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(0, 50, (200_003,), generator=g).float() / 16  # many ties
+    for k in (1, 777, 100_000, 200_003):
+        cut = exact.top_k_cuts(exact._pieces(values, 1 << 14), [k])[0]
+        order = torch.sort(values, descending=True, stable=True).indices[:k]
+        want = torch.zeros_like(values, dtype=torch.bool)
+        want[order] = True
+        assert torch.equal(cut.keep_bits(values).bool(), want), k
+    assert seen["high_bit_counts"] == 4 * 13  # 13 spans of 2**14, once per cut

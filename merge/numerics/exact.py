@@ -192,7 +192,8 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     past the last value equal to a threshold that is kept (ties go to the lowest
     indices). Integer counts, no sort, no index arrays.
     """
-    counts = values.reduce(lambda v: torch.bincount(v.view(torch.int32) >> 16, minlength=_HI_BUCKETS))
+    fused = values.device.type == "cpu" and values.numel >= kernels.MIN_ENTRIES  # the spans are smaller than the tensor
+    counts = values.reduce(lambda v: _count_high_bits(v, fused))
     buckets = [_select_bucket(counts, k) for k in ks]
     inf_bucket = _INF_BITS >> 16
     nan_zone = int(counts[inf_bucket:].sum()) > 0  # inf or NaN: the selection must know how many NaN there are
@@ -207,6 +208,14 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
         needs.append(k - (above + above_low - nans))  # values equal to the threshold to keep
     ends = _tie_ends(values, thresholds, needs)
     return [TopK(t, end, nans > 0) for t, end in zip(thresholds, ends)]
+
+
+def _count_high_bits(values: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The histogram of the high 16 bits of non-negative float32 values (by the fused
+    loop where asked and the values suit it)."""
+    if fused and kernels.fits(values) and values.dtype == torch.float32:
+        return kernels.high_bit_counts(values, _HI_BUCKETS)
+    return torch.bincount(values.view(torch.int32) >> 16, minlength=_HI_BUCKETS)
 
 
 def _only_zeros(count: torch.Tensor) -> torch.Tensor:

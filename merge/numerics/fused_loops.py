@@ -217,3 +217,10 @@ def finite(values, exponent):
     for i in range(values.size):
         worst = max(worst, values[i] & exponent)
     return worst < exponent
+
+
+@_jit
+def count_high_bits(bits, counts):
+    """counts[b >> 16] += 1 for each 32-bit pattern b (counts: 65536 entries)."""
+    for i in range(bits.size):
+        counts[bits[i] >> 16] += 1

@@ -128,6 +128,17 @@ def finite(values: torch.Tensor) -> bool:
     return bool(_loops().finite(bits, _EXPONENT[flat.dtype]))
 
 
+def high_bit_counts(values: torch.Tensor, buckets: int) -> torch.Tensor:
+    """``torch.bincount(values.view(int32) >> 16, minlength=buckets)`` for non-negative
+    float32 ``values`` (int64; a value with its sign bit set is refused, as bincount
+    refuses the negative number it makes)."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    _loops().count_high_bits(values.reshape(-1).view(torch.int32).numpy().view(np.uint32), counts)
+    if counts[1 << 15 :].any() or counts[buckets:].any():
+        raise ValueError("high-bit counts of negative or out-of-range values")
+    return torch.from_numpy(counts[:buckets])
+
+
 def _cut(top) -> np.ndarray:
     return _NO_CUT if top is None else np.array([top.threshold, top.tie_end, int(top.nan)], dtype=np.int64)
 
