@@ -192,7 +192,8 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     past the last value equal to a threshold that is kept (ties go to the lowest
     indices). Integer counts, no sort, no index arrays.
     """
-    fused = values.device.type == "cpu" and values.numel >= kernels.MIN_ENTRIES  # the spans are smaller than the tensor
+    # decided here, for the whole (a span is smaller), in the caller's thread (kernels.disabled is per thread)
+    fused = kernels.enabled() and values.device.type == "cpu" and values.numel >= kernels.MIN_ENTRIES
     counts = values.reduce(lambda v: _count_high_bits(v, fused))
     buckets = [_select_bucket(counts, k) for k in ks]
     inf_bucket = _INF_BITS >> 16

@@ -1,12 +1,14 @@
-"""Fused CPU loops for the merge's hottest passes: a ternary delta's decode and the
-task-vector merge of a span, each one pass over memory instead of a dozen torch operations.
+"""Fused CPU loops for the merge's hottest passes, each one pass over memory instead of a
+dozen torch operations: a ternary delta's decode, the selection's magnitudes and high-bit
+histogram, the task-vector merge of a span, and the finiteness check.
 
-Every loop (numerics/fused_loops.py) does, entry by entry, the IEEE float32 operations of the torch code it
-stands for (codecs.Ternary.decode, methods/task_arithmetic.py), in the same order:
-numba adds and multiplies as written (no fused multiply-add, no reassociation without
-``fastmath``), so the bytes are the same; tests compare the two paths on zeros of both
-signs, NaN, infinities and ties. The torch code stays the path on other devices and
-dtypes (:func:`usable`), and under :func:`disabled`.
+Every loop (numerics/fused_loops.py) does, entry by entry, the IEEE float32 operations of
+the torch code it stands for (codecs.Ternary.decode, methods/task_arithmetic.py,
+methods/sparsify.py, numerics/exact.py), in the same order: numba adds and multiplies as
+written (no fused multiply-add, no reassociation without ``fastmath``), so the bytes are
+the same; tests/test_kernels.py compares the two paths on zeros of both signs, NaN,
+infinities and ties. The torch code stays the path on other devices and dtypes, for
+tensors under :data:`MIN_ENTRIES`, and under :func:`disabled` (see :func:`usable`).
 
 Half types are read and written as their bits (uint16): bfloat16 widens to float32
 exactly by a shift and narrows by round-to-nearest-even, NaN written as 0xFFFF as
@@ -33,17 +35,21 @@ _local = threading.local()
 MIN_ENTRIES = 1 << 20
 
 
+def enabled() -> bool:
+    """False inside :func:`disabled` (in the thread that entered it: the merge decides in
+    its caller's thread, before its spans go to the workers)."""
+    return not getattr(_local, "off", False)
+
+
 def fits(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loops can take these tensors: on the CPU, contiguous, bfloat16
-    or float32, and not inside :func:`disabled`."""
-    return not getattr(_local, "off", False) and all(
-        t.device.type == "cpu" and t.dtype in _TYPES and t.is_contiguous() for t in tensors)
+    """Whether the fused loops can take these tensors: on the CPU, contiguous, bfloat16 or float32."""
+    return all(t.device.type == "cpu" and t.dtype in _TYPES and t.is_contiguous() for t in tensors)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether to use the fused loops on these tensors: they :func:`fits`, and the largest
-    has :data:`MIN_ENTRIES` entries or more."""
-    return fits(*tensors) and max((t.numel() for t in tensors), default=0) >= MIN_ENTRIES
+    """Whether to use the fused loops on these tensors: :func:`enabled`, they :func:`fits`,
+    and the largest has :data:`MIN_ENTRIES` entries or more."""
+    return enabled() and fits(*tensors) and max((t.numel() for t in tensors), default=0) >= MIN_ENTRIES
 
 
 @contextmanager
