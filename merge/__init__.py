@@ -6,7 +6,8 @@
 - io/: reading and writing model folders (sources, writer, dtypes, manifests, model cards,
   atomic writes, JSONL)
 - numerics/: exact reductions, the keyed counter RNG, bit packing (same bits on any device), the
-  merge's worker threads, fused CPU loops (numba) that write what the torch operations write
+  merge's worker threads, fused CPU loops (numba) that write what the torch operations write,
+  the CPU's and a GPU's ways of a pass (placement)
 - deltas/: codecs, signed delta files, signed containers, screening
 - fusion/: probe sets, logit packs, token alignment, fusion, distillation, a round's check
 - evaluation/: suites, accuracy and loss, the fitness of a candidate recipe

@@ -24,7 +24,7 @@ from hivemerge.merge.io.model_card import copy_tokenizer, write_config, write_mo
 from hivemerge.merge.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from hivemerge.merge.layers import natural_key
 from hivemerge.merge.methods import TensorJob
-from hivemerge.merge.numerics import exact
+from hivemerge.merge.numerics import exact, placement
 from hivemerge.merge.numerics.threads import limit_allocator_arenas
 from hivemerge.merge.recipe import ModelInput, Recipe
 from hivemerge.protocol.errors import ComputationError, UserInputError
@@ -184,7 +184,7 @@ def merge_tensor(recipe: Recipe, name: str, device: torch.device, buffers: ReadB
         out_dtype=recipe.out_dtype,
         model_ids=[m.recipe_index for m in recipe.inputs],
         seed=recipe.seed,
-        into=into if device.type == "cpu" else None,
+        into=into if placement.cpu_ways(device) else None,
     )
     return _finite_or_refused(method.merge(job).to(recipe.out_dtype), method.name, name).cpu()
 

@@ -106,6 +106,22 @@ def run_cli_many(argvs: dict, cwd: Path | None = None, workers: int = 2) -> dict
         return {key: f.result() for key, f in futures.items()}
 
 
+def loop_calls(monkeypatch, names=("mix", "task_vector", "ternary_span")) -> dict[str, int]:
+    """How often each fused loop (merge/numerics/kernels.py) runs from now on: a comparison
+    of the loops and the torch operations that never ran the loops would prove nothing."""
+    from hivemerge.merge.numerics import kernels
+
+    seen = dict.fromkeys(names, 0)
+    for name in seen:
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            seen[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    return seen
+
+
 def write_recipe(path: Path, document: dict) -> Path:
     import yaml
 

@@ -6,8 +6,10 @@ registered method runs on the tiny family and on large random tensors (where GPU
 reductions and selections would take other paths than on the CPU), in the compute
 dtypes a recipe can ask for. Those comparisons are skipped where no CUDA device is
 present: CI has none, run them on a GPU machine (``python -m pytest -q
-tests/test_device_bytes.py``). What runs everywhere is a check of the one pitfall found
-on a GPU: a method that divides a tensor by a Python number.
+tests/test_device_bytes.py``). What runs everywhere: the GPU's ways of a pass (unsplit,
+large chunks, no fused loops, no reused buffers: numerics/placement.py) run on the CPU
+against the CPU's ways, and a check of the one pitfall found on a GPU: a method that
+divides a tensor by a Python number.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_RECIPES, write_tensors
+from conftest import FAMILY_RECIPES, loop_calls, write_tensors
 from torch.overrides import TorchFunctionMode
 
 from hivemerge.merge.deltas.codecs import CODECS
 from hivemerge.merge.engine import run_merge
 from hivemerge.merge.methods import METHODS
+from hivemerge.merge.numerics import placement
 from hivemerge.merge.recipe import validate_recipe
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -141,6 +144,27 @@ def test_no_method_divides_a_tensor_by_a_number(large_family, tmp_path, method, 
     with NumberDivisions() as mode:
         run_merge(validate_recipe(document), tmp_path / "out", device="cpu")
     assert mode.seen == []
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_the_gpu_ways_write_the_bytes_of_the_cpu_ways(large_family, tmp_path, monkeypatch, method):
+    """A GPU merge takes other ways than the CPU's (numerics/placement.py): each pass one
+    unsplit run over chunks of 2**24 entries, torch operations instead of the fused loops,
+    fresh output tensors, a DARE mask drawn in one launch. Taken on the CPU they must write
+    the CPU ways' bytes, so the GPU path's logic is checked here without a GPU (what is
+    left to a GPU run is CUDA's own arithmetic, checked by the tests above)."""
+    base, experts = large_family
+    document = recipe_for(method, base, experts, "float32")
+    loops = loop_calls(monkeypatch, ("mix", "task_vector", "magnitudes", "high_bit_counts", "finite"))
+    cpu_ways = merged_on("cpu", document, tmp_path / "cpu")
+    used = sum(loops.values())
+    monkeypatch.setattr(placement, "cpu_ways", lambda device: False)
+    assert merged_on("cpu", document, tmp_path / "gpu-ways") == cpu_ways
+    assert sum(loops.values()) == used  # the GPU's ways ran no fused loop
+    assert loops["finite"] > 0, loops  # and the CPU's ran some: the two paths differ
+    if method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                  "della_linear"):
+        assert loops["mix"] > 0 and loops["task_vector"] > 0, loops
 
 
 @needs_cuda

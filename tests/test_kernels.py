@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import loop_calls
 
 from hivemerge.merge.deltas.codecs import CODECS
 from hivemerge.merge.methods import METHODS, TensorJob
@@ -27,19 +28,6 @@ def fused_at_any_size(monkeypatch):
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def calls(monkeypatch, names=("mix", "task_vector", "ternary_span")) -> dict[str, int]:
-    """How often each fused loop ran: a comparison that never ran them would prove nothing."""
-    seen = dict.fromkeys(names, 0)
-    for name in seen:
-        real = getattr(kernels, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            seen[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(kernels, name, counted)
-    return seen
 
 
 def experts(dtype: torch.dtype, non_finite: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -72,19 +60,22 @@ def job(method: str, dtype: torch.dtype, out_dtype: torch.dtype, non_finite: boo
 
 @pytest.mark.parametrize("method", TASK_VECTOR_METHODS)
 @pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
-                                              (torch.bfloat16, torch.float32)], ids=["bf16", "f32-bf16", "bf16-f32"])
+                                              (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=["bf16", "f32-bf16", "bf16-f32", "f32"])
 @pytest.mark.parametrize("non_finite", [False, True], ids=["finite", "inf-nan"])
 def test_fused_merge_writes_the_bytes_of_the_torch_operations(monkeypatch, method, dtype, out_dtype, non_finite):
     from hivemerge.merge.methods import sparsify
 
     monkeypatch.setattr(sparsify, "_CPU_CHUNK", 1 << 14)  # several spans, the last one partial
-    seen = calls(monkeypatch, names=("mix", "task_vector", "magnitudes", "high_bit_counts"))
+    seen = loop_calls(monkeypatch, names=("mix", "task_vector", "magnitudes", "high_bit_counts"))
     for normalize in (True, False):
         with kernels.disabled():  # whichever threads run the spans
             want = METHODS[method].merge(job(method, dtype, out_dtype, non_finite, normalize))
         assert not any(seen.values()), seen
         got = METHODS[method].merge(job(method, dtype, out_dtype, non_finite, normalize))
         assert seen["mix"] == 5 and seen["task_vector"] == 15  # 70001 entries: 5 spans of 2**14, 3 experts
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):  # a magnitude selection: its loops ran too
+            assert seen["high_bit_counts"] == 15 and seen["magnitudes"] >= 15, seen
         seen.update(dict.fromkeys(seen, 0))
         assert got.dtype == out_dtype
         assert torch.equal(bits(got), bits(want)), (method, normalize)
@@ -92,7 +83,7 @@ def test_fused_merge_writes_the_bytes_of_the_torch_operations(monkeypatch, metho
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "breadcrumbs"])
-def test_fused_merge_keeps_the_sign_of_a_zero_sum(method):
+def test_fused_merge_keeps_the_sign_of_a_zero_sum(monkeypatch, method):
     """Over a base of -0.0, experts of +-0.0 with negative weights: every weighted task
     vector entry is -0.0 (+0 x -w), so is their sum, and -0.0 + -0.0 is written. A sum
     started from +0.0 would write +0.0."""
@@ -103,15 +94,17 @@ def test_fused_merge_keeps_the_sign_of_a_zero_sum(method):
         m[:8] = 0.25  # a changed entry: not the unchanged-tensor shortcut
     run = TensorJob("w", base, models, [{"weight": -0.5, "density": 0.9, "gamma": 0.01}] * 3,
                     {"normalize": False, "lambda": 1.0}, torch.float32, torch.bfloat16, model_ids=[0, 1, 2], seed=0)
+    seen = loop_calls(monkeypatch, names=("mix",))
     with kernels.disabled():
         want = METHODS[method].merge(run)
     got = METHODS[method].merge(run)
+    assert seen["mix"] == 1  # the fused side ran the loops
     assert torch.equal(bits(got), bits(want))
     if method == "task_arithmetic":
         assert torch.signbit(got[8:]).all() and (got[8:] == 0).all()
 
 
-def test_fused_merge_rounds_to_bfloat16_as_torch_does():
+def test_fused_merge_rounds_to_bfloat16_as_torch_does(monkeypatch):
     """float32 bases whose low 16 bits are exactly halfway (ties to even), just above and
     below it, NaN and the largest finite values (which round to inf), merged with
     experts equal to them: the output is the base rounded to bfloat16."""
@@ -122,9 +115,11 @@ def test_fused_merge_rounds_to_bfloat16_as_torch_does():
     base[-3:] = torch.tensor([float("nan"), 3.4028235e38, -3.4028235e38])
     run = TensorJob("w", base, [base.clone()], [{"weight": 1.0}], {"normalize": False, "lambda": 1.0}, torch.float32,
                     torch.bfloat16, model_ids=[0], seed=0)
+    seen = loop_calls(monkeypatch, names=("mix",))
     with kernels.disabled():
         want = METHODS["task_arithmetic"].merge(run)
     got = METHODS["task_arithmetic"].merge(run)
+    assert seen["mix"] == 1  # the fused side ran the loops
     assert torch.equal(bits(got), bits(want))
     assert torch.isinf(got[-2:]).all() and bits(got)[-3] == bits(want)[-3]
 
@@ -150,7 +145,7 @@ def test_fused_ternary_decode_writes_the_bytes_of_the_torch_operations(monkeypat
     base[2::1001] = float("nan")
     base[3::1003] = float("inf")
     parts = ternary_parts(n, block, g)
-    seen = calls(monkeypatch)
+    seen = loop_calls(monkeypatch)
     opts = {"block": block, "threshold": 0.8}
     with kernels.disabled():
         want = CODECS["ternary"].decode(base, parts, dtype, (n,), opts)
@@ -169,7 +164,7 @@ def test_fused_ternary_decode_of_a_delta_that_keeps_nothing(monkeypatch):
     base = torch.randn(n).bfloat16()
     parts = {"mask": torch.zeros((n + 7) // 8, dtype=torch.uint8), "signs": torch.zeros(0, dtype=torch.uint8),
              "scale": torch.full((-(-n // 256),), 0.5).bfloat16()}
-    seen = calls(monkeypatch)
+    seen = loop_calls(monkeypatch)
     got = CODECS["ternary"].decode(base, parts, torch.bfloat16, (n,), {"block": 256, "threshold": 0.8})
     assert seen["ternary_span"] == 1
     assert torch.equal(bits(got), bits((base.float() + 0.0).bfloat16()))
@@ -221,6 +216,24 @@ def test_a_small_merge_never_loads_numba(tmp_path):
     assert found.stdout.strip() == "False", found.stderr
 
 
+def test_the_loops_run_where_numba_can_cache_nowhere():
+    """A read-only install and home: numba finds no place for its cache (here: no cache
+    locator at all), and each process compiles the loops instead of the merge failing."""
+    code = (
+        "import numba.core.caching as caching, torch\n"
+        "impl = getattr(caching, 'CacheImpl', None) or caching._CacheImpl\n"
+        "impl._locator_classes = []\n"
+        "from hivemerge.merge.numerics import fused_loops, kernels\n"
+        "values = torch.zeros(1 << 20); ok = kernels.finite(values); values[-1] = float('inf')\n"
+        "print(type(fused_loops.finite._cache).__name__, ok, kernels.finite(values))\n"
+    )
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert found.stdout.split() == ["NullCache", "True", "False"], found.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fused_magnitudes_are_the_selections_values(dtype):
     """|model - base| as the selection compares it: NaN with its sign bit cleared, inf, +0 for -0.0."""
@@ -256,7 +269,7 @@ def test_fused_high_bit_counts_are_torchs_bincount():
 
 
 def test_the_radix_select_counts_by_the_fused_loop_and_cuts_as_the_sort(monkeypatch):
-    seen = calls(monkeypatch, names=("high_bit_counts",))
+    seen = loop_calls(monkeypatch, names=("high_bit_counts",))
     g = torch.Generator().manual_seed(2)
     values = torch.randint(0, 50, (200_003,), generator=g).float() / 16  # many ties
     for k in (1, 777, 100_000, 200_003):
@@ -266,3 +279,11 @@ def test_the_radix_select_counts_by_the_fused_loop_and_cuts_as_the_sort(monkeypa
         want[order] = True
         assert torch.equal(cut.keep_bits(values).bool(), want), k
     assert seen["high_bit_counts"] == 4 * 13  # 13 spans of 2**14, once per cut
+
+
+def test_the_loops_refuse_a_tensor_whose_flat_view_would_be_a_copy():
+    """A transposed output would be copied flat, and the loop's results lost in the copy."""
+    out = torch.zeros(64, 32).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.raw(out)
+    assert kernels.raw(out.contiguous()).shape == (2048,)

@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from hivemerge.merge.numerics import exact, kernels, rng, threads
+from hivemerge.merge.numerics import exact, kernels, placement, rng, threads
 from hivemerge.merge.numerics.bits import pack_bits, unpack_bits
 from hivemerge.protocol.errors import UserInputError
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 def chunk_size(device: torch.device) -> int:
-    return _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+    return _CPU_CHUNK if placement.cpu_ways(device) else _GPU_CHUNK
 
 
 def spans(numel: int, device: torch.device) -> list[tuple[int, int]]:

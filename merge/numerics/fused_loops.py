@@ -54,9 +54,17 @@ def _store_impl(out, i, value):
     return store_bfloat16
 
 
-# nogil: the merge's worker threads run them side by side; error_model numpy: IEEE division
-# (x / 0 is inf, no Python ZeroDivisionError check in the loop)
-_jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+def _jit(function):
+    """nogil: the merge's worker threads run the loops side by side; error_model numpy:
+    IEEE division (x / 0 is inf, no Python ZeroDivisionError check in the loop). The
+    compiled code is cached on disk where numba finds a writable place (beside this file,
+    ~/.cache, NUMBA_CACHE_DIR); where it finds none (a read-only install and home), each
+    process compiles the loops again instead of failing."""
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, cache=False, error_model="numpy")(function)
+
 _SIGN_MASK = np.uint32(0x7FFFFFFF)
 _NAN_ABOVE = np.uint32(0x7F800000)  # magnitude bits above those of inf are NaN
 

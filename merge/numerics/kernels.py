@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from hivemerge.merge.numerics import placement
 from hivemerge.merge.numerics.bits import _signed_rows
 
 _TYPES = (torch.bfloat16, torch.float32)
@@ -47,9 +48,10 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether to use the fused loops on these tensors: :func:`enabled`, they :func:`fits`,
-    and the largest has :data:`MIN_ENTRIES` entries or more."""
-    return enabled() and fits(*tensors) and max((t.numel() for t in tensors), default=0) >= MIN_ENTRIES
+    """Whether to use the fused loops on these tensors: :func:`enabled`, they :func:`fits`
+    and take the CPU's ways (placement.py), and the largest has :data:`MIN_ENTRIES` entries or more."""
+    return (enabled() and fits(*tensors) and all(placement.cpu_ways(t.device) for t in tensors)
+            and max((t.numel() for t in tensors), default=0) >= MIN_ENTRIES)
 
 
 @contextmanager
@@ -82,6 +84,8 @@ def raw(t: Array) -> np.ndarray:
     whole tensors once and hands the loops slices."""
     if isinstance(t, np.ndarray):
         return t
+    if not t.is_contiguous():  # reshape would copy it: a loop's output would go into the copy
+        raise ValueError("the fused loops take contiguous tensors")
     flat = t.reshape(-1)
     return flat.view(torch.uint16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
 

@@ -13,6 +13,8 @@ import hashlib
 
 import torch
 
+from hivemerge.merge.numerics import placement
+
 _M32 = 0xFFFFFFFF
 _CHUNK = 1 << 22  # elements per step: bounds the int64 temporaries to a few tens of MB
 # Elements hashed at a time on the CPU: the int64 temporaries (512 KB each) stay in the
@@ -85,7 +87,7 @@ def bernoulli_chunk(
     """Elements ``start .. start+count-1`` of the mask :func:`bernoulli_mask` draws."""
     threshold = min(1 << 32, round(keep_probability * (1 << 32)))
     device = torch.device(device)
-    if device.type != "cpu" or count <= _CPU_STEP:  # a GPU takes the whole chunk in one launch
+    if not placement.cpu_ways(device) or count <= _CPU_STEP:  # a GPU takes the whole chunk in one launch
         return uint32_stream(key, start, count, device) < threshold
     mask = torch.empty(count, dtype=torch.bool)
     for offset in range(0, count, _CPU_STEP):

@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import torch
 
+from hivemerge.merge.numerics import placement
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -63,7 +65,7 @@ def single_thread() -> Iterator[None]:
 def parts_on(device: torch.device) -> int:
     """How many runs a pass over a tensor on ``device`` splits into: the workers on the
     CPU; one elsewhere (a GPU's spans are whole kernels already)."""
-    return workers() if device.type == "cpu" else 1
+    return workers() if placement.cpu_ways(device) else 1
 
 
 def split(count: int, parts: int) -> list[range]:
