@@ -4,6 +4,7 @@ times), a round keeps its base's dtype, a node sizes its thread pool to its core
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,37 @@ def test_a_manifest_is_hashed_once_and_again_when_a_file_changes_in_place(tmp_pa
     changed = manifest.model_id(SafetensorsModel(model))
     assert len(hashed) == 4 and changed != first
     assert manifest.model_id(SafetensorsModel(linked)) == changed  # the links see the rewrite too
+
+
+def test_a_stored_models_bundle_is_hashed_once_and_again_when_a_file_changes_in_place(tmp_path, monkeypatch):
+    """Publishing a second expert of the same base took the base into the store again: its
+    transfer chunks were hashed every time (2.1 GB at 1.1B, 14 GB for a 7B base)."""
+    from hivemerge.node.storage import store as store_module
+
+    hashed = []
+    real = store_module._chunk_hashes
+    monkeypatch.setattr(store_module, "_chunk_hashes", lambda path, size: hashed.append(path.name) or real(path, size))
+    model = write_tensors(tmp_path / "base", {"w": torch.arange(4096, dtype=torch.float32)}, {"num_hidden_layers": 1})
+    store = store_module.ContentStore(tmp_path / "home", chunk_size=4096)
+    cid = store.add_model(model)
+    first = store.bundle_of(cid)
+    per_bundle = len(hashed)  # its weights and side files
+    assert per_bundle >= 2 and store.add_model(model) == cid and len(hashed) == per_bundle  # remembered
+    assert store.write_bundle(cid) == first and len(hashed) == per_bundle
+    (store.bundles / f"{first}.json").unlink()  # pruned: written again
+    assert store.write_bundle(cid) == first and len(hashed) == 2 * per_bundle
+    assert (store.bundles / f"{first}.json").exists()
+    # a weight file rewritten in place (the store holds a hard link of it), same size: hashed again
+    weights = store.models / cid / "model.safetensors"
+    os.utime(weights, ns=(0, 0))
+    with open(weights, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(torch.tensor([-1.0]).numpy().tobytes())
+    changed = store.write_bundle(cid)
+    assert len(hashed) == 3 * per_bundle and changed != first
+    chunks = {f["path"]: f["chunks"] for f in store.bundle(changed)["files"]}
+    data = weights.read_bytes()
+    assert chunks["model.safetensors"][-1] == hashlib.sha256(data[(len(data) - 1) // 4096 * 4096:]).hexdigest()
 
 
 def test_a_round_recipe_without_out_dtype_keeps_the_bases_dtype(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from hivemerge.merge.io.dtypes import SAFETENSORS_CODES
 from hivemerge.merge.io.sources import SafetensorsModel
@@ -20,7 +21,7 @@ from hivemerge.merge.numerics import threads
 from hivemerge.protocol.content import content_id, sha256_hex
 from hivemerge.protocol.manifests import MODEL_FILES, TOKENIZER_FILES, WEIGHTS_INDEX_FILE, model_manifest
 
-__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "build_model_manifest", "model_files", "model_id", "side_files"]
+__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "build_model_manifest", "files_key", "model_files", "model_id", "side_files"]
 
 
 def side_files(model) -> dict[str, bytes]:
@@ -47,13 +48,19 @@ _manifests: OrderedDict[tuple, dict] = OrderedDict()
 _lock = threading.Lock()  # a node screens deltas on several threads
 
 
-def _files_key(model: SafetensorsModel) -> tuple:
-    """What identifies the files a model's manifest covers, as the file system says now."""
+def files_key(directory: Path, names: list[str]) -> tuple:
+    """What identifies these files of ``directory`` as the file system says now: each one's
+    name, device, inode, size and modification time (what this module's caches are keyed by)."""
     key = []
-    for name in model_files(model):
-        st = os.stat(model.directory / name)
+    for name in names:
+        st = os.stat(directory / name)
         key.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(key)
+
+
+def _files_key(model: SafetensorsModel) -> tuple:
+    """What identifies the files a model's manifest covers."""
+    return files_key(model.directory, model_files(model))
 
 
 def build_model_manifest(model: SafetensorsModel) -> dict:

@@ -23,7 +23,7 @@ from hivemerge.merge.deltas.delta import DeltaFile
 from hivemerge.merge.fusion.packs import PackFile
 from hivemerge.merge.fusion.probe import load_probe, probe_bytes
 from hivemerge.merge.io.atomic import fsync_path, link_or_copy, write_file_atomic
-from hivemerge.merge.io.manifest import model_files, model_id
+from hivemerge.merge.io.manifest import files_key, model_files, model_id
 from hivemerge.merge.io.sources import SafetensorsModel, read_exactly
 from hivemerge.merge.numerics import threads
 from hivemerge.protocol.bundles import (  # noqa: F401  (the suffixes are declared in protocol; imported from here too)
@@ -126,6 +126,9 @@ class ContentStore:
         self.partial = self.root / "partial"
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
+        # Bundles this process wrote, by the files they cover (manifest.files_key) and the chunk
+        # size: publishing a second expert of the same base does not hash the base's chunks again.
+        self._bundles_of_files: dict[tuple, str] = {}
 
     # -- quota ------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -275,8 +278,11 @@ class ContentStore:
         if root == self.objects:
             paths = [self._file_of(cid).name]
         else:  # what the id covers, nothing else that may lie in the folder
-
             paths = model_files(SafetensorsModel(root))
+        key = (cid, self.chunk_size, files_key(root, paths))
+        known = self._bundles_of_files.get(key)
+        if known is not None and (self.bundles / f"{known}.json").exists():
+            return known
         sizes = {p: (root / p).stat().st_size for p in paths}
         chunk_size = self.chunk_size
         # Bigger chunks for a big object: peers refuse manifests of more than MAX_CHUNKS chunks.
@@ -289,6 +295,8 @@ class ContentStore:
         target = self.bundles / f"{bundle_id}.json"
         if not target.exists():
             write_file_atomic(target, canonical_json(manifest))
+        if files_key(root, paths) == key[2]:  # unchanged while it was hashed
+            self._bundles_of_files[key] = bundle_id
         return bundle_id
 
     def bundle_of(self, cid: str) -> str | None:
