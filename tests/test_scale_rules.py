@@ -67,10 +67,11 @@ def test_a_stored_models_bundle_is_hashed_once_and_again_when_a_file_changes_in_
     assert (store.bundles / f"{first}.json").exists()
     # a weight file rewritten in place (the store holds a hard link of it), same size: hashed again
     weights = store.models / cid / "model.safetensors"
-    os.utime(weights, ns=(0, 0))
     with open(weights, "r+b") as f:
         f.seek(-4, os.SEEK_END)
         f.write(torch.tensor([-1.0]).numpy().tobytes())
+    written = weights.stat().st_mtime_ns  # within the clock's step of the first write it may be unchanged:
+    os.utime(weights, ns=(written + 10**9, written + 10**9))  # a rewrite a second later
     changed = store.write_bundle(cid)
     assert len(hashed) == 3 * per_bundle and changed != first
     chunks = {f["path"]: f["chunks"] for f in store.bundle(changed)["files"]}

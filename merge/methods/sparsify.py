@@ -150,7 +150,7 @@ def l1_rescale(base: torch.Tensor, model: torch.Tensor, dtype: torch.dtype, rule
         size = delta.abs_()
         return float(exact.pairwise_sum(size)), float(exact.pairwise_sum(exact.keep_or_zero(size, keep)))
 
-    found = threads.each(sums, range(0, base.numel(), _RESCALE_SPAN))
+    found = threads.each(sums, range(0, base.numel(), _RESCALE_SPAN), threads.parts_on(base.device))
     total, kept = math.fsum(b for b, _ in found), math.fsum(a for _, a in found)
     if total < 1e-7 or kept < 1e-7:
         return 1.0

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from hivemerge.merge.deltas.delta import DeltaFile
@@ -48,6 +50,7 @@ from hivemerge.protocol.errors import UserInputError
 # leaves less than MIN_FREE_DISK free on the disk (the quota may be larger than the disk).
 DEFAULT_MAX_STORE = 200 << 30
 MIN_FREE_DISK = 1 << 30
+_BUNDLES_REMEMBERED = 256  # bundle ids a store remembers by its files' stat (write_bundle)
 
 
 def verify_file_object(path: Path, suffix: str) -> str:
@@ -128,7 +131,8 @@ class ContentStore:
         self.max_bytes = max_bytes
         # Bundles this process wrote, by the files they cover (manifest.files_key) and the chunk
         # size: publishing a second expert of the same base does not hash the base's chunks again.
-        self._bundles_of_files: dict[tuple, str] = {}
+        self._bundles_of_files: OrderedDict[tuple, str] = OrderedDict()
+        self._remembering = threading.Lock()
 
     # -- quota ------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -295,8 +299,15 @@ class ContentStore:
         target = self.bundles / f"{bundle_id}.json"
         if not target.exists():
             write_file_atomic(target, canonical_json(manifest))
-        if files_key(root, paths) == key[2]:  # unchanged while it was hashed
-            self._bundles_of_files[key] = bundle_id
+        try:
+            unchanged = files_key(root, paths) == key[2]  # while it was hashed
+        except FileNotFoundError:  # pruned meanwhile: nothing to remember
+            unchanged = False
+        if unchanged:
+            with self._remembering:  # a node writes bundles from several threads
+                self._bundles_of_files[key] = bundle_id
+                while len(self._bundles_of_files) > _BUNDLES_REMEMBERED:  # the oldest first
+                    self._bundles_of_files.popitem(last=False)
         return bundle_id
 
     def bundle_of(self, cid: str) -> str | None:
