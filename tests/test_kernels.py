@@ -195,6 +195,10 @@ def test_other_dtypes_devices_and_small_tensors_take_the_torch_operations(monkey
     monkeypatch.setattr(kernels, "MIN_ENTRIES", 1 << 20)
     assert not kernels.usable(torch.zeros(4)) and kernels.fits(torch.zeros(4))
     assert kernels.usable(torch.zeros(4), torch.zeros(1 << 20))
+    cpu = torch.device("cpu")
+    assert kernels.wanted(cpu, 1 << 20) and not kernels.wanted(cpu, 4) and not kernels.wanted(torch.device("meta"), 1 << 20)
+    with kernels.disabled():
+        assert not kernels.wanted(cpu, 1 << 20)
 
 
 def test_a_small_merge_never_loads_numba(tmp_path):

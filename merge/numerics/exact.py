@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hivemerge.merge.numerics import kernels, placement, threads
+from hivemerge.merge.numerics import kernels, threads
 
 _HI_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit clear)
 _LO_BUCKETS = 1 << 16
@@ -193,7 +193,7 @@ def top_k_cuts(values: Spans, ks: list[int]) -> list[TopK]:
     indices). Integer counts, no sort, no index arrays.
     """
     # decided here, for the whole (a span is smaller), in the caller's thread (kernels.disabled is per thread)
-    fused = kernels.enabled() and placement.cpu_ways(values.device) and values.numel >= kernels.MIN_ENTRIES
+    fused = kernels.wanted(values.device, values.numel)
     counts = values.reduce(lambda v: _count_high_bits(v, fused))
     buckets = [_select_bucket(counts, k) for k in ks]
     inf_bucket = _INF_BITS >> 16

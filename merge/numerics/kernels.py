@@ -47,11 +47,18 @@ def fits(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _TYPES and t.is_contiguous() for t in tensors)
 
 
+def wanted(device: torch.device, numel: int) -> bool:
+    """Whether work over ``numel`` entries on ``device`` takes the fused loops where its
+    tensors :func:`fits`: :func:`enabled`, the CPU's ways (placement.py), and
+    :data:`MIN_ENTRIES` entries or more. For a decision made before the tensors exist
+    (the radix select's spans); :func:`usable` otherwise."""
+    return enabled() and placement.cpu_ways(device) and numel >= MIN_ENTRIES
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether to use the fused loops on these tensors: :func:`enabled`, they :func:`fits`
-    and take the CPU's ways (placement.py), and the largest has :data:`MIN_ENTRIES` entries or more."""
-    return (enabled() and fits(*tensors) and all(placement.cpu_ways(t.device) for t in tensors)
-            and max((t.numel() for t in tensors), default=0) >= MIN_ENTRIES)
+    """Whether to use the fused loops on these tensors: they :func:`fits` (so they share
+    the CPU) and the largest is :func:`wanted`."""
+    return bool(tensors) and fits(*tensors) and wanted(tensors[0].device, max(t.numel() for t in tensors))
 
 
 @contextmanager

@@ -283,11 +283,12 @@ class ContentStore:
             paths = [self._file_of(cid).name]
         else:  # what the id covers, nothing else that may lie in the folder
             paths = model_files(SafetensorsModel(root))
-        key = (cid, self.chunk_size, files_key(root, paths))
+        files_now = files_key(root, paths)
+        key = (cid, self.chunk_size, files_now)
         known = self._bundles_of_files.get(key)
         if known is not None and (self.bundles / f"{known}.json").exists():
             return known
-        sizes = {p: (root / p).stat().st_size for p in paths}
+        sizes = {name: size for name, _, _, size, _ in files_now}
         chunk_size = self.chunk_size
         # Bigger chunks for a big object: peers refuse manifests of more than MAX_CHUNKS chunks.
         while sum(chunk_count(n, chunk_size) for n in sizes.values()) > MAX_CHUNKS and chunk_size < MAX_CHUNK_SIZE:
@@ -300,7 +301,7 @@ class ContentStore:
         if not target.exists():
             write_file_atomic(target, canonical_json(manifest))
         try:
-            unchanged = files_key(root, paths) == key[2]  # while it was hashed
+            unchanged = files_key(root, paths) == files_now  # while it was hashed
         except FileNotFoundError:  # pruned meanwhile: nothing to remember
             unchanged = False
         if unchanged:
